@@ -1,0 +1,50 @@
+# Two commands set everything up on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+PYTEST_ARGS ?=
+
+.PHONY: install qemu test demo bench fuzz lint clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): $(BIN)/python pyproject.toml
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# QEMU 7.2's qemu-img / qemu-io are the test oracle. Installed with apt-get when we are root;
+# in CI (CI=true) a missing QEMU fails the run instead of skipping the differential tests.
+qemu:
+	@if ! command -v qemu-img >/dev/null 2>&1 || ! command -v qemu-io >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing qemu-utils with apt-get"; \
+	    DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq qemu-utils >/dev/null; \
+	  else \
+	    echo "qemu-img/qemu-io not found: install Debian's qemu-utils (sudo apt-get install qemu-utils);"; \
+	    echo "differential tests against QEMU will be skipped outside CI"; \
+	  fi; \
+	fi
+	@if [ "$$CI" = "true" ] && ! command -v qemu-img >/dev/null 2>&1; then \
+	  echo "CI=true and qemu-img is missing: refusing to skip the differential tests"; exit 1; fi
+	@command -v qemu-img >/dev/null 2>&1 && qemu-img --version | head -1 || true
+
+test: install qemu
+	$(BIN)/python -m pytest -n 2 $(PYTEST_ARGS)
+
+demo: install
+	$(BIN)/qdebug demo
+
+bench: install qemu
+	$(BIN)/python -m pytest benchmarks -p no:xdist --benchmark-columns=min,median,max --benchmark-sort=name -s $(PYTEST_ARGS)
+
+fuzz: install
+	QDEBUG_FUZZ_EXAMPLES=10000 $(BIN)/python -m pytest -n 2 -m slow tests/test_fuzz.py $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis .benchmarks

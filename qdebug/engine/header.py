@@ -1,0 +1,300 @@
+"""qcow2 header and header extensions (qcow2.txt "Header" and "Header extensions").
+
+Parsing validates what QEMU validates at open time, so that an image QEMU refuses is refused here
+too, with the field named. Unknown extensions are kept byte for byte so a rewrite preserves them.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field, replace
+
+from . import constants as C
+from .errors import CorruptImage, NotQcow2, UnsupportedFeature
+
+_V2 = struct.Struct(">IIQIIQIIQQIIQ")  # up to and including snapshots_offset: 72 bytes
+_V3 = struct.Struct(">QQQII")  # features, refcount_order, header_length: 32 bytes
+
+
+@dataclass(frozen=True)
+class Extension:
+    type: int
+    data: bytes
+    offset: int  # file offset of the extension's type field
+
+    @property
+    def name(self) -> str:
+        return C.EXTENSION_NAMES.get(self.type, f"unknown 0x{self.type:08x}")
+
+
+@dataclass(frozen=True)
+class FeatureName:
+    type: int
+    bit: int
+    name: str
+
+
+@dataclass(frozen=True)
+class Header:
+    magic: int
+    version: int
+    backing_file_offset: int
+    backing_file_size: int
+    cluster_bits: int
+    size: int
+    crypt_method: int
+    l1_size: int
+    l1_table_offset: int
+    refcount_table_offset: int
+    refcount_table_clusters: int
+    nb_snapshots: int
+    snapshots_offset: int
+    incompatible_features: int = 0
+    compatible_features: int = 0
+    autoclear_features: int = 0
+    refcount_order: int = 4
+    header_length: int = 72
+    compression_type: int = 0
+    extensions: tuple[Extension, ...] = ()
+    backing_file: str | None = None
+    feature_names: tuple[FeatureName, ...] = field(default=())
+
+    # ---- derived geometry -------------------------------------------------------------------
+    @property
+    def cluster_size(self) -> int:
+        return 1 << self.cluster_bits
+
+    @property
+    def extended_l2(self) -> bool:
+        return bool(self.incompatible_features & C.QCOW2_INCOMPAT_EXTL2)
+
+    @property
+    def l2_entry_size(self) -> int:
+        return 16 if self.extended_l2 else 8
+
+    @property
+    def l2_entries(self) -> int:
+        """Entries per L2 table (an L2 table is always one cluster)."""
+        return self.cluster_size // self.l2_entry_size
+
+    @property
+    def subclusters_per_cluster(self) -> int:
+        return C.SUBCLUSTERS_PER_CLUSTER if self.extended_l2 else 1
+
+    @property
+    def subcluster_size(self) -> int:
+        return self.cluster_size // self.subclusters_per_cluster
+
+    @property
+    def subcluster_bits(self) -> int:
+        return self.subcluster_size.bit_length() - 1
+
+    @property
+    def refcount_bits(self) -> int:
+        return 1 << self.refcount_order
+
+    @property
+    def refcount_block_entries(self) -> int:
+        return self.cluster_size * 8 // self.refcount_bits
+
+    @property
+    def guest_clusters(self) -> int:
+        return -(-self.size // self.cluster_size)
+
+    @property
+    def l1_entries_needed(self) -> int:
+        return -(-self.guest_clusters // self.l2_entries)
+
+    @property
+    def compression_name(self) -> str:
+        return C.COMPRESSION_NAMES.get(self.compression_type, f"unknown ({self.compression_type})")
+
+    @property
+    def backing_format(self) -> str | None:
+        for ext in self.extensions:
+            if ext.type == C.QCOW2_EXT_MAGIC_BACKING_FORMAT:
+                return ext.data.decode("utf-8", "replace")
+        return None
+
+    @property
+    def data_file(self) -> str | None:
+        for ext in self.extensions:
+            if ext.type == C.QCOW2_EXT_MAGIC_DATA_FILE:
+                return ext.data.decode("utf-8", "replace")
+        return None
+
+    @property
+    def is_corrupt(self) -> bool:
+        return bool(self.incompatible_features & C.QCOW2_INCOMPAT_CORRUPT)
+
+    @property
+    def is_dirty(self) -> bool:
+        return bool(self.incompatible_features & C.QCOW2_INCOMPAT_DIRTY)
+
+    def feature_list(self) -> list[dict]:
+        """Every set feature bit, by name (the image's own name table first, then QEMU's)."""
+        table = {(f.type, f.bit): f.name for f in self.feature_names}
+        out = []
+        for ftype, value in enumerate(
+            (self.incompatible_features, self.compatible_features, self.autoclear_features)
+        ):
+            for bit in range(64):
+                if value >> bit & 1:
+                    name = table.get((ftype, bit)) or C.FEATURE_NAMES.get((ftype, bit))
+                    out.append(
+                        {"type": C.FEATURE_TYPES[ftype], "bit": bit, "name": name or f"unknown bit {bit}"}
+                    )
+        return out
+
+    def with_incompatible(self, value: int) -> "Header":
+        return replace(self, incompatible_features=value)
+
+
+def _check(cond: bool, message: str) -> None:
+    if not cond:
+        raise CorruptImage(message)
+
+
+def parse_header(buf: bytes, file_size: int) -> Header:
+    """Parse and validate the header in `buf` (cluster 0, or as much of it as the file has)."""
+    if len(buf) < 4 or struct.unpack_from(">I", buf, 0)[0] != C.QCOW_MAGIC:
+        raise NotQcow2("not a qcow2 image (bad magic at offset 0)")
+    if len(buf) < 72:
+        raise CorruptImage(f"header truncated: file is {len(buf)} bytes, a qcow2 header needs 72")
+    (magic, version, bfo, bfs, cluster_bits, size, crypt, l1_size, l1_off, rt_off, rt_clusters,
+     nb_snap, snap_off) = _V2.unpack_from(buf, 0)
+    if version not in (2, 3):
+        raise UnsupportedFeature(f"unsupported qcow2 version {version} (header field version at offset 4)")
+    if not C.MIN_CLUSTER_BITS <= cluster_bits <= C.MAX_CLUSTER_BITS:
+        raise CorruptImage(
+            f"unsupported cluster size: cluster_bits={cluster_bits} (offset 20), QEMU accepts 9..21"
+        )
+    cluster_size = 1 << cluster_bits
+    incompat = compat = autoclear = 0
+    refcount_order, header_length, compression_type = 4, 72, 0
+    if version == 3:
+        if len(buf) < 104:
+            raise CorruptImage(f"v3 header truncated: file is {len(buf)} bytes, need 104")
+        incompat, compat, autoclear, refcount_order, header_length = _V3.unpack_from(buf, 72)
+        _check(header_length >= 104, f"header_length {header_length} (offset 100) is below 104")
+        _check(header_length % 8 == 0, f"header_length {header_length} (offset 100) is not a multiple of 8")
+        _check(header_length <= cluster_size,
+               f"header_length {header_length} (offset 100) exceeds the cluster size {cluster_size}")
+        _check(header_length <= len(buf), f"header_length {header_length} runs past the end of the file")
+        if header_length > 104:
+            compression_type = buf[104]
+    if refcount_order > C.MAX_REFCOUNT_ORDER:
+        raise CorruptImage(f"refcount_order {refcount_order} (offset 96) is above 6")
+    # Unknown incompatible bits: refuse like QEMU ("Unsupported qcow2 feature(s)").
+    unknown = incompat & ~C.QCOW2_INCOMPAT_MASK
+    # Extensions (v3 only place them after header_length; v2 after byte 72).
+    ext_start = header_length
+    ext_end = cluster_size
+    if bfo:
+        _check(bfo <= cluster_size, f"invalid backing file offset 0x{bfo:x} (offset 8): past cluster 0")
+        ext_end = min(ext_end, bfo)
+    extensions, names = _parse_extensions(buf, ext_start, ext_end)
+    if unknown:
+        table = {(f.type, f.bit): f.name for f in names}
+        bits = [table.get((0, b), f"bit {b}") for b in range(64) if unknown >> b & 1]
+        raise UnsupportedFeature("unsupported qcow2 feature(s): " + ", ".join(bits))
+    backing = None
+    if bfo:
+        _check(bfs <= C.BACKING_FILE_NAME_MAX,
+               f"backing file name too long: {bfs} bytes (offset 16), QEMU allows 1023")
+        _check(bfo + bfs <= min(cluster_size, len(buf)),
+               f"backing file name at 0x{bfo:x}+{bfs} runs past cluster 0 or the end of the file")
+        backing = bytes(buf[bfo:bfo + bfs]).decode("utf-8", "replace")
+    _check(l1_off % cluster_size == 0, f"L1 table offset 0x{l1_off:x} (offset 40) is not cluster aligned")
+    _check(rt_off % cluster_size == 0,
+           f"refcount table offset 0x{rt_off:x} (offset 48) is not cluster aligned")
+    _check(rt_clusters > 0, "refcount_table_clusters (offset 56) is 0")
+    _check(rt_clusters * cluster_size <= C.QCOW_MAX_REFTABLE_SIZE,
+           f"refcount table too large: {rt_clusters} clusters (offset 56)")
+    _check(l1_size * 8 <= C.QCOW_MAX_L1_SIZE, f"active L1 table too large: l1_size={l1_size} (offset 36)")
+    hdr = Header(magic, version, bfo, bfs, cluster_bits, size, crypt, l1_size, l1_off, rt_off,
+                 rt_clusters, nb_snap, snap_off, incompat, compat, autoclear, refcount_order,
+                 header_length, compression_type, tuple(extensions), backing, tuple(names))
+    if hdr.extended_l2:
+        _check(version == 3, "extended L2 entries need a v3 image")
+        _check(hdr.subcluster_size >= 512, f"unsupported subcluster size: {hdr.subcluster_size}")
+    _check(l1_size >= hdr.l1_entries_needed,
+           f"L1 table is too small: l1_size={l1_size} (offset 36), size needs {hdr.l1_entries_needed}")
+    if hdr.compression_type not in (0, 1):
+        raise UnsupportedFeature(f"unknown compression type {compression_type} (offset 104)")
+    if (compression_type != 0) != bool(incompat & C.QCOW2_INCOMPAT_COMPRESSION):
+        raise CorruptImage("compression type (offset 104) and incompatible bit 3 disagree")
+    if l1_size:
+        _check(l1_off != 0 and l1_off + l1_size * 8 <= file_size,
+               f"L1 table at 0x{l1_off:x} ({l1_size} entries) runs past the end of the file ({file_size})")
+    _check(rt_off != 0 and rt_off + rt_clusters * cluster_size <= file_size,
+           f"refcount table at 0x{rt_off:x} ({rt_clusters} clusters) runs past the end of the file")
+    return hdr
+
+
+def _parse_extensions(buf: bytes, start: int, end: int) -> tuple[list[Extension], list[FeatureName]]:
+    exts: list[Extension] = []
+    names: list[FeatureName] = []
+    off = start
+    end = min(end, len(buf))
+    while True:
+        if off + 8 > end:
+            raise CorruptImage(f"header extension at 0x{off:x} runs past cluster 0 (no end marker)")
+        etype, elen = struct.unpack_from(">II", buf, off)
+        if etype == C.QCOW2_EXT_MAGIC_END:
+            return exts, names
+        data_end = off + 8 + elen
+        if data_end > end:
+            raise CorruptImage(f"header extension 0x{etype:08x} at 0x{off:x}: length {elen} runs past cluster 0")
+        data = bytes(buf[off + 8:data_end])
+        exts.append(Extension(etype, data, off))
+        if etype == C.QCOW2_EXT_MAGIC_FEATURE_TABLE:
+            for i in range(0, len(data) - 47, 48):
+                name = data[i + 2:i + 48].split(b"\0", 1)[0].decode("utf-8", "replace")
+                names.append(FeatureName(data[i], data[i + 1], name))
+        off = data_end + (-elen % 8)
+
+
+def pack_header_fields(hdr: Header) -> bytes:
+    """The fixed header (72 or 104+ bytes) of `hdr`; extensions and backing name are not touched."""
+    out = _V2.pack(hdr.magic, hdr.version, hdr.backing_file_offset, hdr.backing_file_size,
+                   hdr.cluster_bits, hdr.size, hdr.crypt_method, hdr.l1_size, hdr.l1_table_offset,
+                   hdr.refcount_table_offset, hdr.refcount_table_clusters, hdr.nb_snapshots,
+                   hdr.snapshots_offset)
+    if hdr.version >= 3:
+        out += _V3.pack(hdr.incompatible_features, hdr.compatible_features, hdr.autoclear_features,
+                        hdr.refcount_order, hdr.header_length)
+    return out
+
+
+def build_header(*, cluster_bits: int, size: int, l1_size: int, l1_table_offset: int,
+                 refcount_table_offset: int, refcount_table_clusters: int, refcount_order: int,
+                 extended_l2: bool, compression_type: int, backing_file: str | None = None,
+                 backing_format: str | None = None) -> bytes:
+    """Cluster 0 of a new v3 image, laid out as QEMU 7.2 lays it out (header_length 112)."""
+    incompat = (C.QCOW2_INCOMPAT_EXTL2 if extended_l2 else 0) | (
+        C.QCOW2_INCOMPAT_COMPRESSION if compression_type else 0)
+    body = bytearray()
+    if backing_format:
+        body += _ext(C.QCOW2_EXT_MAGIC_BACKING_FORMAT, backing_format.encode())
+    table = b"".join(bytes([t, b]) + n.encode().ljust(46, b"\0") for (t, b), n in C.FEATURE_NAMES.items())
+    body += _ext(C.QCOW2_EXT_MAGIC_FEATURE_TABLE, table)
+    body += struct.pack(">II", 0, 0)
+    header_length = 112
+    bfo = bfs = 0
+    name = backing_file.encode() if backing_file else b""
+    if name:
+        bfo = header_length + len(body)
+        bfs = len(name)
+    hdr = Header(C.QCOW_MAGIC, 3, bfo, bfs, cluster_bits, size, 0, l1_size, l1_table_offset,
+                 refcount_table_offset, refcount_table_clusters, 0, 0, incompat, 0, 0,
+                 refcount_order, header_length, compression_type)
+    fixed = pack_header_fields(hdr) + bytes([compression_type]) + bytes(7)
+    out = fixed + bytes(body) + name
+    if len(out) > (1 << cluster_bits):
+        raise ValueError("header does not fit in cluster 0")
+    return out
+
+
+def _ext(etype: int, data: bytes) -> bytes:
+    return struct.pack(">II", etype, len(data)) + data + bytes(-len(data) % 8)

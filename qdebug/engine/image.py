@@ -1,0 +1,254 @@
+"""`Image`: one qcow2 file, its mmap, its header and numpy views of its tables.
+
+Reads go through the mmap (numpy views, no copies); writes go through `pwrite` on the same file, so
+the shared mapping sees them at once. Opening is read-only unless `writable=True` is asked for.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import constants as C
+from .errors import CorruptImage, QcowError, UnsupportedFeature
+from .header import Header, parse_header
+
+_SNAP = struct.Struct(">QIHHIIQII")
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """One internal snapshot table entry (qcow2.txt "Snapshot table")."""
+
+    index: int
+    offset: int
+    l1_table_offset: int
+    l1_size: int
+    id: str
+    name: str
+    date_sec: int
+    date_nsec: int
+    vm_clock_nsec: int
+    vm_state_size: int
+    disk_size: int | None
+    entry_size: int
+
+
+def _dtype_for_refcount_order(order: int) -> np.dtype | None:
+    return {3: np.dtype("u1"), 4: np.dtype(">u2"), 5: np.dtype(">u4"), 6: np.dtype(">u8")}.get(order)
+
+
+class Image:
+    """An open qcow2 image. Use `open_image()`; close with `close()` or a `with` block."""
+
+    format = "qcow2"
+
+    def __init__(self, path: str, *, writable: bool = False, allow_unsupported: bool = False):
+        self.path = path
+        self.writable = writable
+        flags = os.O_RDWR if writable else os.O_RDONLY
+        try:
+            self.fd = os.open(path, flags)
+        except FileNotFoundError:
+            raise QcowError(f"{path}: no such file") from None
+        except IsADirectoryError:
+            raise QcowError(f"{path}: is a directory") from None
+        except PermissionError:
+            raise QcowError(f"{path}: permission denied") from None
+        except OSError as e:
+            raise QcowError(f"{path}: {e.strerror}") from None
+        try:
+            self._map()
+            if self.file_size == 0:
+                raise QcowError(f"{path}: empty file, not a qcow2 image")
+            head = bytes(self.mm[: min(self.file_size, 1 << C.MAX_CLUSTER_BITS)])
+            self.header: Header = parse_header(head, self.file_size)
+            self._validate_supported(allow_unsupported)
+            self._l1_cache: np.ndarray | None = None
+            self._reftable_cache: np.ndarray | None = None
+        except BaseException:
+            self.close()
+            raise
+
+    # ---- file and mapping ------------------------------------------------------------------
+    def _map(self) -> None:
+        self.file_size = os.fstat(self.fd).st_size
+        if self.file_size:
+            access = mmap.ACCESS_WRITE if self.writable else mmap.ACCESS_READ
+            self.mm = mmap.mmap(self.fd, self.file_size, access=access)
+        else:
+            self.mm = b""
+
+    def remap(self) -> None:
+        """Map the file again after it grew or shrank (old numpy views stay valid on the old map)."""
+        self._map()
+        self._l1_cache = None
+        self._reftable_cache = None
+
+    def close(self) -> None:
+        if getattr(self, "fd", -1) >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        self.mm = b""
+
+    def __enter__(self) -> "Image":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _validate_supported(self, allow_unsupported: bool) -> None:
+        h = self.header
+        if allow_unsupported:
+            return
+        if h.crypt_method:
+            raise UnsupportedFeature(
+                f"{self.path}: encrypted images ({C.CRYPT_NAMES.get(h.crypt_method, h.crypt_method)}) are not supported"
+            )
+        if h.incompatible_features & C.QCOW2_INCOMPAT_DATA_FILE or h.data_file is not None:
+            raise UnsupportedFeature(f"{self.path}: external data files are not supported")
+
+    def pread(self, offset: int, length: int) -> bytes:
+        """Bytes at `offset`; zeros past the end of the file (as the block layer pads)."""
+        if offset >= self.file_size:
+            return bytes(length)
+        data = bytes(self.mm[offset:offset + length])
+        return data if len(data) == length else data + bytes(length - len(data))
+
+    def pwrite(self, offset: int, data: bytes) -> None:
+        if not self.writable:
+            raise QcowError(f"{self.path}: opened read-only")
+        os.pwrite(self.fd, data, offset)
+        if offset + len(data) > self.file_size:
+            self.remap()
+
+    def u64_view(self, offset: int, count: int, what: str) -> np.ndarray:
+        """A big-endian u64 view of `count` entries at `offset`, or a CorruptImage naming `what`."""
+        if offset < 0 or offset + count * 8 > self.file_size:
+            raise CorruptImage(
+                f"{what} at 0x{offset:x} ({count} entries) runs past the end of the file (0x{self.file_size:x})"
+            )
+        return np.frombuffer(self.mm, dtype=">u8", count=count, offset=offset)
+
+    # ---- geometry ------------------------------------------------------------------------------
+    @property
+    def cluster_size(self) -> int:
+        return self.header.cluster_size
+
+    @property
+    def cluster_bits(self) -> int:
+        return self.header.cluster_bits
+
+    @property
+    def extended_l2(self) -> bool:
+        return self.header.extended_l2
+
+    @property
+    def size(self) -> int:
+        """Virtual size as the block layer sees it (QEMU keeps whole 512-byte sectors)."""
+        return self.header.size // 512 * 512
+
+    # ---- L1 / L2 -------------------------------------------------------------------------------
+    @property
+    def l1(self) -> np.ndarray:
+        if self._l1_cache is None:
+            h = self.header
+            self._l1_cache = self.u64_view(h.l1_table_offset, h.l1_size, "L1 table") if h.l1_size else np.zeros(0, ">u8")
+        return self._l1_cache
+
+    def l2_offset(self, l1_index: int) -> int:
+        if l1_index >= self.header.l1_size:
+            return 0
+        return int(self.l1[l1_index]) & C.L1E_OFFSET_MASK
+
+    def l2_table(self, l2_offset: int, l1_index: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+        """(word0, bitmap) views of the L2 table at `l2_offset`; bitmap is None for standard L2."""
+        where = f"L2 table (L1 index {l1_index})" if l1_index is not None else "L2 table"
+        if l2_offset % self.cluster_size:
+            raise CorruptImage(f"{where} offset 0x{l2_offset:x} is not cluster aligned")
+        n = self.header.l2_entries
+        if self.extended_l2:
+            both = self.u64_view(l2_offset, 2 * n, where).reshape(n, 2)
+            return both[:, 0], both[:, 1]
+        return self.u64_view(l2_offset, n, where), None
+
+    def l2_entry(self, guest_cluster: int) -> tuple[int, int, int, int]:
+        """(word0, bitmap, l2_offset, l2_index) of a guest cluster; zeros where no table exists."""
+        n = self.header.l2_entries
+        l1_index, l2_index = divmod(guest_cluster, n)
+        l2_off = self.l2_offset(l1_index)
+        if not l2_off:
+            return 0, 0, 0, l2_index
+        w0, bm = self.l2_table(l2_off, l1_index)
+        return int(w0[l2_index]), int(bm[l2_index]) if bm is not None else 0, l2_off, l2_index
+
+    # ---- refcounts ------------------------------------------------------------------------------
+    @property
+    def reftable(self) -> np.ndarray:
+        if self._reftable_cache is None:
+            h = self.header
+            self._reftable_cache = self.u64_view(
+                h.refcount_table_offset, h.refcount_table_clusters * h.cluster_size // 8, "refcount table")
+        return self._reftable_cache
+
+    def refcount_block(self, block_offset: int) -> np.ndarray:
+        """All refcounts of one refcount block as uint64 (a view when the width allows)."""
+        h = self.header
+        cs = h.cluster_size
+        if block_offset % cs:
+            raise CorruptImage(f"refcount block offset 0x{block_offset:x} is not cluster aligned")
+        if block_offset + cs > self.file_size:
+            raise CorruptImage(f"refcount block at 0x{block_offset:x} runs past the end of the file")
+        dt = _dtype_for_refcount_order(h.refcount_order)
+        if dt is not None:
+            return np.frombuffer(self.mm, dtype=dt, count=cs // dt.itemsize, offset=block_offset)
+        raw = np.frombuffer(self.mm, dtype=np.uint8, count=cs, offset=block_offset)
+        bits = h.refcount_bits
+        per = 8 // bits
+        shifts = (np.arange(per, dtype=np.uint8) * bits)
+        return ((raw[:, None] >> shifts) & ((1 << bits) - 1)).reshape(-1)
+
+    def refcount(self, cluster_index: int) -> int:
+        h = self.header
+        block, idx = divmod(cluster_index, h.refcount_block_entries)
+        if block >= len(self.reftable):
+            return 0
+        off = int(self.reftable[block]) & C.REFT_OFFSET_MASK
+        if not off:
+            return 0
+        return int(self.refcount_block(off)[idx])
+
+    # ---- snapshots -----------------------------------------------------------------------------
+    def snapshots(self) -> list[Snapshot]:
+        h = self.header
+        out: list[Snapshot] = []
+        off = h.snapshots_offset
+        if h.nb_snapshots > C.QCOW_MAX_SNAPSHOTS:
+            raise CorruptImage(f"too many snapshots: nb_snapshots={h.nb_snapshots} (offset 60)")
+        for i in range(h.nb_snapshots):
+            if off + _SNAP.size > self.file_size:
+                raise CorruptImage(f"snapshot {i} at 0x{off:x} runs past the end of the file")
+            (l1_off, l1_size, id_len, name_len, dsec, dnsec, vmclock, vmsize,
+             extra) = _SNAP.unpack_from(self.mm, off)
+            end = off + _SNAP.size + extra + id_len + name_len
+            if end > self.file_size:
+                raise CorruptImage(f"snapshot {i} at 0x{off:x} runs past the end of the file")
+            ex = bytes(self.mm[off + _SNAP.size: off + _SNAP.size + extra])
+            disk_size = struct.unpack_from(">Q", ex, 8)[0] if extra >= 16 else None
+            p = off + _SNAP.size + extra
+            sid = bytes(self.mm[p:p + id_len]).decode("utf-8", "replace")
+            name = bytes(self.mm[p + id_len:p + id_len + name_len]).decode("utf-8", "replace")
+            size = end - off
+            size += -size % 8
+            out.append(Snapshot(i, off, l1_off, l1_size, sid, name, dsec, dnsec, vmclock, vmsize,
+                                disk_size, size))
+            off += size
+        return out
+
+
+def open_image(path: str, *, writable: bool = False, allow_unsupported: bool = False) -> Image:
+    return Image(path, writable=writable, allow_unsupported=allow_unsupported)

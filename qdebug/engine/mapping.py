@@ -1,0 +1,122 @@
+"""`qemu-img map` extents, computed chunk by chunk and merged exactly as qemu-img merges them.
+
+qemu-img asks the block layer for the status of each range (descending the backing chain until a
+layer answers with DATA or ZERO) and merges neighbours with equal depth/present/zero/data and a
+contiguous host offset. Here whole chunks of the guest space are resolved with numpy
+(status.resolve) and merged with vector ops; output is streamed so memory stays bounded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+
+from .errors import InvalidEntry
+from .status import DECISIVE, IS_DATA, IS_ZERO, _HOST_KINDS
+from .subclusters import SubclusterType as T
+
+DEFAULT_CHUNK = 1 << 32  # guest bytes resolved per step
+
+
+@dataclass
+class Extents:
+    """A batch of map extents (numpy columns)."""
+
+    start: np.ndarray
+    length: np.ndarray
+    depth: np.ndarray
+    present: np.ndarray
+    zero: np.ndarray
+    data: np.ndarray
+    has_offset: np.ndarray
+    offset: np.ndarray
+    compressed: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.start)
+
+    def take(self, idx) -> "Extents":
+        return Extents(*(getattr(self, f)[idx] for f in _FIELDS))
+
+    @staticmethod
+    def concat(a: "Extents", b: "Extents") -> "Extents":
+        return Extents(*(np.concatenate([getattr(a, f), getattr(b, f)]) for f in _FIELDS))
+
+
+_FIELDS = ("start", "length", "depth", "present", "zero", "data", "has_offset", "offset", "compressed")
+
+
+def _merge(e: Extents) -> Extents:
+    """qemu-img's entry_mergeable over a batch: keep heads of runs of mergeable neighbours."""
+    if len(e) <= 1:
+        return e
+    same = ((e.depth[1:] == e.depth[:-1]) & (e.present[1:] == e.present[:-1]) & (e.zero[1:] == e.zero[:-1])
+            & (e.data[1:] == e.data[:-1]) & (e.has_offset[1:] == e.has_offset[:-1]))
+    contiguous = ~e.has_offset[1:] | (e.offset[1:] == e.offset[:-1] + e.length[:-1])
+    brk = ~(same & contiguous)
+    heads = np.concatenate([[0], np.flatnonzero(brk) + 1])
+    ends = np.concatenate([heads[1:], [len(e)]])
+    out = e.take(heads)
+    total = np.cumsum(np.concatenate([[0], e.length]))
+    out.length = total[ends] - total[heads]
+    return out
+
+
+def map_extents(chain, start: int = 0, end: int | None = None, chunk: int = DEFAULT_CHUNK) -> Iterator[Extents]:
+    """Yield merged extents covering [start, end), batch by batch (the last one of each batch is
+    held back until it is known not to merge with the next)."""
+    end = chain.size if end is None else min(end, chain.size)
+    pending: Extents | None = None
+    pos = start
+    while pos < end:
+        stop = min(end, pos + chunk)
+        p = chain.resolve(pos, stop, for_map=True)
+        bad = np.flatnonzero(p.kind == T.INVALID)
+        if len(bad):
+            raise chain.invalid_entry_error(int(p.depth[bad[0]]), int(p.start[bad[0]]))
+        k = p.kind
+        present = DECISIVE[k]
+        e = Extents(p.start, p.end - p.start, p.depth, present, IS_ZERO[k] | ~present, IS_DATA[k],
+                    _HOST_KINDS[k], p.host, k == T.COMPRESSED)
+        if pending is not None:
+            e = Extents.concat(pending, e)
+        e = _merge(e)
+        pending = e.take(slice(len(e) - 1, None))
+        if len(e) > 1:
+            yield e.take(slice(0, len(e) - 1))
+        pos = stop
+    if pending is not None and len(pending):
+        yield pending
+
+
+def _b(v: bool) -> str:
+    return "true" if v else "false"
+
+
+def format_json_batch(e: Extents) -> list[str]:
+    """qemu-img map --output=json lines for a batch (without separators)."""
+    out = []
+    for s, ln, d, pr, z, da, ho, off in zip(e.start.tolist(), e.length.tolist(), e.depth.tolist(),
+                                            e.present.tolist(), e.zero.tolist(), e.data.tolist(),
+                                            e.has_offset.tolist(), e.offset.tolist()):
+        line = (f'{{ "start": {s}, "length": {ln}, "depth": {d}, "present": {_b(pr)}, '
+                f'"zero": {_b(z)}, "data": {_b(da)}')
+        out.append(line + (f', "offset": {off}}}' if ho else "}"))
+    return out
+
+
+def write_json(chain, stream, **kw) -> None:
+    """Stream the JSON array exactly as qemu-img map --output=json prints it."""
+    first = True
+    stream.write("[")
+    for batch in map_extents(chain, **kw):
+        lines = format_json_batch(batch)
+        if not lines:
+            continue
+        if not first:
+            stream.write(",\n")
+        stream.write(",\n".join(lines))
+        first = False
+    stream.write("]\n")
