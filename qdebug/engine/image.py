@@ -70,6 +70,9 @@ class Image:
             self._validate_supported(allow_unsupported)
             self._l1_cache: np.ndarray | None = None
             self._reftable_cache: np.ndarray | None = None
+            # Called as hook(offset, length) before any byte of the file changes, and as
+            # hook(new_size, -1) before the file is truncated: the undo journal listens here.
+            self.write_hooks: list = []
         except BaseException:
             self.close()
             raise
@@ -120,11 +123,30 @@ class Image:
         return data if len(data) == length else data + bytes(length - len(data))
 
     def pwrite(self, offset: int, data: bytes) -> None:
+        """The only way bytes reach the file: hooks (the journal) see every change first."""
         if not self.writable:
             raise QcowError(f"{self.path}: opened read-only")
+        for hook in self.write_hooks:
+            hook(offset, len(data))
         os.pwrite(self.fd, data, offset)
         if offset + len(data) > self.file_size:
             self.remap()
+
+    def truncate(self, size: int) -> None:
+        """Grow or shrink the file (growth reads as zeros)."""
+        if not self.writable:
+            raise QcowError(f"{self.path}: opened read-only")
+        for hook in self.write_hooks:
+            hook(size, -1)
+        os.ftruncate(self.fd, size)
+        self.remap()
+
+    def reload_header(self) -> None:
+        """Re-parse the header after a write to cluster 0 (L1 / refcount table moves, flags)."""
+        head = bytes(self.mm[: min(self.file_size, 1 << C.MAX_CLUSTER_BITS)])
+        self.header = parse_header(head, self.file_size)
+        self._l1_cache = None
+        self._reftable_cache = None
 
     def u64_view(self, offset: int, count: int, what: str) -> np.ndarray:
         """A big-endian u64 view of `count` entries at `offset`, or a CorruptImage naming `what`."""
