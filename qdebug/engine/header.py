@@ -113,7 +113,7 @@ class Header:
     def backing_format(self) -> str | None:
         for ext in self.extensions:
             if ext.type == C.QCOW2_EXT_MAGIC_BACKING_FORMAT:
-                return ext.data.decode("utf-8", "replace")
+                return ext.data.split(b"\0", 1)[0].decode("utf-8", "replace")
         return None
 
     @property
@@ -192,8 +192,9 @@ def parse_header(buf: bytes, file_size: int) -> Header:
     ext_end = cluster_size
     if bfo:
         _check(bfo <= cluster_size, f"invalid backing file offset 0x{bfo:x} (offset 8): past cluster 0")
-        ext_end = min(ext_end, bfo)
-    extensions, names = _parse_extensions(buf, ext_start, ext_end)
+        ext_end = bfo
+    extensions, names = _parse_extensions(
+        buf, ext_start, ext_end, "the backing file name" if bfo else "cluster 0")
     if unknown:
         table = {(f.type, f.bit): f.name for f in names}
         bits = [table.get((0, b), f"bit {b}") for b in range(64) if unknown >> b & 1]
@@ -204,7 +205,8 @@ def parse_header(buf: bytes, file_size: int) -> Header:
                f"backing file name too long: {bfs} bytes (offset 16), QEMU allows 1023")
         _check(bfo + bfs <= min(cluster_size, len(buf)),
                f"backing file name at 0x{bfo:x}+{bfs} runs past cluster 0 or the end of the file")
-        backing = bytes(buf[bfo:bfo + bfs]).decode("utf-8", "replace")
+        # QEMU reads the name into a C string: it ends at the first NUL byte.
+        backing = bytes(buf[bfo:bfo + bfs]).split(b"\0", 1)[0].decode("utf-8", "replace")
     _check(l1_off % cluster_size == 0, f"L1 table offset 0x{l1_off:x} (offset 40) is not cluster aligned")
     _check(rt_off % cluster_size == 0,
            f"refcount table offset 0x{rt_off:x} (offset 48) is not cluster aligned")
@@ -232,27 +234,38 @@ def parse_header(buf: bytes, file_size: int) -> Header:
     return hdr
 
 
-def _parse_extensions(buf: bytes, start: int, end: int) -> tuple[list[Extension], list[FeatureName]]:
+def _parse_extensions(buf: bytes, start: int, end: int, limit: str) -> tuple[list[Extension], list[FeatureName]]:
+    """Extensions in [start, end) as QEMU's qcow2_read_extensions walks them: the list ends at a
+    type-0 entry or exactly at `end`; an entry (or its data) crossing `end` is an error."""
     exts: list[Extension] = []
     names: list[FeatureName] = []
     off = start
-    end = min(end, len(buf))
-    while True:
+    while off < end:
         if off + 8 > end:
-            raise CorruptImage(f"header extension at 0x{off:x} runs past cluster 0 (no end marker)")
+            raise CorruptImage(f"header extension at 0x{off:x} runs past {limit} (at 0x{end:x})")
+        if off + 8 > len(buf):
+            raise CorruptImage(f"header extension at 0x{off:x} runs past the end of the file ({len(buf)})")
         etype, elen = struct.unpack_from(">II", buf, off)
         if etype == C.QCOW2_EXT_MAGIC_END:
-            return exts, names
+            break
         data_end = off + 8 + elen
         if data_end > end:
-            raise CorruptImage(f"header extension 0x{etype:08x} at 0x{off:x}: length {elen} runs past cluster 0")
+            raise CorruptImage(
+                f"header extension 0x{etype:08x} at 0x{off:x}: length {elen} runs past {limit} (at 0x{end:x})")
+        if data_end > len(buf):
+            raise CorruptImage(
+                f"header extension 0x{etype:08x} at 0x{off:x}: length {elen} runs past the end of the file")
         data = bytes(buf[off + 8:data_end])
+        if etype == C.QCOW2_EXT_MAGIC_BACKING_FORMAT and elen >= 16:
+            # QEMU keeps the format name in a 16-byte buffer and refuses longer ones.
+            raise CorruptImage(f"backing format extension at 0x{off:x}: length {elen} is too large (QEMU allows 15)")
         exts.append(Extension(etype, data, off))
         if etype == C.QCOW2_EXT_MAGIC_FEATURE_TABLE:
             for i in range(0, len(data) - 47, 48):
                 name = data[i + 2:i + 48].split(b"\0", 1)[0].decode("utf-8", "replace")
                 names.append(FeatureName(data[i], data[i + 1], name))
         off = data_end + (-elen % 8)
+    return exts, names
 
 
 def pack_header_fields(hdr: Header) -> bytes:
@@ -277,8 +290,9 @@ def build_header(*, cluster_bits: int, size: int, l1_size: int, l1_table_offset:
     body = bytearray()
     if backing_format:
         body += _ext(C.QCOW2_EXT_MAGIC_BACKING_FORMAT, backing_format.encode())
-    table = b"".join(bytes([t, b]) + n.encode().ljust(46, b"\0") for (t, b), n in C.FEATURE_NAMES.items())
-    body += _ext(C.QCOW2_EXT_MAGIC_FEATURE_TABLE, table)
+    if cluster_bits > 12:  # QEMU 7.2 leaves the feature name table out for clusters of 4 KiB and less
+        table = b"".join(bytes([t, b]) + n.encode().ljust(46, b"\0") for (t, b), n in C.FEATURE_NAMES.items())
+        body += _ext(C.QCOW2_EXT_MAGIC_FEATURE_TABLE, table)
     body += struct.pack(">II", 0, 0)
     header_length = 112
     bfo = bfs = 0

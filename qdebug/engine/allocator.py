@@ -1,0 +1,264 @@
+"""QEMU 7.2's host cluster allocator, so that qdebug picks the host offsets QEMU would pick.
+
+State kept in memory only, as QEMU keeps it per process: `free_cluster_index` (0 at every open,
+first-fit never moving backwards, lowered when a cluster's refcount drops to 0) and
+`free_byte_offset` (where the next compressed cluster is packed). Refcount updates follow
+update_refcount / alloc_refcount_block: a missing refcount block is allocated first-fit *after*
+the run that needed it, written, hooked into the refcount table, and the whole allocation is
+retried ("EAGAIN") from the start of the run. Every byte goes through `Image.pwrite`, and every
+metadata write is reported to `log` as (offset, length, what).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from . import constants as C
+from .compression import descriptor_fields
+from .errors import CorruptImage, UnsupportedFeature
+from .image import Image
+from .refcounts import pack_refcounts, unpack_refcounts
+
+
+class _Again(Exception):
+    """QEMU's -EAGAIN: a refcount block was just allocated, restart the free-cluster search."""
+
+
+@dataclass(frozen=True)
+class AllocatorState:
+    """What a qemu-io process remembers between requests (restored on undo)."""
+
+    free_cluster_index: int = 0
+    free_byte_offset: int = 0
+
+
+class Allocator:
+    def __init__(self, img: Image, log: Callable[[int, int, str], None] | None = None):
+        self.img = img
+        self.free_cluster_index = 0
+        self.free_byte_offset = 0
+        self.log = log or (lambda off, length, what: None)
+        h = img.header
+        self.cs = h.cluster_size
+        self.cbits = h.cluster_bits
+        self.order = h.refcount_order
+        self.rbits = h.refcount_bits
+        self.per_block = h.refcount_block_entries
+        self.refcount_max = (1 << self.rbits) - 1
+        self._zero_block = np.zeros(self.per_block, dtype=np.uint64)
+
+    # ---- state ---------------------------------------------------------------------------------
+    @property
+    def state(self) -> AllocatorState:
+        return AllocatorState(self.free_cluster_index, self.free_byte_offset)
+
+    def restore_state(self, state: AllocatorState) -> None:
+        self.free_cluster_index = state.free_cluster_index
+        self.free_byte_offset = state.free_byte_offset
+
+    # ---- refcount reads ------------------------------------------------------------------------
+    def _block_offset(self, block: int) -> int:
+        table = self.img.reftable
+        if block >= len(table):
+            return 0
+        return int(table[block]) & C.REFT_OFFSET_MASK
+
+    def block_values(self, block: int) -> np.ndarray:
+        """Refcounts of one refcount block (zeros if the block does not exist)."""
+        off = self._block_offset(block)
+        if not off:
+            return self._zero_block
+        if off % self.cs:
+            raise CorruptImage(f"refblock offset 0x{off:x} unaligned (reftable index: 0x{block:x})")
+        return self.img.refcount_block(off)
+
+    def get_refcount(self, cluster_index: int) -> int:
+        block, idx = divmod(cluster_index, self.per_block)
+        return int(self.block_values(block)[idx])
+
+    # ---- refcount writes -----------------------------------------------------------------------
+    def _write_entries(self, block_off: int, i0: int, values: np.ndarray) -> None:
+        """Write refcount entries [i0, i0+len) of the block at block_off (read-modify-write of partial bytes)."""
+        bits = self.rbits
+        b0 = i0 * bits // 8
+        b1 = -(-(i0 + len(values)) * bits // 8)
+        if bits >= 8:
+            data = pack_refcounts(values, self.order)
+        else:
+            per = 8 // bits
+            cur = unpack_refcounts(self.img.pread(block_off + b0, b1 - b0), self.order)
+            s = i0 - b0 * per
+            cur[s:s + len(values)] = values
+            data = pack_refcounts(cur, self.order)
+        self.img.pwrite(block_off + b0, data)
+        self.log(block_off + b0, len(data), "refblock")
+
+    def update_refcount(self, first_cluster: int, count: int, addend: int) -> None:
+        """Add `addend` (+n or -n) to `count` clusters; may raise _Again after undoing itself."""
+        done = 0
+        try:
+            while done < count:
+                ci = first_cluster + done
+                block, idx = divmod(ci, self.per_block)
+                n = min(count - done, self.per_block - idx)
+                block_off = self._block_offset(block)
+                if not block_off:
+                    try:
+                        block_off = self._alloc_refcount_block(ci)
+                    except _Again:
+                        self.free_cluster_index = min(self.free_cluster_index, first_cluster)
+                        raise
+                vals = self.img.refcount_block(block_off)[idx:idx + n].astype(np.int64) + addend
+                if vals.min() < 0 or vals.max() > self.refcount_max:
+                    bad = ci + int(np.flatnonzero((vals < 0) | (vals > self.refcount_max))[0])
+                    raise CorruptImage(f"refcount of host cluster {bad} (0x{bad << self.cbits:x}) would leave "
+                                       f"0..{self.refcount_max}")
+                self._write_entries(block_off, idx, vals.astype(np.uint64))
+                if addend < 0:
+                    zeros = np.flatnonzero(vals == 0)
+                    if len(zeros):
+                        self.free_cluster_index = min(self.free_cluster_index, ci + int(zeros[0]))
+                done += n
+        except _Again:
+            if done:
+                self.update_refcount(first_cluster, done, -addend)
+            raise
+
+    def _alloc_refcount_block(self, cluster_index: int) -> int:
+        """A refcount block for `cluster_index` (alloc_refcount_block); always ends in _Again."""
+        block = cluster_index // self.per_block
+        new_block = self.alloc_clusters_noref(1) << self.cbits
+        if new_block == 0:
+            raise CorruptImage("preventing invalid allocation of refcount block at offset 0")
+        new_index = new_block >> self.cbits
+        if new_index // self.per_block == block:
+            buf = np.zeros(self.per_block, dtype=np.uint64)
+            buf[new_index % self.per_block] = 1
+            data = pack_refcounts(buf, self.order)
+        else:
+            self.update_refcount(new_index, 1, 1)
+            data = bytes(self.cs)
+        self.img.pwrite(new_block, data)
+        self.log(new_block, self.cs, "refblock")
+        if block < len(self.img.reftable):
+            h = self.img.header
+            self.img.pwrite(h.refcount_table_offset + block * 8, new_block.to_bytes(8, "big"))
+            self.log(h.refcount_table_offset + block * 8, 8, "reftable")
+            raise _Again()
+        raise UnsupportedFeature(
+            f"growing the refcount table (host cluster 0x{cluster_index << self.cbits:x} is beyond it) is not supported")
+
+    # ---- allocation ----------------------------------------------------------------------------
+    def alloc_clusters_noref(self, n: int) -> int:
+        """First run of `n` free clusters at or after free_cluster_index (cluster index)."""
+        start = self.free_cluster_index
+        block = start // self.per_block
+        idx = start % self.per_block
+        run_start, run = start, 0
+        table_len = len(self.img.reftable)
+        while True:
+            if block >= table_len:
+                result = run_start if run else block * self.per_block + idx
+                break
+            vals = self.block_values(block)[idx:]
+            used = np.flatnonzero(vals)
+            base = block * self.per_block + idx
+            if len(used) == 0:
+                if not run:
+                    run_start = base
+                run += len(vals)
+                if run >= n:
+                    result = run_start
+                    break
+            else:
+                if run + int(used[0]) >= n:
+                    result = run_start if run else base
+                    break
+                gaps = np.diff(used) - 1
+                ok = np.flatnonzero(gaps >= n)
+                if len(ok):
+                    result = base + int(used[ok[0]]) + 1
+                    break
+                last = int(used[-1])
+                run = len(vals) - last - 1
+                run_start = base + last + 1
+                if run >= n:
+                    result = run_start
+                    break
+            block += 1
+            idx = 0
+        self.free_cluster_index = result + n
+        return result
+
+    def alloc_clusters(self, n: int) -> int:
+        """qcow2_alloc_clusters: host offset of `n` new clusters with refcount 1."""
+        while True:
+            ci = self.alloc_clusters_noref(n)
+            try:
+                self.update_refcount(ci, n, 1)
+                return ci << self.cbits
+            except _Again:
+                continue
+
+    def alloc_clusters_at(self, offset: int, n: int) -> int:
+        """qcow2_alloc_clusters_at: how many of the `n` clusters from `offset` were free and are now taken."""
+        while True:
+            ci = offset >> self.cbits
+            k = 0
+            while k < n and self.get_refcount(ci + k) == 0:
+                k += 1
+            if not k:
+                return 0
+            try:
+                self.update_refcount(ci, k, 1)
+                return k
+            except _Again:
+                continue
+
+    def alloc_bytes(self, size: int) -> int:
+        """qcow2_alloc_bytes: byte offset for `size` bytes of compressed data, packed per process."""
+        cs = self.cs
+        offset = self.free_byte_offset
+        if offset and self.get_refcount(offset >> self.cbits) == self.refcount_max:
+            offset = 0
+        free_in_cluster = cs - offset % cs
+        while True:
+            if not offset or free_in_cluster < size:
+                new_cluster = self.alloc_clusters_noref(1) << self.cbits
+                if new_cluster == 0:
+                    raise CorruptImage("preventing invalid allocation of compressed cluster at offset 0")
+                if not offset or -(-offset // cs) * cs != new_cluster:
+                    offset = new_cluster
+                    free_in_cluster = cs
+                else:
+                    free_in_cluster += cs
+            first = offset >> self.cbits
+            last = (offset + size - 1) >> self.cbits
+            try:
+                self.update_refcount(first, last - first + 1, 1)
+                break
+            except _Again:
+                offset = 0
+        end = offset + size
+        self.free_byte_offset = end if end % cs else 0
+        return offset
+
+    def free_clusters(self, offset: int, length: int) -> None:
+        first = offset >> self.cbits
+        last = (offset + length - 1) >> self.cbits
+        self.update_refcount(first, last - first + 1, -1)
+
+    def free_any_cluster(self, word0: int) -> None:
+        """qcow2_free_any_cluster: drop the reference an L2 entry holds (compressed: its bytes)."""
+        if word0 & C.QCOW_OFLAG_COMPRESSED:
+            off, nbytes = descriptor_fields(word0, self.cbits)
+            self.free_clusters(off, nbytes)
+            return
+        off = word0 & C.L2E_OFFSET_MASK
+        if off:
+            if off % self.cs:
+                return  # QEMU: "Cannot free unaligned cluster" (signalled, nothing freed)
+            self.free_clusters(off, self.cs)

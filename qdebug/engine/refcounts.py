@@ -1,0 +1,91 @@
+"""Refcount entries of every width (refcount_order 0..6): packing, reading and setting one entry.
+
+Widths of 8 bits and more are big-endian integers; 1, 2 and 4-bit entries are packed from the
+least-significant bit of each byte (qcow2.txt "Host cluster management"). Setting goes through
+`Image.pwrite`, so the undo journal sees it; the refcount block must already exist (growing the
+refcount structures is the allocator's job).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import constants as C
+from .errors import CorruptImage
+from .image import Image
+
+_BIG = {3: np.dtype("u1"), 4: np.dtype(">u2"), 5: np.dtype(">u4"), 6: np.dtype(">u8")}
+
+
+def _check_order(order: int) -> None:
+    if not 0 <= order <= C.MAX_REFCOUNT_ORDER:
+        raise ValueError(f"refcount_order {order} is outside 0..6")
+
+
+def pack_refcounts(values: np.ndarray, order: int) -> bytes:
+    """Refcount values -> on-disk bytes (len(values) * 2**order bits, whole bytes)."""
+    _check_order(order)
+    v = np.asarray(values, dtype=np.uint64)
+    bits = 1 << order
+    if bits < 64 and v.size and int(v.max()) >> bits:
+        raise ValueError(f"refcount {int(v.max())} does not fit in {bits} bits")
+    if order >= 3:
+        return v.astype(_BIG[order]).tobytes()
+    per = 8 // bits
+    if v.size % per:
+        raise ValueError(f"{v.size} refcounts of {bits} bits do not fill whole bytes")
+    shifts = (np.arange(per, dtype=np.uint64) * np.uint64(bits))
+    packed = (v.reshape(-1, per) << shifts).sum(axis=1, dtype=np.uint64)
+    return packed.astype(np.uint8).tobytes()
+
+
+def unpack_refcounts(buf: bytes, order: int) -> np.ndarray:
+    """On-disk bytes -> refcount values as uint64."""
+    _check_order(order)
+    if order >= 3:
+        return np.frombuffer(buf, dtype=_BIG[order]).astype(np.uint64)
+    bits = 1 << order
+    raw = np.frombuffer(buf, dtype=np.uint8)
+    shifts = np.arange(8 // bits, dtype=np.uint8) * bits
+    return ((raw[:, None] >> shifts) & ((1 << bits) - 1)).reshape(-1).astype(np.uint64)
+
+
+def refblock_offset(img: Image, cluster_index: int) -> int:
+    """Host offset of the refcount block covering `cluster_index`, 0 if none exists."""
+    block = cluster_index // img.header.refcount_block_entries
+    table = img.reftable
+    if block >= len(table):
+        return 0
+    return int(table[block]) & C.REFT_OFFSET_MASK
+
+
+def get_refcount(img: Image, cluster_index: int) -> int:
+    """Refcount of a host cluster; 0 beyond the refcount table or in a missing block (as QEMU)."""
+    return img.refcount(cluster_index)
+
+
+def entry_location(img: Image, cluster_index: int) -> tuple[int, int, int]:
+    """(byte offset in the file, bit shift inside that byte, bytes) of one refcount entry."""
+    h = img.header
+    block_off = refblock_offset(img, cluster_index)
+    if not block_off:
+        raise CorruptImage(f"no refcount block covers host cluster {cluster_index} (0x{cluster_index * h.cluster_size:x})")
+    idx = cluster_index % h.refcount_block_entries
+    bits = h.refcount_bits
+    if bits >= 8:
+        return block_off + idx * (bits // 8), 0, bits // 8
+    return block_off + idx * bits // 8, (idx * bits) % 8, 1
+
+
+def set_refcount(img: Image, cluster_index: int, value: int) -> None:
+    """Set one refcount entry in place (its refcount block must exist)."""
+    bits = img.header.refcount_bits
+    if not 0 <= value < (1 << bits):
+        raise ValueError(f"refcount {value} does not fit in {bits} bits")
+    off, shift, nbytes = entry_location(img, cluster_index)
+    if bits >= 8:
+        img.pwrite(off, value.to_bytes(nbytes, "big"))
+        return
+    mask = ((1 << bits) - 1) << shift
+    old = img.pread(off, 1)[0]
+    img.pwrite(off, bytes([(old & ~mask) | (value << shift)]))

@@ -1,0 +1,148 @@
+"""qemu-io commands as data: the subset of qemu-io's syntax a write trace uses.
+
+`write [-q] [-P pattern] [-z [-u]] [-c] OFF LEN`, `discard [-q] OFF LEN`, `read [-q] [-P pattern] OFF LEN`
+and `flush`, with qemu-io's number syntax (`parse_size`). The same text drives `qemu-io` (comments
+removed), so option rules follow qemu-io: `-u` needs `-z`, `-z` excludes `-P`, a pattern is one byte
+written as C's strtol(…, 0) reads it (decimal, 0x hex, leading-0 octal).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Iterable
+
+from .syntax import SyntaxProblem, parse_size
+
+DEFAULT_WRITE_PATTERN = 0xCD  # qemu-io's pattern when -P is not given
+DEFAULT_READ_PATTERN = None
+
+_OPS = ("write", "read", "discard", "flush")
+_ALIASES = {"w": "write", "r": "read"}
+# Options that take no argument, per command; -P takes one.
+_FLAGS = {"write": "qzuc", "read": "q", "discard": "q", "flush": ""}
+_PATTERN = re.compile(r"^(0[xX][0-9a-fA-F]+|0[0-7]*|[1-9][0-9]*)$")
+
+
+@dataclass(frozen=True)
+class Command:
+    """One qemu-io command; `text` and `lineno` say where it came from."""
+
+    op: str  # 'write' | 'read' | 'discard' | 'flush'
+    offset: int = 0
+    length: int = 0
+    pattern: int | None = None
+    zero: bool = False
+    unmap: bool = False
+    compressed: bool = False
+    quiet: bool = False
+    text: str = ""
+    lineno: int = 0
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.length
+
+    @property
+    def fill(self) -> int:
+        """The byte a data write stores (qemu-io's default 0xcd without -P)."""
+        return DEFAULT_WRITE_PATTERN if self.pattern is None else self.pattern
+
+    def to_qemu_io(self) -> str:
+        """The command as qemu-io reads it (normalised spelling)."""
+        if self.op == "flush":
+            return "flush"
+        opts = []
+        if self.quiet:
+            opts.append("-q")
+        if self.pattern is not None:
+            opts.append(f"-P 0x{self.pattern:x}")
+        if self.zero:
+            opts.append("-z")
+        if self.unmap:
+            opts.append("-u")
+        if self.compressed:
+            opts.append("-c")
+        return " ".join([self.op, *opts, str(self.offset), str(self.length)])
+
+
+def parse_pattern(text: str) -> int:
+    """A pattern byte as qemu-io's parse_pattern (strtol base 0, 0..255)."""
+    if not _PATTERN.match(text):
+        raise SyntaxProblem(f"{text!r} is not a valid pattern byte")
+    value = int(text, 16) if text[:2].lower() == "0x" else int(text, 8) if text.startswith("0") else int(text)
+    if value > 0xFF:
+        raise SyntaxProblem(f"{text!r} is not a valid pattern byte (0..255)")
+    return value
+
+
+def parse_line(text: str, lineno: int = 0) -> Command | None:
+    """One trace line -> Command; None for blank and comment lines (`#` to end of line)."""
+    body = text.split("#", 1)[0].strip()
+    if not body:
+        return None
+    words = body.split()
+    op = _ALIASES.get(words[0], words[0])
+    if op not in _OPS:
+        raise SyntaxProblem(f"unknown command {words[0]!r} (expected write, read, discard or flush)")
+    flags: set[str] = set()
+    pattern: int | None = None
+    args: list[str] = []
+    i = 1
+    while i < len(words):
+        w = words[i]
+        if w.startswith("-") and len(w) > 1 and not args:
+            j = 1
+            while j < len(w):
+                ch = w[j]
+                if ch == "P" and op in ("write", "read"):
+                    rest = w[j + 1:]
+                    if not rest:
+                        i += 1
+                        if i >= len(words):
+                            raise SyntaxProblem(f"{op}: option -P needs a pattern byte")
+                        rest = words[i]
+                    pattern = parse_pattern(rest)
+                    break
+                if ch not in _FLAGS[op]:
+                    raise SyntaxProblem(f"{op}: unsupported option -{ch}")
+                flags.add(ch)
+                j += 1
+        else:
+            args.append(w)
+        i += 1
+    if op == "flush":
+        if args:
+            raise SyntaxProblem("flush takes no arguments")
+        return Command("flush", text=text.rstrip("\n"), lineno=lineno)
+    if len(args) != 2:
+        raise SyntaxProblem(f"{op} needs OFFSET and LENGTH, got {len(args)} argument(s)")
+    try:
+        offset = parse_size(args[0])
+    except SyntaxProblem as e:
+        raise SyntaxProblem(f"{op}: offset: {e}") from None
+    try:
+        length = parse_size(args[1])
+    except SyntaxProblem as e:
+        raise SyntaxProblem(f"{op}: length: {e}") from None
+    if "u" in flags and "z" not in flags:
+        raise SyntaxProblem("write: -u requires -z")
+    if "z" in flags and pattern is not None:
+        raise SyntaxProblem("write: -z and -P cannot be used together")
+    if "z" in flags and "c" in flags:
+        raise SyntaxProblem("write: -z and -c together are not supported")
+    return Command(op, offset, length, pattern, "z" in flags, "u" in flags, "c" in flags, "q" in flags,
+                   text.rstrip("\n"), lineno)
+
+
+def parse_trace(lines: Iterable[str], source: str) -> list[Command]:
+    """All commands of a trace; a bad line raises SyntaxProblem('SOURCE:LINE: reason')."""
+    out: list[Command] = []
+    for n, line in enumerate(lines, 1):
+        try:
+            cmd = parse_line(line, n)
+        except SyntaxProblem as e:
+            raise SyntaxProblem(f"{source}:{n}: {e}") from None
+        if cmd is not None:
+            out.append(cmd)
+    return out
