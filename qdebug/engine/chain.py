@@ -11,6 +11,7 @@ from __future__ import annotations
 import mmap
 import os
 import re
+import stat
 from dataclasses import dataclass, field
 
 from .compression import decompress, descriptor_fields
@@ -33,7 +34,7 @@ class RawFile:
         try:
             self.fd = os.open(path, os.O_RDONLY)
         except OSError as e:
-            raise BackingError(f"cannot open backing file {path}: {e.strerror}") from None
+            raise BackingError(f"cannot open backing file {show_name(path)}: {e.strerror}") from None
         self.file_size = os.fstat(self.fd).st_size
         # The block layer sees whole sectors: the tail of the last one reads as zeros (a hole).
         self.size = -(-self.file_size // 512) * 512
@@ -131,21 +132,37 @@ class Chain:
             l2_off, l2_index)
 
 
+def show_name(name: str, limit: int = 80) -> str:
+    """A file name as error messages show it: quoted, and cut short (names come from the image)."""
+    return repr(name) if len(name) <= limit else repr(name[:limit]) + f"... ({len(name)} characters)"
+
+
 def resolve_backing_path(overlay_path: str, name: str) -> str:
     if name.startswith("json:") or _PROTOCOL.match(name):
-        raise BackingError(
-            f"{overlay_path}: backing file name {name!r} uses a protocol or json: prefix; refusing to follow it")
+        raise BackingError(f"{overlay_path}: backing file name {show_name(name)} uses a protocol or json: "
+                           "prefix; refusing to follow it (header field backing_file_offset, offset 8)")
     if os.path.isabs(name):
         return name
     return os.path.join(os.path.dirname(overlay_path), name)
 
 
+def check_regular(path: str) -> None:
+    """Refuse FIFOs, sockets, ttys...: opening or reading them could block forever."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise BackingError(f"cannot open backing file {show_name(path)}: {e.strerror}") from None
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+        raise BackingError(f"backing file {show_name(path)} is not a regular file or block device")
+
+
 def probe_format(path: str) -> str:
+    check_regular(path)
     try:
         with open(path, "rb") as f:
             magic = f.read(4)
     except OSError as e:
-        raise BackingError(f"cannot open backing file {path}: {e.strerror}") from None
+        raise BackingError(f"cannot open backing file {show_name(path)}: {e.strerror}") from None
     return "qcow2" if magic == b"QFI\xfb" else "raw"
 
 
@@ -164,16 +181,17 @@ def open_chain(path: str, *, writable: bool = False, no_backing: bool = False,
             bpath = resolve_backing_path(cur.path, name)
             real = os.path.realpath(bpath)
             if real in seen:
-                raise BackingError(f"{cur.path}: backing file {name!r} makes a loop in the backing chain")
+                raise BackingError(f"{cur.path}: backing file {show_name(name)} makes a loop in the backing chain")
             seen.add(real)
             if not os.path.exists(bpath):
-                raise BackingError(
-                    f"{cur.path}: backing file {bpath!r} not found (use --no-backing to inspect this layer alone)")
+                raise BackingError(f"{cur.path}: backing file {show_name(bpath)} not found "
+                                   "(use --no-backing to inspect this layer alone)")
+            check_regular(bpath)
             fmt = cur.header.backing_format
             if fmt is None:
                 fmt = probe_format(bpath)
-                chain.warnings.append(
-                    f"{cur.path}: backing file {name!r} has no declared format; probed as {fmt} (as QEMU 7.2 does)")
+                chain.warnings.append(f"{cur.path}: backing file {show_name(name)} has no declared format; "
+                                      f"probed as {fmt} (as QEMU 7.2 does)")
             if fmt == "qcow2":
                 try:
                     nxt = open_image(bpath)
@@ -185,7 +203,8 @@ def open_chain(path: str, *, writable: bool = False, no_backing: bool = False,
                 chain.layers.append(RawFile(bpath))
                 break
             else:
-                raise BackingError(f"{cur.path}: backing format {fmt!r} is not supported (qcow2 and raw are)")
+                raise BackingError(
+                    f"{cur.path}: backing format {show_name(fmt)} is not supported (qcow2 and raw are)")
     except BaseException:
         chain.close()
         raise

@@ -1,0 +1,236 @@
+"""In-process fuzz driver: runs many qdebug commands in one Python process under a memory limit,
+a per-command timeout and a no-writes watch, and reports every broken rule as a JSON line.
+
+Run as `python -m tests.hostile.driver` with a JSON job on stdin (see `run_job`); one process serves
+hundreds of mutants, so the fuzzer does not pay Python start-up per command. A crash of the whole
+process (segfault, out of memory) is caught by the parent, which knows the last case started.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import resource
+import signal
+import sys
+import time
+
+MEMORY_LIMIT = 1 << 30  # address space; images here are a few MiB, so mmaps fit easily
+COMMAND_TIMEOUT = 20.0  # seconds per command; real work on these images takes milliseconds
+_KEEP = 4 << 20  # stdout bytes kept for JSON checks
+
+# What a user-caused failure must look like: warnings, then exactly one error line.
+_ERROR_LINE = re.compile(r"^qdebug: error: \S.*$")
+_WARNING_LINE = re.compile(r"^qdebug: warning: \S.*$")
+
+
+class Hang(BaseException):
+    """Raised by the alarm: a BaseException so no `except Exception` in qdebug swallows it."""
+
+
+def _alarm(_signum, _frame):
+    raise Hang()
+
+
+class _Sink(io.RawIOBase):
+    def __init__(self):
+        self.count = 0
+        self.head = bytearray()
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b) -> int:
+        n = len(b)
+        if len(self.head) < _KEEP:
+            self.head += bytes(b[: _KEEP - len(self.head)])
+        self.count += n
+        return n
+
+
+def run_command(argv: list[str], timeout: float = COMMAND_TIMEOUT) -> dict:
+    """qdebug.cli.main(argv) with stdout/stderr captured, under an alarm."""
+    from qdebug import cli
+
+    sink = _Sink()
+    out = io.TextIOWrapper(io.BufferedWriter(sink), encoding="utf-8", write_through=True)
+    err = io.StringIO()
+    old = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = out, err
+    rc: int | str
+    t0 = time.monotonic()
+    signal.signal(signal.SIGALRM, _alarm)
+    signal.setitimer(signal.ITIMER_REAL, timeout)
+    try:
+        try:
+            rc = cli.main(argv)
+        except SystemExit as e:
+            rc = e.code if isinstance(e.code, int) else 2
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+        out.flush()
+    except Hang:
+        rc = "timeout"
+    except MemoryError:
+        rc = "MemoryError"
+    except BaseException as e:  # noqa: BLE001 - anything escaping main() is a bug to report
+        rc = f"escaped {type(e).__name__}: {e}"
+    finally:
+        sys.stdout, sys.stderr = old
+    return {"argv": argv, "rc": rc, "stderr": err.getvalue(), "stdout_bytes": sink.count,
+            "stdout_head": bytes(sink.head), "secs": round(time.monotonic() - t0, 3)}
+
+
+def violations(res: dict, timeout: float = COMMAND_TIMEOUT) -> list[str]:
+    """Every rule of issue 6 that one command result breaks (empty list: fine)."""
+    bad = []
+    rc, err = res["rc"], res["stderr"]
+    if not isinstance(rc, int):
+        return [f"{rc}"]
+    if "Traceback" in err:
+        bad.append("traceback on stderr")
+    if "internal error" in err:
+        bad.append("internal error: " + err.strip().splitlines()[-1])
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    if rc == 0:
+        extra = [ln for ln in lines if not _WARNING_LINE.match(ln)]
+        if extra:
+            bad.append(f"exit 0 with unexpected stderr {extra[:2]}")
+        if res["argv"][0] in ("info", "map") and "--subclusters" not in res["argv"] and res["stdout_bytes"] == 0:
+            bad.append("exit 0 with empty output")
+        if "--output=json" in res["argv"] and res["stdout_bytes"] <= _KEEP:
+            try:
+                text = res["stdout_head"].decode()
+                if res["argv"][0] == "map" and "--subclusters" in res["argv"]:
+                    [json.loads(x) for x in text.splitlines() if x.strip()]
+                else:
+                    json.loads(text)
+            except ValueError as e:
+                bad.append(f"invalid JSON output ({e})")
+    elif rc in (1, 2, 3):
+        errors = [ln for ln in lines if not _WARNING_LINE.match(ln)]
+        if len(errors) != 1 or not _ERROR_LINE.match(errors[0]):
+            bad.append(f"exit {rc} without exactly one 'qdebug: error:' line: {lines[:3]}")
+        elif len(errors[0]) > 600:
+            bad.append(f"error line of {len(errors[0])} characters")
+    else:
+        bad.append(f"unexpected exit code {rc}")
+    if res["secs"] > timeout:
+        bad.append(f"took {res['secs']} s")
+    return bad
+
+
+def fingerprint(directory: str) -> dict[str, tuple[int, int, str]]:
+    """(size, mtime_ns, sha256) of every file in `directory`: read-only commands must not change it."""
+    out = {}
+    for name in sorted(os.listdir(directory)):
+        p = os.path.join(directory, name)
+        if os.path.isfile(p):
+            st = os.stat(p)
+            with open(p, "rb") as f:
+                digest = hashlib.sha256(f.read()).hexdigest()
+            out[name] = (st.st_size, st.st_mtime_ns, digest)
+    return out
+
+
+def _virtual_size(path: str) -> int:
+    try:
+        with open(path, "rb") as f:
+            f.seek(24)
+            return int.from_bytes(f.read(8), "big")
+    except OSError:
+        return 0
+
+
+def read_only_commands(img: str, has_backing: bool) -> list[list[str]]:
+    """Every read-only command and output form that exists in this checkout, for one image."""
+    from qdebug.cli import build_parser
+
+    size = _virtual_size(img) // 512 * 512
+    n = min(size, 1 << 20)
+    cmds = [
+        ["info", img], ["info", "--output=json", img],
+        ["map", img], ["map", "--output=json", img],
+        ["map", "--subclusters", img], ["map", "--subclusters", "--output=json", img],
+        ["read", img, "0", str(n), "-o", os.devnull],
+        ["read", img, str(max(0, size - 4096)), str(min(size, 4096))],
+        ["read", img, "0", str(size + 512)],  # past the end: an error, never a crash
+    ]
+    if has_backing:
+        cmds += [["info", "--no-backing", img], ["map", "--output=json", "--no-backing", img],
+                 ["read", "--no-backing", img, "0", str(n), "-o", os.devnull]]
+    sub = _subcommands(build_parser())
+    if "check" in sub:
+        cmds += [["check", img], ["check", "--output=json", img]]
+    return cmds
+
+
+def _subcommands(parser) -> set[str]:
+    import argparse
+
+    for a in parser._actions:  # argparse keeps subparsers here; no public accessor
+        if isinstance(a, argparse._SubParsersAction):
+            return set(a.choices)
+    return set()
+
+
+def run_case(layouts, base: str, seed: int, workdir: str, timeout: float = COMMAND_TIMEOUT) -> dict:
+    from tests.hostile.mutate import make_mutant
+
+    lay = layouts[base]
+    case_dir = os.path.join(workdir, "case")
+    if os.path.isdir(case_dir):
+        for name in os.listdir(case_dir):
+            os.unlink(os.path.join(case_dir, name))
+    path, mutations = make_mutant(lay, seed, case_dir)
+    before = fingerprint(case_dir)
+    problems = []
+    messages = []
+    for argv in read_only_commands(path, bool(lay.backing)):
+        res = run_command(argv, timeout)
+        for v in violations(res, timeout):
+            problems.append({"argv": argv, "problem": v, "stderr": res["stderr"][-2000:]})
+        if res["rc"] == 1:
+            messages.append(res["stderr"].strip().splitlines()[-1])
+    after = fingerprint(case_dir)
+    if after != before:
+        changed = [k for k in set(before) | set(after) if before.get(k) != after.get(k)]
+        problems.append({"argv": None, "problem": f"read-only commands changed {changed}", "stderr": ""})
+    return {"base": base, "seed": seed, "mutations": mutations, "problems": problems,
+            "messages": sorted(set(messages))}
+
+
+def run_job(job: dict, stream=sys.stdout) -> None:
+    """job = {"manifest": path, "workdir": dir, "cases": [[base, seed], ...], "timeout": s}.
+    Writes {"start": [base, seed]} before and the case result after each case."""
+    from tests.hostile.images import load_manifest
+
+    layouts = load_manifest(job["manifest"])
+    timeout = job.get("timeout", COMMAND_TIMEOUT)
+    for base, seed in job["cases"]:
+        stream.write(json.dumps({"start": [base, seed]}) + "\n")
+        stream.flush()
+        stream.write(json.dumps(run_case(layouts, base, seed, job["workdir"], timeout)) + "\n")
+        stream.flush()
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    stream.write(json.dumps({"done": True, "maxrss_kib": ru.ru_maxrss}) + "\n")
+    stream.flush()
+
+
+def limit_memory(limit: int = MEMORY_LIMIT) -> None:
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+
+def main() -> None:
+    job = json.loads(sys.stdin.read())
+    limit_memory(job.get("memory_limit", MEMORY_LIMIT))
+    # Results go to the real stdout; qdebug's own output is captured per command.
+    real = os.fdopen(os.dup(1), "w")
+    run_job(job, real)
+
+
+if __name__ == "__main__":
+    main()

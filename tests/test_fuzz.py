@@ -1,0 +1,85 @@
+"""Fuzz: seeded mutants of real images (qemu-img / qemu-io made, and qdebug made when its create
+engine exists) through every read-only command, under a memory limit and a per-command timeout.
+
+Rules asserted for every command on every mutant (issue 6): exit 0 with sane output, or exit 1
+with exactly one `qdebug: error:` line; never a traceback, an internal error, a hang or a crash;
+address space under 1 GiB; and not one byte or mtime of the image or its backing files changed.
+
+`make test` runs QDEBUG_FUZZ_EXAMPLES (default 240) mutants; `make fuzz` runs 10,000. Cases are
+(base image, seed) pairs, so a failure names what to rebuild:
+`python -m tests.hostile.repro BASE SEED DIR`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.hostile.images import build_bases, save_manifest
+from tests.qemu import require_qemu
+
+pytestmark = [pytest.mark.slow, pytest.mark.qemu]
+
+EXAMPLES = int(os.environ.get("QDEBUG_FUZZ_EXAMPLES", "240"))
+SEED = int(os.environ.get("QDEBUG_FUZZ_SEED", "20261126"))
+SHARDS = 4  # parametrized so pytest -n 2 spreads them over both cores
+BATCH = 250  # mutants per driver process (a crash loses at most one batch's remaining cases)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def bases(tmp_path_factory):
+    require_qemu()
+    d = tmp_path_factory.mktemp("fuzz-bases")
+    layouts = build_bases(str(d))
+    manifest = str(d / "manifest.json")
+    save_manifest(layouts, manifest)
+    return layouts, manifest
+
+
+def cases_for(names: list[str], shard: int) -> list[tuple[str, int]]:
+    """Case i -> (base i mod n, SEED + i); shard k takes every SHARDS-th case."""
+    return [(names[i % len(names)], SEED + i) for i in range(shard, EXAMPLES, SHARDS)]
+
+
+def run_driver(manifest: str, workdir: str, cases: list, timeout: float = 20.0) -> tuple[list[dict], dict]:
+    """Run one driver process over `cases`; returns (case results, final stats)."""
+    job = {"manifest": manifest, "workdir": workdir, "cases": cases, "timeout": timeout}
+    env = dict(os.environ, OPENBLAS_NUM_THREADS="1", PYTHONPATH=ROOT)
+    env.pop("QDEBUG_DEBUG", None)
+    p = subprocess.run([sys.executable, "-m", "tests.hostile.driver"], input=json.dumps(job).encode(),
+                       capture_output=True, cwd=ROOT, env=env, timeout=60 + timeout * 12 * len(cases))
+    results, started, done = [], None, None
+    for line in p.stdout.decode().splitlines():
+        rec = json.loads(line)
+        if "start" in rec:
+            started = rec["start"]
+        elif "done" in rec:
+            done = rec
+        else:
+            results.append(rec)
+            started = None
+    if done is None or p.returncode != 0:
+        raise AssertionError(f"driver died (exit {p.returncode}) in case {started}: {p.stderr.decode()[-3000:]}")
+    return results, done
+
+
+@pytest.mark.parametrize("shard", range(SHARDS))
+def test_mutants_follow_the_rules(bases, shard, tmp_path):
+    layouts, manifest = bases
+    cases = cases_for(sorted(layouts), shard)
+    problems, maxrss = [], 0
+    for b in range(0, len(cases), BATCH):
+        results, done = run_driver(manifest, str(tmp_path), cases[b:b + BATCH])
+        maxrss = max(maxrss, done["maxrss_kib"])
+        assert len(results) == len(cases[b:b + BATCH])
+        for r in results:
+            for p in r["problems"]:
+                problems.append(f"{r['base']} seed {r['seed']} {r['mutations']}: {p['argv']}: {p['problem']}"
+                                f"\n    {p['stderr'].strip()[-400:]}")
+    assert not problems, f"{len(problems)} rule violations:\n" + "\n".join(problems[:15])
+    assert maxrss < 1 << 20, f"peak RSS {maxrss} KiB"
