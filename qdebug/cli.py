@@ -238,6 +238,9 @@ def _register_more(sub) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and os.path.isfile(argv[0]) and argv[0] not in parser._subparsers._group_actions[0].choices:
+        argv = ["tui", *argv]  # `qdebug IMAGE [--trace T]` opens the debugger
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()

@@ -1,0 +1,100 @@
+"""The read-only views: the map, the inspector and the searches show what the engine reads."""
+
+from __future__ import annotations
+
+from qdebug.engine.chain import open_chain
+from qdebug.engine.subclusters import bitmap_string
+from qdebug.tui.app import make_app
+from qdebug.tui.cluster_map import ClusterMap
+from qdebug.tui.hex_view import HexView
+from qdebug.tui.messages import CountsReady, Jumped
+from qdebug.tui.model import READS_DATA, READS_INVALID
+
+
+def row_text(cmap: ClusterMap, cluster: int) -> str:
+    return cmap.render_row(cluster, False).text
+
+
+async def test_map_rows_show_the_engines_bitmaps(layered):
+    app = make_app(layered)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+        cmap = app.query_one(ClusterMap)
+        assert cmap.row_count == 64
+        with open_chain(layered) as chain:
+            for c in (0, 1, 3, 16, 32, 40):
+                w0, bm, _, _ = chain.top.l2_entry(c)
+                assert bitmap_string(w0, bm) in row_text(cmap, c)
+        assert "--NN----_--------" in row_text(cmap, 0)  # the 3 KiB write at 5k: subclusters 2 and 3
+        assert "CCCCCCCC" in row_text(cmap, 16)
+        assert "!!!!!!!!" in row_text(cmap, 40)
+        # cluster 0 reads from both layers; cluster 1 only from the backing file
+        assert row_text(cmap, 0).rstrip().endswith("0+1")
+        assert row_text(cmap, 1).rstrip().endswith("1")
+        assert app.counts["COMPRESSED"] == 32 and app.counts["INVALID"] == 32
+
+
+async def test_goto_offset_selects_cluster_and_subcluster(layered):
+    app = make_app(layered, counts=False)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await pilot.press("g")
+        await pilot.pause()
+        for ch in "0x101800":
+            await pilot.press(ch)
+        await pilot.press("enter")
+        await pilot.pause()
+        cmap = app.query_one(ClusterMap)
+        assert (cmap.cursor, cmap.subcluster) == (16, 3)
+        hexv = app.query_one(HexView)
+        assert hexv.base_offset == 0x101800
+        assert hexv.data == b"\x33" * 2048
+
+
+async def test_inspector_marks_where_bytes_come_from(layered):
+    app = make_app(layered, counts=False)
+    async with app.run_test(size=(120, 40)) as pilot:
+        hexv = app.query_one(HexView)
+        assert hexv.base_offset == 0 and hexv.data == b"\x11" * 2048 and set(hexv.src.tolist()) == {1}  # backing
+        await pilot.press("right", "right")  # subcluster 2: the write at 5k, its head COWed from the backing file
+        await pilot.pause()
+        assert hexv.base_offset == 4096 and hexv.data[:1024] == b"\x11" * 1024 and hexv.data[1024:] == b"\x22" * 1024
+        assert set(hexv.src.tolist()) == {0}  # all of it now lives in this image
+        info = app.model.entry(0)
+        assert info.reads[2] == READS_DATA and info.depth[2] == 0 and info.depth[0] == 1
+        assert info.copied and info.refcount == 1
+
+
+async def test_next_invalid_jumps_to_the_poked_entry(layered):
+    seen = []
+    app = make_app(layered, counts=False)
+    async with app.run_test(size=(120, 40), message_hook=seen.append) as pilot:
+        await pilot.press("i")
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+        assert app.query_one(ClusterMap).cursor == 40
+        assert [m.cluster for m in seen if isinstance(m, Jumped)] == [40]
+        assert app.model.entry(40).reads[0] == READS_INVALID
+        hexv = app.query_one(HexView)
+        assert set(hexv.src.tolist()) == {3}  # shown as ?? : QEMU fails the read
+        await pilot.press("i")  # nothing after it
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+        assert [m.cluster for m in seen if isinstance(m, Jumped)] == [40, None]
+        await pilot.press("a")  # next allocated after 40: none (no cluster past 40 has a host cluster)
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+        await pilot.press("home", "z")  # first zero after cluster 0: the zero write at 200k
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+        assert app.query_one(ClusterMap).cursor == 3
+
+
+async def test_counts_arrive_from_a_worker(layered):
+    seen = []
+    app = make_app(layered)
+    async with app.run_test(size=(80, 24), message_hook=seen.append) as pilot:
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+        counts = [m.counts for m in seen if isinstance(m, CountsReady)]
+        assert counts and sum(counts[0].values()) == 64 * 32
