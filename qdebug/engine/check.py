@@ -1,0 +1,635 @@
+"""`qemu-img check` for qcow2, rebuilt with numpy: same findings, same counts, same exit code.
+
+QEMU 7.2 (block/qcow2-refcount.c) counts references to every host cluster by walking the header,
+the active and snapshot L1/L2 tables, the snapshot table, the refcount table, the bitmaps and the
+refcount blocks, then compares that in-memory table with the on-disk refcounts and checks the
+COPIED flags. Here each walk step turns a whole L2 table (a batch of tables) into arrays and the
+reference counts are one `np.bincount`; per-entry rules are boolean masks. The counting quirks are
+QEMU's and kept on purpose (a region ending less than one cluster past EOF is fine; references
+are only compared for clusters below the end of the file; a compressed cluster with a non-zero
+bitmap is not counted at all), because the counts must equal qemu-img's on the same image.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import constants as C
+from .errors import QcowError
+from .image import Image
+from .refcounts import unpack_refcounts
+
+# Keys in the order qemu-img prints them (its QDict bucket order), "findings" last.
+JSON_KEYS = ("image-end-offset", "compressed-clusters", "total-clusters", "corruptions", "corruptions-fixed",
+             "check-errors", "leaks", "leaks-fixed", "allocated-clusters", "filename", "format",
+             "fragmented-clusters")
+_ALWAYS = ("check-errors", "filename", "format")
+MAX_FINDINGS_PER_KIND = 10000
+_U64 = np.uint64
+_BATCH_TABLES = 64
+BME_TABLE_ENTRY_RESERVED_MASK = 0xFF000000000001FE
+BME_TABLE_ENTRY_OFFSET_MASK = 0x00FFFFFFFFFFFE00
+BME_TABLE_ENTRY_FLAG_ALL_ONES = 1
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One problem, located. `kind` is a stable machine name; `message` is QEMU's text."""
+
+    kind: str
+    severity: str  # 'error' | 'leak' | 'info'
+    message: str
+    l1_index: int | None = None
+    l2_index: int | None = None
+    guest_offset: int | None = None
+    host_offset: int | None = None
+    subclusters: tuple[int, ...] = ()
+    repairable_by_qemu: bool = False
+    snapshot: str | None = None  # None: the active L1 table; else the snapshot's id
+    entry: int | None = None  # L2 word 0 (or L1 / reftable entry) as found
+    bitmap: int | None = None
+    l2_offset: int | None = None
+    cluster: int | None = None  # host cluster index (refcount findings)
+    refcount: int | None = None
+    reference: int | None = None
+
+    def to_json(self) -> dict:
+        out = {"kind": self.kind, "severity": self.severity, "message": self.message}
+        for k in ("l1_index", "l2_index", "guest_offset", "host_offset", "snapshot", "entry", "bitmap",
+                  "l2_offset", "cluster", "refcount", "reference"):
+            v = getattr(self, k)
+            if v is not None:
+                out[k.replace("_", "-")] = v
+        if self.subclusters:
+            out["subclusters"] = list(self.subclusters)
+        out["repairable-by-qemu"] = self.repairable_by_qemu
+        return out
+
+    def place(self) -> str:
+        """Where, in words: snapshot, L1/L2 index, guest and host offsets, subclusters."""
+        parts = []
+        if self.snapshot is not None:
+            parts.append(f"snapshot {self.snapshot}")
+        if self.l1_index is not None:
+            parts.append(f"L1 index {self.l1_index}")
+        if self.l2_index is not None:
+            parts.append(f"L2 index {self.l2_index}")
+        if self.guest_offset is not None:
+            parts.append(f"guest 0x{self.guest_offset:x}")
+        if self.host_offset is not None:
+            parts.append(f"host 0x{self.host_offset:x}")
+        if self.cluster is not None and self.host_offset is None:
+            parts.append(f"host cluster {self.cluster}")
+        if self.subclusters:
+            parts.append("subclusters " + ",".join(map(str, self.subclusters)))
+        return ", ".join(parts)
+
+
+@dataclass(frozen=True)
+class CheckReport:
+    filename: str
+    format: str = "qcow2"
+    check_errors: int = 0
+    corruptions: int = 0
+    leaks: int = 0
+    corruptions_fixed: int = 0
+    leaks_fixed: int = 0
+    image_end_offset: int = 0
+    total_clusters: int = 0
+    allocated_clusters: int = 0
+    fragmented_clusters: int = 0
+    compressed_clusters: int = 0
+    findings: tuple[Finding, ...] = ()
+    rebuild_needed: bool = False  # a refcount of 0 for a referenced cluster, or broken refcount structure
+    # The reference count QEMU computes per host cluster (what the refcounts should be); for repair.
+    references: np.ndarray | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def exit_code(self) -> int:
+        """qemu-img check's: 1 check errors, 2 corruptions, 3 leaks only, 0 clean."""
+        if self.check_errors:
+            return 1
+        if self.corruptions:
+            return 2
+        if self.leaks:
+            return 3
+        return 0
+
+    def counts(self) -> dict:
+        """The qemu-img check --output=json object, same keys, same presence rules, same order."""
+        vals = {"image-end-offset": self.image_end_offset, "compressed-clusters": self.compressed_clusters,
+                "total-clusters": self.total_clusters, "corruptions": self.corruptions,
+                "corruptions-fixed": self.corruptions_fixed, "check-errors": self.check_errors,
+                "leaks": self.leaks, "leaks-fixed": self.leaks_fixed,
+                "allocated-clusters": self.allocated_clusters, "filename": self.filename,
+                "format": self.format, "fragmented-clusters": self.fragmented_clusters}
+        return {k: vals[k] for k in JSON_KEYS if k in _ALWAYS or vals[k]}
+
+    def to_json(self) -> dict:
+        out = self.counts()
+        out["findings"] = [f.to_json() for f in self.findings]
+        return out
+
+
+# ---- the walk ------------------------------------------------------------------------------------
+class _Ctx:
+    """State of one check run: the growing in-memory refcount table and the results so far."""
+
+    def __init__(self, img: Image, progress):
+        self.img = img
+        h = img.header
+        self.h = h
+        self.cs = h.cluster_size
+        self.cb = h.cluster_bits
+        self.file_len = img.file_size
+        self.nb = -(-self.file_len // self.cs)
+        self.refs = np.zeros(self.nb, dtype=np.int64)
+        self.findings: list[Finding] = []
+        self.copied: list[Finding] = []
+        self.kind_counts: dict[str, int] = {}
+        self.corruptions = 0
+        self.check_errors = 0
+        self.allocated = self.fragmented = self.compressed = 0
+        self.rebuild = False
+        self.progress = progress
+        self.words = np.frombuffer(img.mm, dtype=">u8", count=self.file_len // 8) if self.file_len >= 8 else \
+            np.zeros(0, ">u8")
+        self.refmax = min((1 << h.refcount_bits) - 1, 1 << 62)  # 64-bit refcounts never overflow here
+        self._blocks: dict[int, np.ndarray | None] = {}
+
+    # findings
+    def add(self, f: Finding, *, copied: bool = False) -> None:
+        n = self.kind_counts.get(f.kind, 0)
+        self.kind_counts[f.kind] = n + 1
+        if n < MAX_FINDINGS_PER_KIND:
+            (self.copied if copied else self.findings).append(f)
+
+    # reading with QEMU's zero padding past EOF
+    def u64s(self, offset: int, count: int) -> np.ndarray:
+        if offset % 8 == 0 and offset + count * 8 <= self.file_len:
+            return self.words[offset // 8: offset // 8 + count]
+        return np.frombuffer(self.img.pread(offset, count * 8), dtype=">u8")
+
+    # qcow2_inc_refcounts_imrt over arrays of regions
+    def inc(self, offsets: np.ndarray, sizes: np.ndarray | int, what: str = "") -> None:
+        offsets = np.asarray(offsets, dtype=np.int64)
+        if offsets.size == 0:
+            return
+        sizes = np.broadcast_to(np.asarray(sizes, dtype=np.int64), offsets.shape)
+        keep = sizes > 0
+        past = keep & (offsets + sizes - self.file_len >= self.cs)
+        if past.any():
+            for o, s in zip(offsets[past].tolist(), sizes[past].tolist()):
+                self.corruptions += 1
+                self.add(Finding("region-past-eof", "error",
+                                 "ERROR: counting reference for region exceeding the end of the file by one "
+                                 f"cluster or more: offset 0x{o:x} size 0x{s:x}", host_offset=o))
+            keep &= ~past
+        offsets, sizes = offsets[keep], sizes[keep]
+        if offsets.size == 0:
+            return
+        first = offsets >> self.cb
+        last = (offsets + sizes - 1) >> self.cb
+        n = last - first + 1
+        if (n == 1).all():
+            idx = first
+        else:
+            idx = np.repeat(first, n) + (np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n))
+        lo, hi = int(idx.min()), int(idx.max())
+        if hi >= len(self.refs):
+            grown = np.zeros(hi + 1, dtype=np.int64)
+            grown[:len(self.refs)] = self.refs
+            self.refs = grown
+        b = np.bincount(idx - lo)
+        self.refs[lo:lo + len(b)] += b
+
+    # on-disk refcounts (qcow2_get_refcount), vectorized; errors where the refblock offset is unaligned
+    def block_values(self, tbl_index: int) -> np.ndarray | None:
+        """Decoded refcount block `tbl_index` (zeros past EOF), None if its offset is unaligned."""
+        if tbl_index in self._blocks:
+            return self._blocks[tbl_index]
+        rt = self.img.reftable
+        off = int(rt[tbl_index]) & C.REFT_OFFSET_MASK if tbl_index < len(rt) else 0
+        if off == 0:
+            vals = np.zeros(self.h.refcount_block_entries, dtype=np.uint64)
+        elif off % self.cs:
+            vals = None
+        else:
+            vals = unpack_refcounts(self.img.pread(off, self.cs), self.h.refcount_order)
+        self._blocks[tbl_index] = vals
+        return vals
+
+    def ondisk(self, clusters: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(refcounts, ok) of host cluster indices as QEMU reads them."""
+        clusters = np.asarray(clusters, dtype=np.int64)
+        vals = np.zeros(clusters.shape, dtype=np.uint64)
+        ok = np.ones(clusters.shape, dtype=bool)
+        if clusters.size == 0:
+            return vals, ok
+        bits = self.h.refcount_block_entries.bit_length() - 1
+        tbl = clusters >> bits
+        for t in np.unique(tbl).tolist():
+            sel = tbl == t
+            block = self.block_values(t)
+            if block is None:
+                ok[sel] = False
+            else:
+                vals[sel] = block[clusters[sel] & ((1 << bits) - 1)]
+        return vals, ok
+
+
+def _walk_l1(ctx: _Ctx, l1_offset: int, l1_size: int, *, active: bool, snapshot: str | None) -> None:
+    """check_refcounts_l1 + check_refcounts_l2 (+ the COPIED checks for the active table)."""
+    if not l1_size:
+        return
+    cs = ctx.cs
+    ctx.inc(np.array([l1_offset]), l1_size * 8, "L1 table")
+    l1 = ctx.u64s(l1_offset, l1_size).astype(np.uint64)
+    used = np.flatnonzero(l1)
+    if used.size == 0:
+        return
+    entries = l1[used]
+    bad = (entries & _U64(C.L1E_RESERVED_MASK)) != 0
+    for i in np.flatnonzero(bad).tolist():
+        e = int(entries[i])
+        ctx.corruptions += 1
+        ctx.add(Finding("l1-reserved-bits", "error", f"ERROR found L1 entry with reserved bits set: {e:x}",
+                        l1_index=int(used[i]), host_offset=e & C.L1E_OFFSET_MASK, snapshot=snapshot, entry=e))
+    l2_offsets = (entries & _U64(C.L1E_OFFSET_MASK)).astype(np.int64)
+    ctx.inc(l2_offsets, cs, "L2 table")
+    for i in np.flatnonzero(l2_offsets % cs).tolist():
+        o = int(l2_offsets[i])
+        ctx.corruptions += 1
+        ctx.add(Finding("l2-table-unaligned", "error",
+                        f"ERROR l2_offset={o:x}: Table is not cluster aligned; L1 entry corrupted",
+                        l1_index=int(used[i]), host_offset=o, snapshot=snapshot, entry=int(entries[i])))
+    if active:
+        _copied_l1(ctx, used, entries, l2_offsets)
+    for start in range(0, len(used), _BATCH_TABLES):
+        sl = slice(start, start + _BATCH_TABLES)
+        _check_l2_batch(ctx, used[sl], l2_offsets[sl], active=active, snapshot=snapshot)
+        if ctx.progress and active:
+            ctx.progress(min(start + _BATCH_TABLES, len(used)), len(used))
+
+
+def _copied_l1(ctx: _Ctx, l1_indices, entries, l2_offsets) -> None:
+    """check_oflag_copied, L1 part: COPIED set exactly when the L2 table's on-disk refcount is 1."""
+    nz = l2_offsets != 0
+    rc, ok = ctx.ondisk(l2_offsets >> ctx.cb)
+    copied = (entries & _U64(C.QCOW_OFLAG_COPIED)) != 0
+    wrong = nz & ok & ((rc == 1) != copied)
+    for i in np.flatnonzero(wrong).tolist():
+        e, r = int(entries[i]), int(rc[i])
+        ctx.corruptions += 1
+        ctx.add(Finding("copied-l1", "error",
+                        f"ERROR OFLAG_COPIED L2 cluster: l1_index={int(l1_indices[i])} l1_entry={e:x} refcount={r}",
+                        l1_index=int(l1_indices[i]), host_offset=int(l2_offsets[i]), entry=e, refcount=r,
+                        repairable_by_qemu=True), copied=True)
+
+
+def _tables(ctx: _Ctx, l2_offsets: np.ndarray) -> np.ndarray:
+    """The L2 tables at `l2_offsets` as one (tables, words) uint64 array (zeros past EOF)."""
+    nwords = ctx.cs // 8
+    inside = (l2_offsets + ctx.cs <= ctx.file_len)
+    out = np.empty((len(l2_offsets), nwords), dtype=np.uint64)
+    if inside.all():
+        idx = (l2_offsets // 8)[:, None] + np.arange(nwords)
+        out[:] = ctx.words[idx]
+        return out
+    for k, o in enumerate(l2_offsets.tolist()):
+        out[k] = ctx.u64s(o, nwords)
+    return out
+
+
+def _check_l2_batch(ctx: _Ctx, l1_indices: np.ndarray, l2_offsets: np.ndarray, *, active: bool,
+                    snapshot: str | None) -> None:
+    h, cs, cb = ctx.h, ctx.cs, ctx.cb
+    ext = h.extended_l2
+    tabs = _tables(ctx, l2_offsets)
+    if ext:
+        w0, bm = tabs[:, 0::2], tabs[:, 1::2]
+    else:
+        w0, bm = tabs, np.zeros_like(tabs)
+    n = h.l2_entries
+    comp = (w0 & _U64(C.QCOW_OFLAG_COMPRESSED)) != 0
+    off = (w0 & _U64(C.L2E_OFFSET_MASK))
+    has_off = ~comp & (off != 0)
+    alloc = bm & _U64(0xFFFFFFFF)
+    zero = bm >> _U64(32)
+    loc = _Locator(ctx, l1_indices, l2_offsets, w0, bm, snapshot)
+
+    # reserved bits of standard descriptors
+    for t, i in loc.where(~comp & ((w0 & _U64(C.L2E_STD_RESERVED_MASK)) != 0)):
+        ctx.corruptions += 1
+        ctx.add(loc.finding(t, i, "l2-reserved-bits", f"ERROR found l2 entry with reserved bits set: {loc.w(t, i):x}"))
+    # compressed clusters
+    x = 62 - (cb - 8)
+    for t, i in loc.where(comp & ((w0 & _U64(C.QCOW_OFLAG_COPIED)) != 0)):
+        ctx.corruptions += 1
+        co = loc.w(t, i) & ((1 << x) - 1)
+        ctx.add(loc.finding(t, i, "compressed-copied",
+                            f"ERROR: coffset=0x{co:x}: copied flag must never be set for compressed clusters",
+                            host=co))
+    comp_bad = comp & (bm != 0)
+    for t, i in loc.where(comp_bad):
+        ctx.corruptions += 1
+        w = loc.w(t, i) & ~C.QCOW_OFLAG_COPIED
+        ctx.add(loc.finding(t, i, "compressed-bitmap",
+                            f"ERROR compressed cluster {i} with non-zero subcluster allocation bitmap, entry=0x{w:x}",
+                            host=loc.w(t, i) & ((1 << x) - 1), subclusters=_bits(loc.b(t, i))))
+    comp_ok = comp & (bm == 0)
+    if comp_ok.any():
+        cw = w0[comp_ok]
+        coff = (cw & _U64((1 << x) - 1)).astype(np.int64)
+        nsec = ((cw >> _U64(x)) & _U64((1 << (cb - 8)) - 1)).astype(np.int64) + 1
+        ctx.inc(coff, nsec * 512 - (coff & 511), "compressed cluster")
+    # allocated (normal / zero-alloc) clusters
+    both = has_off & ((alloc & zero) != 0)
+    for t, i in loc.where(both):
+        ctx.corruptions += 1
+        ctx.add(loc.finding(t, i, "invalid-bitmap-allocated", f"ERROR offset={loc.off(t, i):x}: Allocated cluster has "
+                            "corrupted subcluster allocation bitmap", subclusters=_bits(loc.b(t, i) & (loc.b(t, i) >> 32))))
+    unaligned = has_off & ((off & _U64(cs - 1)) != 0)
+    if unaligned.any():
+        data = (alloc != 0) if ext else ((w0 & _U64(C.QCOW_OFLAG_ZERO)) == 0)
+        for t, i in loc.where(unaligned):
+            ctx.corruptions += 1
+            if data[t, i]:
+                ctx.add(loc.finding(t, i, "data-cluster-unaligned", f"ERROR offset={loc.off(t, i):x}: Data cluster is "
+                                    "not properly aligned; L2 entry corrupted."))
+            else:
+                ctx.add(loc.finding(t, i, "prealloc-cluster-unaligned", f"ERROR offset={loc.off(t, i):x}: Preallocated "
+                                    "cluster is not properly aligned; L2 entry corrupted.", repairable=True))
+    ctx.inc(off[has_off].astype(np.int64), cs, "data cluster")
+    if ext:
+        for t, i in loc.where(~comp & (off == 0) & (alloc != 0)):
+            ctx.corruptions += 1
+            ctx.add(loc.finding(t, i, "invalid-bitmap-unallocated",
+                                "ERROR: Unallocated cluster has non-zero subcluster allocation map",
+                                subclusters=_bits(loc.b(t, i) & 0xFFFFFFFF)))
+    if not active:
+        return
+    # fragmentation info, per L2 table as QEMU counts it
+    nc = int(comp_ok.sum())
+    ctx.compressed += nc
+    ctx.allocated += nc + int(has_off.sum())
+    ctx.fragmented += nc
+    rows, cols = np.nonzero(has_off)
+    if rows.size > 1:
+        o = off[rows, cols]
+        ctx.fragmented += int(((rows[1:] == rows[:-1]) & (o[1:] != o[:-1] + _U64(cs))).sum())
+    # COPIED of data clusters (check_oflag_copied), against the on-disk refcounts
+    l2_rc, l2_ok = ctx.ondisk(l2_offsets >> cb)
+    examine = has_off & (l2_ok & (l2_offsets != 0))[:, None]  # QEMU skips a table at offset 0 here
+    if examine.any():
+        rows, cols = np.nonzero(examine)
+        rc, ok = ctx.ondisk((off[rows, cols] >> _U64(cb)).astype(np.int64))
+        copied = (w0[rows, cols] & _U64(C.QCOW_OFLAG_COPIED)) != 0
+        wrong = ok & ((rc == 1) != copied)
+        for k in np.flatnonzero(wrong).tolist():
+            t, i, r = int(rows[k]), int(cols[k]), int(rc[k])
+            ctx.corruptions += 1
+            ctx.add(loc.finding(t, i, "copied-data", f"ERROR OFLAG_COPIED data cluster: l2_entry={loc.w(t, i):x} "
+                                f"refcount={r}", repairable=True, refcount=r), copied=True)
+    del n
+
+
+def _bits(mask: int) -> tuple[int, ...]:
+    return tuple(i for i in range(32) if mask >> i & 1)
+
+
+class _Locator:
+    """Builds located Findings for (table row, entry index) pairs of one batch."""
+
+    def __init__(self, ctx, l1_indices, l2_offsets, w0, bm, snapshot):
+        self.ctx, self.l1i, self.l2o, self.w0, self.bm, self.snapshot = ctx, l1_indices, l2_offsets, w0, bm, snapshot
+
+    @staticmethod
+    def where(mask: np.ndarray):
+        if not mask.any():
+            return []
+        rows, cols = np.nonzero(mask)
+        return list(zip(rows.tolist(), cols.tolist()))
+
+    def w(self, t: int, i: int) -> int:
+        return int(self.w0[t, i])
+
+    def b(self, t: int, i: int) -> int:
+        return int(self.bm[t, i])
+
+    def off(self, t: int, i: int) -> int:
+        return self.w(t, i) & C.L2E_OFFSET_MASK
+
+    def finding(self, t, i, kind, message, *, host=None, subclusters=(), repairable=False, refcount=None):
+        h = self.ctx.h
+        l1 = int(self.l1i[t])
+        return Finding(kind, "error", message, l1_index=l1, l2_index=i,
+                       guest_offset=(l1 * h.l2_entries + i) << h.cluster_bits,
+                       host_offset=self.off(t, i) if host is None else host, subclusters=tuple(subclusters),
+                       repairable_by_qemu=repairable, snapshot=self.snapshot, entry=self.w(t, i),
+                       bitmap=self.b(t, i) if h.extended_l2 else None, l2_offset=int(self.l2o[t]), refcount=refcount)
+
+
+# ---- snapshots and bitmaps ---------------------------------------------------------------------
+def _snapshots(ctx: _Ctx) -> None:
+    img, h = ctx.img, ctx.h
+    if not h.nb_snapshots:
+        return
+    snaps = img.snapshots()
+    for sn in snaps:
+        if sn.l1_table_offset % ctx.cs:
+            ctx.corruptions += 1
+            ctx.add(Finding("snapshot-l1-unaligned", "error",
+                            f"ERROR snapshot {sn.id} ({sn.name}) l1_offset={sn.l1_table_offset:#x}: L1 table is not "
+                            "cluster aligned; snapshot table entry corrupted", host_offset=sn.l1_table_offset,
+                            snapshot=sn.id))
+            continue
+        if sn.l1_size > C.QCOW_MAX_L1_SIZE // 8:
+            ctx.corruptions += 1
+            ctx.add(Finding("snapshot-l1-too-large", "error",
+                            f"ERROR snapshot {sn.id} ({sn.name}) l1_size={sn.l1_size:#x}: L1 table is too large; "
+                            "snapshot table entry corrupted", snapshot=sn.id))
+            continue
+        _walk_l1(ctx, sn.l1_table_offset, sn.l1_size, active=False, snapshot=sn.id)
+    last = snaps[-1]
+    id_len, name_len = struct.unpack_from(">HH", img.pread(last.offset + 12, 4))
+    extra = struct.unpack_from(">I", img.pread(last.offset + 36, 4))[0]
+    end = last.offset + 40 + extra + id_len + name_len  # QEMU's snapshots_size stops before the last padding
+    ctx.inc(np.array([h.snapshots_offset]), end - h.snapshots_offset, "snapshot table")
+
+
+def _bitmaps(ctx: _Ctx) -> None:
+    """qcow2_check_bitmaps_refcounts: directory, bitmap tables and their data clusters."""
+    ext = next((e for e in ctx.h.extensions if e.type == C.QCOW2_EXT_MAGIC_BITMAPS), None)
+    if ext is None or len(ext.data) < 24:
+        return
+    nb, _res, dir_size, dir_off = struct.unpack_from(">IIQQ", ext.data)
+    if nb == 0:
+        return
+    ctx.inc(np.array([dir_off]), dir_size, "bitmap directory")
+    raw = ctx.img.pread(dir_off, dir_size)
+    p = 0
+    for _ in range(nb):
+        if p + 24 > len(raw):
+            ctx.corruptions += 1
+            ctx.add(Finding("bitmap-directory", "error", "ERROR bitmap directory is truncated", host_offset=dir_off))
+            return
+        t_off, t_size, _flags, _typ, _gran, name_size, extra = struct.unpack_from(">QIIBBHI", raw, p)
+        ctx.inc(np.array([t_off]), t_size * 8, "bitmap table")
+        table = ctx.u64s(t_off, t_size).astype(np.uint64) if t_size else np.zeros(0, np.uint64)
+        offs = table & _U64(BME_TABLE_ENTRY_OFFSET_MASK)
+        bad = ((table & _U64(BME_TABLE_ENTRY_RESERVED_MASK)) != 0) | (
+            (offs != 0) & (((table & _U64(BME_TABLE_ENTRY_FLAG_ALL_ONES)) != 0) | ((offs % _U64(ctx.cs)) != 0)))
+        for i in np.flatnonzero(bad).tolist():
+            ctx.corruptions += 1
+            ctx.add(Finding("bitmap-table-entry", "error", f"ERROR bitmap table entry {i} is invalid: "
+                            f"{int(table[i]):x}", host_offset=int(offs[i])))
+        good = ~bad & (offs != 0)
+        ctx.inc(offs[good].astype(np.int64), ctx.cs, "bitmap data")
+        size = 24 + extra + name_size
+        p += size + (-size % 8)
+
+
+# ---- refcount structure -----------------------------------------------------------------------
+def _refblocks(ctx: _Ctx) -> None:
+    """check_refblocks: every refcount table entry is an aligned, in-file block referenced once."""
+    rt = ctx.img.reftable.astype(np.uint64)
+    cs = ctx.cs
+    offs = (rt & _U64(C.REFT_OFFSET_MASK)).astype(np.int64)
+    reserved = (rt & _U64(C.REFT_RESERVED_MASK)) != 0
+    unaligned = ~reserved & (offs % cs != 0)
+    for i in np.flatnonzero(reserved).tolist():
+        ctx.corruptions += 1
+        ctx.rebuild = True
+        ctx.add(Finding("reftable-reserved-bits", "error", f"ERROR refcount table entry {i} has reserved bits set",
+                        host_offset=int(offs[i]), entry=int(rt[i])))
+    for i in np.flatnonzero(unaligned).tolist():
+        ctx.corruptions += 1
+        ctx.rebuild = True
+        ctx.add(Finding("refblock-unaligned", "error",
+                        f"ERROR refcount block {i} is not cluster aligned; refcount table entry corrupted",
+                        host_offset=int(offs[i]), entry=int(rt[i])))
+    ok = ~reserved & ~unaligned
+    clusters = offs >> ctx.cb
+    outside = ok & (clusters >= len(ctx.refs))
+    for i in np.flatnonzero(outside).tolist():
+        ctx.corruptions += 1
+        ctx.add(Finding("refblock-outside-image", "error", f"ERROR refcount block {i} is outside image",
+                        host_offset=int(offs[i]), repairable_by_qemu=True))
+    sel = np.flatnonzero(ok & ~outside & (offs != 0))
+    if sel.size == 0:
+        return
+    cl = clusters[sel]
+    base = ctx.refs[cl]
+    # value seen right after each block's own increment: earlier references + earlier blocks on it + 1
+    order = np.argsort(cl, kind="stable")
+    scl = cl[order]
+    first = np.r_[0, np.flatnonzero(scl[1:] != scl[:-1]) + 1]
+    rank = np.arange(len(scl)) - np.repeat(first, np.diff(np.r_[first, len(scl)]))
+    seen = np.empty_like(rank)
+    seen[order] = rank + 1
+    value = np.minimum(base + seen, ctx.refmax)
+    ctx.inc(offs[sel], cs, "refcount block")
+    for k in np.flatnonzero(value != 1).tolist():
+        ctx.corruptions += 1
+        ctx.rebuild = True
+        i = int(sel[k])
+        ctx.add(Finding("refblock-refcount", "error", f"ERROR refcount block {i} refcount={int(value[k])}",
+                        host_offset=int(offs[i]), cluster=int(cl[k]), reference=int(value[k])))
+
+
+def _overflow(ctx: _Ctx) -> None:
+    """References beyond the refcount width: each one QEMU could not add is a corruption."""
+    if ctx.refmax >= (1 << 62):
+        return
+    over = np.flatnonzero(ctx.refs > ctx.refmax)
+    for c in over.tolist():
+        extra = int(ctx.refs[c]) - ctx.refmax
+        ctx.corruptions += extra
+        for _ in range(min(extra, 10)):
+            ctx.add(Finding("refcount-overflow", "error", f"ERROR: overflow cluster offset=0x{c * ctx.cs:x}",
+                            host_offset=c * ctx.cs, cluster=c))
+    if over.size:
+        np.minimum(ctx.refs, ctx.refmax, out=ctx.refs)
+
+
+def _compare(ctx: _Ctx) -> tuple[int, int]:
+    """compare_refcounts: (leaks, highest cluster in use); corruptions and check errors counted in ctx."""
+    leaks = 0
+    highest = 0
+    nb = len(ctx.refs)
+    per = ctx.h.refcount_block_entries
+    for blk in range(0, -(-nb // per)):
+        lo, hi = blk * per, min(nb, (blk + 1) * per)
+        want = ctx.refs[lo:hi]
+        vals = ctx.block_values(blk)
+        if vals is None:
+            ctx.check_errors += hi - lo  # QEMU skips these clusters, even for the image end offset
+            for c in range(lo, min(hi, lo + 10)):
+                ctx.add(Finding("refcount-unreadable", "error",
+                                f"Can't get refcount for cluster {c}: Input/output error", cluster=c,
+                                host_offset=c * ctx.cs))
+            continue
+        have = vals[:hi - lo].astype(np.int64)
+        used = np.flatnonzero((have > 0) | (want > 0))
+        if used.size:
+            highest = max(highest, lo + int(used[-1]))
+        diff = np.flatnonzero(have != want)
+        for k in diff.tolist():
+            c, r1, r2 = lo + k, int(have[k]), int(want[k])
+            if r1 == 0:
+                ctx.rebuild = True
+            if r1 < r2:
+                ctx.corruptions += 1
+                ctx.add(Finding("refcount-too-low" if r1 else "refcount-zero", "error",
+                                f"ERROR cluster {c} refcount={r1} reference={r2}", cluster=c, host_offset=c * ctx.cs,
+                                refcount=r1, reference=r2, repairable_by_qemu=True))
+            else:
+                leaks += 1
+                ctx.add(Finding("leak", "leak", f"Leaked cluster {c} refcount={r1} reference={r2}", cluster=c,
+                                host_offset=c * ctx.cs, refcount=r1, reference=r2, repairable_by_qemu=True))
+    return leaks, highest
+
+
+def check_image(img: Image, *, progress=None) -> CheckReport:
+    """Check `img` as `qemu-img check` (no repair) does; counts equal qemu-img's."""
+    ctx = _Ctx(img, progress)
+    h = ctx.h
+    info: list[Finding] = []
+    if h.is_dirty:
+        info.append(Finding("dirty-bit", "info", "the dirty bit is set: refcounts may be stale (lazy refcounts)"))
+    if h.is_corrupt:
+        info.append(Finding("corrupt-bit", "info", "the corrupt bit is set: QEMU refuses to open the image "
+                            "read-write until a repair clears it"))
+    try:
+        ctx.inc(np.array([0]), ctx.cs, "header")
+        _walk_l1(ctx, h.l1_table_offset, h.l1_size, active=True, snapshot=None)
+        _snapshots(ctx)
+        ctx.inc(np.array([h.refcount_table_offset]), h.refcount_table_clusters * ctx.cs, "refcount table")
+        _bitmaps(ctx)
+        _refblocks(ctx)
+    except QcowError as e:
+        ctx.check_errors += 1
+        ctx.add(Finding("check-failed", "error", f"check could not complete: {e}"))
+        return _report(ctx, info, leaks=0, highest=-1)
+    _overflow(ctx)
+    leaks, highest = _compare(ctx)
+    return _report(ctx, info, leaks=leaks, highest=highest)
+
+
+def _report(ctx: _Ctx, info: list[Finding], *, leaks: int, highest: int) -> CheckReport:
+    h = ctx.h
+    findings = info + ctx.findings + ctx.copied
+    for kind, n in ctx.kind_counts.items():
+        if n > MAX_FINDINGS_PER_KIND:
+            findings.append(Finding("truncated", "info", f"... {n - MAX_FINDINGS_PER_KIND} more '{kind}' findings "
+                                    "not listed"))
+    return CheckReport(
+        filename=ctx.img.path, check_errors=ctx.check_errors, corruptions=ctx.corruptions, leaks=leaks,
+        image_end_offset=(highest + 1) * ctx.cs if highest >= 0 else 0,
+        total_clusters=-(-ctx.img.size // ctx.cs), allocated_clusters=ctx.allocated,
+        fragmented_clusters=ctx.fragmented, compressed_clusters=ctx.compressed, findings=tuple(findings),
+        rebuild_needed=ctx.rebuild, references=ctx.refs)

@@ -1,0 +1,108 @@
+"""`check_image` against `qemu-img check`: every count and the exit code, over many image shapes,
+each with every corruption of the generator (and random bitmap/refcount damage)."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import struct
+
+import pytest
+
+from qdebug.engine.check import JSON_KEYS, check_image
+from qdebug.engine.image import open_image
+from tests.engine.corruptions import CORRUPTIONS, SHAPES, Layout, corrupt, make_shape
+from tests.qemu import qemu_check
+
+pytestmark = pytest.mark.qemu
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    from tests.qemu import require_qemu
+
+    require_qemu()
+    d = tmp_path_factory.mktemp("shapes")
+    return {name: make_shape(d, name) for name in SHAPES}
+
+
+def _ours(path):
+    with open_image(path) as img:
+        return check_image(img)
+
+
+def _assert_same(path):
+    rc, theirs = qemu_check(path)
+    ours = _ours(path)
+    mine = ours.counts()
+    mine["filename"] = theirs.get("filename")
+    assert mine == theirs, "\n".join(f.message for f in ours.findings)
+    assert list(mine) == list(theirs)  # same keys in the same order
+    assert ours.exit_code == rc
+    return ours
+
+
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+def test_healthy_shapes_are_clean_and_counted_alike(shapes, shape):
+    ours = _assert_same(shapes[shape])
+    assert ours.exit_code == 0
+    assert all(f.severity == "info" for f in ours.findings)
+
+
+@pytest.mark.parametrize("name", sorted(CORRUPTIONS))
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+def test_corruption_counts_equal_qemu(shapes, shape, name, tmp_path):
+    path = str(tmp_path / "img.qcow2")
+    shutil.copy(shapes[shape], path)
+    if corrupt(path, name) is None:
+        pytest.skip(f"{shape} has nothing to corrupt with {name}")
+    ours = _assert_same(path)
+    if name not in ("corrupt_bit", "dirty_bit"):
+        assert ours.exit_code != 0
+    else:
+        assert any(f.kind.replace("-", "_") == name for f in ours.findings)
+
+
+def test_findings_name_their_place(shapes, tmp_path):
+    path = str(tmp_path / "img.qcow2")
+    shutil.copy(shapes["ext64k"], path)
+    corrupt(path, "both_bits")
+    f = next(f for f in _ours(path).findings if f.kind == "invalid-bitmap-allocated")
+    lay = Layout(path)
+    e = lay.normal()[0]
+    assert (f.l1_index, f.l2_index, f.subclusters) == (e[3], e[4], (3,))
+    assert f.guest_offset == (e[3] * lay.h.l2_entries + e[4]) * lay.cs
+    assert f.host_offset == e[1] & 0x00FFFFFFFFFFFE00
+    assert f.message == f"ERROR offset={f.host_offset:x}: Allocated cluster has corrupted subcluster allocation bitmap"
+
+
+@pytest.mark.parametrize("seed", range(int(os.environ.get("QDEBUG_CHECK_SEEDS", "6"))))
+def test_random_damage_counts_equal_qemu(shapes, seed, tmp_path):
+    """Random words of L2 tables, L1 and refcount blocks overwritten: the counts still agree."""
+    rng = random.Random(seed)
+    shape = rng.choice(sorted(SHAPES))
+    path = str(tmp_path / "img.qcow2")
+    shutil.copy(shapes[shape], path)
+    lay = Layout(path)
+    with open(path, "r+b") as f:
+        for _ in range(rng.randint(1, 6)):
+            e = rng.choice(lay.entries)
+            which = rng.random()
+            if which < 0.5 and lay.h.extended_l2:
+                f.seek(e[0] + 8)
+                f.write(struct.pack(">Q", e[2] ^ (1 << rng.randrange(64))))
+            elif which < 0.8:
+                f.seek(e[0])
+                f.write(struct.pack(">Q", e[1] ^ (1 << rng.choice([63, 62, 0, 9, 16, 20, 30, 57]))))
+            else:
+                blk = lay.reftable[0] & ~0x1FF
+                f.seek(blk + rng.randrange(64) * lay.h.refcount_bits // 8 // 8 * 8)
+                f.write(bytes([rng.randrange(4)]))
+    _assert_same(path)
+
+
+def test_json_keys_are_qemus():
+    assert set(JSON_KEYS) == {"image-end-offset", "compressed-clusters", "total-clusters", "corruptions",
+                              "corruptions-fixed", "check-errors", "leaks", "leaks-fixed", "allocated-clusters",
+                              "filename", "format", "fragmented-clusters"}
