@@ -12,20 +12,23 @@ import os
 from textual import on, work
 from textual.app import App, ComposeResult
 from textual.binding import Binding
-from textual.containers import Horizontal, Vertical
-from textual.widgets import Footer, Header, ProgressBar, Static
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.widgets import Footer, Header, ProgressBar, Static, TabbedContent, TabPane
 
 from ..engine.chain import open_chain
 from .cluster_map import ClusterMap
 from .inspector import Inspector
-from .messages import CountsReady, ImageOpened, Jumped, Progress
+from .lists import FindingsView, Timeline
+from .messages import CheckFinished, CountsReady, ImageOpened, Jumped, Progress
 from .model import ImageModel
+from .palette import QDebugCommands
 from .panels import chain_content, counts_content, header_content
 from .screens import GotoScreen, HelpScreen
 
 
 class QDebugApp(App):
     CSS_PATH = "qdebug.tcss"
+    COMMANDS = App.COMMANDS | {QDebugCommands}
     TITLE = "qdebug"
     HORIZONTAL_BREAKPOINTS = [(0, "-narrow"), (110, "-wide")]
     VERTICAL_BREAKPOINTS = [(0, "-short"), (32, "-tall")]
@@ -55,6 +58,7 @@ class QDebugApp(App):
         self.chain = open_chain(image)
         self.model = ImageModel(self.chain)
         self.counts: dict[str, int] | None = None
+        self.report = None
         self.sub_title = os.path.basename(image) + ("" if write else "  (read-only)")
         if keymap:
             self.set_keymap(keymap)
@@ -70,6 +74,14 @@ class QDebugApp(App):
         with Horizontal(id="middle"):
             yield ClusterMap(self.model, id="map", classes="panel")
             yield Inspector(id="inspector", classes="panel")
+        with Horizontal(id="bottom"):
+            yield Timeline(id="timeline", classes="panel")
+            with TabbedContent(id="detail"):
+                with TabPane("COW plan", id="tab-plan"):
+                    with VerticalScroll(id="plan-scroll"):
+                        yield Static(id="plan")
+                with TabPane("check", id="tab-check"):
+                    yield FindingsView(id="findings")
         with Horizontal(id="status"):
             yield Static("", id="status-text")
             yield ProgressBar(id="progress", show_eta=False)
@@ -79,6 +91,8 @@ class QDebugApp(App):
         self.query_one("#header-panel").border_title = "image"
         self.query_one("#chain-box").border_title = "backing chain"
         self.query_one("#map").border_title = "cluster map"
+        self.query_one("#timeline").border_title = "trace"
+        self.query_one("#plan", Static).update("no trace loaded (qdebug IMAGE --trace FILE, or ctrl+p: open trace)")
         self.query_one("#progress").display = False
         self.refresh_panels()
         self.fit_map()
@@ -87,7 +101,7 @@ class QDebugApp(App):
         self.show_selection()
         self.post_message(ImageOpened(self.image_path, self.model.nclusters))
         if self.want_counts:
-            self.count_types()
+            self.call_after_refresh(self.count_types)  # after the first screen: it competes for the GIL
 
     def on_resize(self) -> None:
         self.fit_map()
@@ -196,15 +210,51 @@ class QDebugApp(App):
                         seen.add(b.id)
                         yield b
 
+    def action_export_screenshot(self) -> None:
+        path = self.save_screenshot()
+        self.notify(f"screenshot saved: {path}")
+
     # ---- features that arrive with the write side ------------------------------------------
     def seek(self, position: int) -> None:
         self.notify("no trace loaded: open one with ctrl+p 'open trace'", severity="warning")
+
+    def action_open_trace(self) -> None:
+        self.notify("opening traces is not available yet", severity="warning")
 
     def action_step(self, delta: int) -> None:
         self.seek(0)
 
     def action_check(self) -> None:
-        self.notify("check is not available yet", severity="warning")
+        self.run_check()
+
+    @work(thread=True, exclusive=True, group="engine")
+    def run_check(self) -> None:
+        from ..engine.check import check_image
+
+        what = "checking"
+        self.post_message(Progress(what, 0.0))
+        report = check_image(self.model.img, progress=lambda done, total: self.post_message(
+            Progress(what, done / max(1, total))))
+        self.post_message(Progress(what, None))
+        self.post_message(CheckFinished(report))
+
+    @on(CheckFinished)
+    def _checked(self, event: CheckFinished) -> None:
+        r = event.report
+        self.report = r
+        self.query_one(FindingsView).set_findings(r.findings)
+        self.query_one(TabbedContent).active = "tab-check"
+        summary = (f"check: {r.corruptions} corruption(s), {r.leaks} leak(s), {r.check_errors} check error(s)"
+                   if r.exit_code else "check: no errors were found on the image")
+        self.query_one(TabbedContent).get_tab("tab-check").label = f"check ({len(r.findings)})"
+        self.notify(summary, severity="error" if r.exit_code in (1, 2) else "information")
+
+    @on(FindingsView.FindingSelected)
+    def _finding(self, event: FindingsView.FindingSelected) -> None:
+        f = event.finding
+        if f.guest_offset is not None and f.guest_offset < self.chain.size:
+            sc = f.subclusters[0] if f.subclusters else None
+            self.cluster_map.select(f.guest_offset // self.model.cluster_size, sc)
 
     def action_repair(self) -> None:
         self.notify("repair is not available yet", severity="warning")

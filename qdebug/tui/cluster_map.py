@@ -7,6 +7,7 @@ the colour says which layer answers a read of that subcluster (this image, a bac
 
 from __future__ import annotations
 
+import numpy as np
 from rich.style import Style
 from textual.binding import Binding
 from textual.message import Message
@@ -40,6 +41,7 @@ class ClusterMap(RowView):
         super().__init__(**kw)
         self.model = model
         self.subcluster = 0
+        self._block_cache: dict = {}
         if model is not None:
             self.set_model(model)
 
@@ -71,42 +73,74 @@ class ClusterMap(RowView):
     def row_key(self, index: int) -> tuple:
         return (self.model.version, self.subcluster if index == self.cursor else -1)
 
+    CODE_CLASSES = ("clustermap--normal", "clustermap--compressed", "clustermap--zero", "clustermap--invalid",
+                    "clustermap--backing", "clustermap--backing-zero", "clustermap--unalloc")
+
+    def _codes(self, blk) -> list[list[int]]:
+        """Per-subcluster colour codes (index into CODE_CLASSES) of a whole block, computed once."""
+        key = ("codes", blk.first, self.model.version)
+        codes = self._block_cache.get(key)
+        if codes is None:
+            t, r, d = blk.types, blk.reads, blk.depth
+            unalloc = np.where(d > 0, np.where(r == READS_DATA, 4, 5), 6)
+            c = np.where(t == T.NORMAL, 0, np.where(t == T.COMPRESSED, 1, np.where(
+                (t == T.ZERO_PLAIN) | (t == T.ZERO_ALLOC), 2, unalloc)))
+            c = np.where((t == T.INVALID) | (r == READS_INVALID), 3, c)
+            if len(self._block_cache) > 16:
+                self._block_cache.clear()
+            codes = self._block_cache[key] = c.astype(np.uint8).tolist()
+        return codes
+
+    def _palette(self, cursor: bool) -> list[Style]:
+        """Styles of the codes, then offset/index/src/separator, with the cursor background composed in."""
+        key = ("palette", cursor)
+        pal = self._styles.get(key)
+        if pal is None:
+            cur = self.style_of("clustermap--cursor") if cursor else Style()
+            names = self.CODE_CLASSES + ("clustermap--offset", "clustermap--index", "clustermap--src")
+            pal = self._styles[key] = [self.style_of(n) + cur for n in names]
+        return pal
+
     def render_row(self, index: int, cursor: bool) -> Strip:
         m = self.model
         blk, i = m.row(index)
-        types, reads, depth = blk.types[i], blk.reads[i], blk.depth[i]
-        cur = self.style_of("clustermap--cursor") if cursor else Style()
-        sel = self.style_of("clustermap--selected")
-        off = self.style_of("clustermap--offset") + cur
-        parts: list[tuple[str, Style]] = [
-            (f"  0x{index * m.cluster_size:0{self.offset_digits}x}  ", off),
-            (f"{index:>{self.index_digits}}  ", self.style_of("clustermap--index") + cur),
-        ]
-        spc = len(types)
+        codes = self._codes(blk)[i]
+        chars = [TYPE_CHARS[t] for t in blk.types[i].tolist()]
+        pal = self._palette(cursor)
+        off_st, idx_st, src_st = pal[-3], pal[-2], pal[-1]
+        parts: list[tuple[str, Style]] = [(f"  0x{index * m.cluster_size:0{self.offset_digits}x}  ", off_st),
+                                          (f"{index:>{self.index_digits}}  ", idx_st)]
+        spc = len(codes)
+        sel = self.subcluster if cursor else -1
+        run, run_code = "", -1
         for sc in range(spc):
+            code = codes[sc]
             if spc == 32 and sc and sc % 8 == 0:
-                parts.append(("_", off))
-            style = self._sc_style(int(types[sc]), int(reads[sc]), int(depth[sc])) + cur
-            if cursor and sc == self.subcluster:
-                style = style + sel
-            parts.append((TYPE_CHARS[int(types[sc])], style))
-        srcs = sorted({int(d) for d, r in zip(depth.tolist(), reads.tolist()) if r == READS_DATA})
-        src = "+".join(f"{d}" for d in srcs) if srcs else "·"
-        parts.append((f"  {src:<5}", self.style_of("clustermap--src") + cur))
+                if code == run_code and sc != sel and sc - 1 != sel:
+                    run += "_"
+                else:
+                    if run:
+                        parts.append((run, pal[run_code]))
+                    parts.append(("_", off_st))
+                    run, run_code = "", -1
+            if sc == sel:
+                if run:
+                    parts.append((run, pal[run_code]))
+                parts.append((chars[sc], pal[code] + self.style_of("clustermap--selected")))
+                run, run_code = "", -1
+            elif code == run_code:
+                run += chars[sc]
+            else:
+                if run:
+                    parts.append((run, pal[run_code]))
+                run, run_code = chars[sc], code
+        if run:
+            parts.append((run, pal[run_code]))
+        depth, reads = blk.depth[i], blk.reads[i]
+        srcs = np.unique(depth[reads == READS_DATA]).tolist()
+        src = "+".join(str(d) for d in srcs) if srcs else "·"
+        parts.append((f"  {src:<5}", src_st))
         return Strip(segments(parts))
-
-    def _sc_style(self, t: int, reads: int, depth: int) -> Style:
-        if t == T.INVALID or reads == READS_INVALID:
-            return self.style_of("clustermap--invalid")
-        if t == T.NORMAL:
-            return self.style_of("clustermap--normal")
-        if t == T.COMPRESSED:
-            return self.style_of("clustermap--compressed")
-        if t in (T.ZERO_PLAIN, T.ZERO_ALLOC):
-            return self.style_of("clustermap--zero")
-        if depth > 0:
-            return self.style_of("clustermap--backing" if reads == READS_DATA else "clustermap--backing-zero")
-        return self.style_of("clustermap--unalloc")
 
     # ---- selection -----------------------------------------------------------------------
     def select(self, cluster: int, subcluster: int | None = None) -> None:

@@ -85,19 +85,26 @@ class RowView(ScrollView, inherit_bindings=False, can_focus=True):
     def render_row(self, index: int, cursor: bool) -> Strip:
         raise NotImplementedError
 
+    def base_style(self) -> Style:
+        st = self._styles.get("__base__")
+        if st is None:
+            st = self._styles["__base__"] = self.rich_style
+        return st
+
     def render_line(self, y: int) -> Strip:
         index = self.scroll_offset.y + y
         width = self.scrollable_content_region.width
+        base = self.base_style()
         if index >= self.row_count:
-            return Strip.blank(width, self.rich_style)
+            return Strip.blank(width, base)
         cur = index == self.cursor
         key = (index, self.version, cur, width) + self.row_key(index)
         strip = self._strips.get(key)
         if strip is None:
-            strip = self.render_row(index, cur).apply_style(self.rich_style)
+            strip = self.render_row(index, cur).apply_style(base)
             self._strips[key] = strip
         x = self.scroll_offset.x
-        return strip.crop_extend(x, x + width, self.rich_style + self.cursor_style() if cur else self.rich_style)
+        return strip.crop_extend(x, x + width, base + self.cursor_style() if cur else base)
 
     def cursor_style(self) -> Style:
         """Background of the cursor row past its text (override with the widget's cursor class)."""

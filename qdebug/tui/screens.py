@@ -42,10 +42,9 @@ def parse_target(text: str) -> tuple[str, int]:
     t = text.strip().lower()
     for prefix, kind in (("cluster", "cluster"), ("step", "step"), ("offset", "offset"),
                          ("#", "cluster"), ("c", "cluster"), ("s", "step")):
-        if t.startswith(prefix) and (kind != "cluster" or prefix != "c" or not t.startswith("0x")):
-            rest = t[len(prefix):].strip()
-            if rest and (rest[0].isdigit()):
-                return kind, parse_size(rest)
+        rest = t[len(prefix):].strip()
+        if t.startswith(prefix) and rest[:1].isdigit():
+            return kind, parse_size(rest)
     return "offset", parse_size(t)
 
 
