@@ -216,15 +216,17 @@ class Journal:
     """Journals every change of one writable `Image` in steps; undoes steps in place.
 
     `begin(meta)` opens a step, every write of the image inside it is journaled through the image's
-    write hook, `commit()` closes it. A write outside a step is refused: an unjournaled change could
+    write hook, `commit()` closes it. With `keep=False` a committed step is dropped at once: no undo,
+    but a step that fails half-way (or a crash) still leaves the image as it was before the step. A write outside a step is refused: an unjournaled change could
     never be undone. Opening a journal that ends in an interrupted step rolls that step back first.
     """
 
-    def __init__(self, img, *, durable: bool = False, path: str | None = None):
+    def __init__(self, img, *, durable: bool = False, keep: bool = True, path: str | None = None):
         if not img.writable:
             raise QcowError(f"{img.path}: a journal needs the image opened for writing")
         self.img = img
         self.durable = durable
+        self.keep = keep  # False: only the open step is kept (a failed step still rolls back), no undo
         self.path = path or journal_path(img.path)
         created = not os.path.exists(self.path)
         try:
@@ -236,6 +238,11 @@ class Journal:
         except BaseException:
             os.close(self.fd)
             raise
+        if not keep and self.starts:
+            os.close(self.fd)
+            raise JournalError(
+                f"{img.path} has an undo journal with {len(self.starts)} step(s): changing the image without "
+                f"journaling would make them impossible to undo (journal the changes, or `qdebug undo` first)")
         self._covered: list[int] = []  # flat sorted [s0, e0, s1, e1, ...] of bytes saved this step
         self._current: StepInfo | None = None
         img.write_hooks.append(self._hook)
@@ -316,9 +323,12 @@ class Journal:
             raise QcowError("journal: no step is open")
         if self.durable:
             os.fdatasync(self.img.fd)  # the step's writes are on disk before the journal says so
-        self._append(CMIT, self.img.file_size, cur.size_before)
-        self.starts.append(cur.start)
-        self.sizes.append(cur.size_before)
+        if self.keep:
+            self._append(CMIT, self.img.file_size, cur.size_before)
+            self.starts.append(cur.start)
+            self.sizes.append(cur.size_before)
+        else:
+            self._truncate_to(cur.start)
         self.next_number = cur.number + 1
         self._current = None
         self._covered = []
