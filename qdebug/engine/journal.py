@@ -243,6 +243,7 @@ class Journal:
             raise JournalError(
                 f"{img.path} has an undo journal with {len(self.starts)} step(s): changing the image without "
                 f"journaling would make them impossible to undo (journal the changes, or `qdebug undo` first)")
+        self._pending = b""  # the open step's STEP record, until something must reach the file
         self._covered: list[int] = []  # flat sorted [s0, e0, s1, e1, ...] of bytes saved this step
         self._current: StepInfo | None = None
         img.write_hooks.append(self._hook)
@@ -284,18 +285,25 @@ class Journal:
     # ---- writing -----------------------------------------------------------------------------
     def _append(self, kind: bytes, offset: int, size_before: int, payload: bytes = b"", *,
                 stream: tuple[int, int] | None = None) -> None:
-        """Append one record; `stream` = (image offset, length) copies the payload from the image."""
+        """Append one record; `stream` = (image offset, length) copies the payload from the image.
+
+        The step's own STEP record waits in `_pending` until the first record that must reach the
+        file before the image changes, and goes out in the same write: one syscall, not two.
+        """
         step = self._current.number  # type: ignore[union-attr]
         start = self.end
         if stream is not None and stream[1] <= _CHUNK:
             payload, stream = self.img.pread(*stream), None
         n = len(payload) if stream is None else stream[1]
         crc = zlib.crc32(_CRC_PART.pack(kind, step, offset, n, size_before))
+        pending, self._pending = self._pending, b""
         if stream is None:
             crc = zlib.crc32(payload, crc)
-            os.pwrite(self.fd, b"".join((_REC.pack(kind, step, offset, n, size_before, crc), payload,
-                                         _FOOT.pack(start))), start)
+            os.pwrite(self.fd, b"".join((pending, _REC.pack(kind, step, offset, n, size_before, crc), payload,
+                                         _FOOT.pack(start))), start - len(pending))
         else:  # a big before-image: streamed in chunks, the header (with its CRC) written last
+            if pending:
+                os.pwrite(self.fd, pending, start - len(pending))
             src, pos = stream[0], start + _REC.size
             for done in range(0, n, _CHUNK):
                 chunk = self.img.pread(src + done, min(_CHUNK, n - done))
@@ -309,24 +317,29 @@ class Journal:
         """Open a step; returns its number. `meta` (JSON-able) says what the step is."""
         if self._current is not None:
             raise QcowError("journal: a step is already open")
-        self._current = StepInfo(self.next_number, self.end, self.img.file_size, meta=meta or {})
+        number, size = self.next_number, self.img.file_size
+        self._current = StepInfo(number, self.end, size, meta=meta or {})
         self._covered = []
-        self._append(STEP, 0, self.img.file_size, json.dumps(meta or {}, separators=(",", ":")).encode())
-        if self.durable:
-            os.fdatasync(self.fd)
-        return self._current.number
+        payload = json.dumps(meta or {}, separators=(",", ":")).encode()
+        crc = zlib.crc32(payload, zlib.crc32(_CRC_PART.pack(STEP, number, 0, len(payload), size)))
+        self._pending = b"".join((_REC.pack(STEP, number, 0, len(payload), size, crc), payload, _FOOT.pack(self.end)))
+        self.end += len(self._pending)
+        return number
 
     def commit(self) -> None:
         """Close the step: from now on it is one unit for undo."""
         cur = self._current
         if cur is None:
             raise QcowError("journal: no step is open")
-        if self.durable:
+        if self.durable and not self._pending:
             os.fdatasync(self.img.fd)  # the step's writes are on disk before the journal says so
         if self.keep:
             self._append(CMIT, self.img.file_size, cur.size_before)
             self.starts.append(cur.start)
             self.sizes.append(cur.size_before)
+        elif self._pending:  # nothing reached the file: nothing to take back
+            self._pending = b""
+            self.end = cur.start
         else:
             self._truncate_to(cur.start)
         self.next_number = cur.number + 1
@@ -338,11 +351,15 @@ class Journal:
         cur = self._current
         if cur is None:
             return
-        _roll_back(self.fd, self.img.fd, cur, self.end, tolerate_torn=False)
-        self._truncate_to(cur.start)
+        if self._pending:  # the image was never touched in this step
+            self._pending = b""
+            self.end = cur.start
+        else:
+            _roll_back(self.fd, self.img.fd, cur, self.end, tolerate_torn=False)
+            self._truncate_to(cur.start)
+            self._after_restore()
         self._current = None
         self._covered = []
-        self._after_restore()
 
     def _hook(self, offset: int, length: int) -> None:
         cur = self._current
@@ -351,14 +368,17 @@ class Journal:
         size = self.img.file_size
         # Bytes at or past the step's starting length need no before-image: undo truncates them away.
         end = min(size, cur.size_before) if length < 0 else min(offset + length, size, cur.size_before)
-        if offset >= end:
-            return
-        kind = TRNC if length < 0 else DATA
-        pieces = self._uncovered(offset, end)
+        pieces = self._uncovered(offset, end) if offset < end else []
         for s, e in pieces:
-            self._append(kind, s, size, stream=(s, e - s))
+            self._append(TRNC if length < 0 else DATA, s, size, stream=(s, e - s))
             self._cover(s, e)
-        if pieces and self.durable:
+        if not pieces:
+            if not self._pending:
+                return
+            # Growth only: the STEP record must still be on file, so that a crash now truncates.
+            os.pwrite(self.fd, self._pending, self.end - len(self._pending))
+            self._pending = b""
+        if self.durable:
             os.fdatasync(self.fd)
 
     def _uncovered(self, start: int, end: int) -> list[tuple[int, int]]:

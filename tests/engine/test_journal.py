@@ -224,22 +224,27 @@ CRASHER = textwrap.dedent("""
     img.truncate(20000)
     img.pwrite(30000, b"D" * 9)
     j.commit()
+    j.begin({"n": 3})  # growth only: no before-image, yet a crash must still truncate
+    img.pwrite(img.file_size + 5, b"E" * 10)
+    img.pwrite(img.file_size, b"F" * 10)
+    j.commit()
     os._exit(0)
 """)
 
 
-@pytest.mark.parametrize("kill_at", range(1, 8))
+@pytest.mark.parametrize("kill_at", range(1, 10))
 @pytest.mark.parametrize("durable", [True, False])
 def test_process_killed_mid_step_is_rolled_back_by_undo(tmp_path, qemu, kill_at, durable):
     image = str(tmp_path / "a.qcow2")
     create(image, "64M")
     orig = digest(image)
     p = subprocess.run([sys.executable, "-c", CRASHER, image, str(kill_at), "1" if durable else "0"])
-    # kill_at 1: between step 1's journal record and its write; 2..6: inside step 2; 7: never
-    assert p.returncode == (0 if kill_at == 7 else 9)
+    # kill_at 1: between step 1's journal record and its write; 2..6: inside step 2; 7, 8: inside
+    # step 3; 9: never
+    assert p.returncode == (0 if kill_at == 9 else 9)
     res = undo(image, steps=None)
-    assert res.interrupted == (kill_at <= 6)
-    assert res.undone == (0 if kill_at == 1 else 1 if kill_at < 7 else 2)
+    assert res.interrupted == (kill_at <= 8)
+    assert res.undone == (0 if kill_at == 1 else 1 if kill_at < 7 else 2 if kill_at < 9 else 3)
     assert digest(image) == orig
 
 
