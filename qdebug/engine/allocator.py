@@ -5,22 +5,20 @@ first-fit never moving backwards, lowered when a cluster's refcount drops to 0) 
 `free_byte_offset` (where the next compressed cluster is packed). Refcount updates follow
 update_refcount / alloc_refcount_block: a missing refcount block is allocated first-fit *after*
 the run that needed it, written, hooked into the refcount table, and the whole allocation is
-retried ("EAGAIN") from the start of the run. Every byte goes through `Image.pwrite`, and every
-metadata write is reported to `log` as (offset, length, what).
+retried ("EAGAIN") from the start of the run. Reads and writes go through a `Txn` (one step's
+buffered changes), so the same code plans and executes.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
-
 import numpy as np
 
 from . import constants as C
 from .compression import descriptor_fields
 from .errors import CorruptImage, UnsupportedFeature
-from .image import Image
 from .refcounts import pack_refcounts, unpack_refcounts
+from .txn import Txn
 
 
 class _Again(Exception):
@@ -33,15 +31,20 @@ class AllocatorState:
 
     free_cluster_index: int = 0
     free_byte_offset: int = 0
+    byte_cluster_freed: bool = False
 
 
 class Allocator:
-    def __init__(self, img: Image, log: Callable[[int, int, str], None] | None = None):
-        self.img = img
+    def __init__(self, txn: Txn):
+        self.txn = txn
         self.free_cluster_index = 0
         self.free_byte_offset = 0
-        self.log = log or (lambda off, length, what: None)
-        h = img.header
+        # Set when the cluster free_byte_offset points into drops to refcount 0 (QEMU keeps
+        # packing into it anyway: the data-corrupting bug of the notes, section 13).
+        self.byte_cluster_freed = False
+        self.stale_pack = False
+        self.freed: list[tuple[int, int]] = []  # (host offset, length) of every refcount decrement
+        h = txn.img.header
         self.cs = h.cluster_size
         self.cbits = h.cluster_bits
         self.order = h.refcount_order
@@ -49,22 +52,25 @@ class Allocator:
         self.per_block = h.refcount_block_entries
         self.refcount_max = (1 << self.rbits) - 1
         self._zero_block = np.zeros(self.per_block, dtype=np.uint64)
+        self.reftable_offset = h.refcount_table_offset
+        self.reftable_len = h.refcount_table_clusters * h.cluster_size // 8
+        self._unpack = lambda buf: unpack_refcounts(buf, self.order)
 
     # ---- state ---------------------------------------------------------------------------------
     @property
     def state(self) -> AllocatorState:
-        return AllocatorState(self.free_cluster_index, self.free_byte_offset)
+        return AllocatorState(self.free_cluster_index, self.free_byte_offset, self.byte_cluster_freed)
 
     def restore_state(self, state: AllocatorState) -> None:
         self.free_cluster_index = state.free_cluster_index
         self.free_byte_offset = state.free_byte_offset
+        self.byte_cluster_freed = state.byte_cluster_freed
 
     # ---- refcount reads ------------------------------------------------------------------------
     def _block_offset(self, block: int) -> int:
-        table = self.img.reftable
-        if block >= len(table):
+        if block >= self.reftable_len:
             return 0
-        return int(table[block]) & C.REFT_OFFSET_MASK
+        return self.txn.u64(self.reftable_offset + 8 * block) & C.REFT_OFFSET_MASK
 
     def block_values(self, block: int) -> np.ndarray:
         """Refcounts of one refcount block (zeros if the block does not exist)."""
@@ -73,7 +79,7 @@ class Allocator:
             return self._zero_block
         if off % self.cs:
             raise CorruptImage(f"refblock offset 0x{off:x} unaligned (reftable index: 0x{block:x})")
-        return self.img.refcount_block(off)
+        return self.txn.refcount_block(off, self._unpack)
 
     def get_refcount(self, cluster_index: int) -> int:
         block, idx = divmod(cluster_index, self.per_block)
@@ -89,15 +95,16 @@ class Allocator:
             data = pack_refcounts(values, self.order)
         else:
             per = 8 // bits
-            cur = unpack_refcounts(self.img.pread(block_off + b0, b1 - b0), self.order)
+            cur = unpack_refcounts(self.txn.pread(block_off + b0, b1 - b0), self.order)
             s = i0 - b0 * per
             cur[s:s + len(values)] = values
             data = pack_refcounts(cur, self.order)
-        self.img.pwrite(block_off + b0, data)
-        self.log(block_off + b0, len(data), "refblock")
+        self.txn.write_meta(block_off + b0, data, "refblock")
 
-    def update_refcount(self, first_cluster: int, count: int, addend: int) -> None:
+    def update_refcount(self, first_cluster: int, count: int, addend: int, undo: bool = False) -> None:
         """Add `addend` (+n or -n) to `count` clusters; may raise _Again after undoing itself."""
+        if addend < 0 and not undo:
+            self.freed.append((first_cluster << self.cbits, count << self.cbits))
         done = 0
         try:
             while done < count:
@@ -111,7 +118,7 @@ class Allocator:
                     except _Again:
                         self.free_cluster_index = min(self.free_cluster_index, first_cluster)
                         raise
-                vals = self.img.refcount_block(block_off)[idx:idx + n].astype(np.int64) + addend
+                vals = self.block_values(block)[idx:idx + n].astype(np.int64) + addend
                 if vals.min() < 0 or vals.max() > self.refcount_max:
                     bad = ci + int(np.flatnonzero((vals < 0) | (vals > self.refcount_max))[0])
                     raise CorruptImage(f"refcount of host cluster {bad} (0x{bad << self.cbits:x}) would leave "
@@ -121,10 +128,14 @@ class Allocator:
                     zeros = np.flatnonzero(vals == 0)
                     if len(zeros):
                         self.free_cluster_index = min(self.free_cluster_index, ci + int(zeros[0]))
+                        if self.free_byte_offset:
+                            fb = (self.free_byte_offset >> self.cbits) - ci
+                            if 0 <= fb < n and vals[fb] == 0:
+                                self.byte_cluster_freed = True
                 done += n
         except _Again:
             if done:
-                self.update_refcount(first_cluster, done, -addend)
+                self.update_refcount(first_cluster, done, -addend, undo=True)
             raise
 
     def _alloc_refcount_block(self, cluster_index: int) -> int:
@@ -141,12 +152,9 @@ class Allocator:
         else:
             self.update_refcount(new_index, 1, 1)
             data = bytes(self.cs)
-        self.img.pwrite(new_block, data)
-        self.log(new_block, self.cs, "refblock")
-        if block < len(self.img.reftable):
-            h = self.img.header
-            self.img.pwrite(h.refcount_table_offset + block * 8, new_block.to_bytes(8, "big"))
-            self.log(h.refcount_table_offset + block * 8, 8, "reftable")
+        self.txn.write_meta(new_block, data, "refblock")
+        if block < self.reftable_len:
+            self.txn.write_u64(self.reftable_offset + block * 8, new_block, "reftable")
             raise _Again()
         raise UnsupportedFeature(
             f"growing the refcount table (host cluster 0x{cluster_index << self.cbits:x} is beyond it) is not supported")
@@ -158,7 +166,7 @@ class Allocator:
         block = start // self.per_block
         idx = start % self.per_block
         run_start, run = start, 0
-        table_len = len(self.img.reftable)
+        table_len = self.reftable_len
         while True:
             if block >= table_len:
                 result = run_start if run else block * self.per_block + idx
@@ -224,6 +232,7 @@ class Allocator:
         offset = self.free_byte_offset
         if offset and self.get_refcount(offset >> self.cbits) == self.refcount_max:
             offset = 0
+        packed_cluster = offset >> self.cbits if offset else -1
         free_in_cluster = cs - offset % cs
         while True:
             if not offset or free_in_cluster < size:
@@ -242,8 +251,13 @@ class Allocator:
                 break
             except _Again:
                 offset = 0
+        # QEMU trusts free_byte_offset: if its cluster was freed (and maybe reused) meanwhile, the
+        # compressed bytes land in someone else's cluster. Remember that for the hazard check.
+        self.stale_pack = self.byte_cluster_freed and (offset >> self.cbits) == packed_cluster
         end = offset + size
         self.free_byte_offset = end if end % cs else 0
+        if (end >> self.cbits) != packed_cluster:
+            self.byte_cluster_freed = False
         return offset
 
     def free_clusters(self, offset: int, length: int) -> None:

@@ -16,6 +16,7 @@ from .allocator import Allocator
 from .errors import QcowError
 from .header import build_header
 from .image import open_image
+from .txn import Txn
 
 COMPRESSION_TYPES = {"zlib": C.QCOW2_COMPRESSION_TYPE_ZLIB, "zstd": C.QCOW2_COMPRESSION_TYPE_ZSTD}
 
@@ -73,13 +74,14 @@ def create_image(path: str, size: int, *, cluster_size: int = 65536, extended_l2
         os.close(fd)
     img = open_image(path, writable=True)
     try:
-        alloc = Allocator(img)
+        txn = Txn(img, apply=True)
+        alloc = Allocator(txn)
         alloc.alloc_clusters(3)
         l1_offset = 0
         if l1_size:
             l1_bytes = l1_size * 8
             l1_offset = alloc.alloc_clusters(-(-(-(-l1_bytes // 512) * 512) // cluster_size))
-            img.pwrite(l1_offset, bytes(l1_bytes))
-        img.pwrite(0, header(l1_size, l1_offset, True))
+            txn.write_meta(l1_offset, bytes(l1_bytes), "L1")
+        txn.write_meta(0, header(l1_size, l1_offset, True), "header")
     finally:
         img.close()

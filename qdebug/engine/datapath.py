@@ -1,0 +1,330 @@
+"""QEMU 7.2's data write path (qcow2_co_pwritev_part) with subclusters.
+
+alloc_host_offset splits a request into host-contiguous pieces with handle_copied (clusters
+writable in place: COPIED) and handle_alloc (new clusters, first fit, then extended at the exact
+next host offset); calculate_l2_meta derives cow_start / cow_end from the old subcluster types
+(keep_old, ctz/clz of the old allocation bitmap, compressed sources); link_l2 performs the COW,
+points the L2 entries at the new clusters, ORs the written subclusters into the bitmap and frees
+the old clusters. COW data is the current guest view (read through the chain), as QEMU reads it
+through its own driver. Where QEMU would zero-fill instead of copying (handle_alloc_space) the
+plan says skip_cow; the bytes are the same.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from . import constants as C
+from .planner import CowSource, L2MetaPlan, Request
+from .status import RAW_DATA
+from .subclusters import SubclusterType as T, clz32, ctz32, subcluster_range_type, subcluster_type
+from .tables import StepContext
+
+MAX_REQUEST = (1 << 31) - 512  # BDRV_REQUEST_MAX_BYTES rounded down to a 512-byte multiple
+_ALLOC_TYPES = (T.NORMAL, T.ZERO_ALLOC, T.UNALLOCATED_ALLOC)
+_PLAIN_TYPES = (T.ZERO_PLAIN, T.UNALLOCATED_PLAIN)
+
+
+class Meta:
+    """A QCowL2Meta while the request runs (cow offsets relative to `offset`, a cluster start)."""
+
+    __slots__ = ("offset", "alloc", "nb", "keep_old", "cs_from", "cs_to", "ce_from", "ce_to", "l2_off", "skip")
+
+    def __init__(self, offset, alloc, nb, keep_old, cs_from, cs_to, ce_from, ce_to, l2_off):
+        self.offset, self.alloc, self.nb, self.keep_old = offset, alloc, nb, keep_old
+        self.cs_from, self.cs_to, self.ce_from, self.ce_to = cs_from, cs_to, ce_from, ce_to
+        self.l2_off = l2_off
+        self.skip = False
+
+
+def needs_new_alloc(word0: int, ext: bool) -> bool:
+    """cluster_needs_new_alloc: only NORMAL / ZERO_ALLOC clusters with COPIED are written in place."""
+    if word0 & C.QCOW_OFLAG_COMPRESSED or not word0 & C.L2E_OFFSET_MASK:
+        return True
+    return not word0 & C.QCOW_OFLAG_COPIED
+
+
+def _nb_clusters(ctx: StepContext, offset: int, nbytes: int) -> int:
+    g = ctx.g
+    n = -(-((offset & (g.cs - 1)) + nbytes) // g.cs)
+    idx = (offset >> g.cbits) % g.l2_entries
+    return min(n, g.slice_entries - idx % g.slice_entries, MAX_REQUEST >> g.cbits or 1)
+
+
+def _type(ctx: StepContext, w0: int, bm: int, sc: int) -> T:
+    return subcluster_type(w0, bm, sc, extended=ctx.g.ext)
+
+
+def calculate_l2_meta(ctx: StepContext, host: int, offset: int, nbytes: int, l2_off: int,
+                      keep_old: bool, metas: list) -> None:
+    g = ctx.g
+    cs = g.cs
+    w_start = offset & (cs - 1)
+    w_end = w_start + nbytes
+    nb = -(-w_end // cs)
+    gc0 = offset >> g.cbits
+    entries = [ctx.entry(gc0 + i) for i in range(nb)]
+    skip = keep_old
+    for i, (w0, bm) in enumerate(entries):
+        if skip:
+            wf = max(w_start, i * cs)
+            wt = min(w_end, (i + 1) * cs)
+            first = (wf & (cs - 1)) >> g.sc_bits
+            last = ((wt - 1) & (cs - 1)) >> g.sc_bits
+            t, cnt = subcluster_range_type(w0, bm, first, extended=g.ext)
+            if t != T.NORMAL or first + cnt <= last:
+                skip = False
+        else:
+            t = _type(ctx, w0, bm, 0)
+        if t == T.INVALID:
+            l2_index = (gc0 + i) % g.l2_entries
+            ctx.corruption(f"Invalid cluster entry found (L2 offset: 0x{l2_off:x}, L2 index: 0x{l2_index:x})")
+    if skip:
+        return
+    w0, bm = entries[0]
+    sc = w_start >> g.sc_bits
+    t = _type(ctx, w0, bm, sc)
+    if not keep_old:
+        if t == T.COMPRESSED:
+            cs_from = 0
+        elif t in _ALLOC_TYPES:
+            cs_from = min(sc, ctz32(bm)) << g.sc_bits if g.ext else 0
+        else:
+            cs_from = sc << g.sc_bits
+    else:
+        cs_from = w_start if t == T.NORMAL else sc << g.sc_bits
+    w0, bm = entries[-1]
+    sc = ((w_end - 1) & (cs - 1)) >> g.sc_bits
+    t = _type(ctx, w0, bm, sc)
+    r = -(-w_end // cs) * cs
+    if not keep_old:
+        if t == T.COMPRESSED:
+            ce_to = r
+        elif t in _ALLOC_TYPES:
+            ce_to = r - ((min(g.nsc - sc - 1, clz32(bm)) << g.sc_bits) if g.ext else 0)
+        else:
+            ce_to = -(-w_end // g.sc_size) * g.sc_size
+    else:
+        ce_to = w_end if t == T.NORMAL else -(-w_end // g.sc_size) * g.sc_size
+    metas.insert(0, Meta(gc0 << g.cbits, host, nb, keep_old, cs_from, w_start, w_end, ce_to, l2_off))
+
+
+def _count_single_write(ctx: StepContext, gc0: int, n: int, new_alloc: bool) -> int:
+    ext = ctx.g.ext
+    expected = None
+    for i in range(n):
+        w0, _bm = ctx.entry(gc0 + i)
+        if needs_new_alloc(w0, ext) != new_alloc:
+            return i
+        if not new_alloc:
+            off = w0 & C.L2E_OFFSET_MASK
+            if expected is not None and off != expected:
+                return i
+            expected = off + ctx.g.cs
+    return n
+
+
+def handle_copied(ctx: StepContext, start: int, need_host: int | None, nbytes: int, metas: list):
+    """(status, host offset, bytes): 1 = in-place piece; 0 with bytes 0 = stop; 0 = try handle_alloc."""
+    g = ctx.g
+    n = _nb_clusters(ctx, start, nbytes)
+    l2_off = ctx.get_cluster_table(start)
+    gc0 = start >> g.cbits
+    w0, _bm = ctx.entry(gc0)
+    if needs_new_alloc(w0, g.ext):
+        return 0, None, nbytes
+    host = w0 & C.L2E_OFFSET_MASK
+    if host & (g.cs - 1):
+        ctx.corruption(f"Cluster allocation offset 0x{host:x} unaligned (L2 offset: 0x{l2_off:x}, "
+                       f"L2 index: 0x{gc0 % g.l2_entries:x})")
+    in_cluster = start & (g.cs - 1)
+    if need_host is not None and host != need_host - in_cluster:
+        return 0, None, 0
+    keep = _count_single_write(ctx, gc0, n, False)
+    nbytes = min(nbytes, keep * g.cs - in_cluster)
+    calculate_l2_meta(ctx, host, start, nbytes, l2_off, True, metas)
+    return 1, host + in_cluster, nbytes
+
+
+def handle_alloc(ctx: StepContext, start: int, need_host: int | None, nbytes: int, metas: list):
+    g = ctx.g
+    n = _nb_clusters(ctx, start, nbytes)
+    l2_off = ctx.get_cluster_table(start)
+    gc0 = start >> g.cbits
+    n = _count_single_write(ctx, gc0, n, True)
+    if need_host is None:
+        alloc = ctx.alloc.alloc_clusters(n)
+        if alloc == 0:
+            ctx.corruption("Preventing invalid allocation of data cluster at offset 0")
+    else:
+        alloc = need_host & ~(g.cs - 1)
+        n = ctx.alloc.alloc_clusters_at(alloc, n)
+        if n == 0:
+            return 0, None, 0
+    ctx.allocations.append((alloc, n * g.cs, "data"))
+    in_cluster = start & (g.cs - 1)
+    nbytes = min(nbytes, min(nbytes + in_cluster, n * g.cs) - in_cluster)
+    calculate_l2_meta(ctx, alloc, start, nbytes, l2_off, False, metas)
+    return 1, alloc + in_cluster, nbytes
+
+
+def alloc_host_offset(ctx: StepContext, offset: int, nbytes: int) -> tuple[int, int, list]:
+    """qcow2_alloc_host_offset: (host offset, bytes of the host-contiguous prefix, L2Metas newest first)."""
+    metas: list = []
+    start, remaining = offset, nbytes
+    need_host = None
+    host_offset = None
+    while remaining:
+        ok, host, cur = handle_copied(ctx, start, need_host, remaining, metas)
+        if not ok:
+            if cur == 0:
+                break
+            ok, host, cur = handle_alloc(ctx, start, need_host, remaining, metas)
+            if not ok:
+                break
+        if host_offset is None:
+            host_offset = host
+        start += cur
+        remaining -= cur
+        need_host = host + cur
+    return host_offset, nbytes - remaining, metas
+
+
+# ---- COW ---------------------------------------------------------------------------------------------
+def guest_read(ctx: StepContext, offset: int, length: int) -> bytes:
+    """The guest view QEMU's COW reads see (beyond the virtual size: the top layer's own data, else zeros)."""
+    size = ctx.g.size
+    if offset + length <= size:
+        return ctx.chain.read(offset, length)
+    inside = ctx.chain.read(offset, max(0, size - offset)) if offset < size else b""
+    tail = bytearray(length - len(inside))
+    start = max(offset, size)
+    gc = start >> ctx.g.cbits
+    w0, bm = ctx.entry(gc)
+    host = w0 & C.L2E_OFFSET_MASK
+    if host and not w0 & C.QCOW_OFLAG_COMPRESSED:
+        for p in range(start, offset + length):  # at most the tail of one cluster; rare
+            sc = (p & (ctx.g.cs - 1)) >> ctx.g.sc_bits
+            if _type(ctx, w0, bm, sc) == T.NORMAL:
+                tail[p - start] = ctx.txn.img.pread(host + (p & (ctx.g.cs - 1)), 1)[0]
+    return inside + bytes(tail)
+
+
+def cow_sources(ctx: StepContext, offset: int, length: int) -> list[CowSource]:
+    """Where each byte of a COW region comes from, by the chain's block status (zeros past the chain)."""
+    if length <= 0:
+        return []
+    end = min(offset + length, ctx.g.size)
+    out: list[CowSource] = []
+    if offset < end:
+        p = ctx.chain.resolve(offset, end)
+        for i in range(len(p.start)):
+            kind, depth = int(p.kind[i]), int(p.depth[i])
+            if kind in (T.NORMAL, RAW_DATA):
+                src = "old cluster" if depth == 0 else f"backing depth {depth}"
+            elif kind == T.COMPRESSED:
+                src = "decompressed cluster" if depth == 0 else f"backing depth {depth} (decompressed)"
+            else:
+                src = "zeros"
+            s, e = int(p.start[i]), int(p.end[i])
+            if out and out[-1].source == src:
+                last = out.pop()
+                out.append(CowSource(last.guest_offset, e - last.guest_offset, src))
+            else:
+                out.append(CowSource(s, e - s, src))
+    if offset + length > max(end, offset):
+        b = max(end, offset)
+        out.append(CowSource(b, offset + length - b, "beyond the virtual size"))
+    return out
+
+
+def _is_zero_fast(ctx: StepContext, offset: int, length: int) -> bool:
+    """bdrv_co_is_zero_fast over the chain: zero/unallocated-everywhere reads as zero; data never."""
+    if length <= 0:
+        return True
+    end = min(offset + length, ctx.g.size)
+    if offset >= end:
+        return True
+    p = ctx.chain.resolve(offset, end)
+    for i in range(len(p.start)):
+        if int(p.kind[i]) in (T.NORMAL, T.COMPRESSED, T.INVALID, RAW_DATA):
+            return False
+    return True
+
+
+def pwrite(ctx: StepContext, offset: int, nbytes: int, fill: Callable[[int, int], bytes], kind: str) -> None:
+    """qcow2_co_pwritev_part: the whole request, as host-contiguous pieces."""
+    g = ctx.g
+    while nbytes:
+        host, cur, metas = alloc_host_offset(ctx, offset, nbytes)
+        if cur == 0:
+            raise AssertionError("no progress allocating host clusters")
+        for m in metas:  # handle_alloc_space: QEMU's zero-COW shortcut (recorded only)
+            if (m.cs_to - m.cs_from or m.ce_to - m.ce_from) and \
+                    _is_zero_fast(ctx, m.offset + m.cs_from, m.cs_to - m.cs_from) and \
+                    _is_zero_fast(ctx, m.offset + m.ce_from, m.ce_to - m.ce_from):
+                m.skip = True
+        merged = None
+        for m in metas:
+            if m.cs_to == m.cs_from and m.ce_to == m.ce_from:
+                continue
+            if m.skip:
+                continue
+            if m.offset + m.cs_to == offset and m.offset + m.ce_from == offset + cur:
+                merged = m
+                break
+        data_off, data_len = offset, cur
+        if merged is None:
+            ctx.txn.write_data(host, cur, "data", lambda o=data_off, n=data_len: fill(o, n))
+        plans = []
+        for m in metas:
+            plans.append(link_l2(ctx, m, merged is m, host, data_off, data_len, fill))
+        ctx.requests.append(Request(kind, offset, cur, "", host, tuple(reversed(plans))))
+        for gc in range(offset >> g.cbits, (offset + cur - 1 >> g.cbits) + 1):
+            ctx.touch(gc)
+        offset += cur
+        nbytes -= cur
+
+
+def link_l2(ctx: StepContext, m: Meta, merged: bool, host: int, data_off: int, data_len: int,
+            fill: Callable[[int, int], bytes]) -> L2MetaPlan:
+    """perform_cow + qcow2_alloc_cluster_link_l2 for one L2Meta."""
+    g = ctx.g
+    head = (m.offset + m.cs_from, m.cs_to - m.cs_from)
+    tail = (m.offset + m.ce_from, m.ce_to - m.ce_from)
+    sources = cow_sources(ctx, *head) + cow_sources(ctx, *tail)
+    txn = ctx.txn
+    if head[1] or tail[1]:
+        if merged:
+            if head[1]:
+                txn.write_data(m.alloc + m.cs_from, head[1], "cow", lambda a=head: guest_read(ctx, *a))
+            txn.write_data(host, data_len, "data", lambda: fill(data_off, data_len))
+            if tail[1]:
+                txn.write_data(m.alloc + m.ce_from, tail[1], "cow", lambda a=tail: guest_read(ctx, *a))
+        else:
+            if head[1]:
+                txn.write_data(m.alloc + m.cs_from, head[1], "cow", lambda a=head: guest_read(ctx, *a))
+            if tail[1]:
+                txn.write_data(m.alloc + m.ce_from, tail[1], "cow", lambda a=tail: guest_read(ctx, *a))
+    gc0 = m.offset >> g.cbits
+    old_entries = []
+    written_from, written_to = m.cs_from, m.ce_to
+    for i in range(m.nb):
+        w0, bm = ctx.entry(gc0 + i)
+        if w0:
+            old_entries.append(w0)
+        new_w0 = (m.alloc + i * g.cs) | C.QCOW_OFLAG_COPIED
+        new_bm = bm
+        if g.ext:
+            wf = max(written_from, i * g.cs)
+            wt = min(written_to, (i + 1) * g.cs)
+            first = (wf - i * g.cs) >> g.sc_bits
+            last = (wt - 1 - i * g.cs) >> g.sc_bits
+            mask = (1 << (last + 1)) - (1 << first)
+            new_bm = (bm | mask) & ~(mask << 32)
+        ctx.set_entry(m.l2_off, gc0 + i, new_w0, new_bm)
+    if not m.keep_old:
+        for w0 in old_entries:
+            ctx.alloc.free_any_cluster(w0)
+    return L2MetaPlan(m.offset, m.nb, m.alloc, m.keep_old, (m.cs_from, m.cs_to - m.cs_from),
+                      (m.ce_from, m.ce_to - m.ce_from), m.skip, tuple(sources))

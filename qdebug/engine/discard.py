@@ -1,0 +1,67 @@
+"""Discard (`discard OFF LEN`, a guest UNMAP) as QEMU 7.2 does it: whole clusters only (partial
+clusters are ENOTSUP, silently ignored, except the last partial cluster of an unaligned image),
+then discard_in_l2_slice's v3 rule: with a backing file or an allocated cluster the entry becomes
+"reads as zero" with no host cluster; an unallocated cluster without backing stays as it is.
+"""
+
+from __future__ import annotations
+
+from . import constants as C
+from .planner import Request
+from .tables import StepContext
+
+
+def discard(ctx: StepContext, offset: int, nbytes: int) -> None:
+    """bdrv_co_pdiscard with pdiscard_alignment = cluster size, then qcow2_co_pdiscard per piece."""
+    g = ctx.g
+    align = g.cs
+    head = offset % align
+    tail = (offset + nbytes) % align
+    while nbytes > 0:
+        num = nbytes
+        if head:
+            num = min(nbytes, align - head)
+            head = (head + num) % align
+        elif tail and num > align:
+            num -= tail
+        aligned = not (offset | num) % align
+        if not aligned and not (offset % align == 0 and offset + num == g.size):
+            ctx.requests.append(Request("discard", offset, num, "ENOTSUP: not whole clusters, ignored"))
+        elif g.version < 3 and g.has_backing:
+            ctx.requests.append(Request("discard", offset, num, "ENOTSUP: v2 image with a backing file, ignored"))
+        else:
+            ctx.requests.append(Request("discard", offset, num, "discarded"))
+            cluster_discard(ctx, offset, num)
+        offset += num
+        nbytes -= num
+
+
+def cluster_discard(ctx: StepContext, offset: int, nbytes: int) -> None:
+    g = ctx.g
+    nb = -(-nbytes // g.cs)
+    while nb > 0:
+        done = _discard_in_l2_slice(ctx, offset, nb)
+        nb -= done
+        offset += done * g.cs
+
+
+def _discard_in_l2_slice(ctx: StepContext, offset: int, nb: int) -> int:
+    g = ctx.g
+    l2_off = ctx.get_cluster_table(offset)
+    gc0 = offset >> g.cbits
+    idx = gc0 % g.l2_entries
+    nb = min(nb, g.slice_entries - idx % g.slice_entries)
+    for i in range(nb):
+        w0, bm = ctx.entry(gc0 + i)
+        allocated = bool(w0 & C.QCOW_OFLAG_COMPRESSED) or bool(w0 & C.L2E_OFFSET_MASK)
+        new_w0, new_bm = w0, bm
+        if g.has_backing or allocated:
+            if g.ext:
+                new_w0, new_bm = 0, C.BITMAP_ALL_ZEROES
+            else:
+                new_w0 = C.QCOW_OFLAG_ZERO if g.version >= 3 else 0
+        if new_w0 == w0 and new_bm == bm:
+            continue
+        ctx.set_entry(l2_off, gc0 + i, new_w0, new_bm)
+        ctx.alloc.free_any_cluster(w0)
+    return nb

@@ -1,0 +1,141 @@
+"""`StepContext`: one command's view of the image: geometry, L1/L2 access through the Txn, and
+get_cluster_table (which allocates an L2 table, or copies one shared with a snapshot, exactly when
+QEMU does), plus the bookkeeping a WritePlan is made of (touched clusters, allocations, frees).
+"""
+
+from __future__ import annotations
+
+import struct
+
+from . import constants as C
+from .allocator import Allocator
+from .chain import Chain
+from .errors import CorruptImage
+from .planner import Request
+from .subclusters import bitmap_string
+from .txn import Txn
+
+_QQ = struct.Struct(">QQ")
+
+
+class StepFailed(Exception):
+    """The command fails the way QEMU fails it (message as qemu-io prints it after 'write failed: ')."""
+
+
+class Geometry:
+    """Per-image constants, computed once per engine (attribute access is the hot path)."""
+
+    def __init__(self, chain: Chain):
+        img = chain.top
+        h = img.header
+        self.cs = h.cluster_size
+        self.cbits = h.cluster_bits
+        self.ext = h.extended_l2
+        self.esize = h.l2_entry_size
+        self.l2_entries = h.l2_entries
+        self.nsc = h.subclusters_per_cluster
+        self.sc_size = h.subcluster_size
+        self.sc_bits = h.subcluster_bits
+        self.size = img.size
+        self.version = h.version
+        self.has_backing = len(chain.layers) > 1
+        self.compression_type = h.compression_type
+        self.l1_offset = h.l1_table_offset
+        self.l1_size = h.l1_size
+        # QEMU's L2 cache: whole tables when 32 MiB of cache covers the disk, else 4 KiB slices.
+        max_l2_cache = -(-(-(-self.size // self.cs) * self.esize) // self.cs) * self.cs
+        entry = self.cs if max_l2_cache <= 32 << 20 else min(self.cs, 4096)
+        self.slice_entries = entry // self.esize
+
+
+class StepContext:
+    def __init__(self, chain: Chain, geo: Geometry, txn: Txn, alloc: Allocator):
+        self.chain = chain
+        self.g = geo
+        self.txn = txn
+        self.alloc = alloc
+        self.requests: list[Request] = []
+        self.before: dict[int, tuple[int, int]] = {}  # guest cluster -> (word0, bitmap) before
+        self.allocations: list[tuple[int, int, str]] = []
+        self.notes: list[str] = []
+        self.hazards: list = []
+
+    # ---- L1 / L2 ---------------------------------------------------------------------------------
+    def l2_location(self, guest_cluster: int) -> tuple[int, int, int]:
+        """(l1 entry, L2 table offset or 0, index in the table) without allocating anything."""
+        l1_index, l2_index = divmod(guest_cluster, self.g.l2_entries)
+        if l1_index >= self.g.l1_size:
+            return 0, 0, l2_index
+        l1e = self.txn.u64(self.g.l1_offset + 8 * l1_index)
+        return l1e, l1e & C.L1E_OFFSET_MASK, l2_index
+
+    def entry(self, guest_cluster: int) -> tuple[int, int]:
+        """(word0, bitmap) of a guest cluster; (0, 0) where no L2 table exists."""
+        _l1e, l2_off, idx = self.l2_location(guest_cluster)
+        if not l2_off:
+            return 0, 0
+        off = l2_off + idx * self.g.esize
+        if self.g.ext:
+            page = self.txn.pages.get(off & ~4095)
+            if page is None and off + 16 <= self.txn.img.file_size:
+                return _QQ.unpack_from(self.txn.img.mm, off)
+            return self.txn.u64(off), self.txn.u64(off + 8)
+        return self.txn.u64(off), 0
+
+    def set_entry(self, l2_off: int, guest_cluster: int, word0: int, bitmap: int) -> None:
+        """Write one L2 entry (remembering the cluster's state before the step)."""
+        old = self.entry(guest_cluster)
+        if guest_cluster not in self.before:
+            self.before[guest_cluster] = old
+        idx = guest_cluster % self.g.l2_entries
+        off = l2_off + idx * self.g.esize
+        if self.g.ext:
+            if old[0] == word0:
+                if old[1] != bitmap:
+                    self.txn.write_u64(off + 8, bitmap, "L2")
+            elif old[1] == bitmap:
+                self.txn.write_u64(off, word0, "L2")
+            else:
+                self.txn.write_meta(off, _QQ.pack(word0, bitmap), "L2")
+        elif old[0] != word0:
+            self.txn.write_u64(off, word0, "L2")
+
+    def touch(self, guest_cluster: int) -> None:
+        """Note a cluster whose data (not entry) the step writes."""
+        if guest_cluster not in self.before:
+            self.before[guest_cluster] = self.entry(guest_cluster)
+
+    def get_cluster_table(self, guest_offset: int) -> int:
+        """L2 table offset for `guest_offset`, allocating or un-sharing the table first (QEMU's get_cluster_table)."""
+        gc = guest_offset >> self.g.cbits
+        l1_index = gc // self.g.l2_entries
+        if l1_index >= self.g.l1_size:
+            raise StepFailed("Input/output error")
+        l1e, l2_off, _ = self.l2_location(gc)
+        if l2_off % self.g.cs:
+            self.corruption(f"L2 table offset 0x{l2_off:x} unaligned (L1 index: 0x{l1_index:x})")
+        if l1e & C.QCOW_OFLAG_COPIED:
+            return l2_off
+        new = self.alloc.alloc_clusters(1)
+        if new == 0:
+            self.corruption("Preventing invalid allocation of L2 table at offset 0")
+        self.allocations.append((new, self.g.cs, "L2 table"))
+        table = self.txn.pread(l2_off, self.g.cs) if l2_off else bytes(self.g.cs)
+        self.txn.write_meta(new, table, "L2")
+        self.txn.write_u64(self.g.l1_offset + 8 * l1_index, new | C.QCOW_OFLAG_COPIED, "L1")
+        if l2_off:
+            self.alloc.free_clusters(l2_off, self.g.cs)
+            self.notes.append(f"L2 table at 0x{l2_off:x} is shared (snapshot): copied to 0x{new:x}")
+        return new
+
+    def corruption(self, message: str) -> None:
+        """qcow2_signal_corruption(fatal): set the corrupt bit and fail the request with EIO."""
+        h = self.txn.img.header
+        if h.version >= 3:
+            incompat = self.txn.u64(72) | C.QCOW2_INCOMPAT_CORRUPT
+            self.txn.write_u64(72, incompat, "header")
+        self.notes.append(f"QEMU marks the image corrupt: {message}")
+        raise StepFailed(f"Input/output error ({message})")
+
+    def bitmap_str(self, word0: int, bitmap: int) -> str:
+        return bitmap_string(word0, bitmap, extended=self.g.ext)

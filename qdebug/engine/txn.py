@@ -1,0 +1,118 @@
+"""`Txn`: one step's host writes, either applied as they happen (execute) or only recorded (plan).
+
+The write algorithms read metadata through the Txn and record every host write in order, so the
+planner and the writer are one code path. Executing applies each write at once through
+`Image.pwrite` (the undo journal sees it; later reads of the same step, COW reads included, see
+the image exactly as QEMU's caches would). Planning keeps metadata changes in 4 KiB overlay pages
+that later reads of the same step see, and never builds data payloads.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import Callable, Union
+
+import numpy as np
+
+from .image import Image
+
+PAGE = 4096
+_MASK = ~(PAGE - 1)
+_U64 = struct.Struct(">Q")
+
+Payload = Union[bytes, Callable[[], bytes]]
+
+
+@dataclass(frozen=True)
+class HostWrite:
+    """One write to the image file: what = data | cow | zero | L1 | L2 | refblock | reftable | header."""
+
+    offset: int
+    length: int
+    what: str
+
+    def to_json(self) -> dict:
+        return {"offset": self.offset, "length": self.length, "what": self.what}
+
+
+class Txn:
+    def __init__(self, img: Image, *, apply: bool = False):
+        self.img = img
+        self.applying = apply
+        self.pages: dict[int, bytearray] = {}
+        self.writes: list[tuple[int, int, str, Payload]] = []
+        self.file_size = img.file_size
+
+    # ---- reads (overlay first) ----------------------------------------------------------------
+    def u64(self, off: int) -> int:
+        page = self.pages.get(off & _MASK)
+        if page is not None:
+            return _U64.unpack_from(page, off & (PAGE - 1))[0]
+        if off + 8 > self.img.file_size:
+            return 0
+        return _U64.unpack_from(self.img.mm, off)[0]
+
+    def pread(self, off: int, length: int) -> bytes:
+        if not self.pages:
+            return self.img.pread(off, length)
+        out = bytearray(self.img.pread(off, length))
+        p = off & _MASK
+        while p < off + length:
+            page = self.pages.get(p)
+            if page is not None:
+                a, b = max(p, off), min(p + PAGE, off + length)
+                out[a - off:b - off] = page[a - p:b - p]
+            p += PAGE
+        return bytes(out)
+
+    def dirty(self, off: int, length: int) -> bool:
+        p = off & _MASK
+        while p < off + length:
+            if p in self.pages:
+                return True
+            p += PAGE
+        return False
+
+    def refcount_block(self, off: int, unpack: Callable[[bytes], np.ndarray]) -> np.ndarray:
+        """Refcounts of the block at `off` (the image's view unless this step changed it)."""
+        cs = self.img.cluster_size
+        if off + cs <= self.img.file_size and not self.dirty(off, cs):
+            return self.img.refcount_block(off)
+        return unpack(self.pread(off, cs))
+
+    # ---- writes ---------------------------------------------------------------------------------
+    def write_meta(self, off: int, data: bytes, what: str) -> None:
+        """A metadata write: recorded, and visible to later reads of this step."""
+        end = off + len(data)
+        if self.applying:
+            self.writes.append((off, len(data), what, b""))
+            self.img.pwrite(off, data)
+            self.file_size = max(self.file_size, end)
+            return
+        self.writes.append((off, len(data), what, bytes(data)))
+        p = off & _MASK
+        while p < end:
+            page = self.pages.get(p)
+            if page is None:
+                page = self.pages[p] = bytearray(self.img.pread(p, PAGE))
+            a, b = max(p, off), min(p + PAGE, end)
+            page[a - p:b - p] = data[a - off:b - off]
+            p += PAGE
+        self.file_size = max(self.file_size, end)
+
+    def write_u64(self, off: int, value: int, what: str) -> None:
+        self.write_meta(off, _U64.pack(value), what)
+
+    def write_data(self, off: int, length: int, what: str, payload: Payload) -> None:
+        """A data write (guest data, COW, compressed): bytes are only made when applying."""
+        if self.applying:
+            data = payload if isinstance(payload, (bytes, bytearray)) else payload()
+            assert len(data) == length, (what, off, length, len(data))
+            self.img.pwrite(off, data)
+            payload = b""
+        self.writes.append((off, length, what, payload))
+        self.file_size = max(self.file_size, off + length)
+
+    def host_writes(self) -> list[HostWrite]:
+        return [HostWrite(off, length, what) for off, length, what, _ in self.writes]

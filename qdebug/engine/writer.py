@@ -1,0 +1,199 @@
+"""`WriteEngine`: runs qemu-io commands against an image the way one QEMU 7.2 qemu-io process does.
+
+One engine = one process: the allocator state (free cluster index, compressed packing offset)
+lives as long as the engine, and a fatal corruption makes every later command fail, as QEMU's
+block driver is gone. `plan()` runs a command without writing (the writes are only recorded);
+`execute()` runs the same code and writes. `state` / `restore_state` let an undo journal put the
+allocator back so that redo reproduces QEMU exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import constants as C
+from .allocator import Allocator, AllocatorState
+from .chain import Chain
+from .compressed import hazard_for, write_compressed
+from .datapath import pwrite
+from .discard import discard
+from .errors import CorruptImage, QcowError
+from .planner import ClusterChange, Hazard, WritePlan
+from .tables import Geometry, StepContext, StepFailed
+from .txn import HostWrite, Txn
+from .zeroes import write_zeroes
+from ..trace.commands import Command
+
+_FILL_CACHE: dict[tuple[int, int], bytes] = {}
+
+
+def _pattern(byte: int):
+    def fill(_off: int, n: int) -> bytes:
+        key = (byte, n)
+        data = _FILL_CACHE.get(key)
+        if data is None:
+            data = bytes([byte]) * n
+            if n <= 1 << 20:
+                if len(_FILL_CACHE) > 256:
+                    _FILL_CACHE.clear()
+                _FILL_CACHE[key] = data
+        return data
+    return fill
+
+
+@dataclass(frozen=True)
+class EngineState:
+    """Everything a qemu-io process remembers between commands."""
+
+    allocator: AllocatorState = AllocatorState()
+    dead: bool = False
+
+
+@dataclass
+class StepResult:
+    command: Command
+    plan: WritePlan
+    host_writes: list[HostWrite]
+    hazards: list[Hazard]
+    clusters: dict[int, tuple[str, str]] = field(default_factory=dict)
+    error: str | None = None
+
+
+class WriteEngine:
+    def __init__(self, chain: Chain):
+        if not chain.top.writable:
+            raise QcowError(f"{chain.top.path}: opened read-only; the write engine needs it writable")
+        self.chain = chain
+        self.geo = Geometry(chain)
+        self._state = EngineState()
+
+    @property
+    def state(self) -> EngineState:
+        return self._state
+
+    def restore_state(self, state: EngineState) -> None:
+        self._state = state
+
+    def plan(self, cmd: Command) -> WritePlan:
+        return self._run(cmd, apply=False)[0]
+
+    def execute(self, cmd: Command) -> StepResult:
+        plan, ctx = self._run(cmd, apply=True)
+        clusters = {c.guest_cluster: (c.bitmap_before, c.bitmap_after) for c in plan.clusters}
+        return StepResult(cmd, plan, list(plan.host_writes), list(plan.hazards), clusters, plan.error)
+
+    # ---- one command ----------------------------------------------------------------------------
+    def _run(self, cmd: Command, *, apply: bool):
+        img = self.chain.top
+        txn = Txn(img, apply=apply)
+        alloc = Allocator(txn)
+        alloc.restore_state(self._state.allocator)
+        ctx = StepContext(self.chain, self.geo, txn, alloc)
+        size_before = img.file_size
+        error = None
+        dead = self._state.dead
+        try:
+            error = self._dispatch(ctx, cmd)
+        except StepFailed as e:
+            error = f"{cmd.op} failed: {e}"
+            if any(n.startswith("QEMU marks the image corrupt") for n in ctx.notes):
+                dead = True
+        except CorruptImage as e:
+            error = f"{cmd.op} failed: Input/output error ({e})"
+        if apply:
+            if txn.writes and any(w[2] == "header" for w in txn.writes):
+                img.reload_header()
+            self._state = EngineState(alloc.state, dead)
+        self._check_in_place(ctx)
+        plan = WritePlan(
+            command=cmd.text or cmd.to_qemu_io(), lineno=cmd.lineno, requests=tuple(ctx.requests),
+            clusters=tuple(self._changes(ctx)), host_writes=tuple(txn.host_writes()),
+            allocations=tuple(ctx.allocations), frees=tuple(alloc.freed), hazards=tuple(ctx.hazards),
+            error=error, file_size_before=size_before, file_size_after=max(txn.file_size, size_before),
+            notes=tuple(ctx.notes))
+        return plan, ctx
+
+    def _dispatch(self, ctx: StepContext, cmd: Command) -> str | None:
+        g = self.geo
+        if cmd.op == "flush":
+            return None
+        if self._state.dead:
+            raise StepFailed("No medium found")
+        if cmd.offset + cmd.length > g.size:
+            raise StepFailed("Input/output error")
+        if cmd.length == 0:
+            return None
+        if cmd.op == "read":
+            if cmd.pattern is None:
+                return None
+            data = self.chain.read(cmd.offset, cmd.length)
+            bad = np.flatnonzero(np.frombuffer(data, dtype=np.uint8) != cmd.pattern)
+            if len(bad):
+                return f"Pattern verification failed at offset {cmd.offset}, {cmd.length} bytes"
+            return None
+        if cmd.op == "discard":
+            discard(ctx, cmd.offset, cmd.length)
+        elif cmd.zero:
+            write_zeroes(ctx, cmd.offset, cmd.length, cmd.unmap)
+        elif cmd.compressed:
+            write_compressed(ctx, cmd.offset, cmd.length, cmd.fill, self._owner_hazard)
+        else:
+            pwrite(ctx, cmd.offset, cmd.length, _pattern(cmd.fill), "write")
+        return None
+
+    def _changes(self, ctx: StepContext) -> list[ClusterChange]:
+        out = []
+        for gc in sorted(ctx.before):
+            w0b, bmb = ctx.before[gc]
+            w0a, bma = ctx.entry(gc)
+            out.append(ClusterChange(gc, ctx.bitmap_str(w0b, bmb), ctx.bitmap_str(w0a, bma), w0b, w0a, bmb, bma))
+        return out
+
+    # ---- hazards --------------------------------------------------------------------------------
+    def _check_in_place(self, ctx: StepContext) -> None:
+        """An in-place (COPIED) write into a cluster whose refcount is not 1 writes someone else's data."""
+        for r in ctx.requests:
+            for m in r.metas:
+                if not m.keep_old:
+                    continue
+                for i in range(m.nb_clusters):
+                    host = m.alloc_offset + i * self.geo.cs
+                    rc = ctx.alloc.get_refcount(host >> self.geo.cbits)
+                    if rc != 1:
+                        ctx.hazards.append(Hazard(host, self.geo.cs, f"{rc} references", None,
+                                                  f"hazard: in-place write to host cluster 0x{host:x} whose refcount is "
+                                                  f"{rc} (COPIED set on a shared cluster): other users see the new data"))
+
+    def _owner_hazard(self, host: int, length: int) -> Hazard | None:
+        """Who else owns the host clusters of [host, host+length): a live guest cluster or metadata."""
+        img = self.chain.top
+        g = self.geo
+        first, last = host >> g.cbits, (host + length - 1) >> g.cbits
+        h = img.header
+        meta = [(0, 1, "the header"), (h.refcount_table_offset >> g.cbits, h.refcount_table_clusters, "the refcount table"),
+                (h.l1_table_offset >> g.cbits, -(-h.l1_size * 8 // g.cs), "the L1 table")]
+        for start, n, what in meta:
+            if start <= last and first < start + n:
+                return hazard_for(what, None, host, length)
+        l1 = img.l1
+        for l1_index in np.flatnonzero(l1):
+            l2_off = int(l1[l1_index]) & C.L1E_OFFSET_MASK
+            if not l2_off:
+                continue
+            if first <= l2_off >> g.cbits <= last:
+                return hazard_for("an L2 table", None, host, length)
+            w0, _bm = img.l2_table(l2_off)
+            w0 = np.asarray(w0, dtype=np.uint64)
+            normal = (w0 & np.uint64(C.QCOW_OFLAG_COMPRESSED)) == 0
+            hc = ((w0 & np.uint64(C.L2E_OFFSET_MASK)) >> np.uint64(g.cbits)).astype(np.int64)
+            hit = np.flatnonzero(normal & (hc >= first) & (hc <= last) & (hc > 0))
+            if len(hit):
+                idx = int(hit[0])
+                gc = int(l1_index) * g.l2_entries + idx
+                base = int(hc[idx]) << g.cbits
+                lo, hi = max(host, base), min(host + length, base + g.cs)
+                guest = (gc * g.cs + lo - base, gc * g.cs + hi - base)
+                return hazard_for(f"guest cluster {gc} (data)", guest, host, length)
+        return None

@@ -1,0 +1,152 @@
+"""Zero writes (`write -z [-u]`): the block layer's head/body/tail split at subcluster alignment,
+qcow2_co_pwrite_zeroes (a partial subcluster only if the rest already reads as zero and the
+subcluster is unallocated or zero), qcow2_subcluster_zeroize (zero_l2_subclusters for partial
+clusters, zero_in_l2_slice for whole ones) and the ENOTSUP fallback to writing real zeros of the
+whole piece through the data path, as QEMU 7.2 does.
+"""
+
+from __future__ import annotations
+
+from . import constants as C
+from .datapath import pwrite
+from .planner import Request
+from .status import RAW_DATA
+from .subclusters import SubclusterType as T, subcluster_type
+from .tables import StepContext
+
+MAX_BOUNCE = 32768 << 9  # MAX_BOUNCE_BUFFER: the fallback writes at most 16 MiB at a time
+_ZERO_OK = (T.UNALLOCATED_PLAIN, T.UNALLOCATED_ALLOC, T.ZERO_PLAIN, T.ZERO_ALLOC)
+
+
+class _NotSup(Exception):
+    def __init__(self, why: str):
+        super().__init__(why)
+        self.why = why
+
+
+def _zeros(_off: int, n: int) -> bytes:
+    return bytes(n)
+
+
+def write_zeroes(ctx: StepContext, offset: int, nbytes: int, unmap: bool) -> None:
+    """bdrv_co_do_pwrite_zeroes with qcow2's pwrite_zeroes_alignment = subcluster size."""
+    g = ctx.g
+    align = g.sc_size
+    head = offset % align
+    tail = (offset + nbytes) % align
+    max_zero = ((1 << 31) - 1) // align * align
+    while nbytes > 0:
+        num = nbytes
+        if head:
+            num = min(nbytes, align - head)
+            head = (head + num) % align
+        elif tail and num > align:
+            num -= tail
+        num = min(num, max_zero)
+        try:
+            pwrite_zeroes(ctx, offset, num, unmap)
+            ctx.requests.append(Request("zero", offset, num, "zeroed in the L2 table"))
+        except _NotSup as e:
+            num = min(num, MAX_BOUNCE)
+            ctx.requests.append(Request("zero", offset, num, f"ENOTSUP ({e.why}): real zeros written"))
+            pwrite(ctx, offset, num, _zeros, "zero-fallback")
+        offset += num
+        nbytes -= num
+
+
+def is_zero(ctx: StepContext, offset: int, nbytes: int) -> bool:
+    """QEMU's is_zero(): exact block status through the chain, clamped to the image end."""
+    end = min(offset + nbytes, ctx.g.size)
+    if offset >= end:
+        return True
+    p = ctx.chain.resolve(offset, end, for_map=True)
+    for i in range(len(p.start)):
+        if int(p.kind[i]) in (T.NORMAL, T.COMPRESSED, T.INVALID, RAW_DATA):
+            return False
+    return True
+
+
+def pwrite_zeroes(ctx: StepContext, offset: int, nbytes: int, unmap: bool) -> None:
+    """qcow2_co_pwrite_zeroes: raises _NotSup where QEMU returns -ENOTSUP."""
+    g = ctx.g
+    head = offset % g.sc_size
+    tail = -(-(offset + nbytes) // g.sc_size) * g.sc_size - (offset + nbytes)
+    if offset + nbytes == g.size:
+        tail = 0
+    if head or tail:
+        if not (is_zero(ctx, offset - head, head) and is_zero(ctx, offset + nbytes, tail)):
+            raise _NotSup("the rest of the subcluster does not read as zero")
+        offset -= head
+        nbytes = g.sc_size
+        gc = offset >> g.cbits
+        w0, bm = ctx.entry(gc)
+        t = subcluster_type(w0, bm, (offset & (g.cs - 1)) >> g.sc_bits, extended=g.ext)
+        if t == T.INVALID:
+            _l1e, l2_off, idx = ctx.l2_location(gc)
+            ctx.corruption(f"Invalid cluster entry found (L2 offset: 0x{l2_off:x}, L2 index: 0x{idx:x})")
+        if t not in _ZERO_OK:
+            raise _NotSup(f"subcluster is {t.name}")
+    subcluster_zeroize(ctx, offset, nbytes, unmap)
+
+
+def subcluster_zeroize(ctx: StepContext, offset: int, nbytes: int, unmap: bool) -> None:
+    g = ctx.g
+    end = offset + nbytes
+    if g.version < 3:
+        if not g.has_backing:
+            from .discard import cluster_discard
+            cluster_discard(ctx, offset, nbytes)
+            return
+        raise _NotSup("v2 image with a backing file")
+    head = min(end, -(-offset // g.cs) * g.cs) - offset
+    offset += head
+    tail = 0 if end >= g.size else end - max(offset, end & ~(g.cs - 1))
+    end -= tail
+    if head:
+        zero_l2_subclusters(ctx, offset - head, -(-head // g.sc_size))
+    nb = -(-(end - offset) // g.cs) if end > offset else 0
+    while nb > 0:
+        done = zero_in_l2_slice(ctx, offset, nb, unmap)
+        nb -= done
+        offset += done * g.cs
+    if tail:
+        zero_l2_subclusters(ctx, end, -(-tail // g.sc_size))
+
+
+def zero_l2_subclusters(ctx: StepContext, offset: int, count: int) -> None:
+    g = ctx.g
+    sc = (offset & (g.cs - 1)) >> g.sc_bits
+    l2_off = ctx.get_cluster_table(offset)
+    gc = offset >> g.cbits
+    w0, bm = ctx.entry(gc)
+    if w0 & C.QCOW_OFLAG_COMPRESSED:
+        raise _NotSup("cannot zero part of a compressed cluster")
+    mask = (1 << (sc + count)) - (1 << sc)
+    new_bm = (bm | (mask << 32)) & ~mask
+    if new_bm != bm:
+        ctx.set_entry(l2_off, gc, w0, new_bm)
+
+
+def zero_in_l2_slice(ctx: StepContext, offset: int, nb: int, unmap: bool) -> int:
+    g = ctx.g
+    l2_off = ctx.get_cluster_table(offset)
+    gc0 = offset >> g.cbits
+    idx = gc0 % g.l2_entries
+    nb = min(nb, g.slice_entries - idx % g.slice_entries)
+    for i in range(nb):
+        w0, bm = ctx.entry(gc0 + i)
+        compressed = bool(w0 & C.QCOW_OFLAG_COMPRESSED)
+        allocated = compressed or bool(w0 & C.L2E_OFFSET_MASK)
+        drop = compressed or (unmap and allocated)
+        new_w0 = 0 if drop else w0
+        new_bm = bm
+        if g.ext:
+            new_bm = C.BITMAP_ALL_ZEROES
+        else:
+            new_w0 |= C.QCOW_OFLAG_ZERO
+        if new_w0 == w0 and new_bm == bm:
+            continue
+        ctx.set_entry(l2_off, gc0 + i, new_w0, new_bm)
+        if drop:
+            ctx.alloc.free_any_cluster(w0)
+    return nb
