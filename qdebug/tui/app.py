@@ -1,8 +1,10 @@
-"""The qdebug Textual app: panels that are views over one `ImageModel` (and a Session, a CheckReport).
+"""The qdebug Textual app: panels that are views over one `Workbench` (chain, Session, CheckReport).
 
-`make_app()` is shared by the CLI and the tests. Engine work that can take long (whole-image
-scans, check, replay to a far step) runs in thread workers that post `Progress` messages; the UI
-thread only reads numpy views of the mapped image and draws the visible rows.
+`make_app()` is shared by the CLI and the tests. Engine work runs in thread workers of one
+exclusive group ("engine"), so a step, an undo, a check and a repair never overlap; they post
+messages (`StepChanged`, `CheckFinished`, `RepairApplied`, `Progress`) and the handlers, on the UI
+thread, re-read the engine state into the views. The UI thread itself only reads numpy views of
+the mapped image for the visible rows.
 """
 
 from __future__ import annotations
@@ -12,30 +14,33 @@ import os
 from textual import on, work
 from textual.app import App, ComposeResult
 from textual.binding import Binding
-from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.containers import Horizontal, ScrollableContainer, Vertical
 from textual.widgets import Footer, Header, ProgressBar, Static, TabbedContent, TabPane
 
-from ..engine.chain import open_chain
+from ..engine.errors import QcowError
 from .cluster_map import ClusterMap
 from .inspector import Inspector
 from .lists import FindingsView, Timeline
-from .messages import CheckFinished, CountsReady, ImageOpened, Jumped, Progress
+from .messages import (CheckFinished, CountsReady, ImageOpened, Jumped, Progress, RepairApplied, RepairReady,
+                       StepChanged)
 from .model import ImageModel
 from .palette import QDebugCommands
 from .panels import chain_content, counts_content, header_content
-from .screens import GotoScreen, HelpScreen
+from .plan_view import plan_clusters, plan_content
+from .screens import GotoScreen, HelpScreen, PathScreen
+from .workbench import Workbench
 
 
 class QDebugApp(App):
     CSS_PATH = "qdebug.tcss"
-    COMMANDS = App.COMMANDS | {QDebugCommands}
     TITLE = "qdebug"
+    COMMANDS = App.COMMANDS | {QDebugCommands}
     HORIZONTAL_BREAKPOINTS = [(0, "-narrow"), (110, "-wide")]
     VERTICAL_BREAKPOINTS = [(0, "-short"), (32, "-tall")]
 
     BINDINGS = [
         Binding("n,right_square_bracket", "step(1)", "Next step", id="step.next", key_display="n/]"),
-        Binding("p,left_square_bracket", "step(-1)", "Prev step", id="step.prev", key_display="p/["),
+        Binding("p,left_square_bracket", "step(-1)", "Prev/undo", id="step.prev", key_display="p/["),
         Binding("g", "goto('offset')", "Go to", id="goto"),
         Binding("i", "next('invalid')", "Next invalid", id="next.invalid"),
         Binding("a", "next('allocated')", "Next allocated", show=False, id="next.allocated"),
@@ -43,7 +48,7 @@ class QDebugApp(App):
         Binding("c", "check", "Check", id="check"),
         Binding("r", "repair", "Repair", id="repair"),
         Binding("u", "undo_repair", "Undo repair", show=False, id="repair.undo"),
-        Binding("tab", "app.focus_next", "Next panel", show=False, id="focus.next"),
+        Binding("o", "open_trace", "Open trace", show=False, id="trace.open"),
         Binding("question_mark,f1", "help", "Help", id="help", key_display="?"),
         Binding("q", "quit", "Quit", id="quit"),
     ]
@@ -52,16 +57,22 @@ class QDebugApp(App):
                  keymap: dict[str, str] | None = None, counts: bool = True):
         super().__init__()
         self.image_path = image
-        self.trace_path = trace
-        self.write = write
         self.want_counts = counts
-        self.chain = open_chain(image)
-        self.model = ImageModel(self.chain)
+        self.bench = Workbench(image, write=write)
+        if trace:
+            self.bench.load_trace(trace)
+        self.model = ImageModel(self.bench.chain)
         self.counts: dict[str, int] | None = None
         self.report = None
-        self.sub_title = os.path.basename(image) + ("" if write else "  (read-only)")
+        self.report_version = -1
+        self.steps_shown = 0  # StepChanged messages handled (benchmarks and tests wait on it)
+        self.sub_title = os.path.basename(image) + ("  (writing the image)" if write else "  (read-only)")
         if keymap:
             self.set_keymap(keymap)
+
+    @property
+    def chain(self):
+        return self.bench.chain
 
     # ---- layout ----------------------------------------------------------------------------
     def compose(self) -> ComposeResult:
@@ -78,7 +89,7 @@ class QDebugApp(App):
             yield Timeline(id="timeline", classes="panel")
             with TabbedContent(id="detail"):
                 with TabPane("COW plan", id="tab-plan"):
-                    with VerticalScroll(id="plan-scroll"):
+                    with ScrollableContainer(id="plan-scroll"):
                         yield Static(id="plan")
                 with TabPane("check", id="tab-check"):
                     yield FindingsView(id="findings")
@@ -92,16 +103,19 @@ class QDebugApp(App):
         self.query_one("#chain-box").border_title = "backing chain"
         self.query_one("#map").border_title = "cluster map"
         self.query_one("#timeline").border_title = "trace"
-        self.query_one("#plan", Static).update("no trace loaded (qdebug IMAGE --trace FILE, or ctrl+p: open trace)")
         self.query_one("#progress").display = False
+        self.query_one(Timeline).set_trace(self.bench.commands, self.bench.position)
         self.refresh_panels()
+        self.show_plan()
         self.fit_map()
-        cmap = self.query_one(ClusterMap)
-        cmap.focus()
+        self.cluster_map.focus()
         self.show_selection()
         self.post_message(ImageOpened(self.image_path, self.model.nclusters))
         if self.want_counts:
             self.call_after_refresh(self.count_types)  # after the first screen: it competes for the GIL
+
+    def on_unmount(self) -> None:
+        self.bench.close()
 
     def on_resize(self) -> None:
         self.fit_map()
@@ -113,7 +127,7 @@ class QDebugApp(App):
 
     def refresh_panels(self) -> None:
         self.query_one("#header-panel", Static).update(header_content(self.chain))
-        self.query_one("#chain-panel", Static).update(chain_content(self.chain))
+        self.query_one("#chain-panel", Static).update(chain_content(self.chain, scratch=self.bench.scratch_path))
         self.query_one("#counts-panel", Static).update(counts_content(self.counts))
 
     # ---- selection -------------------------------------------------------------------------
@@ -131,15 +145,25 @@ class QDebugApp(App):
         self.show_selection()
 
     def image_changed(self) -> None:
-        """Engine state changed under us: every view re-reads it."""
-        self.model.invalidate()
+        """Engine state changed (a step, an undo, a repair): every view re-reads it."""
+        if self.model.chain is not self.chain:
+            old = self.model.chain
+            self.model.set_chain(self.chain)
+            if old is not self.chain:
+                self.bench.close_replaced(old)
+        else:
+            self.model.invalidate()
         self.cluster_map.sync()
         self.refresh_panels()
         self.show_selection()
+        if self.want_counts:
+            self.count_types()
 
     # ---- long work -------------------------------------------------------------------------
     @on(Progress)
     def _progress(self, event: Progress) -> None:
+        if not self.screen_stack or not self.query("#progress"):
+            return  # a worker outlived the app
         bar = self.query_one("#progress", ProgressBar)
         status = self.query_one("#status-text", Static)
         if event.fraction is None:
@@ -153,14 +177,18 @@ class QDebugApp(App):
     @work(thread=True, exclusive=True, group="counts")
     def count_types(self) -> None:
         what = "counting subclusters"
-        self.post_message(Progress(what, 0.0))
-        counts = self.model.count_types(lambda f: self.post_message(Progress(what, f)))
-        self.post_message(CountsReady(counts))
+        model = self.model
+        version = model.version
+        counts = model.count_types(lambda f: self.post_message(Progress(what, f)))
         self.post_message(Progress(what, None))
+        if model.version == version:
+            self.post_message(CountsReady(counts))
 
     @on(CountsReady)
     def _counts(self, event: CountsReady) -> None:
         self.counts = event.counts
+        if not self.query("#counts-panel"):
+            return
         self.query_one("#counts-panel", Static).update(counts_content(self.counts))
 
     # ---- navigation ------------------------------------------------------------------------
@@ -196,14 +224,12 @@ class QDebugApp(App):
         self.cluster_map.select(event.cluster, 0)
 
     def action_help(self) -> None:
-        rows = []
-        for binding in self._bindings_for_help():
-            rows.append((binding.key_display or binding.key, binding.description, binding.id or ""))
+        rows = [(b.key_display or b.key, b.description, b.id or "") for b in self._bindings_for_help()]
         self.push_screen(HelpScreen(rows))
 
     def _bindings_for_help(self):
         seen = set()
-        for node in [self, *self.cluster_map.ancestors_with_self][::-1] + [self.cluster_map]:
+        for node in (self, self.cluster_map):
             for bindings in node._bindings.key_to_bindings.values():
                 for b in bindings:
                     if b.id and b.id not in seen and not b.system:
@@ -214,40 +240,143 @@ class QDebugApp(App):
         path = self.save_screenshot()
         self.notify(f"screenshot saved: {path}")
 
-    # ---- features that arrive with the write side ------------------------------------------
-    def seek(self, position: int) -> None:
-        self.notify("no trace loaded: open one with ctrl+p 'open trace'", severity="warning")
-
+    # ---- trace -----------------------------------------------------------------------------
     def action_open_trace(self) -> None:
-        self.notify("opening traces is not available yet", severity="warning")
+        self.push_screen(PathScreen("open trace", "a qemu-io command file"), self.open_trace)
+
+    def open_trace(self, path: str | None) -> None:
+        if not path:
+            return
+        try:
+            self.bench.load_trace(path)
+        except QcowError as e:
+            self.notify(str(e), severity="error")
+            return
+        self.query_one(Timeline).set_trace(self.bench.commands, self.bench.position)
+        self.show_plan()
+        self.notify(f"{len(self.bench.commands)} commands from {os.path.basename(path)}: n steps, p undoes")
 
     def action_step(self, delta: int) -> None:
-        self.seek(0)
+        if delta > 0 and not self.bench.commands:
+            self.notify("no trace loaded: qdebug IMAGE --trace FILE, or o / ctrl+p 'open trace'", severity="warning")
+            return
+        if delta > 0 and self.bench.position >= len(self.bench.commands):
+            self.notify("at the end of the trace")
+            return
+        if delta < 0 and not self.bench.actions:
+            self.notify("nothing to undo")
+            return
+        self.move(delta)
 
+    def seek(self, position: int) -> None:
+        if not self.bench.commands:
+            self.notify("no trace loaded", severity="warning")
+            return
+        self.move(None, position)
+
+    @on(Timeline.SeekRequested)
+    def _seek_requested(self, event: Timeline.SeekRequested) -> None:
+        self.seek(event.position if event.position != self.bench.position else event.position - 1)
+
+    @work(thread=True, exclusive=True, group="engine")
+    def move(self, delta: int | None, position: int = 0) -> None:
+        """One step (+1), one undo (-1), or a seek to `position` (delta None), off the UI thread."""
+        bench = self.bench
+        undone = None
+        try:
+            if delta is not None and delta > 0:
+                bench.step()
+            elif delta is not None:
+                undone = bench.undo()
+            else:
+                what = f"replaying to step {position}"
+                self.post_message(Progress(what, 0.0))
+                bench.seek(position, lambda done, total: self.post_message(Progress(what, done / total)))
+                self.post_message(Progress(what, None))
+        except QcowError as e:
+            self.post_message(Progress("", None))
+            self.call_from_thread(self.notify, str(e), severity="error")
+        if undone is not None and undone.kind == "repair":
+            self.post_message(RepairApplied(undone.plan, undone=True))
+        self.post_message(StepChanged(bench.position, bench.last_record))
+
+    @on(StepChanged)
+    def _stepped(self, event: StepChanged) -> None:
+        self.steps_shown += 1
+        self.image_changed()
+        errors = {a.record.index: a.record.error for a in self.bench.actions
+                  if a.kind == "step" and a.record.error}
+        self.query_one(Timeline).set_position(event.position, errors)
+        plan = self.show_plan()
+        rec = event.record
+        if rec is not None and rec.error:
+            self.notify(f"step {rec.index + 1}: {rec.error}", severity="warning")
+        if plan is not None:
+            clusters = plan_clusters(plan, self.model.cluster_size)
+            if clusters and clusters[0] < self.model.nclusters:
+                self.cluster_map.select(clusters[0])
+
+    def show_plan(self):
+        """The plan of the last applied step, or a preview of the next one at position 0."""
+        bench = self.bench
+        static = self.query_one("#plan", Static)
+        if not bench.commands:
+            static.update("no trace loaded (qdebug IMAGE --trace FILE, or o / ctrl+p: open trace)")
+            return None
+        rec = bench.last_record
+        title = ""
+        if rec is not None:
+            plan = getattr(rec.result, "plan", None)
+            title = f"step {rec.index + 1} of {len(bench.commands)} (applied)"
+            if plan is None:
+                static.update(plan_content(None, 0, 1, title=f"{title}: {rec.command.text} (no writes)"))
+                return None
+        else:
+            try:
+                plan = bench.next_plan()
+            except QcowError as e:
+                static.update(str(e))
+                return None
+            title = "step 1, not applied yet: press n"
+            if plan is None:
+                static.update(plan_content(None, 0, 1, title=title + " (the scratch copy opens on the first step)"))
+                return None
+        static.update(plan_content(plan, self.model.cluster_size, self.model.spc, title=title))
+        return plan
+
+    # ---- check and repair ------------------------------------------------------------------
     def action_check(self) -> None:
         self.run_check()
 
     @work(thread=True, exclusive=True, group="engine")
     def run_check(self) -> None:
+        self.post_message(CheckFinished(self._check()))
+
+    def _check(self):
         from ..engine.check import check_image
 
         what = "checking"
         self.post_message(Progress(what, 0.0))
-        report = check_image(self.model.img, progress=lambda done, total: self.post_message(
-            Progress(what, done / max(1, total))))
-        self.post_message(Progress(what, None))
-        self.post_message(CheckFinished(report))
+        try:
+            report = check_image(self.chain.top, progress=lambda done, total: self.post_message(
+                Progress(what, done / max(1, total))))
+        finally:
+            self.post_message(Progress(what, None))
+        return report
 
     @on(CheckFinished)
     def _checked(self, event: CheckFinished) -> None:
         r = event.report
         self.report = r
+        self.report_version = self.model.version
         self.query_one(FindingsView).set_findings(r.findings)
-        self.query_one(TabbedContent).active = "tab-check"
-        summary = (f"check: {r.corruptions} corruption(s), {r.leaks} leak(s), {r.check_errors} check error(s)"
-                   if r.exit_code else "check: no errors were found on the image")
-        self.query_one(TabbedContent).get_tab("tab-check").label = f"check ({len(r.findings)})"
-        self.notify(summary, severity="error" if r.exit_code in (1, 2) else "information")
+        tabs = self.query_one(TabbedContent)
+        tabs.get_tab("tab-check").label = f"check ({len(r.findings)})"
+        if not event.quiet:
+            tabs.active = "tab-check"
+            summary = (f"check: {r.corruptions} corruption(s), {r.leaks} leak(s), {r.check_errors} check error(s)"
+                       if r.exit_code else "check: no errors were found on the image")
+            self.notify(summary, severity="error" if r.exit_code in (1, 2) else "information")
 
     @on(FindingsView.FindingSelected)
     def _finding(self, event: FindingsView.FindingSelected) -> None:
@@ -257,10 +386,61 @@ class QDebugApp(App):
             self.cluster_map.select(f.guest_offset // self.model.cluster_size, sc)
 
     def action_repair(self) -> None:
-        self.notify("repair is not available yet", severity="warning")
+        self.prepare_repair(self.cluster_map.cursor)
+
+    @work(thread=True, exclusive=True, group="engine")
+    def prepare_repair(self, cluster: int) -> None:
+        """Open the session (repairs are written to it), check, then ask the screen for a plan."""
+        try:
+            replaced = self.bench.ensure_session()
+        except QcowError as e:
+            self.call_from_thread(self.notify, str(e), severity="error")
+            return
+        if replaced:
+            self.post_message(StepChanged(self.bench.position, self.bench.last_record))
+        report = self._check()
+        per = self.chain.top.header.l2_entries
+        entry = divmod(cluster, per)
+        mine = [f for f in report.findings if (f.l1_index, f.l2_index) == entry and f.snapshot is None]
+        self.post_message(CheckFinished(report, quiet=True))
+        self.post_message(RepairReady(report, [entry] if mine else None,
+                                      f"cluster {cluster} (L1 {entry[0]}, L2 {entry[1]})"))
+
+    @on(RepairReady)
+    def _repair_ready(self, event: RepairReady) -> None:
+        from .repair_screen import RepairScreen
+
+        if not [f for f in event.report.findings if f.severity != "info"]:
+            self.notify("check found nothing to repair")
+            return
+        self.push_screen(RepairScreen(self.chain, event.report, event.entries, event.where), self.apply_repair)
+
+    def apply_repair(self, plan) -> None:
+        if plan is not None:
+            self.write_repair(plan)
+
+    @work(thread=True, exclusive=True, group="engine")
+    def write_repair(self, plan) -> None:
+        try:
+            self.bench.apply_repair(plan)
+        except QcowError as e:
+            self.call_from_thread(self.notify, str(e), severity="error")
+            return
+        self.post_message(RepairApplied(plan))
+        self.post_message(CheckFinished(self._check(), quiet=True))
 
     def action_undo_repair(self) -> None:
-        self.notify("nothing to undo", severity="warning")
+        if not self.bench.actions or self.bench.actions[-1].kind != "repair":
+            self.notify("the newest change is not a repair (p undoes steps)", severity="warning")
+            return
+        self.move(-1)
+
+    @on(RepairApplied)
+    def _repaired(self, event: RepairApplied) -> None:
+        self.image_changed()
+        n = len(event.plan.items)
+        self.notify(f"repair undone ({n} item(s))" if event.undone else
+                    f"repair applied: {n} item(s), journaled — u or p undoes it")
 
 
 def make_app(image: str, *, trace: str | None = None, write: bool = False, **kw) -> QDebugApp:

@@ -67,8 +67,7 @@ def entry_content(info: EntryInfo, selected: int) -> Content:
                                   ("  COMPRESSED" if info.compressed else "", "#c678dd")))
     if info.extended:
         lines.append(Content.assemble(("bitmap ", "$text-muted"), (hx(info.bitmap), "bold"),
-                                      ("  alloc ", "$text-muted"), f"0x{info.bitmap & 0xffffffff:08x}",
-                                      (" zero ", "$text-muted"), f"0x{info.bitmap >> 32:08x}"))
+                                      ("  zero|alloc", "$text-muted")))
     if info.host_offset is not None:
         what = f"  {info.compressed_bytes} bytes compressed" if info.compressed else ""
         rc = "?" if info.refcount is None else str(info.refcount)

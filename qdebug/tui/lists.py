@@ -42,6 +42,8 @@ class Timeline(RowView):
         self.border_subtitle = f"step {position} of {len(self.commands)}"
 
     def cursor_style(self) -> Style:
+        if self.cursor == self.position - 1:
+            return self.style_of("timeline--applied") + self.style_of("timeline--current")
         return self.style_of("timeline--cursor")
 
     def row_key(self, index: int) -> tuple:

@@ -37,9 +37,20 @@ class StepChanged(Message):
 
 
 class CheckFinished(Message):
-    def __init__(self, report) -> None:
+    def __init__(self, report, quiet: bool = False) -> None:
         super().__init__()
         self.report = report
+        self.quiet = quiet
+
+
+class RepairReady(Message):
+    """A fresh CheckReport to plan a repair from; `entries` is the selected (L1, L2) entry or None (all)."""
+
+    def __init__(self, report, entries, where: str) -> None:
+        super().__init__()
+        self.report = report
+        self.entries = entries
+        self.where = where
 
 
 class RepairApplied(Message):

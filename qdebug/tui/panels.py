@@ -54,7 +54,7 @@ def chain_content(chain, *, scratch: str | None = None) -> Content:
         lines.append(Content.assemble((f"depth {d} ", style), (os.path.basename(layer["filename"]), "bold"),
                                       (f"  {layer['format']}, {human(layer['virtual-size'])}", "$text-muted")))
     if scratch:
-        lines.append(Content.styled(f"stepping on a scratch copy: {scratch}", "$text-muted"))
+        lines.append(Content.styled("writes go to a scratch copy; the image is untouched", "$text-muted"))
     return Content("\n").join(lines)
 
 

@@ -76,3 +76,22 @@ class GotoScreen(ModalScreen[tuple[str, int] | None]):
             self.query_one("#goto-error", Label).update(str(e))
             return
         self.dismiss(target)
+
+
+class PathScreen(ModalScreen[str | None]):
+    """Asks for a file path (open trace)."""
+
+    BINDINGS = [Binding("escape", "dismiss(None)", "Cancel", id="path.cancel")]
+
+    def __init__(self, title: str, hint: str):
+        super().__init__()
+        self.title_text = title
+        self.hint = hint
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="goto-box") as box:
+            box.border_title = self.title_text
+            yield Input(placeholder=self.hint, id="path-input")
+
+    def on_input_submitted(self, event: Input.Submitted) -> None:
+        self.dismiss(event.value.strip() or None)

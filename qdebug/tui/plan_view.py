@@ -1,0 +1,155 @@
+"""The COW plan of a step, drawn like a whiteboard sketch from the engine's `WritePlan`.
+
+Clusters side by side, one column per subcluster; under them the request (write / zero /
+discard / compressed), cow_start and cow_end bars coloured by where their bytes come from, and
+each cluster's bitmap before -> after with the changed subclusters highlighted. Every position
+and label is a field of the plan; nothing here decides what QEMU does.
+"""
+
+from __future__ import annotations
+
+from textual.content import Content
+
+SOURCE_STYLE = {"old cluster": "$success", "zeros": "$text-muted", "decompressed": "#c678dd"}
+KIND_STYLE = {"write": "$success", "zero": "$primary", "zero-fallback": "$primary", "discard": "$warning",
+              "compressed": "#c678dd"}
+CHAR_STYLE = {"N": "$success", "0": "$primary", "-": "$text-muted", "C": "#c678dd", "!": "bold $text on $error"}
+LABEL = 10
+
+
+def source_style(source: str) -> str:
+    if source.startswith("backing"):
+        return "$warning"
+    return SOURCE_STYLE.get(source, "$text")
+
+
+def plan_clusters(plan, cluster_size: int) -> list[int]:
+    """Guest clusters the plan touches: changed entries and every cluster a request covers."""
+    clusters = {c.guest_cluster for c in plan.clusters}
+    for r in plan.requests:
+        if r.length:
+            clusters.update(range(r.guest_offset // cluster_size, (r.guest_offset + r.length - 1) // cluster_size + 1))
+        for m in r.metas:
+            clusters.update(range(m.guest_offset // cluster_size, m.guest_offset // cluster_size + m.nb_clusters))
+    return sorted(clusters)
+
+
+class Sketch:
+    """Character columns for guest offsets within the drawn clusters."""
+
+    def __init__(self, clusters: list[int], cluster_size: int, spc: int):
+        self.clusters = clusters
+        self.cs = cluster_size
+        self.spc = spc
+        self.scs = cluster_size // spc
+        self.group = 8 if spc == 32 else spc
+        self.cwidth = spc + (spc // self.group - 1)  # subclusters and '_' separators
+
+    def col(self, cluster_pos: int, sc: int) -> int:
+        return cluster_pos * (self.cwidth + 1) + 1 + sc + sc // self.group
+
+    @property
+    def width(self) -> int:
+        return len(self.clusters) * (self.cwidth + 1) + 1
+
+    def frame(self) -> list[list]:
+        row: list = [(" ", "")] * self.width
+        for k in range(len(self.clusters) + 1):
+            row[k * (self.cwidth + 1)] = ("│", "$text-muted")
+        for k in range(len(self.clusters)):
+            for g in range(1, self.spc // self.group):
+                row[self.col(k, g * self.group) - 1] = ("_", "$text-muted")
+        return row
+
+    def bar(self, start: int, length: int, style: str) -> list:
+        """Subclusters covered by [start, start+length): █ when whole, ▒ when partly."""
+        row = self.frame()
+        end = start + length
+        for k, c in enumerate(self.clusters):
+            base = c * self.cs
+            for sc in range(self.spc):
+                a, b = base + sc * self.scs, base + (sc + 1) * self.scs
+                if a < end and start < b:
+                    row[self.col(k, sc)] = ("█" if start <= a and b <= end else "▒", style)
+        return row
+
+    def bitmap(self, strings: dict[int, str], other: dict[int, str] | None) -> list:
+        row = self.frame()
+        for k, c in enumerate(self.clusters):
+            s = strings.get(c, "").replace("_", "")
+            o = (other or {}).get(c, "").replace("_", "")
+            for sc, ch in enumerate(s[:self.spc]):
+                st = CHAR_STYLE.get(ch, "$text")
+                if other is not None and o and sc < len(o) and o[sc] != ch:
+                    st += " reverse bold"
+                row[self.col(k, sc)] = (ch, st)
+        return row
+
+
+def _line(label: str, row: list, label_style: str = "$text-muted") -> Content:
+    return Content.assemble((f"{label:<{LABEL}}", label_style), *row)
+
+
+def plan_content(plan, cluster_size: int, spc: int, *, title: str = "", max_clusters: int = 4) -> Content:
+    if plan is None:
+        return Content.styled(title or "no plan: read and flush do not write", "$text-muted")
+    lines: list[Content] = []
+    if title:
+        lines.append(Content.styled(title, "$text-muted"))
+    lines.append(Content.assemble(("command   ", "$text-muted"), (plan.command, "bold"),
+                                  (f"   line {plan.lineno}" if plan.lineno else "", "$text-muted")))
+    clusters = plan_clusters(plan, cluster_size)
+    shown = clusters[:max_clusters]
+    if shown:
+        sk = Sketch(shown, cluster_size, spc)
+        head = [(" ", "")] * sk.width
+        for k, c in enumerate(shown):
+            label = f" cluster {c} @0x{c * cluster_size:x}"[:sk.cwidth]
+            for i, ch in enumerate(label):
+                head[k * (sk.cwidth + 1) + 1 + i] = (ch, "bold")
+        lines.append(_line("", head))
+        before = {c.guest_cluster: c.bitmap_before for c in plan.clusters}
+        after = {c.guest_cluster: c.bitmap_after for c in plan.clusters}
+        lines.append(_line("before", sk.bitmap(before, None)))
+        for r in plan.requests:
+            lines.append(_line(r.kind, sk.bar(r.guest_offset, r.length, KIND_STYLE.get(r.kind, "$text")),
+                               KIND_STYLE.get(r.kind, "$text")))
+            for m in r.metas:
+                for name, (off, length) in (("cow_start", m.cow_start), ("cow_end", m.cow_end)):
+                    if not length:
+                        continue
+                    start = m.guest_offset + off
+                    srcs = [s for s in m.sources if start <= s.guest_offset < start + length] or [None]
+                    for s in srcs:
+                        if s is None:
+                            lines.append(_line(name, sk.bar(start, length, "$text")))
+                        else:
+                            lines.append(_line(name, sk.bar(s.guest_offset, s.length, source_style(s.source))
+                                               + [(f" {s.source}", source_style(s.source))]))
+        lines.append(_line("after", sk.bitmap(after, before)))
+        if len(clusters) > len(shown):
+            lines.append(Content.styled(f"… and {len(clusters) - len(shown)} more clusters", "$text-muted"))
+    for r in plan.requests:
+        host = f" -> host 0x{r.host_offset:x}" if r.host_offset is not None else ""
+        lines.append(Content.assemble((f"{r.kind} ", KIND_STYLE.get(r.kind, "$text")),
+                                      f"guest 0x{r.guest_offset:x}+0x{r.length:x}{host}",
+                                      (f"  {r.outcome}" if r.outcome else "", "$text-muted")))
+        for m in r.metas:
+            where = "in place (COPIED)" if m.keep_old else f"new cluster @ host 0x{m.alloc_offset:x}"
+            lines.append(Content.assemble(("  L2Meta ", "$text-muted"),
+                                          f"guest 0x{m.guest_offset:x} x{m.nb_clusters} {where}",
+                                          ("  skip_cow: QEMU zero-fills" if m.skip_cow else "", "$warning")))
+            for s in m.sources:
+                lines.append(Content.assemble(("    COW ", "$text-muted"), f"0x{s.guest_offset:x}+0x{s.length:x} from ",
+                                              (s.source, source_style(s.source))))
+    for off, length, what in plan.allocations:
+        lines.append(Content.styled(f"allocate {what} host 0x{off:x}+0x{length:x}", "$text-muted"))
+    for off, length in plan.frees:
+        lines.append(Content.styled(f"free host 0x{off:x}+0x{length:x}", "$text-muted"))
+    for n in plan.notes:
+        lines.append(Content.styled(f"note: {n}", "$text-muted"))
+    for h in plan.hazards:
+        lines.append(Content.styled(f"HAZARD: {h.message}", "bold $error"))
+    if plan.error:
+        lines.append(Content.styled(f"error: {plan.error}", "bold $error"))
+    return Content("\n").join(lines)

@@ -1,0 +1,116 @@
+"""The repair modal: the findings of the selected entry (or all), a policy, and the engine's plan.
+
+Every policy change asks `plan_repair` again (it is pure); what the screen shows is the plan's own
+items: the finding, the action, the byte patches, and each guest range's before/after preview.
+Apply dismisses with the plan; the app writes it through the session's journal.
+"""
+
+from __future__ import annotations
+
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.content import Content
+from textual.screen import ModalScreen
+from textual.widgets import Button, Label, RadioButton, RadioSet, Static
+
+from ..engine.repair import POLICIES, RepairPlan, plan_repair
+
+POLICY_HELP = {
+    "keep-data": "subclusters marked both allocated and zero keep their data",
+    "zero": "subclusters marked both allocated and zero read as zeros",
+    "unallocate": "broken subclusters fall through to the backing file",
+}
+
+
+def plan_content(plan: RepairPlan) -> Content:
+    lines: list[Content] = []
+    for item in plan.items:
+        f = item.finding
+        if f is not None:
+            lines.append(Content.assemble(("● ", "$error"), (f.message, "bold")))
+            if f.place():
+                lines.append(Content.styled(f"  {f.place()}", "$text-muted"))
+        lines.append(Content.assemble(("  repair: ", "$text-muted"), (item.action, "$success")))
+        for p in item.patches[:6]:
+            lines.append(Content.styled(f"    write {len(p.data)} bytes at 0x{p.offset:x} ({p.what}): "
+                                        f"{p.data[:16].hex(' ')}", "$text-muted"))
+        if len(item.patches) > 6:
+            lines.append(Content.styled(f"    … and {len(item.patches) - 6} more writes", "$text-muted"))
+        for c in item.changes:
+            lines.append(Content.assemble(f"    guest 0x{c.start:x}+0x{c.length:x}"))
+            lines.append(Content.assemble(("      before ", "$text-muted"), (c.before, "$error")))
+            lines.append(Content.assemble(("      after  ", "$text-muted"), (c.after, "$success")))
+        lines.append(Content(""))
+    for u in plan.unsupported:
+        lines.append(Content.styled(f"not repaired: {u}", "$warning"))
+    if not plan.items:
+        lines.append(Content.styled("nothing to repair here", "$text-muted"))
+    return Content("\n").join(lines)
+
+
+class RepairScreen(ModalScreen[RepairPlan | None]):
+    BINDINGS = [
+        Binding("escape", "dismiss(None)", "Cancel", id="repair.cancel"),
+        Binding("enter", "apply", "Apply", id="repair.apply"),
+        Binding("a", "scope", "All / selected", id="repair.scope"),
+    ]
+
+    def __init__(self, chain, report, entries: list[tuple[int, int]] | None, where: str):
+        super().__init__()
+        self.chain = chain
+        self.report = report
+        self.selected_entries = entries
+        self.where = where
+        self.all = entries is None
+        self.policy = POLICIES[0]
+        self.plan: RepairPlan | None = None
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="repair-box") as box:
+            box.border_title = "repair"
+            box.border_subtitle = "enter apply · a all/selected · escape cancel"
+            yield Label("", id="repair-scope")
+            with Horizontal(id="repair-top"):
+                with RadioSet(id="repair-policy"):
+                    for i, p in enumerate(POLICIES):
+                        yield RadioButton(p, value=i == 0, id=f"policy-{p}")
+                yield Static("", id="repair-policy-help")
+            with VerticalScroll(id="repair-plan-scroll"):
+                yield Static(id="repair-plan")
+            with Horizontal(id="repair-buttons"):
+                yield Button("Apply (journaled, undo with u)", variant="warning", id="repair-apply")
+                yield Button("Cancel", id="repair-cancel")
+
+    def on_mount(self) -> None:
+        self.replan()
+
+    def replan(self) -> None:
+        entries = None if self.all else self.selected_entries
+        self.plan = plan_repair(self.chain, self.report, policy=self.policy, entries=entries)
+        scope = "all findings" if self.all or self.selected_entries is None else self.where
+        self.query_one("#repair-scope", Label).update(
+            Content.assemble(("scope: ", "$text-muted"), (scope, "bold"),
+                             ("   policy: ", "$text-muted"), (self.policy, "bold")))
+        self.query_one("#repair-policy-help", Static).update(Content.styled(POLICY_HELP[self.policy], "$text-muted"))
+        self.query_one("#repair-plan", Static).update(plan_content(self.plan))
+        self.query_one("#repair-apply", Button).disabled = not self.plan.items
+
+    def on_radio_set_changed(self, event: RadioSet.Changed) -> None:
+        self.policy = POLICIES[event.index]
+        self.replan()
+
+    def action_scope(self) -> None:
+        if self.selected_entries is not None:
+            self.all = not self.all
+            self.replan()
+
+    def action_apply(self) -> None:
+        if self.plan is not None and self.plan.items:
+            self.dismiss(self.plan)
+
+    def on_button_pressed(self, event: Button.Pressed) -> None:
+        if event.button.id == "repair-apply":
+            self.action_apply()
+        else:
+            self.dismiss(None)
