@@ -6,6 +6,7 @@ descriptor's sector count may cover more than the compressed stream); anything e
 
 from __future__ import annotations
 
+import io
 import zlib
 
 import zstandard
@@ -35,18 +36,17 @@ def decompress(data: bytes, cluster_size: int, compression_type: int, where: str
             d = zlib.decompressobj(-12)
             out = d.decompress(data, cluster_size)
         else:
-            d = zstandard.ZstdDecompressor().decompressobj()
-            out = b""
-            # A descriptor may cover several frames; zstd's decompressobj stops at the first.
-            rest = data
-            while len(out) < cluster_size and rest:
-                chunk = d.decompress(rest)
-                out += chunk
-                rest = d.unused_data
-                if d.eof and rest and len(out) < cluster_size:
-                    d = zstandard.ZstdDecompressor().decompressobj()
-                elif not chunk:
+            # Bounded reads across frames: never more than one cluster of output, whatever the
+            # frames claim (a few KiB of zstd can expand to gigabytes).
+            reader = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(data), read_across_frames=True)
+            parts, have = [], 0
+            while have < cluster_size:
+                chunk = reader.read(cluster_size - have)
+                if not chunk:
                     break
+                parts.append(chunk)
+                have += len(chunk)
+            out = b"".join(parts)
     except (zlib.error, zstandard.ZstdError) as e:
         raise CorruptImage(f"{where}: compressed data cannot be decompressed ({e})") from None
     if len(out) < cluster_size:
@@ -55,8 +55,8 @@ def decompress(data: bytes, cluster_size: int, compression_type: int, where: str
 
 
 def compress(data: bytes, compression_type: int) -> bytes:
-    """Compress one cluster the way QEMU does (raw deflate level default, window 12; zstd frame)."""
+    """Compress one cluster the way QEMU does (raw deflate level default, window 12; zstd frame with its content size, as QEMU 7.2 writes it)."""
     if compression_type == C.QCOW2_COMPRESSION_TYPE_ZLIB:
         c = zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, -12, 9)
         return c.compress(data) + c.flush()
-    return zstandard.ZstdCompressor(level=0, write_content_size=False).compress(data)
+    return zstandard.ZstdCompressor(level=0, write_content_size=True).compress(data)

@@ -195,6 +195,7 @@ def parse_header(buf: bytes, file_size: int) -> Header:
         ext_end = bfo
     extensions, names = _parse_extensions(
         buf, ext_start, ext_end, "the backing file name" if bfo else "cluster 0")
+    _check_extensions(extensions, crypt, autoclear, cluster_size)
     if unknown:
         table = {(f.type, f.bit): f.name for f in names}
         bits = [table.get((0, b), f"bit {b}") for b in range(64) if unknown >> b & 1]
@@ -232,6 +233,27 @@ def parse_header(buf: bytes, file_size: int) -> Header:
     _check(rt_off != 0 and rt_off + rt_clusters * cluster_size <= file_size,
            f"refcount table at 0x{rt_off:x} ({rt_clusters} clusters) runs past the end of the file")
     return hdr
+
+
+def _check_extensions(exts: list[Extension], crypt: int, autoclear: int, cluster_size: int) -> None:
+    """What qcow2_read_extensions refuses at open time, with the extension's place."""
+    for e in exts:
+        where = f"{e.name} extension at 0x{e.offset:x}"
+        if e.type == C.QCOW2_EXT_MAGIC_CRYPTO_HEADER:
+            _check(crypt == C.QCOW_CRYPT_LUKS, f"{where}: only expected with LUKS encryption (crypt_method {crypt})")
+            _check(len(e.data) == 16, f"{where}: length {len(e.data)}, expected 16")
+            off = struct.unpack_from(">Q", e.data)[0]
+            _check(off % cluster_size == 0, f"{where}: encryption header offset 0x{off:x} is not cluster aligned")
+        elif e.type == C.QCOW2_EXT_MAGIC_BITMAPS:
+            _check(len(e.data) == 24, f"{where}: length {len(e.data)}, expected 24")
+            if not autoclear & C.QCOW2_AUTOCLEAR_BITMAPS:
+                continue  # QEMU ignores (and drops) a bitmaps extension without the autoclear bit
+            nb, reserved, dir_size, dir_off = struct.unpack_from(">IIQQ", e.data)
+            _check(reserved == 0, f"{where}: reserved field is not zero")
+            _check(0 < nb <= C.QCOW2_MAX_BITMAPS, f"{where}: {nb} bitmaps (QEMU allows 1..{C.QCOW2_MAX_BITMAPS})")
+            _check(dir_off % cluster_size == 0, f"{where}: bitmap directory offset 0x{dir_off:x} is not cluster aligned")
+            _check(dir_size <= C.QCOW2_MAX_BITMAP_DIRECTORY_SIZE,
+                   f"{where}: bitmap directory size {dir_size} exceeds {C.QCOW2_MAX_BITMAP_DIRECTORY_SIZE}")
 
 
 def _parse_extensions(buf: bytes, start: int, end: int, limit: str) -> tuple[list[Extension], list[FeatureName]]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import stat
 import struct
 from dataclasses import dataclass
 
@@ -50,7 +51,8 @@ class Image:
     def __init__(self, path: str, *, writable: bool = False, allow_unsupported: bool = False):
         self.path = path
         self.writable = writable
-        flags = os.O_RDWR if writable else os.O_RDONLY
+        # O_NONBLOCK: a FIFO named as the image must not hang the open (refused just below).
+        flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_NONBLOCK
         try:
             self.fd = os.open(path, flags)
         except FileNotFoundError:
@@ -62,6 +64,9 @@ class Image:
         except OSError as e:
             raise QcowError(f"{path}: {e.strerror}") from None
         try:
+            mode = os.fstat(self.fd).st_mode
+            if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+                raise QcowError(f"{path}: not a regular file or block device")
             self._map()
             if self.file_size == 0:
                 raise QcowError(f"{path}: empty file, not a qcow2 image")

@@ -143,8 +143,22 @@ def info_record(chain, *, counts: bool = True) -> dict:
         },
         "backing-chain": [{"depth": d, "filename": layer.path, "format": getattr(layer, "format", "qcow2"),
                            "virtual-size": layer.size} for d, layer in enumerate(chain.layers)],
-        "warnings": list(chain.warnings),
+        "warnings": list(chain.warnings) + unreadable_tables(img),
     }
     if counts:
         rec["qdebug"]["subclusters"] = subcluster_counts(img)
     return rec
+
+
+def unreadable_tables(img: Image, limit: int = 3) -> list[str]:
+    """HX: warnings for active L2 tables that the counts skip (past the end of the file)."""
+    t = l2_table_offsets(img)
+    if not len(t):
+        return []
+    cs = img.header.cluster_size
+    bad = t[t[:, 1] + cs > img.file_size]
+    out = [f"{img.path}: L2 table (L1 index {i}) at 0x{off:x} runs past the end of the file "
+           f"(0x{img.file_size:x}); its clusters are counted as unallocated" for i, off in bad[:limit].tolist()]
+    if len(bad) > limit:
+        out.append(f"{img.path}: {len(bad) - limit} more L2 tables run past the end of the file")
+    return out

@@ -95,6 +95,8 @@ def violations(res: dict, timeout: float = COMMAND_TIMEOUT) -> list[str]:
     if "internal error" in err:
         bad.append("internal error: " + err.strip().splitlines()[-1])
     lines = [ln for ln in err.splitlines() if ln.strip()]
+    if res["argv"][0] == "check":
+        return bad + _check_violations(res, rc, lines)
     if rc == 0:
         extra = [ln for ln in lines if not _WARNING_LINE.match(ln)]
         if extra:
@@ -121,6 +123,20 @@ def violations(res: dict, timeout: float = COMMAND_TIMEOUT) -> list[str]:
     if res["secs"] > timeout:
         bad.append(f"took {res['secs']} s")
     return bad
+
+
+def _check_violations(res: dict, rc: int, lines: list[str]) -> list[str]:
+    """`check` speaks qemu-img check's language: findings on stderr, exit 0 clean, 2 corruptions,
+    3 leaks only, 1 when the check could not complete (then one `qdebug: error:` line last)."""
+    if rc not in (0, 1, 2, 3):
+        return [f"check exit code {rc}"]
+    if rc == 1:
+        if not lines or not _ERROR_LINE.match(lines[-1]):
+            return [f"check exit 1 without a final 'qdebug: error:' line: {lines[-2:]}"]
+        return []
+    if res["stdout_bytes"] == 0:
+        return [f"check exit {rc} without a report"]
+    return []
 
 
 def fingerprint(directory: str) -> dict[str, tuple[int, int, str]]:
@@ -157,7 +173,7 @@ def read_only_commands(img: str, has_backing: bool) -> list[list[str]]:
         ["map", "--subclusters", img], ["map", "--subclusters", "--output=json", img],
         ["read", img, "0", str(n), "-o", os.devnull],
         ["read", img, str(max(0, size - 4096)), str(min(size, 4096))],
-        ["read", img, "0", str(size + 512)],  # past the end: an error, never a crash
+        ["read", img, "0", str(min(size + 512, (1 << 63) - 1))],  # past the end: an error
     ]
     if has_backing:
         cmds += [["info", "--no-backing", img], ["map", "--output=json", "--no-backing", img],
@@ -165,7 +181,28 @@ def read_only_commands(img: str, has_backing: bool) -> list[list[str]]:
     sub = _subcommands(build_parser())
     if "check" in sub:
         cmds += [["check", img], ["check", "--output=json", img]]
+    if "repair" in sub:
+        cmds += [["repair", "--dry-run", img]]
+    if "plan" in sub and _importable("qdebug.engine.writer"):
+        cmds += [["plan", img, "write -P 0x22 0 4k"], ["plan", img, "write -z 8k 4k"], ["plan", img, "discard 0 64k"]]
+    if "replay" in sub and _importable("qdebug.engine.writer"):
+        cmds += [["replay", "--dry-run", img, _trace_file(img)]]
     return cmds
+
+
+def _importable(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+def _trace_file(img: str) -> str:
+    """A small qemu-io trace beside the image's directory (outside it: the no-writes watch)."""
+    path = os.path.join(os.path.dirname(os.path.dirname(img)), "trace.qio")
+    if not os.path.exists(path):
+        with open(path, "w") as f:
+            f.write("write -P 0x22 0 4k\nwrite -z 8k 4k\nwrite -c -P 0x23 64k 64k\ndiscard 0 64k\nread 0 4k\n")
+    return path
 
 
 def _subcommands(parser) -> set[str]:

@@ -1,0 +1,64 @@
+"""Helpers for the hostile-input tests: QEMU-made images to break, and qdebug run in-process under
+the fuzz driver's guards (timeout, captured output), judged by the same rules as the fuzzer."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from tests.hostile.driver import run_command, violations
+from tests.qemu import create, qemu_io
+
+READ_ONLY = [["info"], ["info", "--output=json"], ["map"], ["map", "--output=json"], ["map", "--subclusters"]]
+
+
+def qd(*argv: str, timeout: float = 20.0) -> dict:
+    """Run `qdebug ARGV` in this process; fails the test on any broken rule (traceback, hang...)."""
+    res = run_command([str(a) for a in argv], timeout)
+    bad = violations(res, timeout)
+    assert not bad, f"qdebug {' '.join(map(str, argv))}: {bad}\n{res['stderr']}"
+    return res
+
+
+def error_line(res: dict) -> str:
+    assert res["rc"] == 1, f"expected an error, got exit {res['rc']}: {res['stderr']}"
+    return res["stderr"].strip().splitlines()[-1]
+
+
+def one_error(img, *needles: str, commands=READ_ONLY) -> str:
+    """Every read-only command refuses `img` with one error line containing every needle."""
+    line = ""
+    for cmd in commands:
+        line = error_line(qd(*cmd, img))
+        for n in needles:
+            assert n.lower() in line.lower(), f"{cmd}: {n!r} not in {line!r}"
+    return line
+
+
+def all_ok(img, *extra: str) -> None:
+    for cmd in READ_ONLY:
+        res = qd(*cmd, *extra, img)
+        assert res["rc"] == 0, res["stderr"]
+
+
+@pytest.fixture
+def img64(tmp_path, qemu) -> str:
+    """64 KiB clusters, extended L2: data, zero, unallocated-alloc and two compressed clusters."""
+    path = str(tmp_path / "img.qcow2")
+    create(path, "4M")
+    qemu_io(path, "write -P 0x11 0 2k", "write -P 0x14 128k 64k", "write -z 132k 8k",
+            "write -c -P 0x18 384k 64k", "write -c -P 0x19 448k 64k")
+    return path
+
+
+@pytest.fixture
+def zstd16(tmp_path, qemu) -> str:
+    path = str(tmp_path / "zstd.qcow2")
+    create(path, "1M", cluster_size="16k", compression_type="zstd")
+    qemu_io(path, "write -c -P 0x21 0 16k", "write -P 0x22 16k 16k")
+    return path
+
+
+def file_size(path) -> int:
+    return os.stat(path).st_size
