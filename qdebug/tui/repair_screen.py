@@ -52,7 +52,7 @@ def plan_content(plan: RepairPlan) -> Content:
 class RepairScreen(ModalScreen[RepairPlan | None]):
     BINDINGS = [
         Binding("escape", "dismiss(None)", "Cancel", id="repair.cancel"),
-        Binding("enter", "apply", "Apply", id="repair.apply"),
+        Binding("enter", "apply", "Apply", id="repair.apply", priority=True),
         Binding("a", "scope", "All / selected", id="repair.scope"),
     ]
 

@@ -44,3 +44,19 @@ def pytest_pyfunc_call(pyfuncitem):
         asyncio.run(pyfuncitem.obj(**args))
         return True
     return None
+
+
+@pytest.fixture
+def demo(tmp_path):
+    """The `qdebug demo` files, built with qdebug's own engine (no QEMU needed)."""
+    from qdebug.demo import build_demo
+
+    return build_demo(str(tmp_path / "demo"))
+
+
+async def settle(app, pilot) -> None:
+    """Let workers finish and their messages be handled."""
+    await app.workers.wait_for_complete()
+    await pilot.pause()
+    await app.workers.wait_for_complete()
+    await pilot.pause()
