@@ -167,7 +167,7 @@ def alloc_bits_unallocated(path, lay):
     if not lay.h.extended_l2 or not lay.unallocated():
         return None
     e = lay.unallocated()[-1]
-    _setq(path, e[0] + 8, e[2] | 0x3 | (1 << 40))
+    _setq(path, e[0] + 8, e[2] | 0x3)
     return f"L2 {e[3]}/{e[4]}: offset 0 with alloc bits"
 
 
@@ -199,12 +199,18 @@ def refcount_down(path, lay):
 
 
 def leak_free_cluster(path, lay):
-    """A free cluster inside the file gets refcount 1 (a leak)."""
-    for c in range(1, lay.file_size // lay.cs):
+    """A free cluster inside the file gets refcount 1 (a leak); the file grows by one cluster if needed."""
+    end = -(-lay.file_size // lay.cs)
+    for c in range(1, end):
         if get_refcount(path, lay, c) == 0:
-            set_refcount(path, lay, c, 1)
-            return f"free cluster {c} refcount 1"
-    return None
+            break
+    else:
+        c = end
+        os.truncate(path, (end + 1) * lay.cs)
+    if c >= lay.h.refcount_block_entries:
+        return None
+    set_refcount(path, lay, c, 1)
+    return f"free cluster {c} refcount 1"
 
 
 def copied_cleared(path, lay):
@@ -255,6 +261,8 @@ def data_unaligned(path, lay):
 def prealloc_unaligned(path, lay):
     """An allocated cluster with no allocation bits (or the zero flag) and an unaligned offset."""
     e = lay.normal()[-1]
+    if lay.h.version < 3 and not lay.h.extended_l2:
+        return None  # no zero flag in v2 images
     if lay.h.extended_l2:
         _setq(path, e[0] + 8, 0xFFFFFFFF00000000)
         _setq(path, e[0], e[1] + 512)
