@@ -6,7 +6,6 @@ descriptor's sector count may cover more than the compressed stream); anything e
 
 from __future__ import annotations
 
-import io
 import zlib
 
 import zstandard
@@ -36,17 +35,7 @@ def decompress(data: bytes, cluster_size: int, compression_type: int, where: str
             d = zlib.decompressobj(-12)
             out = d.decompress(data, cluster_size)
         else:
-            # Bounded reads across frames: never more than one cluster of output, whatever the
-            # frames claim (a few KiB of zstd can expand to gigabytes).
-            reader = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(data), read_across_frames=True)
-            parts, have = [], 0
-            while have < cluster_size:
-                chunk = reader.read(cluster_size - have)
-                if not chunk:
-                    break
-                parts.append(chunk)
-                have += len(chunk)
-            out = b"".join(parts)
+            out = _zstd_cluster(data, cluster_size, where)
     except (zlib.error, zstandard.ZstdError) as e:
         raise CorruptImage(f"{where}: compressed data cannot be decompressed ({e})") from None
     if len(out) < cluster_size:
@@ -60,3 +49,30 @@ def compress(data: bytes, compression_type: int) -> bytes:
         c = zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, -12, 9)
         return c.compress(data) + c.flush()
     return zstandard.ZstdCompressor(level=0, write_content_size=True).compress(data)
+
+
+_ZSTD_FEED = 256  # input bytes per step: a zstd block yields <= 128 KiB, so output stays bounded
+
+
+def _zstd_cluster(data: bytes, cluster_size: int, where: str) -> bytes:
+    """QEMU's qcow2_zstd_decompress: frames until exactly one cluster is out, and the last frame
+    must end there (more output -> EIO); the input is fed in small steps so a few KiB of zstd
+    claiming gigabytes never inflates beyond a cluster plus one block."""
+    out = bytearray()
+    pos = 0
+    d = zstandard.ZstdDecompressor().decompressobj()
+    while True:
+        if len(out) > cluster_size:
+            raise CorruptImage(f"{where}: compressed data decompresses to more than one cluster ({cluster_size})")
+        if d.eof:
+            if len(out) == cluster_size:
+                break
+            pos -= len(d.unused_data)  # the next frame starts there
+            d = zstandard.ZstdDecompressor().decompressobj()
+        if pos >= len(data):
+            break
+        out += d.decompress(data[pos:pos + _ZSTD_FEED])
+        pos += _ZSTD_FEED
+    if len(out) == cluster_size and not d.eof:
+        raise CorruptImage(f"{where}: compressed data does not end at the cluster boundary (more than one cluster)")
+    return bytes(out)
