@@ -1,0 +1,108 @@
+"""WriteEngine behaviour beyond single vectors: QEMU's data-corrupting bug reproduced and flagged,
+errors QEMU reports, plan purity, one-process allocator state, plan output."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from qdebug.engine.chain import open_chain
+from qdebug.engine.create import create_image
+from qdebug.engine.errors import QcowError
+from qdebug.engine.writer import WriteEngine
+from qdebug.trace.commands import parse_line
+from tests.engine.harness import assert_same_metadata, check_verdict, copy, qdebug_process, qemu_process, same_guest_data
+
+pytestmark = pytest.mark.qemu
+
+HAZARD_TRACE = ["write -c -P 0x67 0 64k", "write -P 0x35 1k 3k", "write -P 0x3c 1M 512", "write -c -P 0x8a 2M 64k"]
+
+
+@pytest.mark.parametrize("extended", [True, False])
+def test_qemu_bug_reproduced_and_flagged(qemu, tmp_path, extended):
+    img = str(tmp_path / "a.qcow2")
+    create_image(img, 4 << 20, extended_l2=extended)
+    ref = copy(img, str(tmp_path / "ref.qcow2"))
+    results = qdebug_process(img, HAZARD_TRACE + ["read -P 0x3c 1M 512"])
+    out = qemu_process(ref, HAZARD_TRACE + ["read -P 0x3c 1M 512"])
+    assert [bool(r.hazards) for r in results[:4]] == [False, False, False, True]
+    (hz,) = results[3].hazards
+    # The compressed bytes land at host 0x5004f.., inside the 512 bytes guest 1M holds there.
+    assert hz.guest_range is not None and (1 << 20) <= hz.guest_range[0] < hz.guest_range[1] <= (1 << 20) + 512
+    assert "hazard" in hz.message and "guest cluster 16" in hz.owner
+    # Same corrupted image as QEMU, and the same failed pattern check afterwards.
+    assert same_guest_data(img, ref)
+    assert_same_metadata(img, ref)
+    rc, text = check_verdict(ref)
+    assert rc != 0 and "OFLAG_COPIED data cluster" in text
+    assert check_verdict(img)[1] == text.replace("ref.qcow2", "a.qcow2")
+    assert "Pattern verification failed" in out
+    assert results[4].error == "Pattern verification failed at offset 1048576, 512 bytes"
+
+
+def test_plan_is_pure_and_matches_execute(tmp_path):
+    img = str(tmp_path / "a.qcow2")
+    create_image(img, 4 << 20)
+    before = open(img, "rb").read()
+    chain = open_chain(img, writable=True)
+    eng = WriteEngine(chain)
+    cmds = [parse_line(c) for c in ["write -P 1 3k 512", "write -P 2 60k 8k", "write -z -u 0 64k",
+                                     "write -c -P 3 128k 64k", "discard 64k 64k"]]
+    for c in cmds:
+        plan = eng.plan(c)
+        assert open(img, "rb").read() == before, "plan() changed the file"
+        res = eng.execute(c)
+        assert res.plan == plan
+        assert [(w.offset, w.length, w.what) for w in res.host_writes] == [
+            (w.offset, w.length, w.what) for w in plan.host_writes]
+        before = open(img, "rb").read()
+        assert json.loads(json.dumps(plan.to_json()))["command"] == c.text
+        assert plan.to_text().startswith(c.text)
+    chain.close()
+
+
+def test_restore_state_reproduces_allocation(tmp_path):
+    """The compressed packing offset is process state: restoring it decides where the next
+    compressed cluster goes (packed after the last one, or a fresh cluster as in a new process)."""
+    img = str(tmp_path / "a.qcow2")
+    create_image(img, 4 << 20)
+    chain = open_chain(img, writable=True)
+    eng = WriteEngine(chain)
+    eng.execute(parse_line("write -c -P 1 0 64k"))
+    packed = eng.state
+    nxt = parse_line("write -c -P 2 64k 64k")
+    p_packed = eng.plan(nxt)
+    fresh = WriteEngine(chain).plan(nxt)
+    assert p_packed.requests[-1].host_offset < 0x60000 <= fresh.requests[-1].host_offset
+    eng.restore_state(WriteEngine(chain).state)
+    assert eng.plan(nxt) == fresh
+    eng.restore_state(packed)
+    assert eng.plan(nxt) == p_packed
+    chain.close()
+
+
+def test_errors_like_qemu(qemu, tmp_path):
+    img = str(tmp_path / "a.qcow2")
+    create_image(img, 1 << 20)
+    ref = copy(img, str(tmp_path / "ref.qcow2"))
+    cmds = ["write -P 1 0 64k", "write -c -P 2 0 64k", "write -c 4k 64k", "write 1M 1", "discard 2M 64k",
+            "write -c -P 3 64k 64k", "read -P 3 64k 64k", "read -P 4 64k 512"]
+    results = qdebug_process(img, cmds)
+    out = qemu_process(ref, cmds)
+    errors = [r.error for r in results]
+    assert errors == [None, "write failed: Input/output error", "write failed: Invalid argument",
+                      "write failed: Input/output error", "discard failed: Input/output error", None, None,
+                      "Pattern verification failed at offset 65536, 512 bytes"]
+    for e in errors:
+        if e:
+            assert e in out
+    assert same_guest_data(img, ref)
+    assert_same_metadata(img, ref)
+
+
+def test_read_only_chain_refused(tmp_path):
+    img = str(tmp_path / "a.qcow2")
+    create_image(img, 1 << 20)
+    with open_chain(img) as chain, pytest.raises(QcowError, match="read-only"):
+        WriteEngine(chain)
