@@ -134,6 +134,7 @@ def _map_subclusters(chain, out, output: str) -> int:
     img = chain.top
     h = img.header
     cs = h.cluster_size
+    _refuse_tables_past_eof(img)
     for gcs, w0, bm in iter_l2_batches(img):
         w0 = np.asarray(w0, dtype=np.uint64)
         bmu = np.asarray(bm, dtype=np.uint64) if bm is not None else np.zeros(len(w0), dtype=np.uint64)
@@ -158,6 +159,19 @@ def _map_subclusters(chain, out, output: str) -> int:
                 rows.append(f"{g * cs:<#16x}cluster {g:<10} {strings[k]}  {hs}\n")
         out.write("".join(rows))
     return 0
+
+
+def _refuse_tables_past_eof(img) -> None:
+    """The bitmap listing must not silently skip an L2 table it cannot read."""
+    from .engine.errors import CorruptImage
+    from .engine.summary import l2_table_offsets
+
+    t = l2_table_offsets(img)
+    h = img.header
+    t = t[(t[:, 0] * h.l2_entries < h.guest_clusters) & (t[:, 1] + h.cluster_size > img.file_size)] if len(t) else t
+    if len(t):
+        i, off = (int(x) for x in t[0])
+        raise CorruptImage(f"L2 table (L1 index {i}) at 0x{off:x} runs past the end of the file (0x{img.file_size:x})")
 
 
 # ---- read -------------------------------------------------------------------------------------------

@@ -51,7 +51,7 @@ def compress(data: bytes, compression_type: int) -> bytes:
     return zstandard.ZstdCompressor(level=0, write_content_size=True).compress(data)
 
 
-_ZSTD_FEED = 256  # input bytes per step: a zstd block yields <= 128 KiB, so output stays bounded
+_ZSTD_FEED = 1024  # input bytes per step: a 4-byte RLE block yields <= 128 KiB, so <= 32 MiB per step
 
 
 def _zstd_cluster(data: bytes, cluster_size: int, where: str) -> bytes:
@@ -71,8 +71,9 @@ def _zstd_cluster(data: bytes, cluster_size: int, where: str) -> bytes:
             d = zstandard.ZstdDecompressor().decompressobj()
         if pos >= len(data):
             break
-        out += d.decompress(data[pos:pos + _ZSTD_FEED])
-        pos += _ZSTD_FEED
+        chunk = data[pos:pos + _ZSTD_FEED]
+        out += d.decompress(chunk)
+        pos += len(chunk)
     if len(out) == cluster_size and not d.eof:
         raise CorruptImage(f"{where}: compressed data does not end at the cluster boundary (more than one cluster)")
     return bytes(out)
