@@ -110,13 +110,22 @@ def _parse_command_arg(text: str, source: str):
     return cmd
 
 
+def _refuse_writes(offset: int, length: int) -> None:
+    raise QcowError(f"planning must not write (offset 0x{offset:x}); this is a bug in qdebug")
+
+
 def _open_for_planning(image: str):
-    """Read-only chain + a reader's locks (like `qemu-io -r`): planning never writes."""
+    """A reader's locks (like `qemu-io -r`) and a guard that refuses every write: planning writes nothing.
+
+    Adapter: WriteEngine wants its top image opened writable even to plan, so the file is opened
+    read-write, but only a reader's locks are taken and a write hook makes any write an error.
+    """
     from .engine.chain import open_chain
     from .engine.locking import lock_chain
 
-    chain = open_chain(image)
+    chain = open_chain(image, writable=True)
     try:
+        chain.top.write_hooks.append(_refuse_writes)
         locks = lock_chain(chain, write=False)
     except BaseException:
         chain.close()
@@ -174,9 +183,9 @@ class _Progress:
 
 
 def hazard_text(h) -> str:
-    if hasattr(h, "to_text"):
-        return h.to_text()
-    return str(getattr(h, "message", None) or h)
+    """The engine's hazard message, which names the guest range QEMU corrupts; always says "hazard"."""
+    text = str(getattr(h, "message", None) or h)
+    return text if text.startswith("hazard") else f"hazard: {text}"
 
 
 def _trace_lines(path: str):
@@ -255,12 +264,12 @@ def cmd_replay(args) -> int:
                                           "seconds": round(time.perf_counter() - t0, 6),
                                           "plan": to_jsonable(plan)}) + "\n")
             else:
-                rec: StepRecord = run_step(engine, chain, journal, cmd, steps)
+                rec: StepRecord = run_step(engine, journal, cmd, steps)
                 if log:
                     log.write(json.dumps(rec.to_json()) + "\n")
                 for h in rec.hazards:
                     hazards += 1
-                    print(f"qdebug: hazard: {where}: {command_text(cmd)}: {hazard_text(h)}", file=sys.stderr)
+                    print(f"qdebug: {where}: {command_text(cmd)}: {hazard_text(h)}", file=sys.stderr)
                 if rec.error:
                     fail(where, f"{command_text(cmd)}: {rec.error}")
             steps += 1

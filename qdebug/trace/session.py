@@ -30,11 +30,11 @@ class StepRecord:
 
     index: int  # position of the command in the session (0-based)
     command: Command
-    result: Any  # the engine's StepResult (None for read and flush)
+    result: Any  # the engine's StepResult
     seconds: float
     state_before: Any = None  # the allocator state before the step (restored by back())
     journal_step: int | None = None
-    error: str | None = None  # a command QEMU itself fails, or a failed `read -P` check
+    error: str | None = None  # a command QEMU itself fails (as qemu-io says it), or a failed `read -P`
 
     @property
     def hazards(self) -> list:
@@ -81,41 +81,25 @@ def step_result_json(result) -> dict:
     }
 
 
-def read_check(chain: Chain, cmd: Command) -> str | None:
-    """qemu-io's `read [-P pattern]`: None if it passes, else its failure in qemu-io's words."""
-    if cmd.offset + cmd.length > chain.size:
-        return f"read failed: Input/output error (0x{cmd.offset:x}+0x{cmd.length:x} is past the end of the image)"
-    if cmd.pattern is None:
-        return None
-    step = 1 << 24
-    for pos in range(cmd.offset, cmd.end, step):
-        data = chain.read(pos, min(step, cmd.end - pos))
-        bad = data.lstrip(bytes([cmd.pattern]))
-        if bad:
-            at = pos + len(data) - len(bad)
-            return (f"Pattern verification failed at offset {at} (0x{at:x}), expected 0x{cmd.pattern:02x}, "
-                    f"found 0x{bad[0]:02x}")
-    return None
+def run_step(engine, journal: Journal | None, cmd: Command, index: int) -> StepRecord:
+    """One command through the engine; writes and discards as one journal step (reads change nothing).
 
-
-def run_step(engine, chain: Chain, journal: Journal | None, cmd: Command, index: int) -> StepRecord:
-    """One command as one journal step; a step that raises leaves the image as before it."""
+    A step that raises (a bug, an unreadable table) is rolled back: the image is as before it.
+    """
     t0 = time.perf_counter()
-    if cmd.op in ("read", "flush"):
-        error = read_check(chain, cmd) if cmd.op == "read" else None
-        return StepRecord(index, cmd, None, time.perf_counter() - t0, engine.state, None, error)
     state = engine.state
-    number = journal.begin({"index": index, "line": cmd.lineno, "command": command_text(cmd)}) if journal else None
+    journaled = journal is not None and cmd.op in ("write", "discard")
+    number = journal.begin({"index": index, "line": cmd.lineno, "command": command_text(cmd)}) if journaled else None
     try:
         result = engine.execute(cmd)
     except BaseException:
-        if journal is not None:
-            journal.abort()
+        if journaled:
+            journal.abort()  # type: ignore[union-attr]
         engine.restore_state(state)
         raise
-    if journal is not None:
-        journal.commit()
-    return StepRecord(index, cmd, result, time.perf_counter() - t0, state, number, getattr(result, "error", None))
+    if journaled:
+        journal.commit()  # type: ignore[union-attr]
+    return StepRecord(index, cmd, result, time.perf_counter() - t0, state, number, result.error)
 
 
 def sparse_copy(src: str, dst: str) -> None:
@@ -221,7 +205,7 @@ class Session:
         """Run the next command; None at the end of the trace."""
         if self.at_end:
             return None
-        rec = run_step(self.engine, self.chain, self.journal, self.commands[self.position], self.position)
+        rec = run_step(self.engine, self.journal, self.commands[self.position], self.position)
         self.records.append(rec)
         return rec
 

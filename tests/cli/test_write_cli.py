@@ -1,0 +1,386 @@
+"""`qdebug create | plan | replay | undo` end to end, with qemu-img / qemu-io as the oracle."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import signal
+import struct
+import subprocess
+import sys
+import time
+
+import pytest
+
+from qdebug.cli import main
+from qdebug.engine.journal import journal_path
+from tests.engine.test_locking import QemuIoHolder
+from tests.qemu import QEMU_IO, create, qemu_check, qemu_img, qemu_io
+from tests.trace.random_traces import random_trace, strip_comments
+
+CS = 65536
+SIZE = 4 << 20
+
+
+def digest(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def qdebug(*args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "qdebug.cli", *args], capture_output=True, input=stdin)
+
+
+def qdebug_while_qemu_holds(image: str, *args: str, qemu_args: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    """Run qdebug while a qemu-io process has `image` open."""
+    holder = QemuIoHolder(image, *qemu_args)
+    try:
+        return qdebug(*args)
+    finally:
+        holder.close()
+
+
+def write_trace(path, lines) -> str:
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def qemu_io_stdin(image: str, lines: list[str]) -> subprocess.CompletedProcess:
+    """qemu-io reading the trace from stdin, as the issue feeds it (comments removed)."""
+    return subprocess.run([QEMU_IO, "-f", "qcow2", image], input="\n".join(strip_comments(lines)).encode() + b"\n",
+                          capture_output=True)
+
+
+def metadata_clusters(path: str) -> list[tuple[int, bytes]]:
+    """(refcount, bytes) of every host cluster, with the bytes of plain data clusters left out.
+
+    Data clusters are compared through the guest (`qemu-img compare`): their bytes in subclusters the
+    bitmap marks unallocated are invisible, and QEMU leaves zeros there where it punched a hole when
+    the cluster was last freed. Everything else (header, tables, L2 entries with their host offsets
+    and bitmaps, refcounts, compressed data) must be identical byte for byte.
+    """
+    import numpy as np
+
+    from qdebug.engine import constants as C
+    from qdebug.engine.image import open_image
+
+    with open_image(path) as img:
+        cs = img.cluster_size
+        data: set[int] = set()
+        for l1e in img.l1.tolist():
+            l2_off = l1e & C.L1E_OFFSET_MASK
+            if l2_off:
+                w0 = np.asarray(img.l2_table(l2_off)[0], dtype=np.uint64)
+                plain = (w0 & np.uint64(C.QCOW_OFLAG_COMPRESSED)) == 0
+                data.update((((w0[plain] & np.uint64(C.L2E_OFFSET_MASK)) >> np.uint64(img.cluster_bits))
+                             .astype(np.int64)).tolist())
+        data.discard(0)
+        return [(rc, img.pread(i * cs, cs) if rc and i not in data else b"")
+                for i in range(-(-img.file_size // cs)) for rc in [img.refcount(i)]]
+
+
+def same_images(a: str, b: str) -> None:
+    """Same guest data, same metadata (QEMU picks the same host offsets in one process)."""
+    assert qemu_img("compare", "-q", a, b, check=False).returncode == 0, "guest data differs"
+    la, lb = metadata_clusters(a), metadata_clusters(b)
+    diff = [i for i in range(max(len(la), len(lb)))
+            if (la[i] if i < len(la) else (0, b"")) != (lb[i] if i < len(lb) else (0, b""))]
+    assert not diff, f"host clusters differ (refcount or metadata bytes): {diff[:10]}"
+
+
+# ---- create ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("opts", [
+    "", "cluster_size=16k", "cluster_size=2M,refcount_bits=64", "extended_l2=off,refcount_bits=1",
+    "compression_type=zstd,cluster_size=128k",
+])
+def test_create_is_byte_identical_to_qemu_img(tmp_path, qemu, opts):
+    mine, ref = str(tmp_path / "mine.qcow2"), str(tmp_path / "ref.qcow2")
+    args = ["create", mine, "1G"] + (["-o", opts] if opts else [])
+    assert main(args) == 0
+    qemu_opts = "extended_l2=on," + opts if "extended_l2" not in opts else opts
+    qemu_img("create", "-q", "-f", "qcow2", "-o", qemu_opts.rstrip(","), ref, "1G")
+    assert digest(mine) == digest(ref)
+
+
+def test_create_with_backing_takes_its_size_and_qemu_reads_through(tmp_path, qemu):
+    base = create(str(tmp_path / "base.qcow2"), "3M")
+    qemu_io(base, "write -P 0x7 1M 64k")
+    top = str(tmp_path / "top.qcow2")
+    assert main(["create", top, "-b", "base.qcow2", "-F", "qcow2", "-q"]) == 0
+    ref = str(tmp_path / "ref.qcow2")
+    os.chdir(tmp_path)
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "extended_l2=on", "-b", "base.qcow2", "-F", "qcow2", ref)
+    assert digest(top) == digest(ref)
+    assert qemu_io(top, "read -P 0x7 1M 64k").returncode == 0
+
+
+@pytest.mark.parametrize("args,message", [
+    (["-o", "cluster_size=3k"], "cluster size"),
+    (["-o", "bogus=1"], "unknown option 'bogus'"),
+    (["-o", "extended_l2=maybe"], "extended_l2 must be on or off"),
+    (["-F", "qcow2"], "-F needs -b"),
+])
+def test_create_errors_are_one_line(tmp_path, args, message):
+    p = qdebug("create", str(tmp_path / "x.qcow2"), "1G", *args)
+    assert p.returncode == 1
+    err = p.stderr.decode()
+    assert err.startswith("qdebug: error:") and message in err and err.count("\n") == 1
+
+
+def test_create_refuses_an_image_qemu_holds(tmp_path, qemu):
+    image = create(str(tmp_path / "a.qcow2"), "64M")
+    before = digest(image)
+    p = qdebug_while_qemu_holds(image, "create", image, "1G")
+    assert p.returncode == 1 and b"in use by another process" in p.stderr
+    assert digest(image) == before
+
+
+# ---- plan --------------------------------------------------------------------------------------------
+def test_plan_leaves_the_image_untouched(tmp_path, qemu, capsys):
+    image = create(str(tmp_path / "a.qcow2"), SIZE)
+    qemu_io(image, "write -P 0x11 0 64k")
+    before = digest(image)
+    assert main(["plan", image, "write -P 0x22 8k 4k", "--output=json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert isinstance(plan, dict) and plan
+    assert main(["plan", image, "write -P 0x22 8k 4k"]) == 0
+    assert capsys.readouterr().out.strip()
+    assert digest(image) == before
+
+
+def test_plan_refuses_while_qemu_writes_and_rejects_bad_commands(tmp_path, qemu):
+    image = create(str(tmp_path / "a.qcow2"), SIZE)
+    p = qdebug_while_qemu_holds(image, "plan", image, "write 0 4k")
+    assert p.returncode == 1 and b'Failed to get shared "write" lock' in p.stderr
+    p = qdebug("plan", image, "write -Q 0 4k")
+    assert p.returncode == 1 and p.stderr.decode().startswith("qdebug: error: plan: ")
+
+
+# ---- replay: differential against qemu-io ----------------------------------------------------------------
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("backing", [None, "qcow2", "raw"])
+def test_replay_matches_qemu_io(tmp_path, qemu, seed, backing):
+    lines = random_trace(seed, 60, SIZE, comments=True)
+    trace = write_trace(tmp_path / "t.trace", lines)
+    base = None
+    if backing == "qcow2":
+        base = create(str(tmp_path / "base.qcow2"), SIZE)
+        qemu_io(base, "write -P 0x5a 0 4M", "write -z 1M 512k")
+    elif backing == "raw":
+        base = str(tmp_path / "base.raw")
+        with open(base, "wb") as f:
+            f.write(bytes([0x33]) * (SIZE - 12345))
+    mine = create(str(tmp_path / "mine.qcow2"), SIZE, backing=base, backing_fmt=backing)
+    ref = create(str(tmp_path / "ref.qcow2"), SIZE, backing=base, backing_fmt=backing)
+    q = qemu_io_stdin(ref, lines)
+    qemu_failed = q.stdout.count(b"failed") + q.stderr.count(b"failed")
+    p = qdebug("replay", "--keep-going", mine, trace)
+    assert p.returncode == (1 if qemu_failed else 0), p.stderr.decode()
+    assert p.stderr.decode().count("qdebug: error:") == qemu_failed
+    same_images(mine, ref)
+    assert qemu_check(mine)[0] == qemu_check(ref)[0]
+
+
+def test_replay_from_stdin_with_log(tmp_path, qemu):
+    lines = ["# a comment", "", "write -P 0x22 8k 4k", "discard 0 64k   # trailing", "write -z 64k 4k", "flush",
+             "read -P 0 64k 4k"]
+    image = create(str(tmp_path / "a.qcow2"), SIZE)
+    ref = create(str(tmp_path / "ref.qcow2"), SIZE)
+    qemu_io_stdin(ref, lines)
+    log = str(tmp_path / "steps.jsonl")
+    p = qdebug("replay", image, "-", "--log", log, stdin=("\n".join(lines) + "\n").encode())
+    assert p.returncode == 0, p.stderr
+    same_images(image, ref)
+    with open(log) as f:
+        steps = [json.loads(line) for line in f]
+    assert [s["line"] for s in steps] == [3, 4, 5, 6, 7]
+    assert steps[0]["command"] == "write -P 0x22 8k 4k"
+    w = steps[0]
+    assert w["plan"] and w["host-writes"] and w["bitmaps"]["0"]["before"] != w["bitmaps"]["0"]["after"]
+    assert w["hazards"] == [] and w["error"] is None
+
+
+@pytest.mark.parametrize("bad,reason", [
+    ("writ 0 4k", "unknown command"),
+    ("write -P 0x22 8k", "needs OFFSET and LENGTH"),
+    ("read -P 0x99 0 4k", "Pattern verification failed"),
+])
+def test_replay_stops_at_a_bad_line_with_the_image_as_of_the_line_before(tmp_path, qemu, bad, reason):
+    lines = ["write -P 0x11 0 64k", "write -P 0x22 100k 8k", bad, "write -P 0x33 1M 64k"]
+    trace = write_trace(tmp_path / "t.trace", lines)
+    image = create(str(tmp_path / "a.qcow2"), SIZE)
+    ref = create(str(tmp_path / "ref.qcow2"), SIZE)
+    qemu_io(ref, *lines[:2])
+    p = qdebug("replay", image, trace)
+    assert p.returncode == 1
+    err = p.stderr.decode()
+    assert err.startswith(f"qdebug: error: {trace}:3: ") and reason in err and err.count("\n") == 1
+    same_images(image, ref)
+    # --keep-going goes on past the bad line, like qemu-io, and still fails at the end
+    image2 = create(str(tmp_path / "b.qcow2"), SIZE)
+    qemu_io(ref, lines[3])
+    p = qdebug("replay", "--keep-going", image2, trace)
+    assert p.returncode == 1 and f"{trace}:3:" in p.stderr.decode()
+    same_images(image2, ref)
+
+
+def test_a_command_qemu_fails_stops_the_replay_with_its_line(tmp_path, qemu):
+    lines = ["write -P 0x11 0 64k", "write -c -P 0x22 0 64k", "write -P 0x33 1M 4k"]
+    trace = write_trace(tmp_path / "t.trace", lines)
+    image = create(str(tmp_path / "a.qcow2"), SIZE)
+    ref = create(str(tmp_path / "ref.qcow2"), SIZE)
+    q = qemu_io_stdin(ref, lines[:2])
+    assert b"Input/output error" in q.stdout + q.stderr  # QEMU itself refuses (EIO, nothing changed)
+    p = qdebug("replay", image, trace)
+    assert p.returncode == 1
+    assert f"{trace}:2: write -c -P 0x22 0 64k: " in p.stderr.decode()
+    same_images(image, ref)
+
+
+def test_hazard_is_reproduced_and_flagged(tmp_path, qemu):
+    lines = ["write -c -P 0x67 0 64k", "write -P 0x35 1k 3k", "write -P 0x3c 1M 512", "write -c -P 0x8a 2M 64k"]
+    trace = write_trace(tmp_path / "t.trace", lines)
+    image = create(str(tmp_path / "a.qcow2"), SIZE)
+    ref = create(str(tmp_path / "ref.qcow2"), SIZE)
+    qemu_io_stdin(ref, lines)
+    log = str(tmp_path / "log.jsonl")
+    p = qdebug("replay", image, trace, "--log", log)
+    assert p.returncode == 0
+    err = p.stderr.decode()
+    m = re.search(rf"{re.escape(trace)}:4: .*hazard.*guest \[0x([0-9a-f]+), 0x([0-9a-f]+)\)", err)
+    assert m, err
+    # the guest range named is inside what `write -P 0x3c 1M 512` wrote, which QEMU just overwrote
+    assert 1 << 20 <= int(m.group(1), 16) < int(m.group(2), 16) <= (1 << 20) + 512
+    same_images(image, ref)
+    assert qemu_check(image)[0] == qemu_check(ref)[0] != 0  # QEMU's own corruption, reproduced
+    with open(log) as f:
+        steps = [json.loads(line) for line in f]
+    assert [bool(s["hazards"]) for s in steps] == [False, False, False, True]
+
+
+# ---- replay: safety ------------------------------------------------------------------------------------
+def test_replay_refuses_while_qemu_holds_the_image(tmp_path, qemu):
+    image = create(str(tmp_path / "a.qcow2"), SIZE)
+    trace = write_trace(tmp_path / "t.trace", ["write 0 4k"])
+    before = digest(image)
+    p = qdebug_while_qemu_holds(image, "replay", image, trace)
+    assert p.returncode == 1
+    assert p.stderr.decode() == (f"qdebug: error: {image} is in use by another process (a running QEMU?): "
+                                 'Failed to get "write" lock\n')
+    assert digest(image) == before
+
+
+def test_qemu_refuses_while_replay_runs(tmp_path, qemu):
+    image = create(str(tmp_path / "a.qcow2"), SIZE)
+    trace = write_trace(tmp_path / "t.trace", ["write -P 0x1 0 4k"])
+    r, w = os.pipe()
+    proc = subprocess.Popen([sys.executable, "-m", "qdebug.cli", "replay", image, "-"], stdin=r,
+                            stderr=subprocess.PIPE)
+    os.close(r)
+    try:
+        os.write(w, b"write -P 0x1 0 4k\n")
+        deadline = time.monotonic() + 20
+        while True:  # wait until qdebug holds the image
+            p = subprocess.run([QEMU_IO, "-c", "read 0 4k", image], capture_output=True)
+            if p.returncode != 0 or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        assert b'Failed to get "write" lock' in p.stderr
+    finally:
+        os.close(w)
+        proc.wait(30)
+    assert proc.returncode == 0
+    assert trace  # same trace through qemu-io afterwards works: the locks are gone
+    assert qemu_io(image, "read -P 0x1 0 4k").returncode == 0
+
+
+def test_replay_refuses_a_corrupt_image(tmp_path, qemu):
+    image = create(str(tmp_path / "a.qcow2"), SIZE)
+    with open(image, "r+b") as f:
+        f.seek(72)
+        f.write(struct.pack(">Q", 2))
+    before = digest(image)
+    p = qdebug("replay", image, write_trace(tmp_path / "t.trace", ["write 0 4k"]))
+    assert p.returncode == 1 and b"corrupt bit" in p.stderr and b"qemu-img check -r all" in p.stderr
+    assert digest(image) == before
+
+
+def test_replay_never_writes_the_backing_file(tmp_path, qemu):
+    base = create(str(tmp_path / "base.qcow2"), SIZE)
+    qemu_io(base, "write -P 0x44 0 4M")
+    before = digest(base)
+    top = create(str(tmp_path / "top.qcow2"), SIZE, backing=base)
+    trace = write_trace(tmp_path / "t.trace", random_trace(9, 80, SIZE))
+    assert qdebug("replay", "--keep-going", top, trace).returncode in (0, 1)
+    assert digest(base) == before
+
+
+def test_dry_run_writes_nothing_and_logs_plans(tmp_path, qemu):
+    image = create(str(tmp_path / "a.qcow2"), SIZE)
+    qemu_io(image, "write -P 0x11 0 1M")
+    before = digest(image)
+    log = str(tmp_path / "plans.jsonl")
+    trace = write_trace(tmp_path / "t.trace", ["write -P 0x22 8k 4k", "discard 0 64k", "read 0 4k"])
+    p = qdebug("replay", "--dry-run", image, trace, "--log", log)
+    assert p.returncode == 0, p.stderr
+    assert digest(image) == before and not os.path.exists(journal_path(image))
+    with open(log) as f:
+        steps = [json.loads(line) for line in f]
+    assert [s["line"] for s in steps] == [1, 2, 3]
+    assert steps[0]["plan"] and steps[1]["plan"] and steps[2]["plan"] is None
+
+
+# ---- journal and undo ------------------------------------------------------------------------------------
+def test_replay_journal_then_undo_steps_and_all(tmp_path, qemu):
+    image = create(str(tmp_path / "a.qcow2"), SIZE)
+    lines = strip_comments(random_trace(21, 30, SIZE, mix=(("write", 50), ("zero", 20), ("discard", 15),
+                                                            ("multi", 15))))
+    states = [digest(image)]
+    for i in range(0, 30, 10):  # three replays of 10 lines: states after each
+        assert qdebug("replay", "--journal", image, write_trace(tmp_path / f"t{i}", lines[i:i + 10])).returncode == 0
+        states.append(digest(image))
+    p = qdebug("undo", image, "--steps", "10")
+    assert p.returncode == 0 and b"undid 10 step(s); 20 step(s) left" in p.stdout
+    assert digest(image) == states[2]
+    assert main(["undo", image, "--all"]) == 0
+    assert digest(image) == states[0]
+    assert not os.path.exists(journal_path(image))
+    p = qdebug("undo", image)
+    assert p.returncode == 1 and b"no undo journal" in p.stderr
+
+
+def test_replay_without_journal_keeps_an_existing_journal_going(tmp_path, qemu):
+    image = create(str(tmp_path / "a.qcow2"), SIZE)
+    original = digest(image)
+    assert qdebug("replay", "--journal", image, write_trace(tmp_path / "a", ["write -P 1 0 64k"])).returncode == 0
+    p = qdebug("replay", image, write_trace(tmp_path / "b", ["write -P 2 64k 64k"]))
+    assert p.returncode == 0 and b"journaling this replay too" in p.stderr
+    assert qdebug("undo", image, "--all").returncode == 0
+    assert digest(image) == original
+
+
+def test_killed_replay_is_rolled_back_by_undo_all(tmp_path, qemu):
+    image = create(str(tmp_path / "a.qcow2"), 64 << 20)
+    original = digest(image)
+    trace = write_trace(tmp_path / "t.trace", random_trace(4, 20000, 64 << 20, mix=(("write", 60), ("multi", 40))))
+    proc = subprocess.Popen([sys.executable, "-m", "qdebug.cli", "replay", "--journal", image, trace],
+                            stderr=subprocess.PIPE)
+    time.sleep(1.5)  # somewhere in the middle of a step, most likely
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the replay finished before it could be killed"
+    p = qdebug("undo", image, "--all", "--output", "json")
+    assert p.returncode == 0, p.stderr
+    res = json.loads(p.stdout)
+    assert res["remaining"] == 0 and res["undone"] > 0
+    assert digest(image) == original
+
+
+def test_undo_refuses_while_qemu_holds_the_image(tmp_path, qemu):
+    image = create(str(tmp_path / "a.qcow2"), SIZE)
+    assert qdebug("replay", "--journal", image, write_trace(tmp_path / "a", ["write 0 64k"])).returncode == 0
+    after = digest(image)
+    p = qdebug_while_qemu_holds(image, "undo", image, qemu_args=("-r",))
+    assert p.returncode == 1 and b"in use by another process" in p.stderr
+    assert digest(image) == after

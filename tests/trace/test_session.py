@@ -1,0 +1,184 @@
+"""Session: step / back / seek are exact inverses (bytes and allocator state), on a scratch copy."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import statistics
+import time
+
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from qdebug.engine.errors import QcowError
+from qdebug.engine.journal import journal_path, undo
+from qdebug.trace.commands import parse_trace
+from qdebug.trace.session import Session, sparse_copy
+from tests.qemu import create, qemu_check, qemu_img, qemu_io
+from tests.trace.random_traces import random_trace
+
+CS = 65536
+SIZE = 4 << 20
+
+
+def digest(path: str) -> tuple[int, str]:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return os.path.getsize(path), h.hexdigest()
+
+
+def host_offsets(rec) -> list[tuple[int, int, str]]:
+    return [(w.offset, w.length, w.what) for w in (rec.result.host_writes if rec.result else [])]
+
+
+@pytest.fixture
+def image(tmp_path, qemu):
+    return create(str(tmp_path / "img.qcow2"), SIZE)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(seed=st.integers(0, 2**32 - 1), n=st.integers(1, 25))
+def test_back_over_every_step_is_byte_identical_and_restep_repeats_host_offsets(image, seed, n):
+    cmds = parse_trace(random_trace(seed, n, SIZE), "random")
+    original = digest(image)
+    with Session(image, cmds) as s:
+        states = [digest(s.path)]
+        first = []
+        while (rec := s.step()) is not None:
+            states.append(digest(s.path))
+            first.append(host_offsets(rec))
+        assert s.position == len(cmds)
+        while s.back() is not None:
+            assert digest(s.path) == states[s.position]
+        assert s.position == 0
+        for i in range(len(cmds)):  # the allocator state came back too: same host offsets again
+            assert host_offsets(s.step()) == first[i]
+            assert digest(s.path) == states[i + 1]
+    assert digest(image) == original, "a scratch session never touches the user's image"
+
+
+def test_seek_reaches_the_same_state_from_either_side(image):
+    cmds = parse_trace(random_trace(7, 30, SIZE), "random")
+    with Session(image, cmds) as s:
+        states = [digest(s.path)]
+        while s.step():
+            states.append(digest(s.path))
+        for target in (0, 17, 3, 30, 29, 12, 0, 5):
+            assert s.seek(target) == target
+            assert digest(s.path) == states[target]
+        assert s.seek(999) == 30 and s.seek(-3) == 0
+
+
+def test_session_result_matches_qemu_io(image, tmp_path):
+    """The scratch copy after all steps equals what one qemu-io process makes of the same trace."""
+    lines = random_trace(11, 40, SIZE)
+    ref = str(tmp_path / "ref.qcow2")
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "extended_l2=on", ref, str(SIZE))
+    qemu_io(ref, *lines, check=False)
+    with Session(image, parse_trace(lines, "random")) as s:
+        s.seek(len(lines))
+        # -U: the session holds the scratch copy like a running QEMU would
+        assert qemu_img("compare", "-U", "-q", ref, s.path, check=False).returncode == 0
+        assert qemu_img("check", "-U", s.path, check=False).returncode == qemu_check(ref)[0]
+
+
+def test_in_place_session_leaves_a_journal_for_qdebug_undo(image):
+    original = digest(image)
+    cmds = parse_trace(random_trace(3, 12, SIZE), "random")
+    with Session(image, cmds, scratch=False) as s:
+        assert s.path == image
+        s.seek(12)
+        s.back()
+        after = digest(image)
+    assert digest(image) == after and os.path.exists(journal_path(image))
+    res = undo(image, steps=None)
+    assert res.undone == 11 - sum(1 for c in cmds[:11] if c.op in ("read", "flush"))
+    assert digest(image) == original
+    assert not os.path.exists(journal_path(image))
+
+
+def test_backing_file_is_never_written(tmp_path, qemu):
+    base = create(str(tmp_path / "base.qcow2"), SIZE)
+    qemu_io(base, "write -P 0x11 0 1M", "write -P 0x22 2M 512k")
+    top = create(str(tmp_path / "top.qcow2"), SIZE, backing=base)
+    base_before, base_mtime = digest(base), os.stat(base).st_mtime_ns
+    with Session(top, parse_trace(random_trace(5, 30, SIZE), "r"), scratch=False) as s:
+        s.seek(30)
+        assert not s.chain.layers[1].writable
+        s.seek(0)
+    assert digest(base) == base_before and os.stat(base).st_mtime_ns == base_mtime
+
+
+def test_a_command_qemu_fails_is_recorded_and_changes_nothing(image):
+    cmds = parse_trace(["write -P 0x41 0 64k", "write -c -P 0x42 0 64k", "read -P 0x41 0 64k"], "t")
+    with Session(image, cmds) as s:
+        s.step()
+        before = digest(s.path)
+        rec = s.step()
+        assert rec.error and "Input/output error" in rec.error
+        assert digest(s.path) == before
+        assert s.step().error is None  # the data is still 0x41, as qemu-io reads it
+
+
+def test_failed_read_pattern_is_reported(image):
+    cmds = parse_trace(["write -P 0x41 0 4k", "read -P 0x42 0 4k"], "t")
+    with Session(image, cmds) as s:
+        s.step()
+        rec = s.step()
+        assert rec.error.startswith("Pattern verification failed at offset 0")
+
+
+def test_step_record_prints_as_json(image):
+    cmds = parse_trace(["write -P 0x22 8k 4k", "discard 0 64k", "flush"], "t")
+    with Session(image, cmds) as s:
+        s.seek(3)
+        for rec in s.records:
+            data = json.loads(json.dumps(rec.to_json()))
+            assert data["index"] == rec.index and data["line"] == rec.command.lineno
+        w = s.records[0].to_json()
+        assert w["command"] == "write -P 0x22 8k 4k"
+        assert w["bitmaps"]["0"]["after"] != w["bitmaps"]["0"]["before"]
+        assert any(h["what"] == "data" for h in w["host-writes"])
+
+
+def test_no_journal_means_no_back(image):
+    with Session(image, parse_trace(["write 0 4k"], "t"), journal=False) as s:
+        s.step()
+        with pytest.raises(QcowError, match="cannot step back"):
+            s.back()
+
+
+def test_sparse_copy_keeps_holes(tmp_path):
+    src = str(tmp_path / "sparse")
+    with open(src, "wb") as f:
+        f.truncate(64 << 20)
+        f.seek(30 << 20)
+        f.write(b"x" * 4096)
+    dst = str(tmp_path / "copy")
+    sparse_copy(src, dst)
+    assert digest(src) == digest(dst)
+    assert os.stat(dst).st_blocks * 512 < 1 << 20
+
+
+@pytest.mark.slow
+def test_step_and_back_are_fast_on_a_64g_image(tmp_path, qemu):
+    base = create(str(tmp_path / "base.qcow2"), "64G")
+    qemu_io(base, "write -P 0x5 0 4M", "write -P 0x6 32G 4M")
+    top = create(str(tmp_path / "top.qcow2"), "64G", backing=base)
+    lines = random_trace(1, 200, 64 << 30, mix=(("write", 60), ("zero", 20), ("discard", 10), ("multi", 10)))
+    with Session(top, parse_trace(lines, "r")) as s:
+        fwd, back = [], []
+        for _ in range(200):
+            t = time.perf_counter()
+            s.step()
+            fwd.append(time.perf_counter() - t)
+        for _ in range(200):
+            t = time.perf_counter()
+            s.back()
+            back.append(time.perf_counter() - t)
+    # "well under 100 ms": the median far below, the worst still below
+    assert statistics.median(fwd) < 0.02 and statistics.median(back) < 0.02
+    assert max(fwd) < 0.1 and max(back) < 0.1
