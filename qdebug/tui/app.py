@@ -124,6 +124,7 @@ class QDebugApp(App):
         """The map is as wide as its rows beside the inspector, full width when stacked."""
         cmap = self.cluster_map
         cmap.styles.width = "1fr" if self.size.width < 110 else cmap.row_width_needed()
+        self.query_one(Footer).compact = self.size.width < 110
 
     def refresh_panels(self) -> None:
         self.query_one("#header-panel", Static).update(header_content(self.chain))

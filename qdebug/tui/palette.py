@@ -13,16 +13,17 @@ from .screens import parse_target
 class QDebugCommands(Provider):
     def commands(self) -> list[tuple[str, str, object]]:
         app = self.app
+        go, nxt = app.action_goto, app.action_next
         return [
-            ("Go to offset…", "jump to a guest offset (also: type 'offset 0x10000')", partial(app.action_goto, "offset")),
-            ("Go to cluster…", "jump to a guest cluster (also: type 'cluster 12')", partial(app.action_goto, "cluster")),
-            ("Go to step…", "replay or undo the trace to a step (also: type 'step 3')", partial(app.action_goto, "step")),
+            ("Go to offset…", "jump to a guest offset (or type 'offset 0x10000')", partial(go, "offset")),
+            ("Go to cluster…", "jump to a guest cluster (or type 'cluster 12')", partial(go, "cluster")),
+            ("Go to step…", "replay or undo the trace to a step (or type 'step 3')", partial(go, "step")),
             ("Open trace…", "load a qemu-io command file to step through", app.action_open_trace),
             ("Run check", "qemu-img check of the image, findings in the check tab", app.action_check),
             ("Repair…", "repair the selected invalid entry (or all)", app.action_repair),
-            ("Next invalid entry", "jump to the next cluster with an invalid bitmap", partial(app.action_next, "invalid")),
-            ("Next allocated cluster", "jump to the next cluster with a host cluster", partial(app.action_next, "allocated")),
-            ("Next zero cluster", "jump to the next cluster with a zero subcluster", partial(app.action_next, "zero")),
+            ("Next invalid entry", "jump to the next cluster with an invalid bitmap", partial(nxt, "invalid")),
+            ("Next allocated cluster", "jump to the next cluster with a host cluster", partial(nxt, "allocated")),
+            ("Next zero cluster", "jump to the next cluster with a zero subcluster", partial(nxt, "zero")),
             ("Export screenshot", "save an SVG of the screen in the current directory", app.action_export_screenshot),
             ("Switch theme", "pick another colour theme", app.action_change_theme),
         ]
