@@ -233,11 +233,14 @@ def cmd_replay(args) -> int:
             chain = open_chain(args.image, writable=True)
             locks = lock_chain(chain, write=True)
             check_chain_writable(chain)
-            keep = args.journal or bool(journal_steps(args.image))
-            if keep and not args.journal:
+            earlier = any(s.committed for s in journal_steps(args.image))
+            if earlier and not args.journal:
                 print(f"qdebug: note: {args.image} has an undo journal; journaling this replay too",
                       file=sys.stderr)
-            journal = Journal(chain.top, durable=args.journal, keep=keep)
+            journal = Journal(chain.top, durable=args.journal, keep=args.journal or earlier)
+            if journal.recovered:
+                print(f"qdebug: note: {args.image}: rolled back a step an earlier run left unfinished",
+                      file=sys.stderr)
         engine = WriteEngine(chain)
 
         def fail(where: str, message: str) -> None:

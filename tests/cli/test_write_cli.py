@@ -384,3 +384,66 @@ def test_undo_refuses_while_qemu_holds_the_image(tmp_path, qemu):
     p = qdebug_while_qemu_holds(image, "undo", image, qemu_args=("-r",))
     assert p.returncode == 1 and b"in use by another process" in p.stderr
     assert digest(image) == after
+
+
+KILL_AT_NTH_WRITE = """
+import os, sys
+from qdebug.engine.image import Image
+from qdebug.cli import main
+n = int(sys.argv[1])
+real = Image.pwrite
+count = [0]
+def pwrite(self, offset, data):
+    count[0] += 1
+    if count[0] == n:
+        os._exit(9)  # the journal hook already ran: the crash is between its record and the write
+    return real(self, offset, data)
+Image.pwrite = pwrite
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.parametrize("nth", [40, 77, 123])
+def test_replay_killed_mid_step_without_journal_is_left_as_of_the_previous_step(tmp_path, qemu, nth):
+    from qdebug.engine.journal import journal_steps
+
+    lines = strip_comments(random_trace(8, 200, SIZE, mix=(("write", 50), ("zero", 20), ("discard", 10),
+                                                          ("multi", 20))))
+    trace = write_trace(tmp_path / "t.trace", lines)
+    image = create(str(tmp_path / "a.qcow2"), SIZE)
+    p = subprocess.run([sys.executable, "-c", KILL_AT_NTH_WRITE, str(nth), "replay", image, trace])
+    assert p.returncode == 9
+    (step,) = journal_steps(image)  # the transient journal holds just the unfinished step
+    assert not step.committed
+    p = qdebug("replay", image, write_trace(tmp_path / "empty", ["# nothing"]))
+    assert p.returncode == 0 and b"rolled back a step an earlier run left unfinished" in p.stderr
+    assert not os.path.exists(journal_path(image))
+    ref = create(str(tmp_path / "ref.qcow2"), SIZE)
+    qemu_io_stdin(ref, lines[:step.meta["index"]])
+    same_images(image, ref)
+    assert qemu_check(image)[0] == 0
+
+
+def test_progress_only_on_a_terminal(tmp_path, qemu):
+    import pty
+
+    lines = strip_comments(random_trace(2, 300, SIZE, mix=(("write", 70), ("discard", 30))))
+    trace = write_trace(tmp_path / "t.trace", lines)
+    image = create(str(tmp_path / "a.qcow2"), SIZE)
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "qdebug.cli", "replay", image, trace], stderr=slave)
+    os.close(slave)
+    out = b""
+    while True:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:  # EIO: the other side closed
+            break
+        if not chunk:
+            break
+        out += chunk
+    os.close(master)
+    assert proc.wait() == 0
+    assert b"replay: 300/300 commands" in out
+    p = qdebug("replay", create(str(tmp_path / "b.qcow2"), SIZE), trace)
+    assert p.returncode == 0 and p.stderr == b""  # not a terminal: silent

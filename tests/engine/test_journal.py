@@ -301,3 +301,33 @@ def test_garbage_journal_is_rejected(image):
         f.write(b"not a journal at all")
     with pytest.raises(JournalError, match="not a qdebug journal"):
         undo(image)
+
+
+def test_memory_stays_bounded_while_the_journal_grows(image):
+    """Before-images go to disk: neither many steps nor one huge overwrite pile up in RAM."""
+    import tracemalloc
+
+    with open_image(image, writable=True) as img, Journal(img) as j:
+        j.begin()
+        base = img.file_size
+        img.pwrite(base, bytes(32 << 20))  # growth: nothing to save
+        j.commit()
+        big = b"\x77" * (32 << 20)
+        tracemalloc.start()
+        try:
+            for i in range(300):
+                j.begin({"i": i})
+                img.pwrite(base + (i % 256) * CS, bytes([i % 256]) * CS)
+                j.commit()
+            _, many_steps_peak = tracemalloc.get_traced_memory()
+            tracemalloc.reset_peak()
+            j.begin({"big": True})
+            img.pwrite(base, big)  # a 32 MiB before-image, streamed in 4 MiB chunks
+            j.commit()
+            _, big_peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert os.path.getsize(j.path) > 300 * CS + (32 << 20)
+        assert many_steps_peak < 2 << 20
+        assert big_peak < 12 << 20
+        j.undo(None)
