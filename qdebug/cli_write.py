@@ -102,7 +102,7 @@ def _parse_command_arg(text: str, source: str):
     from .trace.syntax import SyntaxProblem
 
     try:
-        cmd = parse_line(text, 1)
+        cmd = parse_line(text, 0)
     except SyntaxProblem as e:
         raise QcowError(f"{source}: {e}") from None
     if cmd is None:

@@ -30,6 +30,16 @@ WRITER = ((PERM_CONSISTENT_READ, PERM_WRITE, PERM_RESIZE), (PERM_WRITE, PERM_RES
 READER = ((PERM_CONSISTENT_READ,), (PERM_WRITE, PERM_RESIZE))
 
 
+# Locks of one open file description merge: a second ImageLock on the same fd (a repair inside a
+# session) must not drop the first one's bytes when it releases. Count holders per (file, fd, byte).
+_HOLDERS: dict[tuple[int, int, int, int], int] = {}
+
+
+def _key(fd: int, byte: int) -> tuple[int, int, int, int]:
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino, fd, byte
+
+
 class ImageInUse(QcowError):
     """Another process (normally a running QEMU) holds a conflicting lock on the image."""
 
@@ -72,6 +82,8 @@ class ImageLock:
         try:
             for b in self._bytes():
                 _fcntl_lock(self.fd, F_OFD_SETLK, fcntl.F_RDLCK, b)
+                key = _key(self.fd, b)
+                _HOLDERS[key] = _HOLDERS.get(key, 0) + 1
                 self.bytes.append(b)
         except OSError as e:
             self.release()
@@ -102,7 +114,17 @@ class ImageLock:
         return ImageInUse(f"{self.path} is in use by another process (a running QEMU?): Failed to get {what} lock")
 
     def release(self) -> None:
+        """Drop our bytes, except those another ImageLock on the same fd still holds."""
         for b in self.bytes:
+            try:
+                key = _key(self.fd, b)
+            except OSError:
+                continue  # fd already closed: its locks went with it
+            left = _HOLDERS.get(key, 1) - 1
+            if left > 0:
+                _HOLDERS[key] = left
+                continue
+            _HOLDERS.pop(key, None)
             try:
                 _fcntl_lock(self.fd, F_OFD_SETLK, fcntl.F_UNLCK, b)
             except OSError:

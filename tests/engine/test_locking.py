@@ -196,3 +196,16 @@ def test_backing_files_are_read_only_and_locked_as_qemu_locks_them(tmp_path, qem
                 lk.release()
     with open(base, "rb") as f:
         assert f.read() == base_bytes
+
+
+def test_nested_locks_on_one_descriptor_keep_the_outer_one(image):
+    """A repair inside a session locks the same fd again; its release must not unlock the session."""
+    with open_image(image, writable=True) as img:
+        outer = ImageLock(img).acquire()
+        with ImageLock(img):
+            pass
+        assert locked_bytes(image) == {100, 101, 103, 201, 203}
+        p = subprocess.run([QEMU_IO, "-c", "read 0 4k", image], capture_output=True, text=True)
+        assert 'Failed to get "write" lock' in p.stderr
+        outer.release()
+        assert locked_bytes(image) == set()
