@@ -98,3 +98,29 @@ async def test_counts_arrive_from_a_worker(layered):
         await pilot.pause()
         counts = [m.counts for m in seen if isinstance(m, CountsReady)]
         assert counts and sum(counts[0].values()) == 64 * 32
+
+
+async def test_command_palette_jumps_to_a_typed_cluster(layered):
+    app = make_app(layered, counts=False)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await pilot.press("ctrl+p")
+        await pilot.pause()
+        for ch in "cluster 40":
+            await pilot.press("space" if ch == " " else ch)
+        await pilot.pause(0.5)
+        await pilot.press("enter")
+        await pilot.pause()
+        assert app.query_one(ClusterMap).cursor == 40
+
+
+async def test_bindings_are_remappable_by_id(layered):
+    app = make_app(layered, counts=False, keymap={"next.invalid": "x"})
+    async with app.run_test(size=(120, 40)) as pilot:
+        await pilot.press("i")  # no longer bound
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+        assert app.query_one(ClusterMap).cursor == 0
+        await pilot.press("x")
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+        assert app.query_one(ClusterMap).cursor == 40
