@@ -15,8 +15,8 @@ from __future__ import annotations
 from typing import Callable
 
 from . import constants as C
+from . import guestview
 from .planner import CowSource, L2MetaPlan, Request
-from .status import RAW_DATA
 from .subclusters import SubclusterType as T, clz32, ctz32, subcluster_range_type, subcluster_type
 from .tables import StepContext
 
@@ -192,64 +192,38 @@ def alloc_host_offset(ctx: StepContext, offset: int, nbytes: int) -> tuple[int, 
 
 # ---- COW ---------------------------------------------------------------------------------------------
 def guest_read(ctx: StepContext, offset: int, length: int) -> bytes:
-    """The guest view QEMU's COW reads see (beyond the virtual size: the top layer's own data, else zeros)."""
-    size = ctx.g.size
-    if offset + length <= size:
-        return ctx.chain.read(offset, length)
-    inside = ctx.chain.read(offset, max(0, size - offset)) if offset < size else b""
-    tail = bytearray(length - len(inside))
-    start = max(offset, size)
-    gc = start >> ctx.g.cbits
-    w0, bm = ctx.entry(gc)
-    host = w0 & C.L2E_OFFSET_MASK
-    if host and not w0 & C.QCOW_OFLAG_COMPRESSED:
-        for p in range(start, offset + length):  # at most the tail of one cluster; rare
-            sc = (p & (ctx.g.cs - 1)) >> ctx.g.sc_bits
-            if _type(ctx, w0, bm, sc) == T.NORMAL:
-                tail[p - start] = ctx.txn.img.pread(host + (p & (ctx.g.cs - 1)), 1)[0]
-    return inside + bytes(tail)
+    """The guest view QEMU's COW reads see (through the driver: beyond the virtual size too)."""
+    return guestview.read(ctx.chain, ctx.entry, offset, offset + length, ctx.decompressed)
+
+
+_SOURCE = {T.NORMAL: "old cluster", T.COMPRESSED: "decompressed cluster"}
 
 
 def cow_sources(ctx: StepContext, offset: int, length: int) -> list[CowSource]:
-    """Where each byte of a COW region comes from, by the chain's block status (zeros past the chain)."""
-    if length <= 0:
-        return []
-    end = min(offset + length, ctx.g.size)
+    """Where each byte of a COW region comes from: old cluster, decompressed, backing depth d, zeros."""
     out: list[CowSource] = []
-    if offset < end:
-        p = ctx.chain.resolve(offset, end)
-        for i in range(len(p.start)):
-            kind, depth = int(p.kind[i]), int(p.depth[i])
-            if kind in (T.NORMAL, RAW_DATA):
-                src = "old cluster" if depth == 0 else f"backing depth {depth}"
-            elif kind == T.COMPRESSED:
-                src = "decompressed cluster" if depth == 0 else f"backing depth {depth} (decompressed)"
-            else:
-                src = "zeros"
-            s, e = int(p.start[i]), int(p.end[i])
-            if out and out[-1].source == src:
-                last = out.pop()
-                out.append(CowSource(last.guest_offset, e - last.guest_offset, src))
-            else:
-                out.append(CowSource(s, e - s, src))
-    if offset + length > max(end, offset):
-        b = max(end, offset)
-        out.append(CowSource(b, offset + length - b, "beyond the virtual size"))
+    if length <= 0:
+        return out
+    for s, e, kind, depth, _h in guestview.segments(ctx.chain, ctx.entry, offset, offset + length):
+        if kind in (T.NORMAL, T.COMPRESSED, guestview.RAW_DATA):
+            src = _SOURCE.get(kind, "data") if depth == 0 else f"backing depth {depth}" + (
+                " (decompressed)" if kind == T.COMPRESSED else "")
+        else:
+            src = "zeros"
+        if out and out[-1].source == src:
+            last = out.pop()
+            out.append(CowSource(last.guest_offset, e - last.guest_offset, src))
+        else:
+            out.append(CowSource(s, e - s, src))
     return out
 
 
 def _is_zero_fast(ctx: StepContext, offset: int, length: int) -> bool:
-    """bdrv_co_is_zero_fast over the chain: zero/unallocated-everywhere reads as zero; data never."""
-    if length <= 0:
-        return True
-    end = min(offset + length, ctx.g.size)
-    if offset >= end:
-        return True
-    p = ctx.chain.resolve(offset, end)
-    for i in range(len(p.start)):
-        if int(p.kind[i]) in (T.NORMAL, T.COMPRESSED, T.INVALID, RAW_DATA):
-            return False
-    return True
+    """bdrv_co_is_zero_fast over the chain (decides QEMU's zero-COW shortcut); a range reaching
+    past the virtual size is never 'zero' (block status stops at the end)."""
+    if offset + length > ctx.g.size:
+        return length <= 0
+    return guestview.reads_as_zero(ctx.chain, ctx.entry, offset, offset + length, exact=False)
 
 
 def pwrite(ctx: StepContext, offset: int, nbytes: int, fill: Callable[[int, int], bytes], kind: str) -> None:

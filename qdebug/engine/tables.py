@@ -59,6 +59,7 @@ class StepContext:
         self.allocations: list[tuple[int, int, str]] = []
         self.notes: list[str] = []
         self.hazards: list = []
+        self.decompressed: dict = {}  # compressed clusters decompressed for COW in this step
 
     # ---- L1 / L2 ---------------------------------------------------------------------------------
     def l2_location(self, guest_cluster: int) -> tuple[int, int, int]:
@@ -138,4 +139,27 @@ class StepContext:
         raise StepFailed(f"Input/output error ({message})")
 
     def bitmap_str(self, word0: int, bitmap: int) -> str:
-        return bitmap_string(word0, bitmap, extended=self.g.ext)
+        return fast_bitmap_string(word0, bitmap, self.g.ext)
+
+
+_BYTE_CHARS: dict[tuple[int, int], str] = {}
+
+
+def _byte_chars(a: int, z: int, allocated: bool) -> str:
+    """8 subcluster characters for one byte of the allocation and zero halves (memoised)."""
+    key = (a | z << 8, allocated)
+    s = _BYTE_CHARS.get(key)
+    if s is None:
+        s = _BYTE_CHARS[key] = "".join("0" if z >> i & 1 else "N" if a >> i & 1 else "-" for i in range(8))
+    return s
+
+
+def fast_bitmap_string(word0: int, bitmap: int, ext: bool) -> str:
+    """Same text as subclusters.bitmap_string, without numpy (one table lookup per 8 subclusters)."""
+    if not ext or word0 & C.QCOW_OFLAG_COMPRESSED:
+        return bitmap_string(word0, bitmap, extended=ext)
+    a, z = bitmap & 0xFFFFFFFF, bitmap >> 32
+    allocated = bool(word0 & C.L2E_OFFSET_MASK)
+    if (a & z) if allocated else a:
+        return bitmap_string(word0, bitmap, extended=True)
+    return "_".join(_byte_chars(a >> k & 0xFF, z >> k & 0xFF, allocated) for k in (0, 8, 16, 24))

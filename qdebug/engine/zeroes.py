@@ -8,9 +8,9 @@ whole piece through the data path, as QEMU 7.2 does.
 from __future__ import annotations
 
 from . import constants as C
+from . import guestview
 from .datapath import pwrite
 from .planner import Request
-from .status import RAW_DATA
 from .subclusters import SubclusterType as T, subcluster_type
 from .tables import StepContext
 
@@ -57,13 +57,7 @@ def write_zeroes(ctx: StepContext, offset: int, nbytes: int, unmap: bool) -> Non
 def is_zero(ctx: StepContext, offset: int, nbytes: int) -> bool:
     """QEMU's is_zero(): exact block status through the chain, clamped to the image end."""
     end = min(offset + nbytes, ctx.g.size)
-    if offset >= end:
-        return True
-    p = ctx.chain.resolve(offset, end, for_map=True)
-    for i in range(len(p.start)):
-        if int(p.kind[i]) in (T.NORMAL, T.COMPRESSED, T.INVALID, RAW_DATA):
-            return False
-    return True
+    return guestview.reads_as_zero(ctx.chain, ctx.entry, offset, end, exact=True)
 
 
 def pwrite_zeroes(ctx: StepContext, offset: int, nbytes: int, unmap: bool) -> None:

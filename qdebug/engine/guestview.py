@@ -1,0 +1,136 @@
+"""The guest view of small ranges (COW regions, subcluster remainders), computed with scalar
+lookups: QEMU reads COW data and asks block status for a few KiB at a time, and the whole-table
+numpy machinery of status.py costs more than the answer for ranges this small.
+
+`segments()` walks the chain top-down exactly like status.resolve: the top layer is read through
+the step's Txn (so a plan sees its own earlier changes), unallocated subclusters fall through to
+the backing file, and past a backing file's end everything reads as zeros.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+
+from . import constants as C
+from .chain import RawFile
+from .compression import decompress, descriptor_fields
+from .subclusters import SubclusterType as T, subcluster_range_type
+
+RAW_DATA, RAW_HOLE, PAST_END = 7, 8, 9
+_QQ = struct.Struct(">QQ")
+_Q = struct.Struct(">Q")
+
+
+def _layer_entry(img, guest_cluster: int) -> tuple[int, int]:
+    h = img.header
+    l1_index, idx = divmod(guest_cluster, h.l2_entries)
+    if l1_index >= h.l1_size:
+        return 0, 0
+    l2_off = _Q.unpack_from(img.mm, h.l1_table_offset + 8 * l1_index)[0] & C.L1E_OFFSET_MASK
+    if not l2_off:
+        return 0, 0
+    off = l2_off + idx * h.l2_entry_size
+    if h.extended_l2:
+        return _QQ.unpack_from(img.mm, off)
+    return _Q.unpack_from(img.mm, off)[0], 0
+
+
+def segments(chain, top_entry, start: int, end: int, depth: int = 0, out=None) -> list[tuple[int, int, int, int, int]]:
+    """[(start, end, kind, depth, host)] for the guest range; kind is a SubclusterType, RAW_DATA,
+    RAW_HOLE (only when asked via raw_holes) or PAST_END. host: byte offset in that layer
+    (for COMPRESSED: the L2 descriptor)."""
+    if out is None:
+        out = []
+    if depth >= len(chain.layers):
+        out.append((start, end, PAST_END, depth, 0))
+        return out
+    layer = chain.layers[depth]
+    # The top layer is read through its driver (its L2 entries cover the whole last cluster);
+    # a backing file is read through the block layer, which zero-fills past its end.
+    lsize = layer.size if depth else 1 << 62
+    if start >= lsize:
+        out.append((start, end, PAST_END, depth, 0))
+        return out
+    if end > lsize:
+        segments(chain, top_entry, start, lsize, depth, out)
+        out.append((lsize, end, PAST_END, depth, 0))
+        return out
+    if isinstance(layer, RawFile):
+        out.append((start, end, RAW_DATA, depth, start))
+        return out
+    h = layer.header
+    cbits, cs = h.cluster_bits, h.cluster_size
+    ext = h.extended_l2
+    scb = h.subcluster_bits
+    pos = start
+    while pos < end:
+        gc = pos >> cbits
+        w0, bm = top_entry(gc) if depth == 0 else _layer_entry(layer, gc)
+        cend = min(end, (gc + 1) << cbits)
+        while pos < cend:
+            sc = (pos & (cs - 1)) >> scb
+            t, n = subcluster_range_type(w0, bm, sc, extended=ext)
+            run_end = min(cend, (gc << cbits) + ((sc + n) << scb)) if ext else cend
+            if t in (T.UNALLOCATED_PLAIN, T.UNALLOCATED_ALLOC):
+                if depth + 1 < len(chain.layers):
+                    segments(chain, None, pos, run_end, depth + 1, out)
+                else:
+                    out.append((pos, run_end, t, depth, 0))
+            elif t == T.NORMAL:
+                out.append((pos, run_end, t, depth, (w0 & C.L2E_OFFSET_MASK) + (pos & (cs - 1))))
+            elif t == T.COMPRESSED:
+                out.append((pos, run_end, t, depth, w0))
+            else:
+                out.append((pos, run_end, t, depth, 0))
+            pos = run_end
+    return out
+
+
+DATA_KINDS = (T.NORMAL, T.COMPRESSED, T.INVALID, RAW_DATA)
+
+
+def reads_as_zero(chain, top_entry, start: int, end: int, *, exact: bool) -> bool:
+    """Block status says ZERO for the whole range. exact=True is QEMU's is_zero (raw holes are
+    zero, found with SEEK_DATA); exact=False is bdrv_co_is_zero_fast (raw files are always data).
+    Past a short backing file's end both see zeros."""
+    if start >= end:
+        return True
+    for s, e, kind, depth, _h in segments(chain, top_entry, start, end):
+        if kind == RAW_DATA:
+            if not exact or not _raw_hole(chain.layers[depth], s, e):
+                return False
+        elif kind in DATA_KINDS:
+            return False
+    return True
+
+
+def _raw_hole(raw: RawFile, s: int, e: int) -> bool:
+    if s >= raw.file_size:
+        return True
+    try:
+        data = os.lseek(raw.fd, s, os.SEEK_DATA)
+    except OSError:
+        return True
+    return data >= e
+
+
+def read(chain, top_entry, start: int, end: int, cache: dict) -> bytes:
+    """Guest bytes of the range (COW source data)."""
+    out = bytearray(end - start)
+    for s, e, kind, depth, host in segments(chain, top_entry, start, end):
+        if kind == T.NORMAL or kind == RAW_DATA:
+            out[s - start:e - start] = chain.layers[depth].pread(host, e - s)
+        elif kind == T.COMPRESSED:
+            img = chain.layers[depth]
+            key = (depth, host)
+            data = cache.get(key)
+            if data is None:
+                off, nbytes = descriptor_fields(host, img.cluster_bits)
+                data = cache[key] = decompress(img.pread(off, nbytes), img.cluster_size, img.header.compression_type,
+                                               f"{img.path}: compressed cluster (host 0x{off:x})")
+            base = s & ~(img.cluster_size - 1)
+            out[s - start:e - start] = data[s - base:e - base]
+        elif kind == T.INVALID:
+            raise chain.invalid_entry_error(depth, s)
+    return bytes(out)
