@@ -10,7 +10,6 @@ backing file; past a shorter backing file they read as zeros) and is shared by g
 
 from __future__ import annotations
 
-import mmap
 import os
 from dataclasses import dataclass
 
@@ -170,72 +169,69 @@ def clip(r: Runs, start: int, end: int) -> Runs:
 # under glibc's mmap threshold (128 KiB); bigger temporaries are mmapped and page-faulted afresh on
 # each allocation, which made the same numpy operations 3-7x slower per element.
 SCAN_ENTRIES = 1 << 13
-_RELEASE_BYTES = 1 << 20  # gathers this large drop their pages from the process afterwards
 
 
 def gather_l2(img, c0: int, c1: int) -> tuple[np.ndarray, np.ndarray | None]:
     """Copies of (word0, bitmap) for guest clusters [c0, c1); zeros (UNALLOCATED_PLAIN) where the L1
-    has no table."""
+    has no table. Entries are read with preadv, not through the mmap: first touches of mapped
+    pages cost a page fault each, which was a third of a whole-image scan."""
     h = img.header
     per = h.l2_entries
+    words = 2 if h.extended_l2 else 1
     n = c1 - c0
     w0 = np.zeros(n, dtype=np.uint64)
-    bm = np.zeros(n, dtype=np.uint64) if h.extended_l2 else None
+    bm = np.zeros(n, dtype=np.uint64) if words == 2 else None
     for l1_index in range(c0 // per, (c1 - 1) // per + 1):
         l2_off = img.l2_offset(l1_index)
         if not l2_off:
             continue
-        tw0, tbm = img.l2_table(l2_off, l1_index)
         a, b = max(c0, l1_index * per), min(c1, (l1_index + 1) * per)
-        i0, i1 = a - l1_index * per, b - l1_index * per
-        w0[a - c0:b - c0] = tw0[i0:i1]
+        i0 = a - l1_index * per
+        raw = np.empty((b - a, words), dtype=">u8")
+        if l2_off % h.cluster_size or _pread_into(img, raw, l2_off + i0 * 8 * words) != raw.nbytes:
+            img.l2_table(l2_off, l1_index)  # raises the CorruptImage that names the table
+        w0[a - c0:b - c0] = raw[:, 0]
         if bm is not None:
-            bm[a - c0:b - c0] = tbm[i0:i1]
+            bm[a - c0:b - c0] = raw[:, 1]
     return w0, bm
 
 
-def _l2_tables(img, c0: int, c1: int) -> list[tuple[int, int]]:
+def _pread_into(img, buf: np.ndarray, offset: int) -> int:
+    try:
+        return os.preadv(img.fd, [buf], offset)
+    except OSError:
+        return -1
+
+
+def fadvise_tables(img, offsets, length: int) -> None:
+    """Ask the kernel to read these tables ahead (POSIX_FADV_WILLNEED): without it a cold-cache scan
+    is one synchronous small read after another."""
+    for off in offsets:
+        try:
+            os.posix_fadvise(img.fd, int(off), length, os.POSIX_FADV_WILLNEED)
+        except (OSError, AttributeError):
+            return
+
+
+def _l2_tables(img, c0: int, c1: int) -> list[int]:
     per = img.header.l2_entries
-    return [(i, off) for i in range(c0 // per, (c1 - 1) // per + 1) if (off := img.l2_offset(i))]
-
-
-def _advise(img, tables, length: int, advice: str) -> None:
-    mm = img.mm
-    flag = getattr(mmap, advice, None)
-    if flag is None or not isinstance(mm, mmap.mmap):
-        return
-    for _i, off in tables:
-        if off % mmap.PAGESIZE == 0 and off + length <= img.file_size:
-            try:
-                mm.madvise(flag, off, length)
-            except (OSError, ValueError):
-                return
+    return [off for i in range(c0 // per, (c1 - 1) // per + 1) if (off := img.l2_offset(i))]
 
 
 def qcow2_runs(img, start: int, end: int) -> Runs:
-    """Runs of a qcow2 layer over guest [start, end) (end already clamped to the layer's size).
-
-    For big ranges the L2 tables are prefetched first (a cold-cache mmap scan degrades to one
-    synchronous 4 KiB read per page) and unmapped from the process afterwards, so the resident size
-    stays bounded on a 1 TiB image (the kernel keeps them in its page cache)."""
+    """Runs of a qcow2 layer over guest [start, end) (end already clamped to the layer's size)."""
     if start >= end:
         return Runs.empty()
     h = img.header
     cs = h.cluster_size
     c0, c1 = start // cs, (end + cs - 1) // cs
-    if c1 - c0 > SCAN_ENTRIES and not _has_tables(img, c0, c1):  # HX: O(1) over empty guest space
-        return Runs(np.array([start]), np.array([end]), np.array([T.UNALLOCATED_PLAIN], np.uint8), np.array([-1]))
-    tables = _l2_tables(img, c0, c1) if c1 - c0 > SCAN_ENTRIES else []
-    big = len(tables) * cs >= _RELEASE_BYTES
-    if big:
-        _advise(img, tables, cs, "MADV_WILLNEED")
+    if c1 - c0 > SCAN_ENTRIES:
+        fadvise_tables(img, _l2_tables(img, c0, c1), cs)
     parts: list[Runs] = []
     for b0 in range(c0, c1, SCAN_ENTRIES):
         b1 = min(c1, b0 + SCAN_ENTRIES)
         w0, bm = gather_l2(img, b0, b1)
         parts.append(coalesce(_sparse_units(w0, bm, b0, b1, cs, h.extended_l2)))
-    if big:
-        _advise(img, tables, cs, "MADV_DONTNEED")
     runs = parts[0] if len(parts) == 1 else coalesce(Runs.concat(parts))
     return clip(runs, start, end)
 

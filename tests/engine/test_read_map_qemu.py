@@ -8,8 +8,12 @@ import os
 
 import pytest
 
+import numpy as np
+
 from qdebug.engine.chain import open_chain
 from qdebug.engine.mapping import write_json
+from qdebug.engine.subclusters import SubclusterType, classify
+from qdebug.engine.summary import iter_l2_batches, subcluster_counts
 from tests.qemu import convert_raw, create, qemu_img, qemu_io, qemu_map_text
 
 pytestmark = pytest.mark.qemu
@@ -55,6 +59,21 @@ def _compare(img: str, tmp) -> None:
     theirs = qemu_map_text(img)
     assert json.loads(buf.getvalue()) == json.loads(theirs)
     assert buf.getvalue() == theirs
+    _check_counts(img)
+
+
+def _check_counts(img: str) -> None:
+    """The popcount-based whole-image counts equal a per-subcluster classify() of every entry."""
+    with open_chain(img, no_backing=True) as chain:
+        top = chain.top
+        h = top.header
+        ref = np.zeros(len(SubclusterType), dtype=np.int64)
+        covered = 0
+        for gcs, w0, bm in iter_l2_batches(top):
+            ref += np.bincount(classify(w0, bm, extended=h.extended_l2).reshape(-1), minlength=len(ref))
+            covered += len(gcs)
+        ref[SubclusterType.UNALLOCATED_PLAIN] += (h.guest_clusters - covered) * h.subclusters_per_cluster
+        assert subcluster_counts(top) == {t.name: int(ref[t]) for t in SubclusterType}
 
 
 SHAPES = [
