@@ -12,13 +12,11 @@ address space under 1 GiB; and not one byte or mtime of the image or its backing
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 
 import pytest
 
+from tests.hostile.driver import spawn
 from tests.hostile.images import build_bases, save_manifest
 from tests.qemu import require_qemu
 
@@ -28,7 +26,6 @@ EXAMPLES = int(os.environ.get("QDEBUG_FUZZ_EXAMPLES", "240"))
 SEED = int(os.environ.get("QDEBUG_FUZZ_SEED", "20261126"))
 SHARDS = 4  # parametrized so pytest -n 2 spreads them over both cores
 BATCH = 250  # mutants per driver process (a crash loses at most one batch's remaining cases)
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
@@ -47,25 +44,9 @@ def cases_for(names: list[str], shard: int) -> list[tuple[str, int]]:
 
 
 def run_driver(manifest: str, workdir: str, cases: list, timeout: float = 20.0) -> tuple[list[dict], dict]:
-    """Run one driver process over `cases`; returns (case results, final stats)."""
+    """One driver process over `cases`: (case results, final stats)."""
     job = {"manifest": manifest, "workdir": workdir, "cases": cases, "timeout": timeout}
-    env = dict(os.environ, OPENBLAS_NUM_THREADS="1", PYTHONPATH=ROOT)
-    env.pop("QDEBUG_DEBUG", None)
-    p = subprocess.run([sys.executable, "-m", "tests.hostile.driver"], input=json.dumps(job).encode(),
-                       capture_output=True, cwd=ROOT, env=env, timeout=60 + timeout * 12 * len(cases))
-    results, started, done = [], None, None
-    for line in p.stdout.decode().splitlines():
-        rec = json.loads(line)
-        if "start" in rec:
-            started = rec["start"]
-        elif "done" in rec:
-            done = rec
-        else:
-            results.append(rec)
-            started = None
-    if done is None or p.returncode != 0:
-        raise AssertionError(f"driver died (exit {p.returncode}) in case {started}: {p.stderr.decode()[-3000:]}")
-    return results, done
+    return spawn(job, 60 + timeout * 12 * len(cases))
 
 
 @pytest.mark.parametrize("shard", range(SHARDS))

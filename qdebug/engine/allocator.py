@@ -36,14 +36,11 @@ class AllocatorState:
 
 class Allocator:
     def __init__(self, txn: Txn):
-        self.txn = txn
         self.free_cluster_index = 0
         self.free_byte_offset = 0
         # Set when the cluster free_byte_offset points into drops to refcount 0 (QEMU keeps
         # packing into it anyway: the data-corrupting bug of the notes, section 13).
         self.byte_cluster_freed = False
-        self.stale_pack = False
-        self.freed: list[tuple[int, int]] = []  # (host offset, length) of every refcount decrement
         h = txn.img.header
         self.cs = h.cluster_size
         self.cbits = h.cluster_bits
@@ -55,6 +52,14 @@ class Allocator:
         self.reftable_offset = h.refcount_table_offset
         self.reftable_len = h.refcount_table_clusters * h.cluster_size // 8
         self._unpack = lambda buf: unpack_refcounts(buf, self.order)
+        self.begin(txn)
+
+    def begin(self, txn: Txn) -> None:
+        """Start a new step: fresh Txn, fresh refcount cache (the file may have changed meanwhile)."""
+        self.txn = txn
+        self._cache: dict[int, np.ndarray] = {}  # refcount block offset -> values, for one step
+        self.freed: list[tuple[int, int]] = []  # (host offset, length) of every refcount decrement
+        self.stale_pack = False
 
     # ---- state ---------------------------------------------------------------------------------
     @property
@@ -79,7 +84,17 @@ class Allocator:
             return self._zero_block
         if off % self.cs:
             raise CorruptImage(f"refblock offset 0x{off:x} unaligned (reftable index: 0x{block:x})")
-        return self.txn.refcount_block(off, self._unpack)
+        vals = self._cache.get(off)
+        if vals is None:
+            vals = self.txn.refcount_block(off, self._unpack)
+            if not self._live(vals):
+                vals = np.array(vals, dtype=np.uint64)
+            self._cache[off] = vals
+        return vals
+
+    def _live(self, vals: np.ndarray) -> bool:
+        """A view of the file itself (executing, >= 8-bit refcounts): it follows every pwrite."""
+        return self.txn.applying and self.order >= 3 and not vals.flags.owndata
 
     def get_refcount(self, cluster_index: int) -> int:
         block, idx = divmod(cluster_index, self.per_block)
@@ -100,6 +115,11 @@ class Allocator:
             cur[s:s + len(values)] = values
             data = pack_refcounts(cur, self.order)
         self.txn.write_meta(block_off + b0, data, "refblock")
+        cached = self._cache.get(block_off)
+        if cached is not None and not self._live(cached):
+            if not cached.flags.writeable:
+                cached = self._cache[block_off] = np.array(cached, dtype=np.uint64)
+            cached[i0:i0 + len(values)] = values
 
     def update_refcount(self, first_cluster: int, count: int, addend: int, undo: bool = False) -> None:
         """Add `addend` (+n or -n) to `count` clusters; may raise _Again after undoing itself."""
@@ -153,6 +173,7 @@ class Allocator:
             self.update_refcount(new_index, 1, 1)
             data = bytes(self.cs)
         self.txn.write_meta(new_block, data, "refblock")
+        self._cache[new_block] = unpack_refcounts(data, self.order)
         if block < self.reftable_len:
             self.txn.write_u64(self.reftable_offset + block * 8, new_block, "reftable")
             raise _Again()
@@ -165,6 +186,9 @@ class Allocator:
         start = self.free_cluster_index
         block = start // self.per_block
         idx = start % self.per_block
+        if idx + n <= self.per_block and block < self.reftable_len and not self.block_values(block)[idx:idx + n].any():
+            self.free_cluster_index = start + n  # the common case: the run starts right here
+            return start
         run_start, run = start, 0
         table_len = self.reftable_len
         while True:
@@ -263,7 +287,12 @@ class Allocator:
     def free_clusters(self, offset: int, length: int) -> None:
         first = offset >> self.cbits
         last = (offset + length - 1) >> self.cbits
-        self.update_refcount(first, last - first + 1, -1)
+        try:
+            self.update_refcount(first, last - first + 1, -1)
+        except _Again:
+            # HX: freeing a cluster whose refcount block is missing: QEMU's qcow2_free_clusters logs
+            # "qcow2_free_clusters failed" and goes on (the cluster leaks; the new block stays).
+            pass
 
     def free_any_cluster(self, word0: int) -> None:
         """qcow2_free_any_cluster: drop the reference an L2 entry holds (compressed: its bytes)."""

@@ -514,7 +514,7 @@ def _refblocks(ctx: _Ctx) -> None:
                         host_offset=int(offs[i]), entry=int(rt[i])))
     ok = ~reserved & ~unaligned
     clusters = offs >> ctx.cb
-    outside = ok & (clusters >= len(ctx.refs))
+    outside = ok & ((offs < 0) | (clusters >= len(ctx.refs)))  # HX: bit 63 set reads as negative int64
     for i in np.flatnonzero(outside).tolist():
         ctx.corruptions += 1
         ctx.add(Finding("refblock-outside-image", "error", f"ERROR refcount block {i} is outside image",

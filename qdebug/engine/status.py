@@ -225,6 +225,9 @@ def qcow2_runs(img, start: int, end: int) -> Runs:
     h = img.header
     cs = h.cluster_size
     c0, c1 = start // cs, (end + cs - 1) // cs
+    if c1 - c0 > SCAN_ENTRIES and not _has_tables(img, c0, c1):
+        # HX: empty guest space costs O(1) however huge (keep this: tests/hostile/test_regressions.py)
+        return Runs(np.array([start]), np.array([end]), np.array([T.UNALLOCATED_PLAIN], np.uint8), np.array([-1]))
     if c1 - c0 > SCAN_ENTRIES:
         fadvise_tables(img, _l2_tables(img, c0, c1), cs)
     parts: list[Runs] = []

@@ -161,6 +161,15 @@ def _virtual_size(path: str) -> int:
         return 0
 
 
+def commands_for_case(img: str, has_backing: bool, seed: int) -> list[list[str]]:
+    """The core commands on every mutant, plus a seed-rotated third of the slow ones (check,
+    repair, plan, replay), so 10,000 mutants fit in minutes and each command sees thousands."""
+    cmds = read_only_commands(img, has_backing)
+    core = [c for c in cmds if c[0] in ("info", "map", "read")]
+    slow = [c for c in cmds if c[0] not in ("info", "map", "read")]
+    return core + [c for i, c in enumerate(slow) if (i + seed) % 3 == 0]
+
+
 def read_only_commands(img: str, has_backing: bool) -> list[list[str]]:
     """Every read-only command and output form that exists in this checkout, for one image."""
     from qdebug.cli import build_parser
@@ -214,6 +223,21 @@ def _subcommands(parser) -> set[str]:
     return set()
 
 
+def _against_qemu_check(path: str, ours: int) -> list[dict]:
+    """Where `qemu-img check` finds corruption (exit 2), `qdebug check` must not say clean."""
+    import shutil
+    import subprocess
+
+    qemu = shutil.which("qemu-img")
+    if not qemu:
+        return []
+    p = subprocess.run([qemu, "check", "-f", "qcow2", path], capture_output=True, timeout=60)
+    if p.returncode == 2 and ours == 0:
+        return [{"argv": ["check", path], "problem": "qemu-img check finds corruption, qdebug check says clean",
+                 "stderr": p.stdout.decode()[-1500:]}]
+    return []
+
+
 def run_case(layouts, base: str, seed: int, workdir: str, timeout: float = COMMAND_TIMEOUT) -> dict:
     from tests.hostile.mutate import make_mutant
 
@@ -226,12 +250,17 @@ def run_case(layouts, base: str, seed: int, workdir: str, timeout: float = COMMA
     before = fingerprint(case_dir)
     problems = []
     messages = []
-    for argv in read_only_commands(path, bool(lay.backing)):
+    check_rc = None
+    for argv in commands_for_case(path, bool(lay.backing), seed):
         res = run_command(argv, timeout)
         for v in violations(res, timeout):
             problems.append({"argv": argv, "problem": v, "stderr": res["stderr"][-2000:]})
         if res["rc"] == 1:
             messages.append(res["stderr"].strip().splitlines()[-1])
+        if argv[0] == "check" and isinstance(res["rc"], int):
+            check_rc = res["rc"]
+    if check_rc is not None:
+        problems += _against_qemu_check(path, check_rc)
     after = fingerprint(case_dir)
     if after != before:
         changed = [k for k in set(before) | set(after) if before.get(k) != after.get(k)]
@@ -243,11 +272,16 @@ def run_case(layouts, base: str, seed: int, workdir: str, timeout: float = COMMA
 def run_job(job: dict, stream=sys.stdout) -> None:
     """job = {"manifest": path, "workdir": dir, "cases": [[base, seed], ...], "timeout": s}.
     Writes {"start": [base, seed]} before and the case result after each case."""
+    timeout = job.get("timeout", COMMAND_TIMEOUT)
+    for argv in job.get("commands", []):  # plain commands, e.g. on a hand-made hostile image
+        res = run_command(argv, timeout)
+        stream.write(json.dumps({"argv": argv, "rc": res["rc"], "secs": res["secs"], "stderr": res["stderr"][-2000:],
+                                 "stdout_bytes": res["stdout_bytes"], "problems": violations(res, timeout)}) + "\n")
+        stream.flush()
     from tests.hostile.images import load_manifest
 
-    layouts = load_manifest(job["manifest"])
-    timeout = job.get("timeout", COMMAND_TIMEOUT)
-    for base, seed in job["cases"]:
+    layouts = load_manifest(job["manifest"]) if job.get("cases") else {}
+    for base, seed in job.get("cases", []):
         stream.write(json.dumps({"start": [base, seed]}) + "\n")
         stream.flush()
         stream.write(json.dumps(run_case(layouts, base, seed, job["workdir"], timeout)) + "\n")
@@ -255,6 +289,31 @@ def run_job(job: dict, stream=sys.stdout) -> None:
     ru = resource.getrusage(resource.RUSAGE_SELF)
     stream.write(json.dumps({"done": True, "maxrss_kib": ru.ru_maxrss}) + "\n")
     stream.flush()
+
+
+def spawn(job: dict, deadline: float) -> tuple[list[dict], dict]:
+    """Run a driver process on `job`; returns (records, final stats). A crash or a missing final
+    line fails with the case that was running."""
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ, OPENBLAS_NUM_THREADS="1", PYTHONPATH=root)
+    env.pop("QDEBUG_DEBUG", None)
+    p = subprocess.run([sys.executable, "-m", "tests.hostile.driver"], input=json.dumps(job).encode(),
+                       capture_output=True, cwd=root, env=env, timeout=deadline)
+    records, started, done = [], None, None
+    for line in p.stdout.decode().splitlines():
+        rec = json.loads(line)
+        if "start" in rec:
+            started = rec["start"]
+        elif "done" in rec:
+            done = rec
+        else:
+            records.append(rec)
+            started = None
+    if done is None or p.returncode != 0:
+        raise AssertionError(f"driver died (exit {p.returncode}) in case {started}: {p.stderr.decode()[-3000:]}")
+    return records, done
 
 
 def limit_memory(limit: int = MEMORY_LIMIT) -> None:
