@@ -93,6 +93,10 @@ class Txn:
         self.writes.append((off, len(data), what, bytes(data)))
         p = off & _MASK
         while p < end:
+            if p >= off and p + PAGE <= end:
+                self.pages[p] = bytearray(data[p - off:p - off + PAGE])
+                p += PAGE
+                continue
             page = self.pages.get(p)
             if page is None:
                 page = self.pages[p] = bytearray(self.img.pread(p, PAGE))

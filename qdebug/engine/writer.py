@@ -68,6 +68,7 @@ class WriteEngine:
         self.chain = chain
         self.geo = Geometry(chain)
         self._state = EngineState()
+        self._alloc: Allocator | None = None
 
     @property
     def state(self) -> EngineState:
@@ -88,7 +89,10 @@ class WriteEngine:
     def _run(self, cmd: Command, *, apply: bool):
         img = self.chain.top
         txn = Txn(img, apply=apply)
-        alloc = Allocator(txn)
+        alloc = self._alloc
+        if alloc is None:
+            alloc = self._alloc = Allocator(txn)
+        alloc.begin(txn)
         alloc.restore_state(self._state.allocator)
         ctx = StepContext(self.chain, self.geo, txn, alloc)
         size_before = img.file_size
