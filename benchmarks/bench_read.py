@@ -1,0 +1,122 @@
+"""Read-side benchmarks on 1 TiB extended-L2 images, side by side with QEMU's tools.
+
+Each QEMU run is made in the untimed `setup` of the same pedantic round as the qdebug run it is
+compared with, so both see the same machine load; the ratio printed is QEMU median / qdebug median.
+"""
+
+from __future__ import annotations
+
+import filecmp
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+
+import pytest
+
+from qdebug.engine.image import open_image
+from qdebug.engine.summary import subcluster_counts
+
+QEMU_IMG = shutil.which("qemu-img") or "qemu-img"
+ROUNDS = int(os.environ.get("QDEBUG_BENCH_ROUNDS", "3"))
+ENFORCE = os.environ.get("QDEBUG_BENCH_ENFORCE") == "1"
+MEMORY_LIMIT = 512 << 20
+QDEBUG = [sys.executable, "-m", "qdebug.cli"]
+
+
+def run_measured(argv: list[str], out_path: str) -> tuple[float, int]:
+    """Wall time and peak RSS (bytes) of one child process, its stdout sent to out_path."""
+    with open(out_path, "wb") as out, open(out_path + ".err", "wb") as err:
+        t = time.perf_counter()
+        p = subprocess.Popen(argv, stdout=out, stderr=err)
+        _pid, status, usage = os.wait4(p.pid, 0)
+        elapsed = time.perf_counter() - t
+    p.returncode = os.waitstatus_to_exitcode(status)
+    if p.returncode:
+        with open(out_path + ".err") as f:
+            raise AssertionError(f"{' '.join(argv)} exited {p.returncode}: {f.read()[:500]}")
+    return elapsed, usage.ru_maxrss * 1024
+
+
+def compare(benchmark, report, what: str, ours: list[str], theirs: list[str], tmp_path, *, same_output: bool):
+    """Time `ours` with pytest-benchmark and `theirs` in the same rounds; report ratio and memory."""
+    qemu_times: list[float] = []
+    rss: list[int] = []
+    ours_out, theirs_out = str(tmp_path / "ours.out"), str(tmp_path / "theirs.out")
+
+    def run_qemu():
+        qemu_times.append(run_measured(theirs, theirs_out)[0])
+
+    def run_ours():
+        rss.append(run_measured(ours, ours_out)[1])
+
+    benchmark.pedantic(run_ours, setup=run_qemu, rounds=ROUNDS, iterations=1)
+    if same_output:
+        assert filecmp.cmp(ours_out, theirs_out, shallow=False), f"{what}: output differs from QEMU's"
+    mine = benchmark.stats.stats.median
+    ratio = statistics.median(qemu_times) / mine
+    benchmark.extra_info.update(ratio=round(ratio, 2), qemu_median_s=round(statistics.median(qemu_times), 3),
+                                peak_rss_mib=round(max(rss) / 2**20, 1))
+    report(f"{what:<58} qdebug {mine:7.3f} s  qemu {statistics.median(qemu_times):7.3f} s  "
+           f"ratio {ratio:5.2f}x  qdebug peak RSS {max(rss) / 2**20:6.1f} MiB")
+    assert max(rss) < MEMORY_LIMIT, f"{what}: peak RSS {max(rss)} bytes"
+    return ratio
+
+
+@pytest.mark.parametrize("name", ["fragmented", "prealloc+fragmented", "prealloc"])
+def test_map_json(benchmark, report, bench_images, tmp_path, name):
+    """(b) qdebug map --output=json vs qemu-img map --output=json; output must be identical."""
+    img = bench_images[name]
+    ratio = compare(benchmark, report, f"map --output=json, {name}", QDEBUG + ["map", "--output=json", img],
+                    [QEMU_IMG, "map", "--output=json", img], tmp_path, same_output=True)
+    if ENFORCE and name != "prealloc":
+        assert ratio >= 3, f"map on {name}: only {ratio:.2f}x faster than qemu-img"
+
+
+@pytest.mark.parametrize("name", ["prealloc", "fragmented"])
+def test_info(benchmark, report, bench_images, tmp_path, name):
+    """(c) qdebug info (which also classifies every subcluster) vs qemu-img info (which does not)."""
+    img = bench_images[name]
+    compare(benchmark, report, f"info --output=json, {name} (qdebug also counts subclusters)",
+            QDEBUG + ["info", "--output=json", img], [QEMU_IMG, "info", "--output=json", img], tmp_path,
+            same_output=False)
+
+
+def _drop_cache(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("cache", ["hot", "cold"])
+def test_classify_prealloc(benchmark, report, bench_images, tmp_path, cache):
+    """(a) summary.subcluster_counts of every L2 entry of the preallocated image (16M entries for
+    1 TiB), in-process; compared with `qemu-img check`, QEMU's own whole-metadata scan."""
+    path = bench_images["prealloc"]
+    img = open_image(path)
+    check_times: list[float] = []
+
+    def setup():
+        check_times.append(run_measured([QEMU_IMG, "check", "--output=json", path], str(tmp_path / "check"))[0])
+        if cache == "cold":
+            _drop_cache(path)
+
+    try:
+        counts = benchmark.pedantic(subcluster_counts, args=(img,), setup=setup, rounds=ROUNDS, iterations=1)
+    finally:
+        img.close()
+    h_entries = img.header.guest_clusters
+    assert counts["UNALLOCATED_ALLOC"] == h_entries * 32 and sum(counts.values()) == h_entries * 32
+    mine = benchmark.stats.stats.median
+    ratio = statistics.median(check_times) / mine
+    benchmark.extra_info.update(l2_entries=h_entries, ratio_vs_qemu_img_check=round(ratio, 2))
+    report(f"{'classify ' + f'{h_entries:,}' + ' L2 entries, ' + cache + ' cache':<58} qdebug {mine:7.3f} s  "
+           f"qemu-img check {statistics.median(check_times):7.3f} s  ratio {ratio:5.2f}x  "
+           f"({h_entries / mine / 1e6:.1f}M entries/s, target < 1 s: {'met' if mine < 1 else 'MISSED'})")
+    if ENFORCE:
+        assert mine < 1.0
