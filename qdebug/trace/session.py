@@ -141,10 +141,14 @@ def _copy_range(sfd: int, dfd: int, offset: int, length: int) -> None:
 
 
 class Session:
-    """Step, back and seek through `commands` on `image_path` (or on a scratch copy of it)."""
+    """Step, back and seek through `commands` on `image_path` (or on a scratch copy of it).
+
+    In place (`scratch=False`) the journal is durable by default and stays beside the image after
+    `close()`, so `qdebug undo IMAGE` can take the steps back later.
+    """
 
     def __init__(self, image_path: str, commands: Sequence[Command], *, scratch: bool = True,
-                 journal: bool = True, durable: bool = False, engine_factory=None):
+                 journal: bool = True, durable: bool | None = None, engine_factory=None):
         from ..engine.writer import WriteEngine
 
         self.image_path = image_path
@@ -159,7 +163,8 @@ class Session:
             check_chain_writable(self.chain)
             self._locks = lock_chain(self.chain, write=True)
             if journal:
-                self.journal = Journal(self.chain.top, durable=durable)
+                # The user's own image gets the crash-safe journal; a throw-away scratch copy need not.
+                self.journal = Journal(self.chain.top, durable=not scratch if durable is None else durable)
             self.engine = (engine_factory or WriteEngine)(self.chain)
         except BaseException:
             self.close()

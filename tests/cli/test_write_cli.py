@@ -367,8 +367,12 @@ def test_killed_replay_is_rolled_back_by_undo_all(tmp_path, qemu):
     trace = write_trace(tmp_path / "t.trace", random_trace(4, 20000, 64 << 20, mix=(("write", 60), ("multi", 40))))
     proc = subprocess.Popen([sys.executable, "-m", "qdebug.cli", "replay", "--journal", image, trace],
                             stderr=subprocess.PIPE)
-    time.sleep(1.5)  # somewhere in the middle of a step, most likely
-    proc.send_signal(signal.SIGKILL)
+    jpath = journal_path(image)
+    deadline = time.monotonic() + 60
+    while not (os.path.exists(jpath) and os.path.getsize(jpath) > 64 << 10):  # some steps are done
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)  # somewhere in the middle of a step, most likely
     assert proc.wait() == -signal.SIGKILL, "the replay finished before it could be killed"
     p = qdebug("undo", image, "--all", "--output", "json")
     assert p.returncode == 0, p.stderr
@@ -447,3 +451,17 @@ def test_progress_only_on_a_terminal(tmp_path, qemu):
     assert b"replay: 300/300 commands" in out
     p = qdebug("replay", create(str(tmp_path / "b.qcow2"), SIZE), trace)
     assert p.returncode == 0 and p.stderr == b""  # not a terminal: silent
+
+
+@pytest.mark.parametrize("args,message", [
+    (["replay", "{img}", "{tmp}/missing.trace"], "cannot read the trace"),
+    (["replay", "{tmp}/missing.qcow2", "-"], "no such file"),
+    (["undo", "{img}", "--steps", "0"], "step count must be at least 1"),
+    (["plan", "{img}", "read 0 4k"], "plan a write or discard"),
+])
+def test_write_commands_fail_in_one_line(tmp_path, qemu, args, message):
+    img = create(str(tmp_path / "a.qcow2"), SIZE)
+    p = qdebug(*(a.format(img=img, tmp=tmp_path) for a in args), stdin=b"")
+    assert p.returncode != 0
+    lines = [line for line in p.stderr.decode().splitlines() if not line.startswith("usage:")]  # argparse's usage
+    assert len(lines) == 1 and message in lines[0] and "Traceback" not in lines[0]
