@@ -16,7 +16,7 @@ import numpy as np
 
 from . import constants as C
 from .compression import descriptor_fields
-from .errors import CorruptImage, UnsupportedFeature
+from .errors import CorruptImage
 from .refcounts import pack_refcounts, unpack_refcounts
 from .txn import Txn
 
@@ -57,6 +57,9 @@ class Allocator:
     def begin(self, txn: Txn) -> None:
         """Start a new step: fresh Txn, fresh refcount cache (the file may have changed meanwhile)."""
         self.txn = txn
+        h = txn.img.header
+        self.reftable_offset = h.refcount_table_offset
+        self.reftable_len = h.refcount_table_clusters * h.cluster_size // 8
         self._cache: dict[int, np.ndarray] = {}  # refcount block offset -> values, for one step
         self.freed: list[tuple[int, int]] = []  # (host offset, length) of every refcount decrement
         self.stale_pack = False
@@ -84,6 +87,9 @@ class Allocator:
             return self._zero_block
         if off % self.cs:
             raise CorruptImage(f"refblock offset 0x{off:x} unaligned (reftable index: 0x{block:x})")
+        return self._values_at(off)
+
+    def _values_at(self, off: int) -> np.ndarray:
         vals = self._cache.get(off)
         if vals is None:
             vals = self.txn.refcount_block(off, self._unpack)
@@ -177,8 +183,68 @@ class Allocator:
         if block < self.reftable_len:
             self.txn.write_u64(self.reftable_offset + block * 8, new_block, "reftable")
             raise _Again()
-        raise UnsupportedFeature(
-            f"growing the refcount table (host cluster 0x{cluster_index << self.cbits:x} is beyond it) is not supported")
+        blocks_used = -(-max(cluster_index + 1, new_index + 1) // self.per_block)
+        self._refcount_area(blocks_used * self.per_block * self.cs, block, new_block)
+        raise _Again()
+
+    def _metadata_blocks(self, clusters: int) -> int:
+        """qcow2_refcount_metadata_size with a generous (1.5x) table: the refcount block count."""
+        per_table = self.cs // 8
+        table = blocks = n = 0
+        generous = True
+        while True:
+            last = n
+            blocks = -(-(clusters + table + blocks) // self.per_block)
+            table = -(-blocks // per_table)
+            n = clusters + blocks + table
+            if n == last and generous:
+                clusters += -(-table // 2)
+                n = 0
+                generous = False
+            if n == last:
+                return blocks
+
+    def _refcount_area(self, start: int, new_index: int, new_block: int) -> None:
+        """qcow2_refcount_area: a bigger refcount table plus self-describing refcount blocks at `start`."""
+        cs = self.cs
+        total = self._metadata_blocks(start // cs)
+        area_index = (start // cs) // self.per_block
+        table_size = total + -(-total // 2)
+        table_size = -(-table_size // (cs // 8)) * (cs // 8)
+        table_clusters = table_size * 8 // cs
+        new_table = [0] * table_size
+        for i in range(min(self.reftable_len, table_size)):
+            new_table[i] = self.txn.u64(self.reftable_offset + 8 * i) & C.REFT_OFFSET_MASK
+        new_table[new_index] = new_block
+        additional = sum(1 for i in range(area_index, total) if not new_table[i])
+        table_offset = start + additional * cs
+        end_offset = table_offset + table_clusters * cs
+        block_offset = start
+        for i in range(area_index, total):
+            if new_table[i]:
+                off = new_table[i]
+                vals = np.array(self._values_at(off), dtype=np.uint64)
+                fresh = False
+            else:
+                off = new_table[i] = block_offset
+                block_offset += cs
+                vals = np.zeros(self.per_block, dtype=np.uint64)
+                fresh = True
+            first = i * self.per_block * cs
+            if first < end_offset:
+                j0 = (start - first) // cs if first < start else 0
+                j1 = min((end_offset - first) // cs, self.per_block)
+                vals[j0:j1] = 1
+            if fresh:
+                self.txn.write_meta(off, pack_refcounts(vals, self.order), "refblock")
+                self._cache[off] = vals
+            elif first < end_offset:
+                self._write_entries(off, j0, vals[j0:j1])
+        self.txn.write_meta(table_offset, b"".join(v.to_bytes(8, "big") for v in new_table), "reftable")
+        self.txn.write_meta(48, table_offset.to_bytes(8, "big") + table_clusters.to_bytes(4, "big"), "header")
+        old_offset, old_len = self.reftable_offset, self.reftable_len
+        self.reftable_offset, self.reftable_len = table_offset, table_size
+        self.free_clusters(old_offset, old_len * 8)
 
     # ---- allocation ----------------------------------------------------------------------------
     def alloc_clusters_noref(self, n: int) -> int:

@@ -54,10 +54,10 @@ def create_image(path: str, size: int, *, cluster_size: int = 65536, extended_l2
         if backing_format not in (None, "raw", "qcow2"):
             raise QcowError(f"backing format {backing_format!r}: qcow2 and raw are supported")
 
-    def header(l1_entries: int, l1_offset: int, with_backing: bool) -> bytes:
+    def header(l1_entries: int, l1_offset: int, with_backing: bool, reftable: tuple[int, int] = (1, 1)) -> bytes:
         return build_header(cluster_bits=cbits, size=size if with_backing or l1_entries else 0,
                             l1_size=l1_entries, l1_table_offset=l1_offset,
-                            refcount_table_offset=cluster_size, refcount_table_clusters=1,
+                            refcount_table_offset=reftable[0] * cluster_size, refcount_table_clusters=reftable[1],
                             refcount_order=order, extended_l2=extended_l2, compression_type=ctype,
                             backing_file=backing if with_backing else None,
                             backing_format=backing_format if with_backing else None)
@@ -82,6 +82,8 @@ def create_image(path: str, size: int, *, cluster_size: int = 65536, extended_l2
             l1_bytes = l1_size * 8
             l1_offset = alloc.alloc_clusters(-(-(-(-l1_bytes // 512) * 512) // cluster_size))
             txn.write_meta(l1_offset, bytes(l1_bytes), "L1")
-        txn.write_meta(0, header(l1_size, l1_offset, True), "header")
+        # (a big L1 may have grown the refcount table: the header then points at the new one)
+        reftable = (alloc.reftable_offset // cluster_size, alloc.reftable_len * 8 // cluster_size)
+        txn.write_meta(0, header(l1_size, l1_offset, True, reftable), "header")
     finally:
         img.close()

@@ -20,6 +20,7 @@ CASES = [
     (64 << 30, 16384, True, 16, "zlib"),
     (100 << 30, 16384, True, 64, "zstd"),
     (10 << 30, 512, False, 16, "zlib"),  # L1 needs 20 extra refcount blocks after it
+    (10 << 30, 512, False, 64, "zlib"),  # ... and here the refcount table itself has to grow
     (3 << 30, 4096, False, 1, "zlib"),
     (5 << 30, 2 << 20, True, 8, "zstd"),
     (1 << 40, 65536, True, 2, "zlib"),

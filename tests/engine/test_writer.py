@@ -106,3 +106,21 @@ def test_read_only_chain_refused(tmp_path):
     create_image(img, 1 << 20)
     with open_chain(img) as chain, pytest.raises(QcowError, match="read-only"):
         WriteEngine(chain)
+
+
+@pytest.mark.parametrize("cs,bits,ext", [(512, 64, False), (1024, 32, False), (16384, 64, True)])
+def test_refcount_blocks_and_table_grow_like_qemu(qemu, tmp_path, cs, bits, ext):
+    """Writes that run past the refcount blocks (and the refcount table) QEMU created: new blocks
+    after the data run, EAGAIN restarts, a 1.5x refcount table at the end of the file."""
+    img = str(tmp_path / "a.qcow2")
+    create_image(img, 64 << 20, cluster_size=cs, extended_l2=ext, refcount_bits=bits)
+    ref = copy(img, str(tmp_path / "ref.qcow2"))
+    step = 48 * cs
+    cmds = [f"write -P {i % 250 + 1} {i * step + (i % 3) * 512} {step}" for i in range(40)]
+    cmds += ["discard 0 1M", "write -P 7 8M 3M", "write -z -u 2M 1M", "write -c -P 9 60M %d" % cs]
+    results = qdebug_process(img, cmds)
+    qemu_process(ref, cmds)
+    assert [r.error for r in results] == [None] * len(cmds)
+    assert same_guest_data(img, ref)
+    assert_same_metadata(img, ref)
+    assert check_verdict(img)[0] == 0
