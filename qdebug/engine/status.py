@@ -11,27 +11,32 @@ backing file; past a shorter backing file they read as zeros) and is shared by g
 from __future__ import annotations
 
 import os
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
 
 from . import constants as C
+from .errors import QcowError
 from .subclusters import SubclusterType as T
 
 # Raw-file kinds, numbered after QEMU's subcluster types.
 RAW_DATA = 7
 RAW_HOLE = 8
+# A NORMAL range whose host bytes are a hole in the image file, in an image QEMU takes for metadata
+# preallocated: its block status then recurses into the file (BDRV_BLOCK_RECURSE) and adds ZERO.
+NORMAL_HOLE = 9
 
 _U64 = np.uint64
 _FULL = _U64(0xFFFFFFFF)
 # Kinds whose host offset is meaningful and contiguous within a run.
-_HOST_KINDS = np.array([k in (T.NORMAL, T.ZERO_ALLOC, T.UNALLOCATED_ALLOC, RAW_DATA, RAW_HOLE)
+_HOST_KINDS = np.array([k in (T.NORMAL, T.ZERO_ALLOC, T.UNALLOCATED_ALLOC, RAW_DATA, RAW_HOLE, NORMAL_HOLE)
                         for k in range(10)])
 # Kinds that answer for the range (QEMU: BDRV_BLOCK_DATA or BDRV_BLOCK_ZERO from the driver).
-DECISIVE = np.array([k in (T.ZERO_PLAIN, T.ZERO_ALLOC, T.NORMAL, T.COMPRESSED, T.INVALID, RAW_DATA, RAW_HOLE)
-                     for k in range(10)])
-IS_DATA = np.array([k in (T.NORMAL, T.COMPRESSED, RAW_DATA) for k in range(10)])
-IS_ZERO = np.array([k in (T.ZERO_PLAIN, T.ZERO_ALLOC, RAW_HOLE) for k in range(10)])
+DECISIVE = np.array([k in (T.ZERO_PLAIN, T.ZERO_ALLOC, T.NORMAL, T.COMPRESSED, T.INVALID, RAW_DATA, RAW_HOLE,
+                          NORMAL_HOLE) for k in range(10)])
+IS_DATA = np.array([k in (T.NORMAL, T.COMPRESSED, RAW_DATA, NORMAL_HOLE) for k in range(10)])
+IS_ZERO = np.array([k in (T.ZERO_PLAIN, T.ZERO_ALLOC, RAW_HOLE, NORMAL_HOLE) for k in range(10)])
 
 
 @dataclass
@@ -294,10 +299,79 @@ def raw_runs(raw, start: int, end: int, *, seek_holes: bool) -> Runs:
 
 
 def layer_runs(layer, start: int, end: int, *, seek_holes: bool = False) -> Runs:
+    """Runs of one layer over guest [start, end). With seek_holes (block status as `qemu-img map`
+    asks for it) holes of raw files are told apart, and so are holes under NORMAL ranges of a qcow2
+    image that QEMU detects as metadata-preallocated."""
     end = min(end, layer.size)
     if getattr(layer, "format", "qcow2") == "raw":
         return raw_runs(layer, start, end, seek_holes=seek_holes)
-    return qcow2_runs(layer, start, end)
+    runs = qcow2_runs(layer, start, end)
+    if seek_holes and (runs.kind == T.NORMAL).any() and metadata_preallocated(layer):
+        runs = _split_normal_holes(layer, runs)
+    return runs
+
+
+_PREALLOC_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def metadata_preallocated(img) -> bool:
+    """QEMU's qcow2_detect_metadata_preallocation: the image counts as metadata-preallocated when
+    at least max(real * 10/9, real + 2) of the clusters in the file have a non-zero refcount, real
+    being the clusters' worth of bytes the file really occupies. Errors reading refcounts make it
+    False, as in QEMU. Cached per image state (size, blocks, mtime), as QEMU checks once per open."""
+    st = os.fstat(img.fd)
+    key = (st.st_size, st.st_blocks, st.st_mtime_ns)
+    hit = _PREALLOC_CACHE.get(img)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    h = img.header
+    cs = h.cluster_size
+    real = st.st_blocks * 512 // cs
+    threshold = max(real * 10 // 9, real + 2)
+    end_cluster = -(-st.st_size // cs)
+    per_block = h.refcount_block_entries
+    count = 0
+    try:
+        reftable = np.asarray(img.reftable, dtype=np.uint64) & _U64(C.REFT_OFFSET_MASK)
+        for b in range(min(len(reftable), -(-end_cluster // per_block))):
+            if count >= threshold:
+                break
+            off = int(reftable[b])
+            if off:
+                block = img.refcount_block(off)[:end_cluster - b * per_block]
+                count += int(np.count_nonzero(block))
+    except QcowError:
+        count = -1
+    result = count >= threshold
+    _PREALLOC_CACHE[img] = (key, result)
+    return result
+
+
+def _split_normal_holes(img, runs: Runs) -> Runs:
+    """Cut NORMAL runs where their host range is a hole in the image file (or past its end): those
+    parts become NORMAL_HOLE. One SEEK_HOLE per run finds the common all-data case."""
+    sel = np.flatnonzero(runs.kind == T.NORMAL)
+    cut: list[tuple[int, Runs]] = []
+    for i in sel.tolist():
+        s, e, h = int(runs.start[i]), int(runs.end[i]), int(runs.host[i])
+        try:
+            if os.lseek(img.fd, h, os.SEEK_HOLE) >= h + (e - s):
+                continue
+        except OSError:
+            pass  # ENXIO: at or past the end of the file, all hole
+        f = raw_runs(img, h, h + (e - s), seek_holes=True)
+        kind = np.where(f.kind == RAW_HOLE, NORMAL_HOLE, T.NORMAL).astype(np.uint8)
+        cut.append((i, Runs(f.start - h + s, f.end - h + s, kind, f.start.copy())))
+    if not cut:
+        return runs
+    pieces: list[Runs] = []
+    prev = 0
+    for i, piece in cut:
+        pieces.append(Runs(runs.start[prev:i], runs.end[prev:i], runs.kind[prev:i], runs.host[prev:i]))
+        pieces.append(piece)
+        prev = i + 1
+    pieces.append(Runs(runs.start[prev:], runs.end[prev:], runs.kind[prev:], runs.host[prev:]))
+    return Runs.concat(pieces)
 
 
 @dataclass

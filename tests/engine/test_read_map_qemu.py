@@ -155,3 +155,93 @@ def test_preallocated_metadata_and_unaligned_size(tmp_path, qemu):
     img = create(str(tmp_path / "p.qcow2"), 5 * 1024 * 1024 + 3 * 512, preallocation="metadata")
     qemu_io(img, "write -P 0x41 100k 3k")
     _compare(img, tmp_path)
+
+
+# ---- block status details qemu-img map shows -----------------------------------------------------
+@pytest.mark.parametrize("cs", ["16k", "64k", "512k", "2M"])
+@pytest.mark.parametrize("ext", [False, True], ids=["std", "ext"])
+def test_metadata_preallocation_recurses_into_file_holes(tmp_path, qemu, cs, ext):
+    """QEMU detects metadata preallocation (most referenced clusters are holes in the file) and then
+    asks the file for NORMAL clusters' status: holes show as zero:true, data:true."""
+    csz = int(cs[:-1]) * (1024 if cs[-1] == "k" else 1 << 20)
+    img = create(str(tmp_path / "p.qcow2"), 24 * csz + 1536, cluster_size=cs, extended_l2=ext,
+                 preallocation="metadata")
+    qemu_io(img, "write -P 0x41 100k 3k", f"write -P 0x42 {5 * csz} {csz}", f"write -z {7 * csz} {csz // 2}",
+            f"write -P 0x43 {9 * csz - 512} 1024", f"discard {11 * csz} {csz}", f"write -P 0x44 {23 * csz} 4096")
+    _compare(img, tmp_path)
+
+
+@pytest.mark.parametrize("mode", ["falloc", "full"])
+def test_preallocation_falloc_full(tmp_path, qemu, mode):
+    for ext in (False, True):
+        img = create(str(tmp_path / f"{mode}{ext}.qcow2"), "3M", cluster_size="64k", extended_l2=ext,
+                     preallocation=mode)
+        qemu_io(img, "write -P 0x51 70k 5k", "write -z 1M 64k", "discard 2M 64k")
+        _compare(img, tmp_path)
+
+
+def test_backing_with_zero_alloc_and_unallocated_alloc(tmp_path, qemu):
+    """ZERO_ALLOC and UNALLOCATED_ALLOC subclusters in the middle of the chain, under a top layer
+    that leaves them visible, over a bottom layer with data everywhere."""
+    base = create(str(tmp_path / "base.qcow2"), "2M", extended_l2=False)
+    qemu_io(base, "write -P 0xb0 0 2M")
+    mid = create(str(tmp_path / "mid.qcow2"), "2M", backing="base.qcow2")
+    qemu_io(mid, "write -P 0x61 0 64k", "write -z 8k 4k", "write -P 0x62 128k 6k",  # UNALLOCATED_ALLOC around
+            "write -P 0x63 256k 64k", "write -z 256k 64k",  # ZERO_ALLOC whole cluster (host kept)
+            "write -P 0x64 512k 64k", "write -z 520k 10k")  # mixed NORMAL / ZERO_ALLOC
+    top = create(str(tmp_path / "top.qcow2"), "2M", backing="mid.qcow2")
+    qemu_io(top, "write -P 0x71 130k 2k", "write -z 600k 64k")
+    _compare(top, tmp_path)
+    _compare(mid, tmp_path)
+
+
+@pytest.mark.parametrize("raw_size", [300 * 1024 + 77, 1024 * 1024 - 1, 5000])
+def test_raw_backing_with_holes_and_odd_size(tmp_path, qemu, raw_size):
+    raw = str(tmp_path / "base.raw")
+    with open(raw, "wb") as f:
+        for off in range(0, raw_size, 96 * 1024):  # data islands between holes
+            f.seek(off)
+            f.write(bytes([0xC0 + off // 98304 % 16]) * min(20 * 1024, raw_size - off))
+    os.truncate(raw, raw_size)
+    img = create(str(tmp_path / "top.qcow2"), "1M", backing="base.raw", backing_fmt="raw")
+    qemu_io(img, "write -P 0x81 4k 2k", "write -z 200k 64k", "write -P 0x82 290k 20k")
+    _compare(img, tmp_path)
+
+
+@pytest.mark.parametrize("top_ext,mid_ext", [(True, False), (False, True), (True, True)])
+def test_middle_layer_shorter_than_top(tmp_path, qemu, top_ext, mid_ext):
+    base = create(str(tmp_path / "b0.qcow2"), "1M", extended_l2=False)
+    qemu_io(base, "write -P 0xe0 0 1M")
+    mid = create(str(tmp_path / "b1.qcow2"), 300 * 1024 + 512, cluster_size="32k", extended_l2=mid_ext,
+                 backing="b0.qcow2")
+    qemu_io(mid, "write -P 0xe1 8k 24k", "write -z 64k 16k", f"write -P 0xe2 {300 * 1024 - 512} 1k")
+    top = create(str(tmp_path / "top.qcow2"), "1M", cluster_size="16k", extended_l2=top_ext, backing="b1.qcow2")
+    qemu_io(top, "write -P 0xe3 290k 20k", "write -z 500k 8k")
+    _compare(top, tmp_path)
+
+
+def test_read_at_random_unaligned_ranges(tmp_path, qemu):
+    """chain.read of random unaligned pieces equals the same slice of qemu-img convert's output,
+    and `qdebug read` (the CLI) agrees with qemu-io's own read of a few of them."""
+    import random
+    import subprocess
+    import sys
+
+    base = create(str(tmp_path / "base.qcow2"), "2M", cluster_size="32k", extended_l2=False)
+    qemu_io(base, "write -P 0xaa 0 1M", "write -c -P 0xab 1M 32k", "write -P 0xac 1056k 992k")
+    img = create(str(tmp_path / "top.qcow2"), "2M", backing="base.qcow2")
+    qemu_io(img, *_script(65536, 2 << 20, compressed=True))
+    expected = convert_raw(img, str(tmp_path / "all.raw"))
+    rng = random.Random(7)
+    with open_chain(img) as chain:
+        for _ in range(300):
+            off = rng.randrange(len(expected))
+            ln = rng.choice([1, 7, 511, 513, 2047, 4097, 65537, 200000])
+            assert chain.read(off, ln) == expected[off:off + ln], (off, ln)
+    for off, ln in [(1, 4095), (65535, 3), (3 * 65536 - 7, 70001)]:
+        got = subprocess.run([sys.executable, "-m", "qdebug.cli", "read", img, str(off), str(ln)],
+                             capture_output=True, check=True).stdout
+        dump = qemu_io(img, f"read -v {off} {ln}").stdout.decode()
+        theirs = bytes(int(b, 16) for line in dump.splitlines() if line[8:11] == ":  "
+                       for b in line[11:].split("  ")[0].split())
+        assert got == theirs == expected[off:off + ln]
