@@ -89,10 +89,15 @@ def cmd_create(args) -> int:
         size = _backing_size(args.image, args.backing, args.backing_format)
     _refuse_if_in_use(args.image)
     create_image(args.image, size, backing=args.backing, backing_format=args.backing_format, **opts)
-    if not args.quiet:
-        desc = ", ".join(f"{k}={v}" for k, v in sorted(opts.items()))
-        print(f"Formatting '{args.image}', fmt=qcow2 size={size}" + (f" {desc}" if desc else "")
-              + (f" backing_file={args.backing}" if args.backing else ""))
+    if not args.quiet:  # the line qemu-img create prints, with the options in effect
+        o = {"cluster_size": 65536, "extended_l2": True, "compression_type": "zlib", "refcount_bits": 16, **opts}
+        words = [f"cluster_size={o['cluster_size']}", f"extended_l2={'on' if o['extended_l2'] else 'off'}",
+                 f"compression_type={o['compression_type']}", f"size={size}"]
+        if args.backing:
+            words += [f"backing_file={args.backing}"] + ([f"backing_fmt={args.backing_format}"]
+                                                         if args.backing_format else [])
+        words += ["lazy_refcounts=off", f"refcount_bits={o['refcount_bits']}"]
+        print(f"Formatting '{args.image}', fmt=qcow2 " + " ".join(words))
     return 0
 
 

@@ -104,13 +104,13 @@ def test_create_is_byte_identical_to_qemu_img(tmp_path, qemu, opts):
     assert digest(mine) == digest(ref)
 
 
-def test_create_with_backing_takes_its_size_and_qemu_reads_through(tmp_path, qemu):
+def test_create_with_backing_takes_its_size_and_qemu_reads_through(tmp_path, qemu, monkeypatch):
     base = create(str(tmp_path / "base.qcow2"), "3M")
     qemu_io(base, "write -P 0x7 1M 64k")
     top = str(tmp_path / "top.qcow2")
     assert main(["create", top, "-b", "base.qcow2", "-F", "qcow2", "-q"]) == 0
     ref = str(tmp_path / "ref.qcow2")
-    os.chdir(tmp_path)
+    monkeypatch.chdir(tmp_path)
     qemu_img("create", "-q", "-f", "qcow2", "-o", "extended_l2=on", "-b", "base.qcow2", "-F", "qcow2", ref)
     assert digest(top) == digest(ref)
     assert qemu_io(top, "read -P 0x7 1M 64k").returncode == 0
@@ -465,3 +465,15 @@ def test_write_commands_fail_in_one_line(tmp_path, qemu, args, message):
     assert p.returncode != 0
     lines = [line for line in p.stderr.decode().splitlines() if not line.startswith("usage:")]  # argparse's usage
     assert len(lines) == 1 and message in lines[0] and "Traceback" not in lines[0]
+
+
+@pytest.mark.parametrize("args", [["1G", "-o", "cluster_size=16k,refcount_bits=64"], ["-b", "base.qcow2", "-F", "qcow2"]])
+def test_create_prints_what_qemu_img_prints(tmp_path, qemu, args, monkeypatch):
+    create(str(tmp_path / "base.qcow2"), "64M")
+    monkeypatch.chdir(tmp_path)
+    mine = qdebug("create", "img.qcow2", *args)
+    qargs = [a if not a.startswith("cluster_size") else "extended_l2=on," + a for a in args]
+    if "-o" not in qargs:
+        qargs += ["-o", "extended_l2=on"]
+    ref = qemu_img("create", "-f", "qcow2", "img.qcow2", *qargs)
+    assert mine.returncode == 0 and mine.stdout == ref.stdout
