@@ -1,0 +1,192 @@
+"""Property tests: masks, classification, counts, range types, bitmap strings and the vectorized
+block-status units against a plain per-bit reference written here from the table in
+qcow2-subclusters.md section 2-3 (one subcluster at a time, no bit tricks)."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from qdebug.engine import constants as C
+from qdebug.engine.status import _HOST_KINDS, _sparse_units, cluster_units, coalesce
+from qdebug.engine.subclusters import (TYPE_CHARS, SubclusterType as T, bitmap_string, bitmap_strings, classify,
+                                       clz32, ctz32, parse_bitmap_string, sub_alloc_range, sub_alloc_range_np,
+                                       sub_zero_range, subcluster_range_type, type_counts)
+from qdebug.engine.summary import _count_batch
+
+OFFSET_MASK = C.L2E_OFFSET_MASK
+
+
+# ---- reference -----------------------------------------------------------------------------------
+def ref_bit(v: int, i: int) -> int:
+    return (v >> i) & 1
+
+
+def ref_types(word0: int, bitmap: int, extended: bool) -> list[T]:
+    """Types of every subcluster (one for standard L2), from the table in the doc."""
+    if ref_bit(word0, 62):
+        return [T.COMPRESSED] * (32 if extended else 1)
+    allocated = (word0 & OFFSET_MASK) != 0
+    if not extended:
+        zero = ref_bit(word0, 0) == 1
+        if allocated:
+            return [T.ZERO_ALLOC if zero else T.NORMAL]
+        return [T.ZERO_PLAIN if zero else T.UNALLOCATED_PLAIN]
+    a = [ref_bit(bitmap, i) for i in range(32)]
+    z = [ref_bit(bitmap, 32 + i) for i in range(32)]
+    if allocated:
+        if any(a[i] and z[i] for i in range(32)):
+            return [T.INVALID] * 32
+        return [T.ZERO_ALLOC if z[i] else T.NORMAL if a[i] else T.UNALLOCATED_ALLOC for i in range(32)]
+    if any(a):
+        return [T.INVALID] * 32
+    return [T.ZERO_PLAIN if z[i] else T.UNALLOCATED_PLAIN for i in range(32)]
+
+
+def ref_type(word0: int, bitmap: int, sc: int, extended: bool) -> T:
+    return ref_types(word0, bitmap, extended)[sc if extended else 0]
+
+
+def ref_range(word0: int, bitmap: int, sc_from: int, extended: bool) -> tuple[T, int]:
+    types = ref_types(word0, bitmap, extended)
+    t = types[sc_from]
+    if not extended:
+        return t, 1
+    if t in (T.COMPRESSED, T.INVALID):
+        return t, 32 - sc_from
+    n = 0
+    for sc in range(sc_from, 32):
+        if types[sc] != t:
+            break
+        n += 1
+    return t, n
+
+
+# ---- strategies ----------------------------------------------------------------------------------
+halves = st.one_of(st.just(0), st.just(0xFFFFFFFF), st.integers(0, 2**32 - 1),
+                   st.tuples(st.integers(0, 32), st.integers(0, 32)).map(
+                       lambda xy: sub_alloc_range(min(xy), max(xy))))
+bitmaps = st.one_of(
+    st.integers(0, 2**64 - 1),
+    st.tuples(halves, halves).map(lambda az: (az[0] & ~az[1] & 0xFFFFFFFF) | (az[1] << 32)),  # valid, allocated
+    halves.map(lambda z: z << 32),  # valid, unallocated
+    st.just(0),
+)
+word0s = st.one_of(
+    st.just(0),
+    st.builds(lambda host, copied, low: (host << 9) | (copied << 63) | low,
+              st.integers(1, 2**47 - 1), st.integers(0, 1), st.integers(0, 511)),
+    st.integers(0, 2**64 - 1).map(lambda v: v | (1 << 62)),  # compressed descriptor
+    st.integers(0, 2**64 - 1),
+    st.integers(0, 1),  # only the zero flag
+)
+entries = st.lists(st.tuples(word0s, bitmaps), min_size=1, max_size=40)
+
+
+def arrays(es):
+    return np.array([w for w, _ in es], dtype=np.uint64), np.array([b for _, b in es], dtype=np.uint64)
+
+
+# ---- masks ---------------------------------------------------------------------------------------
+@given(st.integers(0, 32), st.integers(0, 32))
+def test_range_masks(x, y):
+    x, y = min(x, y), max(x, y)
+    ref = sum(1 << i for i in range(x, y))
+    assert sub_alloc_range(x, y) == ref
+    assert sub_zero_range(x, y) == ref << 32
+    assert int(sub_alloc_range_np(np.array([x]), np.array([y]))[0]) == ref
+
+
+@given(st.integers(0, 2**32 - 1))
+def test_ctz_clz(v):
+    assert ctz32(v) == next((i for i in range(32) if ref_bit(v, i)), 32)
+    assert clz32(v) == next((31 - i for i in range(31, -1, -1) if ref_bit(v, i)), 32)
+
+
+# ---- classification ------------------------------------------------------------------------------
+@settings(max_examples=100)
+@given(entries, st.booleans())
+def test_classify_and_counts(es, extended):
+    w0, bm = arrays(es)
+    ref = [ref_types(w, b, extended) for w, b in es]
+    got = classify(w0, bm if extended else None, extended=extended)
+    assert got.tolist() == [[int(t) for t in row] for row in ref]
+    counts = Counter(t for row in ref for t in row)
+    assert type_counts(w0, bm if extended else None, extended=extended).tolist() == [counts[t] for t in T]
+    # the whole-image counter works on raw (big-endian bytes read as little-endian) entries
+    raw_w0 = w0.astype(">u8").view("<u8")
+    raw_bm = bm.astype(">u8").view("<u8")
+    acc = np.zeros(len(T), dtype=np.int64)
+    _count_batch(raw_w0, raw_bm if extended else None, acc)
+    if extended:
+        plain, nal, ncomp, nbad, normal, za, zp = acc.tolist()
+        got_counts = {T.UNALLOCATED_PLAIN: 32 * plain - zp, T.ZERO_PLAIN: zp, T.NORMAL: normal,
+                      T.ZERO_ALLOC: za, T.UNALLOCATED_ALLOC: 32 * nal - normal - za,
+                      T.COMPRESSED: 32 * ncomp, T.INVALID: 32 * nbad}
+        assert [got_counts[t] for t in T] == [counts[t] for t in T]
+    else:
+        assert acc.tolist() == [counts[t] for t in T]
+
+
+@settings(max_examples=300)
+@given(word0s, bitmaps, st.integers(0, 31), st.booleans())
+def test_subcluster_range_type(word0, bitmap, sc_from, extended):
+    if not extended:
+        sc_from = 0
+    assert subcluster_range_type(word0, bitmap, sc_from, extended=extended) == ref_range(word0, bitmap, sc_from,
+                                                                                       extended)
+
+
+@given(entries)
+def test_bitmap_strings(es):
+    w0, bm = arrays(es)
+    strings = bitmap_strings(classify(w0, bm, extended=True))
+    for (w, b), s in zip(es, strings):
+        chars = "".join(TYPE_CHARS[t] for t in ref_types(w, b, True))
+        assert s == "_".join(chars[i:i + 8] for i in range(0, 32, 8))
+        assert bitmap_string(w, b) == s
+        t = ref_types(w, b, True)
+        if T.INVALID not in t and T.COMPRESSED not in t and (w & OFFSET_MASK):
+            assert parse_bitmap_string(s) == (b & 0xFFFFFFFF, b >> 32)
+
+
+# ---- block-status units --------------------------------------------------------------------------
+def expand(runs, first: int, n: int, cs: int):
+    """Per-subcluster (type, host) of runs covering clusters [first, first + n)."""
+    scs = cs // 32
+    out = []
+    for s, e, k, h in zip(runs.start.tolist(), runs.end.tolist(), runs.kind.tolist(), runs.host.tolist()):
+        assert s % scs == 0 and e % scs == 0 and s < e
+        for pos in range(s, e, scs):
+            out.append((k, h + (pos - s) if _HOST_KINDS[k] else h))
+    assert runs.start[0] == first * cs and runs.end[-1] == (first + n) * cs
+    assert (runs.start[1:] == runs.end[:-1]).all()
+    return out
+
+
+@settings(max_examples=100)
+@given(entries, st.integers(0, 6), st.integers(0, 1000), st.booleans(), st.sampled_from([16384, 65536, 2 << 20]))
+def test_cluster_units_against_reference(es, gap, first, extended, cs):
+    """Runs expanded back to subclusters equal the reference; all-zero entries between the others
+    (gap of them after each) drive the sparse path too."""
+    es = [x for e in es for x in [e] + [(0, 0)] * gap]
+    w0, bm = arrays(es)
+    n = len(es)
+    scs = cs // 32
+    ref = []
+    for w, b in es:
+        for sc, t in enumerate(ref_types(w, b, extended) * (1 if extended else 32)):
+            host = ((w & OFFSET_MASK) + sc * scs if t in (T.NORMAL, T.ZERO_ALLOC, T.UNALLOCATED_ALLOC)
+                    else w if t == T.COMPRESSED else -1)
+            ref.append((int(t), host if host < 2**63 else host - 2**64))
+    bmx = bm if extended else None
+    units = cluster_units(w0, bmx, first, cs, extended=extended)
+    assert expand(units, first, n, cs) == ref
+    merged = coalesce(units)
+    assert expand(merged, first, n, cs) == ref
+    sparse = coalesce(_sparse_units(w0, bmx, first, first + n, cs, extended))
+    assert [a.tolist() for a in (sparse.start, sparse.end, sparse.kind, sparse.host)] == \
+           [a.tolist() for a in (merged.start, merged.end, merged.kind, merged.host)]
