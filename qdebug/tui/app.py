@@ -65,6 +65,7 @@ class QDebugApp(App):
         self.counts: dict[str, int] | None = None
         self.report = None
         self.report_version = -1
+        self._shown: dict = {}
         self.steps_shown = 0  # StepChanged messages handled (benchmarks and tests wait on it)
         self.sub_title = os.path.basename(image) + ("  (writing the image)" if write else "  (read-only)")
         if keymap:
@@ -127,9 +128,14 @@ class QDebugApp(App):
         self.query_one(Footer).compact = self.size.width < 110
 
     def refresh_panels(self) -> None:
-        self.query_one("#header-panel", Static).update(header_content(self.chain))
-        self.query_one("#chain-panel", Static).update(chain_content(self.chain, scratch=self.bench.scratch_path))
-        self.query_one("#counts-panel", Static).update(counts_content(self.counts))
+        """Header, chain and counts panels (fixed sizes: an update repaints them, no relayout)."""
+        for wid, content in (("#header-panel", header_content(self.chain)),
+                             ("#chain-panel", chain_content(self.chain, scratch=self.bench.scratch_path)),
+                             ("#counts-panel", counts_content(self.counts))):
+            key = (content.plain, tuple(content.spans))  # Content's == compares the text only
+            if self._shown.get(wid) != key:
+                self._shown[wid] = key
+                self.query_one(wid, Static).update(content, layout=False)
 
     # ---- selection -------------------------------------------------------------------------
     @property
@@ -188,9 +194,8 @@ class QDebugApp(App):
     @on(CountsReady)
     def _counts(self, event: CountsReady) -> None:
         self.counts = event.counts
-        if not self.query("#counts-panel"):
-            return
-        self.query_one("#counts-panel", Static).update(counts_content(self.counts))
+        if self.query("#counts-panel"):
+            self.refresh_panels()
 
     # ---- navigation ------------------------------------------------------------------------
     def action_goto(self, kind: str = "offset") -> None:

@@ -19,6 +19,8 @@ TYPE_STYLE = {T.NORMAL: "$success", T.COMPRESSED: "#c678dd", T.ZERO_PLAIN: "$pri
               T.INVALID: "bold $text on $error", T.UNALLOCATED_PLAIN: "$text-muted",
               T.UNALLOCATED_ALLOC: "$text-muted"}
 BACKING_STYLE = "$warning"
+SOURCE_LINES = 2
+MAX_RUNS = 4  # type-run lines in the entry panel (its height is fixed: no relayout per cursor move)
 
 
 def sc_style(t: int, reads: int, depth: int) -> str:
@@ -76,7 +78,13 @@ def entry_content(info: EntryInfo, selected: int) -> Content:
     else:
         lines.append(Content.styled("host   none (no cluster allocated in this image)", "$text-muted"))
     lines.append(Content.assemble(("subclusters ", "$text-muted"), bitmap_content(info, selected)))
-    for first, last, t, depth, reads in type_runs(info):
+    runs = type_runs(info)
+    if len(runs) > MAX_RUNS:
+        runs = runs[:MAX_RUNS - 1]
+        more = True
+    else:
+        more = False
+    for first, last, t, depth, reads in runs:
         rng = f"{first}" if first == last else f"{first}-{last}"
         name = T(t).name
         if reads == READS_INVALID:
@@ -87,6 +95,8 @@ def entry_content(info: EntryInfo, selected: int) -> Content:
             tail = "reads zeros" if depth == 0 else f"zeros from backing depth {depth}"
         lines.append(Content.assemble(f"  {rng:>5} ", (f"{name:<18}", sc_style(t, reads, depth)),
                                       (tail, "$text-muted")))
+    if more:
+        lines.append(Content.styled("  … more runs: see the bitmap above", "$text-muted"))
     if info.error:
         lines.append(Content.styled(info.error, "$error"))
     return Content("\n").join(lines)
@@ -103,11 +113,11 @@ class Inspector(Vertical):
     def show(self, model: ImageModel, cluster: int, subcluster: int) -> None:
         info = model.entry(cluster)
         self.border_title = f"L2 entry of cluster {cluster}"
-        self.query_one("#entry", Static).update(entry_content(info, subcluster))
+        self.query_one("#entry", Static).update(entry_content(info, subcluster), layout=False)
         try:
             sb = model.subcluster_bytes(cluster, subcluster)
         except Exception as e:  # noqa: BLE001 - a broken image must not take the inspector down
-            self.query_one("#sources", Static).update(Content.styled(f"cannot read: {e}", "$error"))
+            self.query_one("#sources", Static).update(Content.styled(f"cannot read: {e}", "$error"), layout=False)
             self.query_one(HexView).show(0, b"")
             return
         src_lines = [Content.assemble((f"subcluster {subcluster}", "bold"),
@@ -116,5 +126,5 @@ class Inspector(Vertical):
             st = "$error" if s.reads == READS_INVALID else "$text-muted" if s.reads != READS_DATA else \
                 BACKING_STYLE if s.depth else "$success"
             src_lines.append(Content.assemble(f"  0x{s.start:x}-0x{s.end:x} ", (s.label, st)))
-        self.query_one("#sources", Static).update(Content("\n").join(src_lines))
+        self.query_one("#sources", Static).update(Content("\n").join(src_lines[:SOURCE_LINES]), layout=False)
         self.query_one(HexView).show(sb.offset, sb.data, sb.sources)
