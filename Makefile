@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: install qemu test demo bench fuzz lint clean
+.PHONY: install qemu test demo bench fuzz lint clean screenshots
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,10 @@ test: install qemu
 
 demo: install
 	$(BIN)/qdebug demo
+
+# SVG (and PNG where rsvg-convert is installed) of the debugger's main states on the demo.
+screenshots: install
+	TEXTUAL_ANIMATIONS=none $(BIN)/python -m qdebug.tui.screenshots screenshots
 
 bench: install qemu
 	$(BIN)/python -m pytest benchmarks -p no:xdist --benchmark-columns=min,median,max --benchmark-sort=name -s $(PYTEST_ARGS)

@@ -383,6 +383,9 @@ class QDebugApp(App):
             summary = (f"check: {r.corruptions} corruption(s), {r.leaks} leak(s), {r.check_errors} check error(s)"
                        if r.exit_code else "check: no errors were found on the image")
             self.notify(summary, severity="error" if r.exit_code in (1, 2) else "information")
+            findings = self.query_one(FindingsView)
+            if findings.findings and findings.findings[0].severity == "error":
+                self._finding(FindingsView.FindingSelected(findings.findings[0]))
 
     @on(FindingsView.FindingSelected)
     def _finding(self, event: FindingsView.FindingSelected) -> None:
