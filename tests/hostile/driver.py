@@ -317,7 +317,9 @@ def spawn(job: dict, deadline: float) -> tuple[list[dict], dict]:
 
 
 def limit_memory(limit: int = MEMORY_LIMIT) -> None:
-    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    """RLIMIT_AS; a negative limit leaves it unlimited (callers then judge peak RSS)."""
+    if limit >= 0:
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
 
 def main() -> None:

@@ -215,3 +215,21 @@ def get_field(path: str, name: str) -> int:
 
 def put_u64(path: str, offset: int, value: int) -> None:
     patch(path, offset, struct.pack(">Q", value % (1 << 64)))
+
+
+def huge_virtual(path: str, l1_size: int = 1 << 22) -> int:
+    """Give the (qemu-made) image at `path` a virtual size of l1_size L2 tables' worth, with a
+    sparse L1 table of that size at the end of the file (its first entry kept). Returns the size."""
+    lay = layout_of(path)
+    end = -(-lay.file_size // lay.cluster_size) * lay.cluster_size
+    with open(path, "r+b") as f:
+        f.seek(lay.l1_offset)
+        first = f.read(8)
+        f.truncate(end + 8 * l1_size)
+        f.seek(end)
+        f.write(first)
+    size = l1_size * (lay.cluster_size // lay.l2_entry_size) * lay.cluster_size
+    put_field(path, "l1_table_offset", end)
+    put_field(path, "l1_size", l1_size)
+    put_field(path, "size", size)
+    return size

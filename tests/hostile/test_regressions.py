@@ -6,8 +6,8 @@ from __future__ import annotations
 import struct
 
 from tests.hostile.conftest import error_line, qd
-from tests.hostile.images import get_field, layout_of, patch, put_field, put_u64
-from tests.qemu import create
+from tests.hostile.images import get_field, huge_virtual, layout_of, patch, put_field, put_u64
+from tests.qemu import create, qemu_io
 
 
 def test_backing_name_with_nul_byte(tmp_path, qemu):
@@ -64,20 +64,8 @@ def test_map_of_a_2_pow_61_byte_disk(tmp_path, qemu):
     """op_huge_virtual: map walked 2^29 chunks of 4 GiB (a hang); now it jumps over empty space."""
     path = str(tmp_path / "h.qcow2")
     create(path, "4M", cluster_size="2M", extended_l2=False)
-    from tests.qemu import qemu_io
     qemu_io(path, "write -P 1 0 64k")
-    lay = layout_of(path)
-    l1_size = 1 << 22
-    end = lay.file_size
-    with open(path, "r+b") as f:
-        f.seek(lay.l1_offset)
-        first = f.read(8)
-        f.truncate(end + 8 * l1_size)
-        f.seek(end)
-        f.write(first)
-    put_field(path, "l1_table_offset", end)
-    put_field(path, "l1_size", l1_size)
-    put_field(path, "size", l1_size * (1 << 18) * (2 << 20))
+    huge_virtual(path)
     for cmd in (["map", "--output=json"], ["map"], ["map", "--subclusters"], ["info"]):
         res = qd(*cmd, path, timeout=30)
         assert res["rc"] == 0 and res["secs"] < 30
