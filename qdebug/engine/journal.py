@@ -10,10 +10,10 @@ File `IMAGE.qdebug-journal`, append-only, truncated as steps are undone (removed
     file header   b"QDBGJRNL" u32 version u32 0
     record        header (_REC) | payload | u64 start of this record (lets a reader walk backwards)
 
-    STEP  a step begins: size_before = image length, payload = JSON meta (what the step is)
+    STEP  a step begins: size_before = image length, offset = image mtime (ns), payload = JSON meta
     DATA  before a write: offset, payload = the bytes about to be overwritten
     TRNC  before a shrinking truncate: offset, payload = the bytes about to be cut off
-    CMIT  the step is complete: offset = image length after it
+    CMIT  the step is complete: offset = image length after it, payload = image mtime (ns) after it
 
 Every record carries a CRC32 over its header fields and payload, so a torn record at the tail (a
 crash while appending) is recognised and ignored: the write it guarded never happened. Undoing a step
@@ -45,6 +45,7 @@ _FILE_HEADER = struct.Struct(">8sII")
 _REC = struct.Struct(">4sIQQQI")
 _CRC_PART = struct.Struct(">4sIQQQ")
 _FOOT = struct.Struct(">Q")
+_U64 = struct.Struct(">Q")
 STEP, DATA, TRNC, CMIT = b"STEP", b"DATA", b"TRNC", b"CMIT"
 _KINDS = (STEP, DATA, TRNC, CMIT)
 _CHUNK = 4 << 20  # before-images are streamed in chunks of this size, never held whole
@@ -86,6 +87,8 @@ class StepInfo:
     size_before: int
     committed: bool = False
     size_after: int | None = None
+    mtime_before: int = 0  # the image's mtime (ns) before the step: restored when the step is undone
+    mtime_after: int | None = None
     meta: dict = field(default_factory=dict)
 
 
@@ -166,7 +169,7 @@ def _scan(fd: int, path: str) -> tuple[list[StepInfo], int]:
                 meta = None
             if not isinstance(meta, dict):
                 break
-            steps.append(StepInfo(rec.step, rec.start, rec.size_before, meta=meta))
+            steps.append(StepInfo(rec.step, rec.start, rec.size_before, mtime_before=rec.offset, meta=meta))
         elif not steps or steps[-1].committed or rec.step != steps[-1].number:
             break
         elif rec.kind == CMIT:
@@ -174,6 +177,8 @@ def _scan(fd: int, path: str) -> tuple[list[StepInfo], int]:
                 break
             steps[-1].committed = True
             steps[-1].size_after = rec.offset
+            if rec.length == _U64.size:
+                steps[-1].mtime_after = _U64.unpack(os.pread(fd, _U64.size, rec.payload_at))[0]
         pos = rec.end
     return steps, pos
 
@@ -209,6 +214,28 @@ def _roll_back(jfd: int, img_fd: int, step: StepInfo, end: int, *, tolerate_torn
             os.pwrite(img_fd, buf, rec.offset + off)
     if os.fstat(img_fd).st_size != step.size_before:
         os.ftruncate(img_fd, step.size_before)
+
+
+def _set_mtime(img_fd: int, mtime_ns: int) -> None:
+    """Give the image back the mtime it had at the state it was just returned to."""
+    if mtime_ns:
+        os.utime(img_fd, ns=(os.fstat(img_fd).st_atime_ns, mtime_ns))
+
+
+def _check_unchanged(steps: list[StepInfo], img_fd: int, image: str) -> None:
+    """Refuse a journal whose image was written by someone else after its last step.
+
+    Undoing then would write old bytes over the other writer's changes. The length and the mtime
+    recorded at the last commit must both still hold (undo puts the mtime back, so they do).
+    """
+    if not steps:
+        return
+    last, st = steps[-1], os.fstat(img_fd)
+    if last.size_after != st.st_size or (last.mtime_after is not None and last.mtime_after != st.st_mtime_ns):
+        raise JournalError(
+            f"{image}: the image changed after its undo journal was written (length {st.st_size}, journal "
+            f"expects {last.size_after}, or a newer modification time); refusing to use the journal: "
+            f"remove {journal_path(image)} to go on without it")
 
 
 # ---- the live journal ------------------------------------------------------------------------------
@@ -260,17 +287,16 @@ class Journal:
         if steps and not steps[-1].committed:
             _roll_back(self.fd, self.img.fd, steps[-1], os.fstat(self.fd).st_size, tolerate_torn=True)
             os.fsync(self.img.fd)
+            _set_mtime(self.img.fd, steps[-1].mtime_before)
             end = steps.pop().start
             self._after_restore()
             self.recovered = True
-        if steps and steps[-1].size_after != self.img.file_size:
-            raise JournalError(
-                f"{self.path}: the image changed after the journal was written (image length "
-                f"{self.img.file_size}, journal expects {steps[-1].size_after}); remove the journal to go on")
+        _check_unchanged(steps, self.img.fd, self.img.path)
         os.ftruncate(self.fd, end)
         self.end = end
         self.starts = array("Q", (s.start for s in steps))
         self.sizes = array("Q", (s.size_before for s in steps))
+        self.mtimes = array("q", (s.mtime_before for s in steps))
         self.next_number = steps[-1].number + 1 if steps else 1
 
     @property
@@ -317,12 +343,13 @@ class Journal:
         """Open a step; returns its number. `meta` (JSON-able) says what the step is."""
         if self._current is not None:
             raise QcowError("journal: a step is already open")
-        number, size = self.next_number, self.img.file_size
-        self._current = StepInfo(number, self.end, size, meta=meta or {})
+        number, size, mtime = self.next_number, self.img.file_size, os.fstat(self.img.fd).st_mtime_ns
+        self._current = StepInfo(number, self.end, size, mtime_before=mtime, meta=meta or {})
         self._covered = []
         payload = json.dumps(meta or {}, separators=(",", ":")).encode()
-        crc = zlib.crc32(payload, zlib.crc32(_CRC_PART.pack(STEP, number, 0, len(payload), size)))
-        self._pending = b"".join((_REC.pack(STEP, number, 0, len(payload), size, crc), payload, _FOOT.pack(self.end)))
+        crc = zlib.crc32(payload, zlib.crc32(_CRC_PART.pack(STEP, number, mtime, len(payload), size)))
+        self._pending = b"".join((_REC.pack(STEP, number, mtime, len(payload), size, crc), payload,
+                                  _FOOT.pack(self.end)))
         self.end += len(self._pending)
         return number
 
@@ -334,9 +361,10 @@ class Journal:
         if self.durable and not self._pending:
             os.fdatasync(self.img.fd)  # the step's writes are on disk before the journal says so
         if self.keep:
-            self._append(CMIT, self.img.file_size, cur.size_before)
+            self._append(CMIT, self.img.file_size, cur.size_before, _U64.pack(os.fstat(self.img.fd).st_mtime_ns))
             self.starts.append(cur.start)
             self.sizes.append(cur.size_before)
+            self.mtimes.append(cur.mtime_before)
         elif self._pending:  # nothing reached the file: nothing to take back
             self._pending = b""
             self.end = cur.start
@@ -356,6 +384,7 @@ class Journal:
             self.end = cur.start
         else:
             _roll_back(self.fd, self.img.fd, cur, self.end, tolerate_torn=False)
+            _set_mtime(self.img.fd, cur.mtime_before)
             self._truncate_to(cur.start)
             self._after_restore()
         self._current = None
@@ -427,6 +456,7 @@ class Journal:
             self._truncate_to(start)
             self.starts.pop()
             self.sizes.pop()
+            _set_mtime(self.img.fd, self.mtimes.pop())
             self.next_number = step.number
         if n:
             self._after_restore()
@@ -500,17 +530,16 @@ def undo(image_path: str, steps: int | None = 1, *, lock: bool = True) -> UndoRe
             interrupted = False
             if all_steps and not all_steps[-1].committed:
                 _roll_back(jfd, img_fd, all_steps[-1], os.fstat(jfd).st_size, tolerate_torn=True)
+                _set_mtime(img_fd, all_steps[-1].mtime_before)
                 end = all_steps.pop().start
                 interrupted = True
-            elif all_steps and all_steps[-1].size_after != os.fstat(img_fd).st_size:
-                raise JournalError(
-                    f"{image_path}: the image changed after the journal was written (length "
-                    f"{os.fstat(img_fd).st_size}, journal expects {all_steps[-1].size_after}); refusing to undo")
+            _check_unchanged(all_steps, img_fd, image_path)
             n = len(all_steps) if steps is None else min(steps, len(all_steps))
             undone = []
             for _ in range(n):
                 st = all_steps.pop()
                 _roll_back(jfd, img_fd, st, end, tolerate_torn=False)
+                _set_mtime(img_fd, st.mtime_before)
                 end = st.start
                 undone.append(st.meta)
             os.fsync(img_fd)

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
@@ -287,8 +288,40 @@ def test_image_changed_behind_the_journal_is_refused(image):
         j.commit()
     with open(image, "ab") as f:
         f.write(b"\0" * 65536)  # someone else grew the image
-    with pytest.raises(JournalError, match="changed after the journal"):
+    with pytest.raises(JournalError, match="changed after its undo journal"):
         undo(image, steps=1)
+
+
+def test_image_rewritten_in_place_behind_the_journal_is_refused(image):
+    with open_image(image, writable=True) as img, Journal(img) as j:
+        j.begin()
+        img.pwrite(8192, b"Q" * 10)
+        j.commit()
+    time.sleep(0.02)  # past the file system's timestamp granularity
+    with open(image, "r+b") as f:  # same length, new bytes: only the mtime tells
+        f.seek(9000)
+        f.write(b"someone else")
+    changed = digest(image)
+    with pytest.raises(JournalError, match="changed after its undo journal"):
+        undo(image, steps=1)
+    with open_image(image, writable=True) as img, pytest.raises(JournalError, match="changed after its undo"):
+        Journal(img)
+    assert digest(image) == changed
+
+
+def test_undo_gives_back_the_mtime_of_the_state_it_restores(image):
+    orig_mtime = os.stat(image).st_mtime_ns
+    time.sleep(0.02)
+    with open_image(image, writable=True) as img, Journal(img) as j:
+        for n in range(3):
+            j.begin()
+            img.pwrite(8192 * (n + 1), b"Q" * 10)
+            j.commit()
+            time.sleep(0.02)
+        j.undo(1)
+    undo(image, steps=1)  # the CLI path accepts what the session left: lengths and mtimes agree
+    undo(image, steps=1)
+    assert os.stat(image).st_mtime_ns == orig_mtime
 
 
 def test_undo_without_journal_says_so(image):
