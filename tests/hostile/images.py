@@ -162,10 +162,30 @@ def _qdebug_made(directory: str) -> dict[str, Layout]:
         from qdebug.engine.create import create_image
     except ImportError:
         return {}
-    path = os.path.join(directory, "qd_created.qcow2")
-    create_image(path, 4 << 20, cluster_size=65536, extended_l2=True)
-    qemu_io(path, *_script(65536, True))
-    return {"qd_created": layout_of(path)}
+    out = {}
+    for name, cs, ctype in (("qd_created", 65536, "zlib"), ("qd_zstd", 32768, "zstd")):
+        path = os.path.join(directory, f"{name}.qcow2")
+        create_image(path, 4 << 20, cluster_size=cs, extended_l2=True, compression_type=ctype)
+        trace = os.path.join(directory, f"{name}.qio")
+        with open(trace, "w") as f:
+            f.write("\n".join(_script(cs, True)) + "\n")
+        if _qdebug_replay(path, trace) != 0:  # qdebug's own write engine, else QEMU's
+            qemu_io(path, *_script(cs, True))
+        out[name] = layout_of(path)
+    return out
+
+
+def _qdebug_replay(path: str, trace: str) -> int:
+    import contextlib
+    import io
+
+    from qdebug.cli import main
+
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        try:
+            return main(["replay", path, trace])
+        except SystemExit as e:
+            return e.code if isinstance(e.code, int) else 2
 
 
 def _parse_cs(text: str) -> int:
