@@ -91,7 +91,7 @@ def cmd_info(args) -> int:
                      f"{layer['virtual-size']} bytes)")
     counts = q["subclusters"]
     lines.append("    subclusters by type: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
-    print("\n".join(lines))
+    print("\n".join(one_line(ln) for ln in lines))  # names from the image: no terminal escapes
     return 0
 
 
@@ -117,7 +117,7 @@ def cmd_map(args) -> int:
                     batch.compressed.tolist()):
                 status = ("compressed" if comp else "data") if da else ("zero" if pr else "unallocated")
                 mapped = f"{off:#x}" if ho else "-"
-                fname = chain.layers[d].path if ho else "-"
+                fname = one_line(chain.layers[d].path) if ho else "-"
                 rows.append(f"{s:<#16x}{ln:<#16x}{d:<6}{status:<12}{mapped:<16}{fname}\n")
             out.write("".join(rows))
     return 0
@@ -201,7 +201,13 @@ def cmd_read(args) -> int:
 
 def _warn(warnings) -> None:
     for w in warnings:
-        print(f"qdebug: warning: {w}", file=sys.stderr)
+        print(f"qdebug: warning: {one_line(w)}", file=sys.stderr)
+
+
+def one_line(text: str) -> str:
+    """Messages quote names taken from the image (backing names may hold newlines or escapes):
+    keep the promise of one line per message, whatever the name."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 # ---- parser ---------------------------------------------------------------------------------------
@@ -262,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except QcowError as e:
-        print(f"qdebug: error: {e}", file=sys.stderr)
+        print(f"qdebug: error: {one_line(str(e))}", file=sys.stderr)
         return EXIT_ERROR
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
