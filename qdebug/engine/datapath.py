@@ -28,13 +28,14 @@ _PLAIN_TYPES = (T.ZERO_PLAIN, T.UNALLOCATED_PLAIN)
 class Meta:
     """A QCowL2Meta while the request runs (cow offsets relative to `offset`, a cluster start)."""
 
-    __slots__ = ("offset", "alloc", "nb", "keep_old", "cs_from", "cs_to", "ce_from", "ce_to", "l2_off", "skip")
+    __slots__ = ("offset", "alloc", "nb", "keep_old", "cs_from", "cs_to", "ce_from", "ce_to", "l2_off", "skip", "segs")
 
     def __init__(self, offset, alloc, nb, keep_old, cs_from, cs_to, ce_from, ce_to, l2_off):
         self.offset, self.alloc, self.nb, self.keep_old = offset, alloc, nb, keep_old
         self.cs_from, self.cs_to, self.ce_from, self.ce_to = cs_from, cs_to, ce_from, ce_to
         self.l2_off = l2_off
         self.skip = False
+        self.segs: tuple = ([], [])
 
 
 def needs_new_alloc(word0: int, ext: bool) -> bool:
@@ -191,20 +192,17 @@ def alloc_host_offset(ctx: StepContext, offset: int, nbytes: int) -> tuple[int, 
 
 
 # ---- COW ---------------------------------------------------------------------------------------------
-def guest_read(ctx: StepContext, offset: int, length: int) -> bytes:
-    """The guest view QEMU's COW reads see (through the driver: beyond the virtual size too)."""
-    return guestview.read(ctx.chain, ctx.entry, offset, offset + length, ctx.decompressed)
-
-
 _SOURCE = {T.NORMAL: "old cluster", T.COMPRESSED: "decompressed cluster"}
 
 
-def cow_sources(ctx: StepContext, offset: int, length: int) -> list[CowSource]:
+def _segments(ctx: StepContext, offset: int, length: int) -> list:
+    return guestview.segments(ctx.chain, ctx.entry, offset, offset + length) if length > 0 else []
+
+
+def cow_sources(segs: list) -> list[CowSource]:
     """Where each byte of a COW region comes from: old cluster, decompressed, backing depth d, zeros."""
     out: list[CowSource] = []
-    if length <= 0:
-        return out
-    for s, e, kind, depth, _h in guestview.segments(ctx.chain, ctx.entry, offset, offset + length):
+    for s, e, kind, depth, _h in segs:
         if kind in (T.NORMAL, T.COMPRESSED, guestview.RAW_DATA):
             src = _SOURCE.get(kind, "data") if depth == 0 else f"backing depth {depth}" + (
                 " (decompressed)" if kind == T.COMPRESSED else "")
@@ -218,12 +216,14 @@ def cow_sources(ctx: StepContext, offset: int, length: int) -> list[CowSource]:
     return out
 
 
-def _is_zero_fast(ctx: StepContext, offset: int, length: int) -> bool:
+def _is_zero_fast(ctx: StepContext, offset: int, length: int, segs: list) -> bool:
     """bdrv_co_is_zero_fast over the chain (decides QEMU's zero-COW shortcut); a range reaching
     past the virtual size is never 'zero' (block status stops at the end)."""
+    if length <= 0:
+        return True
     if offset + length > ctx.g.size:
-        return length <= 0
-    return guestview.reads_as_zero(ctx.chain, ctx.entry, offset, offset + length, exact=False)
+        return False
+    return guestview.reads_as_zero(ctx.chain, segs, exact=False)
 
 
 def pwrite(ctx: StepContext, offset: int, nbytes: int, fill: Callable[[int, int], bytes], kind: str) -> None:
@@ -234,9 +234,10 @@ def pwrite(ctx: StepContext, offset: int, nbytes: int, fill: Callable[[int, int]
         if cur == 0:
             raise AssertionError("no progress allocating host clusters")
         for m in metas:  # handle_alloc_space: QEMU's zero-COW shortcut (recorded only)
-            if (m.cs_to - m.cs_from or m.ce_to - m.ce_from) and \
-                    _is_zero_fast(ctx, m.offset + m.cs_from, m.cs_to - m.cs_from) and \
-                    _is_zero_fast(ctx, m.offset + m.ce_from, m.ce_to - m.ce_from):
+            head = (m.offset + m.cs_from, m.cs_to - m.cs_from)
+            tail = (m.offset + m.ce_from, m.ce_to - m.ce_from)
+            m.segs = (_segments(ctx, *head), _segments(ctx, *tail))
+            if (head[1] or tail[1]) and _is_zero_fast(ctx, *head, m.segs[0]) and _is_zero_fast(ctx, *tail, m.segs[1]):
                 m.skip = True
         merged = None
         for m in metas:
@@ -266,20 +267,19 @@ def link_l2(ctx: StepContext, m: Meta, merged: bool, host: int, data_off: int, d
     g = ctx.g
     head = (m.offset + m.cs_from, m.cs_to - m.cs_from)
     tail = (m.offset + m.ce_from, m.ce_to - m.ce_from)
-    sources = cow_sources(ctx, *head) + cow_sources(ctx, *tail)
+    hsegs, tsegs = m.segs
+    sources = cow_sources(hsegs) + cow_sources(tsegs)
     txn = ctx.txn
-    if head[1] or tail[1]:
-        if merged:
-            if head[1]:
-                txn.write_data(m.alloc + m.cs_from, head[1], "cow", lambda a=head: guest_read(ctx, *a))
-            txn.write_data(host, data_len, "data", lambda: fill(data_off, data_len))
-            if tail[1]:
-                txn.write_data(m.alloc + m.ce_from, tail[1], "cow", lambda a=tail: guest_read(ctx, *a))
-        else:
-            if head[1]:
-                txn.write_data(m.alloc + m.cs_from, head[1], "cow", lambda a=head: guest_read(ctx, *a))
-            if tail[1]:
-                txn.write_data(m.alloc + m.ce_from, tail[1], "cow", lambda a=tail: guest_read(ctx, *a))
+
+    def cow(region, segs):
+        return lambda: guestview.read(ctx.chain, segs, region[0], region[0] + region[1], ctx.decompressed)
+
+    if head[1]:
+        txn.write_data(m.alloc + m.cs_from, head[1], "cow", cow(head, hsegs))
+    if merged:
+        txn.write_data(host, data_len, "data", lambda: fill(data_off, data_len))
+    if tail[1]:
+        txn.write_data(m.alloc + m.ce_from, tail[1], "cow", cow(tail, tsegs))
     gc0 = m.offset >> g.cbits
     old_entries = []
     written_from, written_to = m.cs_from, m.ce_to

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import struct
+import weakref
 
 from . import constants as C
 from .chain import RawFile
@@ -18,6 +19,7 @@ from .compression import decompress, descriptor_fields
 from .subclusters import SubclusterType as T, subcluster_range_type
 
 RAW_DATA, RAW_HOLE, PAST_END = 7, 8, 9
+_PARAMS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # layer -> (header, geometry...)
 _QQ = struct.Struct(">QQ")
 _Q = struct.Struct(">Q")
 
@@ -59,10 +61,11 @@ def segments(chain, top_entry, start: int, end: int, depth: int = 0, out=None) -
     if isinstance(layer, RawFile):
         out.append((start, end, RAW_DATA, depth, start))
         return out
-    h = layer.header
-    cbits, cs = h.cluster_bits, h.cluster_size
-    ext = h.extended_l2
-    scb = h.subcluster_bits
+    params = _PARAMS.get(layer)
+    if params is None or params[0] is not layer.header:
+        h = layer.header
+        params = _PARAMS[layer] = (h, h.cluster_bits, h.cluster_size, h.extended_l2, h.subcluster_bits)
+    _h, cbits, cs, ext, scb = params
     pos = start
     while pos < end:
         gc = pos >> cbits
@@ -90,13 +93,11 @@ def segments(chain, top_entry, start: int, end: int, depth: int = 0, out=None) -
 DATA_KINDS = (T.NORMAL, T.COMPRESSED, T.INVALID, RAW_DATA)
 
 
-def reads_as_zero(chain, top_entry, start: int, end: int, *, exact: bool) -> bool:
-    """Block status says ZERO for the whole range. exact=True is QEMU's is_zero (raw holes are
-    zero, found with SEEK_DATA); exact=False is bdrv_co_is_zero_fast (raw files are always data).
+def reads_as_zero(chain, segs, *, exact: bool) -> bool:
+    """Block status says ZERO for all of `segs`. exact=True is QEMU's is_zero (raw holes are zero,
+    found with SEEK_DATA); exact=False is bdrv_co_is_zero_fast (raw files are always data).
     Past a short backing file's end both see zeros."""
-    if start >= end:
-        return True
-    for s, e, kind, depth, _h in segments(chain, top_entry, start, end):
+    for s, e, kind, depth, _h in segs:
         if kind == RAW_DATA:
             if not exact or not _raw_hole(chain.layers[depth], s, e):
                 return False
@@ -115,10 +116,10 @@ def _raw_hole(raw: RawFile, s: int, e: int) -> bool:
     return data >= e
 
 
-def read(chain, top_entry, start: int, end: int, cache: dict) -> bytes:
-    """Guest bytes of the range (COW source data)."""
+def read(chain, segs, start: int, end: int, cache: dict) -> bytes:
+    """Guest bytes of [start, end) from its segments (COW source data)."""
     out = bytearray(end - start)
-    for s, e, kind, depth, host in segments(chain, top_entry, start, end):
+    for s, e, kind, depth, host in segs:
         if kind == T.NORMAL or kind == RAW_DATA:
             out[s - start:e - start] = chain.layers[depth].pread(host, e - s)
         elif kind == T.COMPRESSED:

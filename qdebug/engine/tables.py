@@ -60,6 +60,7 @@ class StepContext:
         self.notes: list[str] = []
         self.hazards: list = []
         self.decompressed: dict = {}  # compressed clusters decompressed for COW in this step
+        self._entries: dict[int, tuple[int, int]] = {}
 
     # ---- L1 / L2 ---------------------------------------------------------------------------------
     def l2_location(self, guest_cluster: int) -> tuple[int, int, int]:
@@ -71,7 +72,11 @@ class StepContext:
         return l1e, l1e & C.L1E_OFFSET_MASK, l2_index
 
     def entry(self, guest_cluster: int) -> tuple[int, int]:
-        """(word0, bitmap) of a guest cluster; (0, 0) where no L2 table exists."""
+        """(word0, bitmap) of a guest cluster; (0, 0) where no L2 table exists. Cached for the
+        step (every change goes through set_entry), as QEMU's L2 cache would hold it."""
+        e = self._entries.get(guest_cluster)
+        if e is not None:
+            return e
         _l1e, l2_off, idx = self.l2_location(guest_cluster)
         if not l2_off:
             return 0, 0
@@ -79,9 +84,13 @@ class StepContext:
         if self.g.ext:
             page = self.txn.pages.get(off & ~4095)
             if page is None and off + 16 <= self.txn.img.file_size:
-                return _QQ.unpack_from(self.txn.img.mm, off)
-            return self.txn.u64(off), self.txn.u64(off + 8)
-        return self.txn.u64(off), 0
+                e = _QQ.unpack_from(self.txn.img.mm, off)
+            else:
+                e = (self.txn.u64(off), self.txn.u64(off + 8))
+        else:
+            e = (self.txn.u64(off), 0)
+        self._entries[guest_cluster] = e
+        return e
 
     def set_entry(self, l2_off: int, guest_cluster: int, word0: int, bitmap: int) -> None:
         """Write one L2 entry (remembering the cluster's state before the step)."""
@@ -90,6 +99,7 @@ class StepContext:
             self.before[guest_cluster] = old
         idx = guest_cluster % self.g.l2_entries
         off = l2_off + idx * self.g.esize
+        self._entries[guest_cluster] = (word0, bitmap)
         if self.g.ext:
             if old[0] == word0:
                 if old[1] != bitmap:

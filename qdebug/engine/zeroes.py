@@ -57,7 +57,9 @@ def write_zeroes(ctx: StepContext, offset: int, nbytes: int, unmap: bool) -> Non
 def is_zero(ctx: StepContext, offset: int, nbytes: int) -> bool:
     """QEMU's is_zero(): exact block status through the chain, clamped to the image end."""
     end = min(offset + nbytes, ctx.g.size)
-    return guestview.reads_as_zero(ctx.chain, ctx.entry, offset, end, exact=True)
+    if offset >= end:
+        return True
+    return guestview.reads_as_zero(ctx.chain, guestview.segments(ctx.chain, ctx.entry, offset, end), exact=True)
 
 
 def pwrite_zeroes(ctx: StepContext, offset: int, nbytes: int, unmap: bool) -> None:
