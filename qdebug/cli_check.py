@@ -46,31 +46,27 @@ def cmd_check(args) -> int:
 
     from .engine.chain import open_chain
     from .engine.check import check_image
-    from .engine.repair import apply_repair, plan_repair
+    from .engine.repair import check_repair
 
     fix = args.repair
+    fixed = None
     with open_chain(args.image, writable=bool(fix), no_backing=True) as chain:
-        img = chain.top
-        report = replace(check_image(img), filename=args.image)
-        final = report
-        fixed = None
         if fix:
+            report = replace(check_image(chain.top), filename=args.image)
             try:
-                plan = plan_repair(chain, report, mode=fix)
+                report, plan, final = check_repair(chain, fix, filename=args.image, before=report)
             except QcowError as e:
                 _messages(report, sys.stderr)
                 sys.stderr.write(f"{e}\n")
                 print("qdebug: error: Check failed: Input/output error", file=sys.stderr)
                 return 1
-            if plan.items:
-                apply_repair(chain, plan)
             if plan.leaks_fixed or plan.corruptions_fixed:
                 fixed = plan
-                final = replace(check_image(img), filename=args.image, leaks_fixed=plan.leaks_fixed,
-                                corruptions_fixed=plan.corruptions_fixed)
             for u in plan.unsupported:
                 if "its data is not freed" in u:
                     print(f"qdebug: kept: {u}", file=sys.stderr)
+        else:
+            report = final = replace(check_image(chain.top), filename=args.image)
     if args.output == "json":
         out = final.to_json()
         if fixed is not None:

@@ -131,6 +131,7 @@ class _Planner:
         self.ref_delta: dict[int, int] = {}  # host cluster -> reference change from entry fixes
         self.unfixed = 0
         self.entry_fixes = 0  # QEMU-style entry repairs (counted as corruptions fixed)
+        self.slots_fixed = 0  # broken refcount table entries replaced or dropped
 
     # -- L2 entries
     def entry(self, f: Finding) -> tuple[int, int, int]:
@@ -222,10 +223,13 @@ class _Planner:
         x = 62 - (self.cb - 8)
         coff = w0 & ((1 << x) - 1)
         nsec = ((w0 >> x) & ((1 << (self.cb - 8)) - 1)) + 1
-        end = coff + nsec * 512 - (coff & 511)
-        if end - self.img.file_size >= self.cs:
-            return  # QEMU does not count a region that far past EOF
-        for c in range(coff >> self.cb, ((end - 1) >> self.cb) + 1):
+        self._region_refs(coff, nsec * 512 - (coff & 511), sign)
+
+    def _region_refs(self, offset: int, size: int, sign: int) -> None:
+        """References of a region as QEMU counts them: every cluster it touches, none if far past EOF."""
+        if offset + size - self.img.file_size >= self.cs:
+            return
+        for c in range(offset >> self.cb, ((offset + size - 1) >> self.cb) + 1):
             self.ref(c, sign)
 
     # -- other entry-level repairs
@@ -263,7 +267,7 @@ class _Planner:
             patches = self.set_entry(off, 0, new)
         else:
             patches = self.set_entry(off, C.QCOW_OFLAG_ZERO if self.policy != "unallocate" else 0, 0)
-        self.ref(f.host_offset >> self.cb, -1)
+        self._region_refs(f.host_offset, self.cs, -1)
         self.entry_fixes += 1
         after = "zeros" if self.policy != "unallocate" else "the backing file (or zeros)"
         change = GuestChange(f.guest_offset, self.cs, "EIO for allocated subclusters (QEMU: unaligned cluster "
@@ -375,7 +379,7 @@ def _plan_refcounts(p: _Planner, mode: str) -> tuple[int, int, int | None]:
         refs = np.concatenate([refs, np.zeros(nb_file - len(refs), np.int64)])
     # which refcount table slots hold a usable block
     offs = (rt & _U64(C.REFT_OFFSET_MASK)).astype(np.int64)
-    bad = ((rt & _U64(C.REFT_RESERVED_MASK)) != 0) | (offs % cs != 0) | ((offs >> p.cb) >= len(refs))
+    bad = ((rt & _U64(C.REFT_RESERVED_MASK)) != 0) | (offs % cs != 0) | (offs < 0) | ((offs >> p.cb) >= len(refs))
     good_off = np.where(bad, 0, offs)
     blk_cl = good_off >> p.cb
     # a block shared by two slots, or also used as something else, must be replaced
@@ -386,12 +390,18 @@ def _plan_refcounts(p: _Planner, mode: str) -> tuple[int, int, int | None]:
             bad[i] = True
     need = set()
     nblocks = -(-len(refs) // per)
-    for b in np.flatnonzero(bad & (offs != 0)).tolist():
+    if mode == "leaks":
+        if p.report.rebuild_needed:
+            raise QcowError("ERROR need to rebuild refcount structures (use -r all or qdebug repair)")
+        bad[:] = True  # -r leaks never touches the refcount table: only usable blocks get fixed
+        bad[good_off != 0] = False
+    for b in np.flatnonzero(bad & (offs != 0)).tolist() if mode != "leaks" else ():
         if b >= nblocks:  # describes nothing in the file: drop the slot
             p.items.append(RepairItem(None, f"refcount table entry {b} points to a broken block that describes "
                                       "no cluster of the file: set it to 0",
                                       (Patch(h.refcount_table_offset + 8 * b, bytes(8), "reftable"),)))
-    for b in range(nblocks):
+            p.slots_fixed += 1
+    for b in range(nblocks) if mode != "leaks" else ():
         seg = refs[b * per:(b + 1) * per]
         if b < len(rt) and bad[b] and offs[b]:
             need.add(b)
@@ -422,6 +432,7 @@ def _plan_refcounts(p: _Planner, mode: str) -> tuple[int, int, int | None]:
             nb = next_cl // per
             if nb not in new_blocks and nb not in todo and (nb >= len(rt) or bad[nb] or offs[nb] == 0):
                 todo.append(nb)
+        p.slots_fixed += sum(1 for b in new_blocks if b < len(rt) and offs[b])
         for b, c in new_blocks.items():
             bad[b] = False
             good_off[b] = c * cs
@@ -476,7 +487,7 @@ def _plan_refcounts(p: _Planner, mode: str) -> tuple[int, int, int | None]:
         first = [f"cluster {lo + k}: {int(have[k])} -> {int(want[k])}" for k in diff[:4].tolist()]
         p.items.append(RepairItem(None, f"refcount block {b}: set {diff.size} refcount(s) to the references ("
                                   + ", ".join(first) + (", ..." if diff.size > 4 else "") + ")", tuple(patches)))
-    return leaks, corr, new_size
+    return leaks, corr + p.slots_fixed, new_size
 
 
 def bad_original(entry, cs) -> bool:
@@ -605,6 +616,28 @@ def os_fsync(img) -> None:
     os.fsync(img.fd)
 
 
+def check_repair(chain, fix: str, *, filename: str | None = None, before: CheckReport | None = None):
+    """`qemu-img check -r leaks|all`: (report before, plan, final report with the fixed counts).
+
+    Like qemu-img, the final report is a second check after the repair, carrying the numbers of
+    leaks and corruptions the repair fixed. Raises QcowError where qemu-img fails ("need to
+    rebuild" with -r leaks). Compressed data referenced by a broken entry is never freed.
+    """
+    from dataclasses import replace
+
+    img = chain.top
+    name = filename or img.path
+    before = replace(before or check_image(img), filename=name)
+    plan = plan_repair(chain, before, mode=fix)
+    final = before
+    if plan.items:
+        apply_repair(chain, plan)
+        final = replace(check_image(img), filename=name)
+    if plan.leaks_fixed or plan.corruptions_fixed:
+        final = replace(final, leaks_fixed=plan.leaks_fixed, corruptions_fixed=plan.corruptions_fixed)
+    return before, plan, final
+
+
 def repair_image(chain, *, policy: str = "keep-data", entries=None, mode: str = "qdebug", dry_run: bool = False):
     """Check, plan, (apply), check again: (plan, report before, report after or None)."""
     before = check_image(chain.top)
@@ -616,4 +649,5 @@ def repair_image(chain, *, policy: str = "keep-data", entries=None, mode: str = 
 
 
 __all__ = ["Patch", "GuestChange", "RepairItem", "RepairPlan", "plan_repair", "apply_repair", "repair_image",
+           "check_repair",
            "POLICIES"]

@@ -1,0 +1,159 @@
+"""`qdebug check [-r leaks|all]` and `qdebug repair` against qemu-img, through the command line."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+
+import pytest
+
+from tests.engine.corruptions import CORRUPTIONS, SHAPES, corrupt, make_shape
+from tests.qemu import QEMU_IMG, qemu_check
+
+pytestmark = pytest.mark.qemu
+
+# Where `-r` deliberately differs from qemu-img: compressed data is never freed, an L1 entry
+# without offset is refused, a misplaced L2 table is not written into, and refcount structures
+# are rebuilt in place (QEMU writes new ones at the end, or fails).
+DEVIATES = {"compressed_bitmap", "l1_only_flags", "l2_table_unaligned"}
+REBUILD = {"refcount_down", "reftable_reserved", "refblock_unaligned", "refblock_outside", "prealloc_unaligned"}
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    from tests.qemu import require_qemu
+
+    require_qemu()
+    d = tmp_path_factory.mktemp("shapes")
+    return {name: make_shape(d, name) for name in ("ext64k", "std64k", "ext16k", "ext32k-snap")}
+
+
+def qdebug(*args):
+    """`qdebug ARGS` in this process (fast), as a CompletedProcess."""
+    import contextlib
+    import io
+
+    from qdebug.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            rc = main(list(args))
+        except SystemExit as e:  # argparse errors
+            rc = e.code
+    return subprocess.CompletedProcess(args, rc, out.getvalue().encode(), err.getvalue().encode())
+
+
+def qimg(*args):
+    return subprocess.run([QEMU_IMG, *args], capture_output=True)
+
+
+def _counts(stdout: bytes) -> dict:
+    out = json.loads(stdout)
+    out.pop("findings", None)
+    out.pop("findings-before-repair", None)
+    out["filename"] = None
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(CORRUPTIONS))
+def test_check_json_human_and_exit_code(shapes, name, tmp_path):
+    path = str(tmp_path / "img.qcow2")
+    shutil.copy(shapes["ext64k"], path)
+    corrupt(path, name)
+    ours, theirs = qdebug("check", "--output=json", path), qimg("check", "--output=json", path)
+    assert ours.returncode == theirs.returncode
+    assert _counts(ours.stdout) == _counts(theirs.stdout)
+    assert list(json.loads(ours.stdout))[:-1] == list(json.loads(theirs.stdout))
+    ours, theirs = qdebug("check", path), qimg("check", path)
+    assert ours.stdout == theirs.stdout  # the summary, byte for byte
+    for line in theirs.stderr.decode().splitlines():
+        if line.startswith(("ERROR", "Leaked", "Can't")):
+            assert line in ours.stderr.decode()
+
+
+@pytest.mark.parametrize("mode", ["leaks", "all"])
+@pytest.mark.parametrize("name", sorted(CORRUPTIONS))
+@pytest.mark.parametrize("shape", ["ext64k", "std64k", "ext32k-snap"])
+def test_check_repair_like_qemu(shapes, shape, name, mode, tmp_path):
+    from qdebug.engine.chain import open_chain
+    from qdebug.engine.errors import QcowError
+    from qdebug.engine.repair import check_repair
+
+    ours, theirs = str(tmp_path / "ours.qcow2"), str(tmp_path / "theirs.qcow2")
+    shutil.copy(shapes[shape], ours)
+    if corrupt(ours, name) is None:
+        pytest.skip("not applicable")
+    shutil.copy(ours, theirs)
+    q = qimg("check", "-r", mode, "--output=json", theirs)
+    try:
+        with open_chain(ours, writable=True, no_backing=True) as chain:
+            final = check_repair(chain, mode)[2]
+        rc, counts = final.exit_code, dict(final.counts(), filename=None)
+    except QcowError:
+        rc, counts = 1, None
+    after_theirs, after_ours = qemu_check(theirs)[0], qemu_check(ours)[0]
+    if name in DEVIATES or (mode == "all" and name in REBUILD):
+        # never worse than QEMU: clean wherever QEMU's repair is clean
+        assert after_ours <= after_theirs or after_theirs == 1 or after_ours == 0
+        return
+    assert rc == q.returncode
+    assert after_ours == after_theirs
+    if q.returncode != 1:
+        assert counts == _counts(q.stdout)
+
+
+def test_check_r_all_keeps_compressed_data(shapes, tmp_path):
+    path = str(tmp_path / "img.qcow2")
+    shutil.copy(shapes["ext64k"], path)
+    corrupt(path, "compressed_bitmap")
+    o = qdebug("check", "-r", "all", path)
+    assert b"its data is not freed" in o.stderr
+    assert o.returncode == 2  # the bitmap is still wrong: `qdebug repair` clears it
+
+
+def test_repair_dry_run_previews_and_writes_nothing(shapes, tmp_path):
+    path = str(tmp_path / "img.qcow2")
+    shutil.copy(shapes["ext64k"], path)
+    corrupt(path, "both_bits_zero_sc")
+    before = open(path, "rb").read()
+    o = qdebug("repair", "--dry-run", path)
+    assert o.returncode == 0, o.stderr
+    text = o.stdout.decode()
+    assert "Allocated cluster has corrupted subcluster allocation bitmap" in text
+    assert "keep the data: clear the zero bit of subclusters" in text
+    assert "before EIO" in text and "as data" in text and "after " in text
+    assert open(path, "rb").read() == before
+    j = json.loads(qdebug("repair", "--dry-run", "--output=json", "--policy", "zero", path).stdout)
+    (item,) = [i for i in j["plan"]["items"] if i["finding"]]
+    assert item["guest-changes"][0]["after"].startswith("00 00")
+
+
+def test_repair_then_undo_restores_bytes(shapes, tmp_path):
+    path = str(tmp_path / "img.qcow2")
+    shutil.copy(shapes["ext32k-snap"], path)
+    corrupt(path, "both_bits")
+    corrupt(path, "refcount_up")
+    corrupt(path, "corrupt_bit")
+    before = open(path, "rb").read()
+    o = qdebug("repair", path)
+    assert o.returncode == 0, o.stdout.decode() + o.stderr.decode()
+    assert b"no errors were found" in o.stdout
+    assert qemu_check(path)[0] == 0
+    assert b'"corrupt": false' in qimg("info", "--output=json", path).stdout
+    u = qdebug("undo", path)
+    assert u.returncode == 0, u.stderr
+    assert open(path, "rb").read() == before
+
+
+def test_repair_entry_option_and_bad_input(shapes, tmp_path):
+    path = str(tmp_path / "img.qcow2")
+    shutil.copy(shapes["ext64k"], path)
+    corrupt(path, "both_bits")
+    o = qdebug("repair", "--entry", "0:99", "--dry-run", path)
+    assert o.returncode == 0 and b"nothing to repair" in o.stdout
+    o = qdebug("repair", "--entry", "x", path)
+    assert o.returncode == 2 and b"bad entry" in o.stderr
+    o = qdebug("check", str(tmp_path / "missing.qcow2"))
+    assert o.returncode == 1 and o.stderr.startswith(b"qdebug: error:") and b"Traceback" not in o.stderr
