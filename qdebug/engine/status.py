@@ -239,33 +239,39 @@ def qcow2_runs(img, start: int, end: int) -> Runs:
     for b0 in range(c0, c1, SCAN_ENTRIES):
         b1 = min(c1, b0 + SCAN_ENTRIES)
         w0, bm = gather_l2(img, b0, b1)
-        parts.append(coalesce(_sparse_units(w0, bm, b0, b1, cs, h.extended_l2)))
+        parts.append(coalesce(l2_runs(w0, bm, b0, b1, cs, h.extended_l2)))
     runs = parts[0] if len(parts) == 1 else coalesce(Runs.concat(parts))
     return clip(runs, start, end)
 
 
-def _sparse_units(w0: np.ndarray, bm: np.ndarray | None, c0: int, c1: int, cs: int, extended: bool) -> Runs:
-    """cluster_units for clusters [c0, c1), classifying only the non-zero entries: an all-zero L2
-    entry is UNALLOCATED_PLAIN, and on a fragmented image most entries are."""
-    nz = w0 != 0
+_ZERO_HALF = _U64(0xFFFFFFFF00000000)
+_COMP_BIT = _U64(C.QCOW_OFLAG_COMPRESSED)
+
+
+def l2_runs(w0: np.ndarray, bm: np.ndarray | None, c0: int, c1: int, cs: int, extended: bool) -> Runs:
+    """Runs of the consecutive L2 entries of clusters [c0, c1).
+
+    An entry that merely continues the one before it (same uniform bitmap and the next host cluster,
+    or the same unallocated entry) is not classified at all: only run heads go through
+    cluster_units. A preallocated or empty table is a handful of heads, not thousands of entries."""
+    off = w0 & _U64(C.L2E_OFFSET_MASK)
+    flags = w0 ^ off
+    plain = (w0 & _COMP_BIT) == 0
+    d = off[1:] - off[:-1]
+    allocated_next = (off[1:] != 0) & plain[1:]
+    same = (flags[1:] == flags[:-1]) & ((allocated_next & (d == _U64(cs)) & (off[:-1] != 0))
+                                        | ((off[1:] == 0) & (off[:-1] == 0) & plain[1:]))
     if bm is not None:
-        nz |= bm != 0
-    sel = np.flatnonzero(nz)
-    if len(sel) * 4 > len(w0):
-        return cluster_units(w0, bm, c0, cs, extended=extended)
-    units = cluster_units(w0[sel], None if bm is None else bm[sel], c0, cs, extended=extended, clusters=sel + c0)
-    # holes between the selected clusters: [previous selected + 1, next selected)
-    gs = np.concatenate([[c0], sel + (c0 + 1)])
-    ge = np.concatenate([sel + c0, [c1]])
-    keep = gs < ge
-    gs, ge = gs[keep] * cs, ge[keep] * cs
-    if not len(units.start):
-        return Runs(gs, ge, np.full(len(gs), T.UNALLOCATED_PLAIN, dtype=np.uint8), np.full(len(gs), -1, np.int64))
-    start = np.concatenate([units.start, gs])
-    order = np.argsort(start, kind="stable")
-    return Runs(start[order], np.concatenate([units.end, ge])[order],
-                np.concatenate([units.kind, np.full(len(gs), T.UNALLOCATED_PLAIN, dtype=np.uint8)])[order],
-                np.concatenate([units.host, np.full(len(gs), -1, dtype=np.int64)])[order])
+        b = bm[1:]
+        same &= (b == bm[:-1]) & ((b == 0) | (b == _ZERO_HALF) | ((b == _FULL) & allocated_next))
+    heads = np.flatnonzero(np.concatenate([[True], ~same]))
+    if len(heads) == len(w0):
+        units = cluster_units(w0, bm, c0, cs, extended=extended)
+    else:
+        units = cluster_units(w0[heads], None if bm is None else bm[heads], c0, cs, extended=extended,
+                              clusters=heads + c0)
+        units.end = np.append(units.start[1:], c1 * cs)  # heads stretch over the entries they continue
+    return units
 
 
 def raw_runs(raw, start: int, end: int, *, seek_holes: bool) -> Runs:

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qdebug.engine import constants as C
-from qdebug.engine.status import _HOST_KINDS, _sparse_units, cluster_units, coalesce
+from qdebug.engine.status import _HOST_KINDS, cluster_units, coalesce, l2_runs
 from qdebug.engine.subclusters import (TYPE_CHARS, SubclusterType as T, bitmap_string, bitmap_strings, classify,
                                        clz32, ctz32, parse_bitmap_string, sub_alloc_range, sub_alloc_range_np,
                                        sub_zero_range, subcluster_range_type, type_counts)
@@ -170,9 +170,10 @@ def expand(runs, first: int, n: int, cs: int):
 @settings(max_examples=100)
 @given(entries, st.integers(0, 6), st.integers(0, 1000), st.booleans(), st.sampled_from([16384, 65536, 2 << 20]))
 def test_cluster_units_against_reference(es, gap, first, extended, cs):
-    """Runs expanded back to subclusters equal the reference; all-zero entries between the others
-    (gap of them after each) drive the sparse path too."""
-    es = [x for e in es for x in [e] + [(0, 0)] * gap]
+    """Runs expanded back to subclusters equal the reference, with and without skipping the entries
+    that continue a run (copies of an entry, or its next host cluster, after each entry: `gap`)."""
+    es = [x for w, b in es for x in [(w, b)] + [(0, 0)] * gap + [(w + k * cs, b) for k in range(gap)]]
+    es = [(w % 2**64, b) for w, b in es]
     w0, bm = arrays(es)
     n = len(es)
     scs = cs // 32
@@ -187,6 +188,6 @@ def test_cluster_units_against_reference(es, gap, first, extended, cs):
     assert expand(units, first, n, cs) == ref
     merged = coalesce(units)
     assert expand(merged, first, n, cs) == ref
-    sparse = coalesce(_sparse_units(w0, bmx, first, first + n, cs, extended))
+    sparse = coalesce(l2_runs(w0, bmx, first, first + n, cs, extended))
     assert [a.tolist() for a in (sparse.start, sparse.end, sparse.kind, sparse.host)] == \
            [a.tolist() for a in (merged.start, merged.end, merged.kind, merged.host)]
