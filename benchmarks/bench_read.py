@@ -26,18 +26,31 @@ MEMORY_LIMIT = 512 << 20
 QDEBUG = [sys.executable, "-m", "qdebug.cli"]
 
 
+# ru_maxrss of a child counts the RSS its parent had when it forked (exec keeps the old mm's high
+# water mark), which here would be pytest's own. So each measured command is started by this small
+# wrapper (a bare Python, about 10 MiB) and the wrapper reports its child's peak.
+_RSS_WRAPPER = """
+import os, sys
+pid = os.posix_spawnp(sys.argv[2], sys.argv[2:], os.environ)
+_, status, usage = os.wait4(pid, 0)
+with open(sys.argv[1], "w") as f:
+    f.write(str(usage.ru_maxrss))
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
 def run_measured(argv: list[str], out_path: str) -> tuple[float, int]:
-    """Wall time and peak RSS (bytes) of one child process, its stdout sent to out_path."""
+    """Wall time and peak RSS (bytes) of one command, its stdout sent to out_path."""
+    rss_file = out_path + ".rss"
     with open(out_path, "wb") as out, open(out_path + ".err", "wb") as err:
         t = time.perf_counter()
-        p = subprocess.Popen(argv, stdout=out, stderr=err)
-        _pid, status, usage = os.wait4(p.pid, 0)
+        p = subprocess.run([sys.executable, "-S", "-c", _RSS_WRAPPER, rss_file, *argv], stdout=out, stderr=err)
         elapsed = time.perf_counter() - t
-    p.returncode = os.waitstatus_to_exitcode(status)
     if p.returncode:
         with open(out_path + ".err") as f:
             raise AssertionError(f"{' '.join(argv)} exited {p.returncode}: {f.read()[:500]}")
-    return elapsed, usage.ru_maxrss * 1024
+    with open(rss_file) as f:
+        return elapsed, int(f.read()) * 1024
 
 
 def compare(benchmark, report, what: str, ours: list[str], theirs: list[str], tmp_path, *, same_output: bool):
