@@ -109,6 +109,7 @@ def _template(code: int) -> str:
 
 
 _TEMPLATES: dict[int, str] = {}
+_LINES_PER_WRITE = 1 << 16
 
 
 def format_json_batch(e: Extents) -> list[str]:
@@ -132,11 +133,10 @@ def write_json(chain, stream, **kw) -> None:
     first = True
     stream.write("[")
     for batch in map_extents(chain, **kw):
-        lines = format_json_batch(batch)
-        if not lines:
-            continue
-        if not first:
-            stream.write(",\n")
-        stream.write(",\n".join(lines))
-        first = False
+        for a in range(0, len(batch), _LINES_PER_WRITE):  # bounded text per write, however dense the batch
+            lines = format_json_batch(batch.take(slice(a, a + _LINES_PER_WRITE)))
+            if not first:
+                stream.write(",\n")
+            stream.write(",\n".join(lines))
+            first = False
     stream.write("]\n")
