@@ -52,14 +52,17 @@ class Allocator:
         self.reftable_offset = h.refcount_table_offset
         self.reftable_len = h.refcount_table_clusters * h.cluster_size // 8
         self._unpack = lambda buf: unpack_refcounts(buf, self.order)
+        self._header = h
         self.begin(txn)
 
     def begin(self, txn: Txn) -> None:
         """Start a new step: fresh Txn, fresh refcount cache (the file may have changed meanwhile)."""
         self.txn = txn
         h = txn.img.header
-        self.reftable_offset = h.refcount_table_offset
-        self.reftable_len = h.refcount_table_clusters * h.cluster_size // 8
+        if h is not self._header:
+            self._header = h
+            self.reftable_offset = h.refcount_table_offset
+            self.reftable_len = h.refcount_table_clusters * h.cluster_size // 8
         self._cache: dict[int, np.ndarray] = {}  # refcount block offset -> values, for one step
         self.freed: list[tuple[int, int]] = []  # (host offset, length) of every refcount decrement
         self.stale_pack = False
@@ -144,20 +147,23 @@ class Allocator:
                     except _Again:
                         self.free_cluster_index = min(self.free_cluster_index, first_cluster)
                         raise
-                vals = self.block_values(block)[idx:idx + n].astype(np.int64) + addend
-                if vals.min() < 0 or vals.max() > self.refcount_max:
-                    bad = ci + int(np.flatnonzero((vals < 0) | (vals > self.refcount_max))[0])
+                cur = self.block_values(block)
+                if n <= 4:  # the usual case: one or two clusters, cheaper without numpy
+                    vals = [int(v) + addend for v in cur[idx:idx + n]]
+                else:
+                    vals = (cur[idx:idx + n].astype(np.int64) + addend).tolist()
+                if min(vals) < 0 or max(vals) > self.refcount_max:
+                    bad = ci + next(i for i, v in enumerate(vals) if v < 0 or v > self.refcount_max)
                     raise CorruptImage(f"refcount of host cluster {bad} (0x{bad << self.cbits:x}) would leave "
                                        f"0..{self.refcount_max}")
-                self._write_entries(block_off, idx, vals.astype(np.uint64))
-                if addend < 0:
-                    zeros = np.flatnonzero(vals == 0)
-                    if len(zeros):
-                        self.free_cluster_index = min(self.free_cluster_index, ci + int(zeros[0]))
-                        if self.free_byte_offset:
-                            fb = (self.free_byte_offset >> self.cbits) - ci
-                            if 0 <= fb < n and vals[fb] == 0:
-                                self.byte_cluster_freed = True
+                self._write_entries(block_off, idx, np.array(vals, dtype=np.uint64))
+                if addend < 0 and 0 in vals:
+                    z = vals.index(0)
+                    self.free_cluster_index = min(self.free_cluster_index, ci + z)
+                    if self.free_byte_offset:
+                        fb = (self.free_byte_offset >> self.cbits) - ci
+                        if 0 <= fb < n and vals[fb] == 0:
+                            self.byte_cluster_freed = True
                 done += n
         except _Again:
             if done:
@@ -252,7 +258,8 @@ class Allocator:
         start = self.free_cluster_index
         block = start // self.per_block
         idx = start % self.per_block
-        if idx + n <= self.per_block and block < self.reftable_len and not self.block_values(block)[idx:idx + n].any():
+        if idx + n <= self.per_block and block < self.reftable_len and not (
+                self.block_values(block)[idx] if n == 1 else self.block_values(block)[idx:idx + n].any()):
             self.free_cluster_index = start + n  # the common case: the run starts right here
             return start
         run_start, run = start, 0

@@ -164,12 +164,23 @@ def _byte_chars(a: int, z: int, allocated: bool) -> str:
     return s
 
 
+_STRINGS: dict[tuple[int, bool], str] = {}
+
+
 def fast_bitmap_string(word0: int, bitmap: int, ext: bool) -> str:
-    """Same text as subclusters.bitmap_string, without numpy (one table lookup per 8 subclusters)."""
+    """Same text as subclusters.bitmap_string, without numpy (memoised per bitmap: most repeat)."""
     if not ext or word0 & C.QCOW_OFLAG_COMPRESSED:
         return bitmap_string(word0, bitmap, extended=ext)
-    a, z = bitmap & 0xFFFFFFFF, bitmap >> 32
     allocated = bool(word0 & C.L2E_OFFSET_MASK)
+    key = (bitmap, allocated)
+    s = _STRINGS.get(key)
+    if s is not None:
+        return s
+    a, z = bitmap & 0xFFFFFFFF, bitmap >> 32
     if (a & z) if allocated else a:
         return bitmap_string(word0, bitmap, extended=True)
-    return "_".join(_byte_chars(a >> k & 0xFF, z >> k & 0xFF, allocated) for k in (0, 8, 16, 24))
+    s = "_".join([_byte_chars(a >> k & 0xFF, z >> k & 0xFF, allocated) for k in (0, 8, 16, 24)])
+    if len(_STRINGS) > 65536:
+        _STRINGS.clear()
+    _STRINGS[key] = s
+    return s
