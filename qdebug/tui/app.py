@@ -19,6 +19,7 @@ from textual.widgets import Footer, Header, ProgressBar, Static, TabbedContent, 
 
 from ..engine.errors import QcowError
 from .cluster_map import ClusterMap
+from .rows import RowView
 from .inspector import Inspector
 from .lists import FindingsView, Timeline
 from .messages import (CheckFinished, CountsReady, ImageOpened, Jumped, Progress, RepairApplied, RepairReady,
@@ -49,6 +50,8 @@ class QDebugApp(App):
         Binding("r", "repair", "Repair", id="repair"),
         Binding("u", "undo_repair", "Undo repair", show=False, id="repair.undo"),
         Binding("o", "open_trace", "Open trace", show=False, id="trace.open"),
+        Binding("plus,equals_sign", "resize(2)", "Taller step area", show=False, id="layout.grow"),
+        Binding("minus", "resize(-2)", "Shorter step area", show=False, id="layout.shrink"),
         Binding("question_mark,f1", "help", "Help", id="help", key_display="?"),
         Binding("q", "quit", "Quit", id="quit"),
     ]
@@ -151,8 +154,9 @@ class QDebugApp(App):
     def _selected(self, event: ClusterMap.SubclusterSelected) -> None:
         self.show_selection()
 
-    def image_changed(self) -> None:
-        """Engine state changed (a step, an undo, a repair): every view re-reads it."""
+    def image_changed(self, changes: list | None = None) -> None:
+        """Engine state changed (a step, an undo, a repair): every view re-reads it. `changes` (the
+        step's ClusterChanges) update the subcluster counts in place instead of a whole-image scan."""
         if self.model.chain is not self.chain:
             old = self.model.chain
             self.model.set_chain(self.chain)
@@ -164,7 +168,11 @@ class QDebugApp(App):
         self.refresh_panels()
         self.show_selection()
         if self.want_counts:
-            self.count_types()
+            if changes is not None and self.counts is not None:
+                self.counts = self.model.count_delta(self.counts, changes)
+                self.refresh_panels()
+            else:
+                self.count_types()
 
     # ---- long work -------------------------------------------------------------------------
     @on(Progress)
@@ -229,18 +237,27 @@ class QDebugApp(App):
             return
         self.cluster_map.select(event.cluster, 0)
 
-    def action_help(self) -> None:
-        rows = [(b.key_display or b.key, b.description, b.id or "") for b in self._bindings_for_help()]
-        self.push_screen(HelpScreen(rows))
+    def action_resize(self, delta: int) -> None:
+        """Grow or shrink the step area (timeline and plan) at the expense of the map."""
+        bottom = self.query_one("#bottom")
+        height = bottom.outer_size.height or 12
+        bottom.styles.height = max(4, min(self.size.height - 8, height + delta))
 
-    def _bindings_for_help(self):
-        seen = set()
-        for node in (self, self.cluster_map):
-            for bindings in node._bindings.key_to_bindings.values():
-                for b in bindings:
-                    if b.id and b.id not in seen and not b.system:
-                        seen.add(b.id)
-                        yield b
+    def action_help(self) -> None:
+        self.push_screen(HelpScreen(self.help_rows()))
+
+    def help_rows(self) -> list[tuple[str, str, str]]:
+        """(keys, description, binding id) of the app's and the map's bindings, as the keymap has them now."""
+        keys: dict[str, list[str]] = {}
+        first: dict[str, object] = {}
+        for key, active in self.screen.active_bindings.items():  # the keymap is applied here
+            b = active.binding
+            if b.id and not b.system:
+                first.setdefault(b.id, b)
+                keys.setdefault(b.id, []).append(self.get_key_display(b.with_key(key, None)))
+        order = {b.id: i for i, b in enumerate([*self.BINDINGS, *ClusterMap.BINDINGS, *RowView.BINDINGS])}
+        ids = sorted(first, key=lambda bid: order.get(bid, len(order)))
+        return [("/".join(keys[bid]), first[bid].description, bid) for bid in ids]
 
     def action_export_screenshot(self) -> None:
         path = self.save_screenshot()
@@ -289,11 +306,14 @@ class QDebugApp(App):
         """One step (+1), one undo (-1), or a seek to `position` (delta None), off the UI thread."""
         bench = self.bench
         undone = None
+        changes = None
         try:
             if delta is not None and delta > 0:
-                bench.step()
+                rec = bench.step()
+                changes = step_changes(rec, +1)
             elif delta is not None:
                 undone = bench.undo()
+                changes = step_changes(undone.record, -1) if undone and undone.kind == "step" else None
             else:
                 what = f"replaying to step {position}"
                 self.post_message(Progress(what, 0.0))
@@ -304,12 +324,13 @@ class QDebugApp(App):
             self.call_from_thread(self.notify, str(e), severity="error")
         if undone is not None and undone.kind == "repair":
             self.post_message(RepairApplied(undone.plan, undone=True))
-        self.post_message(StepChanged(bench.position, bench.last_record))
+            return
+        self.post_message(StepChanged(bench.position, bench.last_record, changes))
 
     @on(StepChanged)
     def _stepped(self, event: StepChanged) -> None:
         self.steps_shown += 1
-        self.image_changed()
+        self.image_changed(event.changes)
         errors = {a.record.index: a.record.error for a in self.bench.actions
                   if a.kind == "step" and a.record.error}
         self.query_one(Timeline).set_position(event.position, errors)
@@ -446,10 +467,18 @@ class QDebugApp(App):
 
     @on(RepairApplied)
     def _repaired(self, event: RepairApplied) -> None:
+        self.steps_shown += event.undone  # an undo (p) that took back a repair
         self.image_changed()
         n = len(event.plan.items)
         self.notify(f"repair undone ({n} item(s))" if event.undone else
                     f"repair applied: {n} item(s), journaled — u or p undoes it")
+
+
+def step_changes(record, sign: int) -> list | None:
+    plan = getattr(getattr(record, "result", None), "plan", None)
+    if record is None:
+        return None
+    return [(c, sign) for c in plan.clusters] if plan is not None else []
 
 
 def make_app(image: str, *, trace: str | None = None, write: bool = False, **kw) -> QDebugApp:

@@ -30,10 +30,12 @@ class Progress(Message):
 class StepChanged(Message):
     """The session moved to `position` (0..N); `record` is the StepRecord of the last applied step."""
 
-    def __init__(self, position: int, record) -> None:
+    def __init__(self, position: int, record, changes: list | None = None) -> None:
         super().__init__()
         self.position = position
         self.record = record
+        # (ClusterChange, +1 applied / -1 undone) of a single step; None after a seek or a repair
+        self.changes = changes
 
 
 class CheckFinished(Message):

@@ -287,6 +287,21 @@ class ImageModel:
         counts[T.UNALLOCATED_PLAIN] += (h.guest_clusters - covered) * self.spc
         return {t.name: int(counts[t]) for t in T}
 
+    def count_delta(self, counts: dict[str, int], changes) -> dict[str, int]:
+        """Counts after (ClusterChange, +1 applied | -1 undone) pairs: the entries' types swapped."""
+        ext = self.img.extended_l2
+        out = np.array([counts[t.name] for t in T], dtype=np.int64)
+        for c, sign in changes:
+            before = _counts_of(c.word0_before, c.l2_bitmap_before, ext)
+            after = _counts_of(c.word0_after, c.l2_bitmap_after, ext)
+            out += sign * (after - before)
+        return {t.name: int(out[t]) for t in T}
+
+
+def _counts_of(word0: int, bitmap: int, extended: bool) -> np.ndarray:
+    return type_counts(np.array([word0], dtype=np.uint64), np.array([bitmap], dtype=np.uint64) if extended else None,
+                       extended=extended)
+
 
 def entry_mask(w0: np.ndarray, bm: np.ndarray | None, *, extended: bool, what: str) -> np.ndarray:
     """Which L2 entries are invalid / allocated (a host cluster or compressed) / have a zero subcluster."""

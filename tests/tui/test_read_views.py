@@ -124,3 +124,5 @@ async def test_bindings_are_remappable_by_id(layered):
         await app.workers.wait_for_complete()
         await pilot.pause()
         assert app.query_one(ClusterMap).cursor == 40
+        rows = {bid: keys for keys, _desc, bid in app.help_rows()}
+        assert rows["next.invalid"] == "x" and rows["step.next"] == "n/]" and rows["help"] == "?/f1"

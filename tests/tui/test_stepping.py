@@ -116,3 +116,42 @@ async def test_goto_step_seeks_in_a_worker(demo):
         app.goto(("step", 0))
         await settle(app, pilot)
         assert app.bench.position == 0 and not app.model.entry(64).compressed
+
+
+async def test_write_mode_steps_the_image_itself_and_undo_restores_it(demo):
+    original = digest(demo["image"])
+    app = make_app(demo["image"], trace=demo["trace"], write=True, counts=False)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await pilot.press("n")
+        await settle(app, pilot)
+        assert app.bench.session.path == demo["image"]
+        assert digest(demo["image"]) != original
+        await pilot.press("p")
+        await settle(app, pilot)
+        assert digest(demo["image"]) == original
+
+
+async def test_resize_keys_change_the_step_area(demo):
+    app = make_app(demo["image"], trace=demo["trace"], counts=False)
+    async with app.run_test(size=(120, 40)) as pilot:
+        bottom = app.query_one("#bottom")
+        before = bottom.outer_size.height
+        await pilot.press("plus", "plus")
+        await pilot.pause()
+        assert bottom.outer_size.height == before + 4
+        await pilot.press("minus")
+        await pilot.pause()
+        assert bottom.outer_size.height == before + 2
+
+
+async def test_counts_follow_steps_without_a_rescan(demo):
+    """The counts panel is updated from each step's ClusterChanges; it must equal a full scan."""
+    app = make_app(demo["image"], trace=demo["trace"])
+    async with app.run_test(size=(120, 40)) as pilot:
+        await settle(app, pilot)
+        initial = dict(app.counts)
+        for key in ("n", "n", "n", "p", "n", "n"):
+            await pilot.press(key)
+            await settle(app, pilot)
+            assert app.counts == app.model.count_types()
+        assert app.counts != initial and app.counts["NORMAL"] > initial["NORMAL"]
