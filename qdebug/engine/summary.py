@@ -72,7 +72,7 @@ def iter_l2_batches(img: Image, tables: np.ndarray | None = None
 
 
 _COUNT_ENTRIES = 1 << 13  # entries per numpy pass: temporaries stay under glibc's mmap threshold
-_WINDOW = 256  # L2 tables announced to the kernel (read-ahead) at a time
+_WINDOW = 1024  # L2 tables announced to the kernel (read-ahead) at a time
 
 
 def subcluster_counts(img: Image) -> dict[str, int]:
@@ -103,9 +103,10 @@ def subcluster_counts(img: Image) -> dict[str, int]:
     def count(k: int) -> None:
         _count_batch(buf[:k, 0], buf[:k, 1] if words == 2 else None, acc)
 
+    fadvise_tables(img, tables[:_WINDOW, 1].tolist(), cs)
     for w in range(0, len(tables), _WINDOW):
         window = tables[w:w + _WINDOW]
-        fadvise_tables(img, window[:, 1].tolist(), cs)
+        fadvise_tables(img, tables[w + _WINDOW:w + 2 * _WINDOW, 1].tolist(), cs)  # one window ahead
         for l1_index, off in window.tolist():
             n = min(per, nclusters - l1_index * per)
             pos = 0
