@@ -15,7 +15,7 @@ import pytest
 
 from qdebug.engine.create import create_image
 from tests.engine.harness import assert_same_metadata, check_verdict, copy, qdebug_process, qemu_process, same_guest_data
-from tests.qemu import qemu_io
+from tests.qemu import qemu_img, qemu_io
 
 pytestmark = pytest.mark.qemu
 
@@ -48,6 +48,11 @@ def _image(rng: random.Random, d) -> tuple[str, int, int]:
         qemu_io(base, *[c for c in cmds if int(c.split()[-2]) + int(c.split()[-1]) <= size])
         backing, fmt = "base.qcow2", "qcow2"
     img = str(d / "img.qcow2")
+    if not ext and rng.random() < 0.25:  # a v2 (compat=0.10) image: no zero flag, discard instead
+        opts = f"compat=0.10,cluster_size={cs}"
+        args = ["create", "-q", "-f", "qcow2", "-o", opts] + (["-b", backing, "-F", fmt] if backing else [])
+        qemu_img(*args, img, str(size))
+        return img, size, cs
     create_image(img, size, cluster_size=cs, extended_l2=ext, backing=backing, backing_format=fmt,
                  compression_type=rng.choice(["zlib", "zlib", "zstd"]))
     return img, size, cs

@@ -11,6 +11,7 @@ import pytest
 from qdebug.engine.chain import open_chain
 from qdebug.engine.create import create_image
 from qdebug.engine.errors import QcowError
+from qdebug.engine.image import open_image
 from qdebug.engine.writer import WriteEngine
 from qdebug.trace.commands import parse_line
 from tests.engine.harness import (assert_same_metadata, check_verdict, copy, metadata, qdebug_process, qemu_process,
@@ -41,6 +42,23 @@ def test_qemu_bug_reproduced_and_flagged(qemu, tmp_path, extended):
     assert check_verdict(img)[1] == text.replace("ref.qcow2", "a.qcow2")
     assert "Pattern verification failed" in out
     assert results[4].error == "Pattern verification failed at offset 1048576, 512 bytes"
+
+
+def test_in_place_write_into_shared_cluster_is_a_hazard(qemu, tmp_path):
+    """After the bug, guest 1M's cluster has COPIED but refcount 2: QEMU writes it in place and the
+    compressed cluster sharing it changes too. qdebug does the same and says so."""
+    img = str(tmp_path / "a.qcow2")
+    create_image(img, 4 << 20)
+    ref = copy(img, str(tmp_path / "ref.qcow2"))
+    cmds = HAZARD_TRACE + ["write -P 0x11 1M 4k", "write -P 0x12 3M 4k"]
+    results = qdebug_process(img, cmds)
+    qemu_process(ref, cmds)
+    assert results[4].hazards and "refcount is 2" in results[4].hazards[0].message
+    assert not results[5].hazards
+    # Guest 2M's compressed bytes are overwritten now (qemu-img compare cannot even read it):
+    # compare the files themselves.
+    assert open(img, "rb").read() == open(ref, "rb").read()
+    assert_same_metadata(img, ref)
 
 
 def test_plan_is_pure_and_matches_execute(tmp_path):
@@ -144,3 +162,20 @@ def test_multi_cluster_compressed_write(qemu, tmp_path):
     assert sorted(wa.tolist()) == sorted(wb.tolist()) and offsets == sorted(offsets)
     assert ma["refcounts"] == mb["refcounts"]
     assert same_guest_data(img, ref)
+
+
+def test_pieces_of_one_request_allocate_before_any_frees(qemu, tmp_path):
+    """QEMU runs the host-contiguous pieces of one request as parallel tasks: the compressed
+    cluster piece 1 replaces is freed only after piece 3 got its cluster, so piece 3 does not
+    reuse it (a sequential model would put guest cluster 3 at 0x50000)."""
+    img = str(tmp_path / "a.qcow2")
+    create_image(img, 1 << 20)
+    ref = copy(img, str(tmp_path / "ref.qcow2"))
+    for path, run in ((img, qdebug_process), (ref, qemu_process)):
+        run(path, ["write -c -P 1 64k 64k"])
+        run(path, ["write -P 2 128k 64k"])
+        run(path, ["write -P 3 126k 100k", "write -P 4 512k 4k"])
+    assert_same_metadata(img, ref)
+    assert same_guest_data(img, ref)
+    with open_image(img) as im:
+        assert [im.l2_entry(c)[0] & 0xFFFFFFFFFE00 for c in (1, 2, 3, 8)] == [0x70000, 0x60000, 0x80000, 0x50000]
