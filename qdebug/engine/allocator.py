@@ -21,6 +21,10 @@ from .refcounts import pack_refcounts, unpack_refcounts
 from .txn import Txn
 
 
+class RefcountTableTooBig(CorruptImage):
+    """QEMU's -EFBIG from alloc_refcount_block: the host offset is beyond any refcount table."""
+
+
 class _Again(Exception):
     """QEMU's -EAGAIN: a refcount block was just allocated, restart the free-cluster search."""
 
@@ -190,6 +194,12 @@ class Allocator:
             self.txn.write_u64(self.reftable_offset + block * 8, new_block, "reftable")
             raise _Again()
         blocks_used = -(-max(cluster_index + 1, new_index + 1) // self.per_block)
+        if blocks_used > C.QCOW_MAX_REFTABLE_SIZE // 8:
+            # HX: QEMU's alloc_refcount_block returns -EFBIG here (a garbage offset would otherwise
+            # grow the refcount table to petabytes: gigabytes of Python lists).
+            raise RefcountTableTooBig(
+                f"host cluster 0x{cluster_index << self.cbits:x} needs a refcount table of {blocks_used} blocks, "
+                f"more than QEMU's limit ({C.QCOW_MAX_REFTABLE_SIZE // 8}): EFBIG")
         self._refcount_area(blocks_used * self.per_block * self.cs, block, new_block)
         raise _Again()
 
@@ -362,7 +372,7 @@ class Allocator:
         last = (offset + length - 1) >> self.cbits
         try:
             self.update_refcount(first, last - first + 1, -1)
-        except _Again:
+        except (_Again, RefcountTableTooBig):
             # HX: freeing a cluster whose refcount block is missing: QEMU's qcow2_free_clusters logs
             # "qcow2_free_clusters failed" and goes on (the cluster leaks; the new block stays).
             pass

@@ -92,6 +92,8 @@ def violations(res: dict, timeout: float = COMMAND_TIMEOUT) -> list[str]:
         return [f"{rc}"]
     if "Traceback" in err:
         bad.append("traceback on stderr")
+    if "out of memory" in err:  # under RLIMIT_AS: the command wanted more than the limit
+        bad.append("out of memory")
     if "internal error" in err:
         bad.append("internal error: " + err.strip().splitlines()[-1])
     lines = [ln for ln in err.splitlines() if ln.strip()]
@@ -238,6 +240,32 @@ def _against_qemu_check(path: str, ours: int) -> list[dict]:
     return []
 
 
+def _against_qemu_read(path: str, case_dir: str, timeout: float) -> list[dict]:
+    """Where QEMU and qdebug both read the whole guest disk (up to 8 MiB), the bytes agree."""
+    import shutil
+    import subprocess
+
+    qemu = shutil.which("qemu-img")
+    size = _virtual_size(path) // 512 * 512
+    if not qemu or size > 8 << 20:
+        return []
+    ours = os.path.join(os.path.dirname(case_dir), "qdebug.raw")
+    theirs = os.path.join(os.path.dirname(case_dir), "qemu.raw")
+    res = run_command(["read", path, "0", str(size), "-o", ours], timeout)
+    if res["rc"] != 0:
+        return []
+    p = subprocess.run([qemu, "convert", "-f", "qcow2", "-O", "raw", path, theirs], capture_output=True, timeout=60)
+    if p.returncode != 0:
+        return []
+    with open(ours, "rb") as a, open(theirs, "rb") as b:
+        x, y = a.read(), b.read()
+    if x == y:
+        return []
+    first = next((i for i in range(min(len(x), len(y))) if x[i] != y[i]), min(len(x), len(y)))
+    return [{"argv": ["read", path], "problem": f"guest bytes differ from qemu-img convert first at 0x{first:x} "
+             f"(sizes {len(x)} / {len(y)})", "stderr": ""}]
+
+
 def run_case(layouts, base: str, seed: int, workdir: str, timeout: float = COMMAND_TIMEOUT) -> dict:
     from tests.hostile.mutate import make_mutant
 
@@ -261,6 +289,8 @@ def run_case(layouts, base: str, seed: int, workdir: str, timeout: float = COMMA
             check_rc = res["rc"]
     if check_rc is not None:
         problems += _against_qemu_check(path, check_rc)
+    if seed % 3 == 1:
+        problems += _against_qemu_read(path, case_dir, timeout)
     after = fingerprint(case_dir)
     if after != before:
         changed = [k for k in set(before) | set(after) if before.get(k) != after.get(k)]

@@ -70,3 +70,19 @@ def test_map_of_a_2_pow_61_byte_disk(tmp_path, qemu):
         res = qd(*cmd, path, timeout=30)
         assert res["rc"] == 0 and res["secs"] < 30
     assert b'"length": 2305843009211596800' in qd("map", "--output=json", path)["stdout_head"]
+
+
+def test_plan_freeing_a_garbage_offset_stays_small(tmp_path, qemu):
+    """overlay seed 20261258: an L2 entry at a garbage host offset (~130 TB) made the planned free
+    grow the refcount table to cover it: 4.8 GB of Python lists. QEMU stops with EFBIG (and its
+    free path ignores the error, leaking the cluster); so does qdebug, in bounded memory."""
+    path = str(tmp_path / "p.qcow2")
+    create(path, "1M", cluster_size="16k")
+    qemu_io(path, "write -P 1 0 16k")
+    lay = layout_of(path)
+    put_u64(path, lay.l2_offsets[0], 1 << 63 | 0x7700E0418000)
+    from tests.hostile.driver import spawn
+    records, done = spawn({"commands": [["plan", path, "write -z 0 16k"], ["plan", path, "discard 0 16k"]],
+                           "memory_limit": 1 << 30}, 120)
+    assert all(not r["problems"] for r in records), records
+    assert done["maxrss_kib"] < 512 << 10
