@@ -1,9 +1,14 @@
 """Fuzz: seeded mutants of real images (qemu-img / qemu-io made, and qdebug made when its create
 engine exists) through every read-only command, under a memory limit and a per-command timeout.
 
-Rules asserted for every command on every mutant (issue 6): exit 0 with sane output, or exit 1
-with exactly one `qdebug: error:` line; never a traceback, an internal error, a hang or a crash;
-address space under 1 GiB; and not one byte or mtime of the image or its backing files changed.
+Rules asserted for every command on every mutant (issue 6): exit 0 with sane output (valid JSON
+where JSON is asked for), or exit 1 with exactly one `qdebug: error:` line (`check`: qemu-img's
+exit codes); never a traceback, an internal error, a hang, a crash or an out-of-memory under
+RLIMIT_AS = 1 GiB; not one byte or mtime of the image or its backing files changed. Each mutant
+runs info, map, map --subclusters (human or JSON, alternating), three reads, the --no-backing
+forms, and a rotating quarter of check / repair --dry-run / plan / replay --dry-run. Where check
+ran, `qemu-img check` finding corruption means qdebug check must not say clean; on every third
+mutant the guest bytes are compared with `qemu-img convert` when both tools read the disk.
 
 `make test` runs QDEBUG_FUZZ_EXAMPLES (default 240) mutants; `make fuzz` runs 10,000. Cases are
 (base image, seed) pairs, so a failure names what to rebuild:
