@@ -120,3 +120,23 @@ def test_snapshot_table_garbage(img64):
     line = error_line(qd("info", img64))
     assert "nb_snapshots" in line and "offset 60" in line
     qd("map", "--output=json", img64)
+
+
+@pytest.mark.parametrize("what", ["invalid-bitmap", "l1-reserved", "unaligned-data", "refcount-zero", "l2-past-eof"])
+def test_check_is_not_clean_where_qemu_finds_corruption(img64, what):
+    lay = layout_of(img64)
+    l2 = lay.l2_offsets[0]
+    if what == "invalid-bitmap":
+        patch(img64, l2 + 8, struct.pack(">Q", 0x1_0000_0001))
+    elif what == "l1-reserved":
+        put_u64(img64, lay.l1_offset, l2 | 1 << 63 | 1 << 60)
+    elif what == "unaligned-data":
+        patch(img64, l2, struct.pack(">QQ", 1 << 63 | 0x50000 + 512, 0xFFFFFFFF))
+    elif what == "refcount-zero":
+        patch(img64, lay.refblocks[0] + 2 * (l2 >> 16), b"\0\0")
+    else:
+        put_u64(img64, lay.l1_offset, 1 << 63 | 1 << 40)
+    q = qemu_img("check", "-f", "qcow2", img64, check=False)
+    assert q.returncode == 2, q.stdout
+    res = qd("check", img64)
+    assert res["rc"] in (1, 2), res["stderr"]
