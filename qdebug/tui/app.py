@@ -154,7 +154,7 @@ class QDebugApp(App):
     def _selected(self, event: ClusterMap.SubclusterSelected) -> None:
         self.show_selection()
 
-    def image_changed(self, changes: list | None = None) -> None:
+    def image_changed(self, changes: list | None = None, *, show: bool = True) -> None:
         """Engine state changed (a step, an undo, a repair): every view re-reads it. `changes` (the
         step's ClusterChanges) update the subcluster counts in place instead of a whole-image scan."""
         if self.model.chain is not self.chain:
@@ -166,7 +166,8 @@ class QDebugApp(App):
             self.model.invalidate()
         self.cluster_map.sync()
         self.refresh_panels()
-        self.show_selection()
+        if show:
+            self.show_selection()
         if self.want_counts:
             if changes is not None and self.counts is not None:
                 self.counts = self.model.count_delta(self.counts, changes)
@@ -330,18 +331,24 @@ class QDebugApp(App):
     @on(StepChanged)
     def _stepped(self, event: StepChanged) -> None:
         self.steps_shown += 1
-        self.image_changed(event.changes)
+        plan = self.bench_plan()
+        clusters = plan_clusters(plan, self.model.cluster_size) if plan is not None else []
+        target = clusters[0] if clusters and clusters[0] < self.model.nclusters else None
+        self.image_changed(event.changes, show=target is None)
         errors = {a.record.index: a.record.error for a in self.bench.actions
                   if a.kind == "step" and a.record.error}
         self.query_one(Timeline).set_position(event.position, errors)
-        plan = self.show_plan()
+        self.show_plan()
         rec = event.record
         if rec is not None and rec.error:
             self.notify(f"step {rec.index + 1}: {rec.error}", severity="warning")
-        if plan is not None:
-            clusters = plan_clusters(plan, self.model.cluster_size)
-            if clusters and clusters[0] < self.model.nclusters:
-                self.cluster_map.select(clusters[0])
+        if target is not None:
+            self.cluster_map.select(target)  # its SubclusterSelected refreshes the inspector
+
+    def bench_plan(self):
+        """The plan the COW panel shows: the last applied step's (None at position 0)."""
+        rec = self.bench.last_record
+        return getattr(getattr(rec, "result", None), "plan", None)
 
     def show_plan(self):
         """The plan of the last applied step, or a preview of the next one at position 0."""

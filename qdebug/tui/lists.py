@@ -32,6 +32,7 @@ class Timeline(RowView):
         width = max([len(c.text) for c in commands] + [20]) + 14
         self.set_rows(len(commands), width)
         self.move_to(max(0, position - 1))
+        self.border_subtitle = f"step {position} of {len(commands)}" if commands else ""
 
     def set_position(self, position: int, errors: dict[int, str] | None = None) -> None:
         self.position = position
