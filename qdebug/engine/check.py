@@ -13,6 +13,7 @@ bitmap is not counted at all), because the counts must equal qemu-img's on the s
 from __future__ import annotations
 
 import struct
+import sys
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -203,6 +204,15 @@ class _Ctx:
             grown = np.zeros(hi + 1, dtype=np.int64)
             grown[:len(self.refs)] = self.refs
             self.refs = grown
+        if hi - lo > 8 * len(idx):  # few references spread over the file: no dense pass over it
+            np.add.at(self.refs, idx, 1)
+            return
+        b = np.bincount(idx - lo)
+        self.refs[lo:lo + len(b)] += b
+
+    def inc_clusters(self, idx: np.ndarray) -> None:
+        """+1 for each host cluster index (all inside the file: no EOF rule to apply)."""
+        lo = int(idx.min())
         b = np.bincount(idx - lo)
         self.refs[lo:lo + len(b)] += b
 
@@ -222,14 +232,39 @@ class _Ctx:
         self._blocks[tbl_index] = vals
         return vals
 
+    def ondisk_array(self) -> tuple[np.ndarray, np.ndarray]:
+        """On-disk refcounts of clusters [0, nb) in one compact array (built once) and, per refcount
+        block, whether it could be read (False: unaligned offset, QEMU's EIO)."""
+        if getattr(self, "_ondisk", None) is None:
+            per = self.h.refcount_block_entries
+            nblk = -(-self.nb // per)
+            bits = self.h.refcount_bits
+            dt = np.uint8 if bits <= 8 else np.uint16 if bits == 16 else np.uint32 if bits == 32 else np.uint64
+            arr = np.zeros(nblk * per, dtype=dt)
+            readable = np.ones(nblk, dtype=bool)
+            for b in range(nblk):
+                vals = self.block_values(b)
+                if vals is None:
+                    readable[b] = False
+                else:
+                    arr[b * per:(b + 1) * per] = vals
+                self._blocks.pop(b, None)  # the compact array holds it now
+            self._ondisk = (arr, readable)
+        return self._ondisk
+
     def ondisk(self, clusters: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(refcounts, ok) of host cluster indices as QEMU reads them."""
         clusters = np.asarray(clusters, dtype=np.int64)
+        if clusters.size == 0:
+            return np.zeros(0, dtype=np.uint64), np.ones(0, dtype=bool)
+        arr, readable = self.ondisk_array()
+        bits = self.h.refcount_block_entries.bit_length() - 1
+        if int(clusters.max()) < len(arr):
+            ok = readable[clusters >> bits]
+            vals = arr[clusters]
+            return (vals if ok.all() else np.where(ok, vals, 0)).astype(np.uint64), ok
         vals = np.zeros(clusters.shape, dtype=np.uint64)
         ok = np.ones(clusters.shape, dtype=bool)
-        if clusters.size == 0:
-            return vals, ok
-        bits = self.h.refcount_block_entries.bit_length() - 1
         tbl = clusters >> bits
         for t in np.unique(tbl).tolist():
             sel = tbl == t
@@ -290,30 +325,170 @@ def _copied_l1(ctx: _Ctx, l1_indices, entries, l2_offsets) -> None:
                         repairable_by_qemu=True), copied=True)
 
 
-def _tables(ctx: _Ctx, l2_offsets: np.ndarray) -> np.ndarray:
-    """The L2 tables at `l2_offsets` as one (tables, words) uint64 array (zeros past EOF)."""
-    nwords = ctx.cs // 8
-    inside = (l2_offsets + ctx.cs <= ctx.file_len)
-    out = np.empty((len(l2_offsets), nwords), dtype=np.uint64)
-    if inside.all():
-        idx = (l2_offsets // 8)[:, None] + np.arange(nwords)
-        out[:] = ctx.words[idx]
-        return out
+def _tables(ctx: _Ctx, l2_offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """(word0, bitmap) of the L2 tables at `l2_offsets`, as (tables, entries) native uint64 arrays
+    (zeros past EOF; bitmap None for standard L2). One plain copy per table, one byte swap per batch."""
+    n = ctx.h.l2_entries
+    ext = ctx.h.extended_l2
+    width = 2 * n if ext else n
+    raw = np.empty((len(l2_offsets), width), dtype=np.uint64)
+    native = ctx.words.view(np.uint64)  # same bytes, no conversion while copying
     for k, o in enumerate(l2_offsets.tolist()):
-        out[k] = ctx.u64s(o, nwords)
-    return out
+        if o % 8 == 0 and o + width * 8 <= ctx.file_len:
+            raw[k] = native[o // 8: o // 8 + width]
+        else:
+            raw[k] = np.frombuffer(ctx.img.pread(o, width * 8), dtype=np.uint64)
+    return raw  # still in file byte order: zero tests work on it as is
+
+
+def _native(a: np.ndarray) -> np.ndarray:
+    """File-order (big-endian) words -> native integers, in place."""
+    if sys.byteorder == "little":
+        a.byteswap(inplace=True)
+    return a
+
+
+def _split(ctx: _Ctx, raw: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """(word0, bitmap) as contiguous native (tables, entries) arrays; bitmap None for standard L2."""
+    _native(raw)
+    if not ctx.h.extended_l2:
+        return raw, None
+    return np.ascontiguousarray(raw[:, 0::2]), np.ascontiguousarray(raw[:, 1::2])
+
+
+def _sparse_l2_batch(ctx: _Ctx, raw: np.ndarray, words: np.ndarray, l2_offsets: np.ndarray, *, active: bool):
+    """`_fast_l2_batch` for tables that are mostly empty: only the non-zero entries are looked at
+    (`words`: indices of the non-zero words of `raw`). Same return values."""
+    cs, cb = ctx.cs, ctx.cb
+    n = ctx.h.l2_entries
+    flat = raw.reshape(-1)
+    if ctx.h.extended_l2:
+        ent = words >> 1
+        if ent.size:
+            ent = ent[np.r_[True, ent[1:] != ent[:-1]]]
+        w0, bm = _native(flat[ent * 2]), _native(flat[ent * 2 + 1])
+    else:
+        ent, w0, bm = words, _native(flat[words]), None
+    odd = _U64(C.QCOW_OFLAG_COMPRESSED | C.L2E_STD_RESERVED_MASK | ((cs - 1) & C.L2E_OFFSET_MASK))
+    if (w0 & odd).any():
+        return False
+    off = w0 & _U64(C.L2E_OFFSET_MASK)
+    has_off = off != 0
+    if bm is not None:
+        alloc = bm & _U64(0xFFFFFFFF)
+        if (alloc & (bm >> _U64(32))).any() or alloc[~has_off].any():
+            return False
+    o = off[has_off]
+    clusters = o >> _U64(cb)
+    if clusters.size:
+        if int(clusters.max()) >= ctx.nb:
+            return False
+        ctx.inc_clusters(clusters.astype(np.int64))
+    if not active:
+        return True
+    ctx.allocated += int(clusters.size)
+    r = (ent // n)[has_off]
+    if r.size > 1:
+        ctx.fragmented += int(np.count_nonzero((r[1:] == r[:-1]) & (o[1:] != o[:-1] + _U64(cs))))
+    l2_rc, l2_ok = ctx.ondisk(l2_offsets >> cb)
+    if not clusters.size:
+        return True
+    if not (l2_ok & (l2_offsets != 0)).all():
+        return "copied"
+    arr, _readable = ctx.ondisk_array()
+    if ((arr[clusters] == 1) != (w0[has_off] >= _U64(C.QCOW_OFLAG_COPIED))).any():
+        return "copied"
+    return True
+
+
+def _release(ctx: _Ctx, l2_offsets: np.ndarray) -> None:
+    """Drop the pages of tables already walked from our resident set (the file keeps them cached)."""
+    import mmap
+
+    madvise = getattr(ctx.img.mm, "madvise", None)
+    if madvise is None or not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    page = mmap.PAGESIZE
+    limit = ctx.file_len - ctx.file_len % page
+    for o in l2_offsets.tolist():
+        lo = -(-o // page) * page
+        hi = min(o + ctx.cs, limit) // page * page
+        if hi > lo:
+            try:
+                madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+            except (OSError, ValueError):
+                return
+
+
+def _fast_l2_batch(ctx: _Ctx, w0: np.ndarray, bm, l2_offsets: np.ndarray, *, active: bool) -> bool:
+    """The common case in few array passes: no compressed, reserved, unaligned or invalid entry.
+    Returns False (nothing counted) when the batch needs the full rules."""
+    cs, cb = ctx.cs, ctx.cb
+    odd = _U64(C.QCOW_OFLAG_COMPRESSED | C.L2E_STD_RESERVED_MASK | ((cs - 1) & C.L2E_OFFSET_MASK))
+    if (w0 & odd).any():
+        return False
+    off = w0 & _U64(C.L2E_OFFSET_MASK)
+    has_off = off != 0
+    every = bool(has_off.all())
+    if bm is not None:
+        halves = bm.view(np.uint32).reshape(bm.shape + (2,))  # native little-endian: [alloc, zero]
+        alloc = halves[..., 0]
+        if np.bitwise_and(alloc, halves[..., 1]).any():
+            return False
+        if not every and alloc[~has_off].any():
+            return False
+    clusters = (off.ravel() if every else off[has_off]) >> _U64(cb)
+    if clusters.size:
+        if int(clusters.max()) >= ctx.nb:  # past EOF: QEMU's exact rules
+            return False
+        ctx.inc_clusters(clusters.astype(np.int64))
+    if not active:
+        return True
+    ctx.allocated += int(clusters.size)
+    if every:
+        ctx.fragmented += int(np.count_nonzero(np.diff(off, axis=1) != _U64(cs)))
+    else:
+        rows, cols = np.nonzero(has_off)
+        if rows.size > 1:
+            o = off[rows, cols]
+            ctx.fragmented += int(((rows[1:] == rows[:-1]) & (o[1:] != o[:-1] + _U64(cs))).sum())
+    # COPIED against the on-disk refcounts (tables at offset 0 or with unreadable refcounts skipped)
+    l2_rc, l2_ok = ctx.ondisk(l2_offsets >> cb)
+    usable = l2_ok & (l2_offsets != 0)
+    if clusters.size and usable.all():
+        arr, readable = ctx.ondisk_array()
+        rc_one = arr[clusters] == 1
+        copied = (w0 if every else w0[has_off]).ravel() >= _U64(C.QCOW_OFLAG_COPIED)
+        if not (rc_one.all() and copied.all()) and (rc_one != copied).any():
+            return "copied"
+    elif clusters.size:
+        return "copied"
+    return True
 
 
 def _check_l2_batch(ctx: _Ctx, l1_indices: np.ndarray, l2_offsets: np.ndarray, *, active: bool,
                     snapshot: str | None) -> None:
     h, cs, cb = ctx.h, ctx.cs, ctx.cb
     ext = h.extended_l2
-    tabs = _tables(ctx, l2_offsets)
-    if ext:
-        w0, bm = tabs[:, 0::2], tabs[:, 1::2]
+    raw = _tables(ctx, l2_offsets)
+    _release(ctx, l2_offsets)
+    words = np.flatnonzero(raw)
+    if words.size * 4 < raw.size:
+        fast = _sparse_l2_batch(ctx, raw, words, l2_offsets, active=active)
+        if fast is True:
+            return
+        w0, bm = _split(ctx, raw)
     else:
-        w0, bm = tabs, np.zeros_like(tabs)
-    n = h.l2_entries
+        w0, bm = _split(ctx, raw)
+        fast = _fast_l2_batch(ctx, w0, bm, l2_offsets, active=active)
+    if fast is True:
+        return
+    if fast == "copied":  # counted already; only the COPIED findings are missing
+        _copied_data(ctx, _Locator(ctx, l1_indices, l2_offsets, w0, bm if ext else np.zeros_like(w0), snapshot),
+                     w0, (w0 & _U64(C.L2E_OFFSET_MASK)), (w0 & _U64(C.L2E_OFFSET_MASK)) != 0, l2_offsets)
+        return
+    if bm is None:
+        bm = np.zeros_like(w0)
     comp = (w0 & _U64(C.QCOW_OFLAG_COMPRESSED)) != 0
     off = (w0 & _U64(C.L2E_OFFSET_MASK))
     has_off = ~comp & (off != 0)
@@ -381,7 +556,12 @@ def _check_l2_batch(ctx: _Ctx, l1_indices: np.ndarray, l2_offsets: np.ndarray, *
     if rows.size > 1:
         o = off[rows, cols]
         ctx.fragmented += int(((rows[1:] == rows[:-1]) & (o[1:] != o[:-1] + _U64(cs))).sum())
-    # COPIED of data clusters (check_oflag_copied), against the on-disk refcounts
+    _copied_data(ctx, loc, w0, off, has_off, l2_offsets)
+
+
+def _copied_data(ctx: _Ctx, loc, w0, off, has_off, l2_offsets) -> None:
+    """check_oflag_copied for data clusters: COPIED set exactly when the on-disk refcount is 1."""
+    cb = ctx.cb
     l2_rc, l2_ok = ctx.ondisk(l2_offsets >> cb)
     examine = has_off & (l2_ok & (l2_offsets != 0))[:, None]  # QEMU skips a table at offset 0 here
     if examine.any():
@@ -394,7 +574,6 @@ def _check_l2_batch(ctx: _Ctx, l1_indices: np.ndarray, l2_offsets: np.ndarray, *
             ctx.corruptions += 1
             ctx.add(loc.finding(t, i, "copied-data", f"ERROR OFLAG_COPIED data cluster: l2_entry={loc.w(t, i):x} "
                                 f"refcount={r}", repairable=True, refcount=r), copied=True)
-    del n
 
 
 def _bits(mask: int) -> tuple[int, ...]:
@@ -558,40 +737,56 @@ def _overflow(ctx: _Ctx) -> None:
 
 def _compare(ctx: _Ctx) -> tuple[int, int]:
     """compare_refcounts: (leaks, highest cluster in use); corruptions and check errors counted in ctx."""
-    leaks = 0
-    highest = 0
     nb = len(ctx.refs)
     per = ctx.h.refcount_block_entries
-    for blk in range(0, -(-nb // per)):
+    arr, readable = ctx.ondisk_array()
+    n = min(nb, len(arr))
+    have, want = arr[:n], ctx.refs[:n]
+    used = (have != 0) | (want != 0)
+    diff = np.flatnonzero(have != want)
+    for blk in np.flatnonzero(~readable).tolist():  # QEMU: EIO, skipped even for the image end offset
+        lo, hi = blk * per, min(n, (blk + 1) * per)
+        used[lo:hi] = False
+        ctx.check_errors += max(0, hi - lo)
+        for c in range(lo, hi):
+            ctx.add(Finding("refcount-unreadable", "error", f"Can't get refcount for cluster {c}: Input/output error",
+                            cluster=c, host_offset=c * ctx.cs))
+    if not readable.all():
+        diff = diff[readable[diff // per]]
+    highest = n - 1 - int(np.argmax(used[::-1])) if used.any() else 0
+    leaks = _mismatches(ctx, diff, have[diff].astype(np.int64), want[diff])
+    for blk in range(-(-n // per) if n else 0, -(-nb // per)):  # clusters QEMU added past the file's end
         lo, hi = blk * per, min(nb, (blk + 1) * per)
-        want = ctx.refs[lo:hi]
         vals = ctx.block_values(blk)
         if vals is None:
-            ctx.check_errors += hi - lo  # QEMU skips these clusters, even for the image end offset
-            for c in range(lo, hi):
-                ctx.add(Finding("refcount-unreadable", "error",
-                                f"Can't get refcount for cluster {c}: Input/output error", cluster=c,
-                                host_offset=c * ctx.cs))
+            ctx.check_errors += hi - lo
             continue
-        have = vals[:hi - lo].astype(np.int64)
-        used = np.flatnonzero((have > 0) | (want > 0))
-        if used.size:
-            highest = max(highest, lo + int(used[-1]))
-        diff = np.flatnonzero(have != want)
-        for k in diff.tolist():
-            c, r1, r2 = lo + k, int(have[k]), int(want[k])
-            if r1 == 0:
-                ctx.rebuild = True
-            if r1 < r2:
-                ctx.corruptions += 1
-                ctx.add(Finding("refcount-too-low" if r1 else "refcount-zero", "error",
-                                f"ERROR cluster {c} refcount={r1} reference={r2}", cluster=c, host_offset=c * ctx.cs,
-                                refcount=r1, reference=r2, repairable_by_qemu=True))
-            else:
-                leaks += 1
-                ctx.add(Finding("leak", "leak", f"Leaked cluster {c} refcount={r1} reference={r2}", cluster=c,
-                                host_offset=c * ctx.cs, refcount=r1, reference=r2, repairable_by_qemu=True))
+        h = vals[:hi - lo].astype(np.int64)
+        w = ctx.refs[lo:hi]
+        u = np.flatnonzero((h > 0) | (w > 0))
+        if u.size:
+            highest = max(highest, lo + int(u[-1]))
+        d = np.flatnonzero(h != w)
+        leaks += _mismatches(ctx, d + lo, h[d], w[d])
     return leaks, highest
+
+
+def _mismatches(ctx: _Ctx, clusters: np.ndarray, have: np.ndarray, want: np.ndarray) -> int:
+    """Report refcount != references for these clusters; returns the number of leaks."""
+    leaks = 0
+    for c, r1, r2 in zip(clusters.tolist(), have.tolist(), want.tolist()):
+        if r1 == 0:
+            ctx.rebuild = True
+        if r1 < r2:
+            ctx.corruptions += 1
+            ctx.add(Finding("refcount-too-low" if r1 else "refcount-zero", "error",
+                            f"ERROR cluster {c} refcount={r1} reference={r2}", cluster=c, host_offset=c * ctx.cs,
+                            refcount=r1, reference=r2, repairable_by_qemu=True))
+        else:
+            leaks += 1
+            ctx.add(Finding("leak", "leak", f"Leaked cluster {c} refcount={r1} reference={r2}", cluster=c,
+                            host_offset=c * ctx.cs, refcount=r1, reference=r2, repairable_by_qemu=True))
+    return leaks
 
 
 def check_image(img: Image, *, progress=None) -> CheckReport:
