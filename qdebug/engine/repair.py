@@ -190,25 +190,18 @@ class _Planner:
     def fix_subclusters(self, f: Finding) -> None:
         off, w0, bm = self.entry(f)
         host = w0 & C.L2E_OFFSET_MASK
+        new, scs = repaired_bitmap(w0, bm, self.policy)
         if f.kind == "invalid-bitmap-allocated":
-            both = bm & (bm >> 32) & _LOW
-            scs = [i for i in range(32) if both >> i & 1]
             if self.policy == "keep-data":
-                new = bm & ~(both << 32)
                 action = "keep the data: clear the zero bit of subclusters " + _list(scs)
             elif self.policy == "zero":
-                new = bm & ~both
                 action = "read as zero: clear the allocation bit of subclusters " + _list(scs)
             else:
-                new = bm & ~both & ~(both << 32)
                 what = "the backing file" if len(self.chain.layers) > 1 else "zeros (no backing file)"
                 action = f"unallocate subclusters {_list(scs)}: they read from {what}"
             patches = self.set_entry(off, w0, new)
             self.items.append(RepairItem(f, action, tuple(patches), tuple(self.preview(f, host, bm, new, scs))))
         elif f.kind == "invalid-bitmap-unallocated":
-            alloc = bm & _LOW
-            scs = [i for i in range(32) if alloc >> i & 1]
-            new = bm & ~alloc
             action = ("the cluster has no host offset: clear the allocation bits of subclusters " + _list(scs)
                       + " (zero bits kept)")
             patches = self.set_entry(off, w0, new)
@@ -275,6 +268,30 @@ class _Planner:
         self.items.append(RepairItem(f, "drop the unaligned host offset: the cluster's allocated subclusters "
                                      + ("read as zero" if self.policy != "unallocate" else "fall through"),
                                      tuple(patches), (change,) if change else ()))
+
+
+def repaired_bitmap(word0: int, bitmap: int, policy: str) -> tuple[int, list[int]]:
+    """The valid bitmap an invalid extended L2 entry gets, and the subclusters whose bits change.
+
+    Allocated cluster, subcluster both allocated and zero: keep-data clears the zero bit, zero the
+    allocation bit, unallocate both. No host offset: the allocation bits go (zero bits stay).
+    Compressed: the whole bitmap goes. Valid entries come back unchanged.
+    """
+    if word0 & C.QCOW_OFLAG_COMPRESSED:
+        return 0, [i for i in range(32) if (bitmap | bitmap >> 32) >> i & 1]
+    if not word0 & C.L2E_OFFSET_MASK:
+        alloc = bitmap & _LOW
+        return bitmap & ~alloc, [i for i in range(32) if alloc >> i & 1]
+    both = bitmap & (bitmap >> 32) & _LOW
+    if policy == "keep-data":
+        new = bitmap & ~(both << 32)
+    elif policy == "zero":
+        new = bitmap & ~both
+    elif policy == "unallocate":
+        new = bitmap & ~both & ~(both << 32)
+    else:
+        raise QcowError(f"unknown repair policy {policy!r} (use {', '.join(POLICIES)})")
+    return new, [i for i in range(32) if both >> i & 1]
 
 
 def _list(scs) -> str:
@@ -649,5 +666,5 @@ def repair_image(chain, *, policy: str = "keep-data", entries=None, mode: str = 
 
 
 __all__ = ["Patch", "GuestChange", "RepairItem", "RepairPlan", "plan_repair", "apply_repair", "repair_image",
-           "check_repair",
+           "check_repair", "repaired_bitmap",
            "POLICIES"]
