@@ -7,7 +7,7 @@ exit codes); never a traceback, an internal error, a hang, a crash or an out-of-
 RLIMIT_AS = 1 GiB; not one byte or mtime of the image or its backing files changed. Each mutant
 runs info, map, map --subclusters (human or JSON, alternating), three reads, the --no-backing
 forms, and a rotating quarter of check / repair --dry-run / plan / replay --dry-run. Where check
-ran, `qemu-img check` finding corruption means qdebug check must not say clean; on every third
+ran, `qemu-img check` finding corruption means qdebug check must not say clean; on every eighth
 mutant the guest bytes are compared with `qemu-img convert` when both tools read the disk.
 
 `make test` runs QDEBUG_FUZZ_EXAMPLES (default 240) mutants; `make fuzz` runs 10,000. Cases are
