@@ -487,6 +487,16 @@ def _check_l2_batch(ctx: _Ctx, l1_indices: np.ndarray, l2_offsets: np.ndarray, *
         _copied_data(ctx, _Locator(ctx, l1_indices, l2_offsets, w0, bm if ext else np.zeros_like(w0), snapshot),
                      w0, (w0 & _U64(C.L2E_OFFSET_MASK)), (w0 & _U64(C.L2E_OFFSET_MASK)) != 0, l2_offsets)
         return
+    first = len(ctx.findings)
+    _full_l2_batch(ctx, l1_indices, l2_offsets, w0, bm, active=active, snapshot=snapshot)
+    # in QEMU's order: entry by entry, not rule by rule
+    ctx.findings[first:] = sorted(ctx.findings[first:], key=lambda f: (f.l1_index or 0, f.l2_index or 0))
+
+
+def _full_l2_batch(ctx: _Ctx, l1_indices, l2_offsets, w0, bm, *, active: bool, snapshot: str | None) -> None:
+    """Every rule of check_refcounts_l2, for batches the fast paths do not cover."""
+    h, cs, cb = ctx.h, ctx.cs, ctx.cb
+    ext = h.extended_l2
     if bm is None:
         bm = np.zeros_like(w0)
     comp = (w0 & _U64(C.QCOW_OFLAG_COMPRESSED)) != 0

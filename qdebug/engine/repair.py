@@ -104,10 +104,6 @@ class RepairPlan:
                 lines.append(f"    {' ' * len(f'guest 0x{c.start:x}+0x{c.length:x}:')} after  {c.after}")
         for u in self.unsupported:
             lines.append(f"! not repaired: {u}")
-        if self.clear_corrupt:
-            lines.append("* clear the corrupt bit (nothing broken is left)")
-        if self.clear_dirty:
-            lines.append("* clear the dirty bit")
         if not lines:
             lines.append("nothing to repair")
         return "\n".join(lines)
@@ -369,7 +365,8 @@ def plan_repair(chain, report: CheckReport, *, policy: str = "keep-data", entrie
         feats = h.incompatible_features & ~(C.QCOW2_INCOMPAT_CORRUPT if clear_corrupt else 0) & ~(
             C.QCOW2_INCOMPAT_DIRTY if clear_dirty else 0)
         p.items.append(RepairItem(None, "clear the " + " and ".join(
-            n for n, on in (("corrupt bit", clear_corrupt), ("dirty bit", clear_dirty)) if on),
+            n for n, on in (("corrupt bit", clear_corrupt), ("dirty bit", clear_dirty)) if on)
+            + " (nothing broken is left)",
             (Patch(72, struct.pack(">Q", feats), "header"),)))
     return RepairPlan(p.img.path, policy, tuple(p.items), tuple(p.unsupported), clear_corrupt, clear_dirty,
                       leaks_fixed, corruptions_fixed, new_size)
