@@ -16,7 +16,7 @@ import pytest
 
 from qdebug.cli import main
 from qdebug.engine.journal import journal_path
-from tests.engine.test_locking import QemuIoHolder
+from tests.engine.test_locking import QemuIoHolder, locked_bytes
 from tests.qemu import QEMU_IO, create, qemu_check, qemu_img, qemu_io
 from tests.trace.random_traces import random_trace, strip_comments
 
@@ -274,26 +274,25 @@ def test_replay_refuses_while_qemu_holds_the_image(tmp_path, qemu):
 
 def test_qemu_refuses_while_replay_runs(tmp_path, qemu):
     image = create(str(tmp_path / "a.qcow2"), SIZE)
-    trace = write_trace(tmp_path / "t.trace", ["write -P 0x1 0 4k"])
     r, w = os.pipe()
     proc = subprocess.Popen([sys.executable, "-m", "qdebug.cli", "replay", image, "-"], stdin=r,
                             stderr=subprocess.PIPE)
     os.close(r)
     try:
         os.write(w, b"write -P 0x1 0 4k\n")
-        deadline = time.monotonic() + 20
-        while True:  # wait until qdebug holds the image
-            p = subprocess.run([QEMU_IO, "-c", "read 0 4k", image], capture_output=True)
-            if p.returncode != 0 or time.monotonic() > deadline:
-                break
-            time.sleep(0.05)
+        deadline = time.monotonic() + 30
+        while locked_bytes(image) != {100, 101, 103, 201, 203}:  # until qdebug holds the image
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.02)
+        p = subprocess.run([QEMU_IO, "-c", "read 0 4k", image], capture_output=True)
         assert b'Failed to get "write" lock' in p.stderr
+        p = subprocess.run([QEMU_IO, "-r", "-c", "read 0 4k", image], capture_output=True)
+        assert b'Failed to get shared "write" lock' in p.stderr
     finally:
         os.close(w)
         proc.wait(30)
     assert proc.returncode == 0
-    assert trace  # same trace through qemu-io afterwards works: the locks are gone
-    assert qemu_io(image, "read -P 0x1 0 4k").returncode == 0
+    assert qemu_io(image, "read -P 0x1 0 4k").returncode == 0  # the locks are gone with qdebug
 
 
 def test_replay_refuses_a_corrupt_image(tmp_path, qemu):
