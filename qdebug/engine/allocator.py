@@ -278,7 +278,8 @@ class Allocator:
             if block >= table_len:
                 result = run_start if run else block * self.per_block + idx
                 break
-            vals = self.block_values(block)[idx:]
+            # Look at a chunk at a time: the first free run is usually close to the search start.
+            vals = self.block_values(block)[idx:idx + max(1024, 2 * n)]
             used = np.flatnonzero(vals)
             base = block * self.per_block + idx
             if len(used) == 0:
@@ -303,8 +304,10 @@ class Allocator:
                 if run >= n:
                     result = run_start
                     break
-            block += 1
-            idx = 0
+            idx += len(vals)
+            if idx >= self.per_block:
+                block += 1
+                idx = 0
         self.free_cluster_index = result + n
         return result
 
