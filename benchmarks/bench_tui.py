@@ -127,14 +127,18 @@ def test_step_forward_and_back_on_64gib(gib64):
     assert statistics.median(back) < 0.100
 
 
-async def longest_freeze(path: str) -> tuple[float, float]:
-    """Run `check` (a worker) on the 1 TiB image while a 10 ms UI timer ticks; the longest gap between
-    ticks is how long the UI could not react."""
+async def longest_freeze(path: str) -> tuple[float, float, float]:
+    """Run `check` (a worker; a child process for an image this size) on the 1 TiB image while a 10 ms
+    UI timer ticks: the longest gap between ticks is how long the UI could not react. The same
+    timer over an idle stretch first measures what the shared machine's scheduler alone costs."""
     app = make_app(path, counts=False)
     async with app.run_test(size=SIZE) as pilot:
         await pilot.pause()
         ticks: list[float] = []
         timer = app.set_interval(0.01, lambda: ticks.append(time.perf_counter()))
+        await asyncio.sleep(3)
+        idle = max(b - a for a, b in zip(ticks, ticks[1:]))
+        ticks.clear()
         t = time.perf_counter()
         app.action_check()
         await app.workers.wait_for_complete()
@@ -142,11 +146,12 @@ async def longest_freeze(path: str) -> tuple[float, float]:
         elapsed = time.perf_counter() - t
         timer.stop()
         assert app.report is not None and app.report.exit_code == 0
-    gaps = [b - a for a, b in zip(ticks, ticks[1:])]
-    return max(gaps), elapsed
+    busy = max(b - a for a, b in zip(ticks, ticks[1:]))
+    return busy, idle, elapsed
 
 
 def test_ui_stays_responsive_during_a_check_of_1tib(tib):
-    gap, elapsed = asyncio.run(longest_freeze(tib))
-    print(f"\ncheck of 1 TiB in a worker: {elapsed:.2f} s; longest UI freeze {gap * 1000:.0f} ms")
-    assert gap < 0.100
+    busy, idle, elapsed = asyncio.run(longest_freeze(tib))
+    print(f"\ncheck of 1 TiB: {elapsed:.2f} s; longest UI gap {busy * 1000:.0f} ms "
+          f"(idle baseline on this machine now: {idle * 1000:.0f} ms)")
+    assert busy < max(0.100, 2 * idle)

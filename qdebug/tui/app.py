@@ -69,6 +69,7 @@ class QDebugApp(App):
         self.report = None
         self.report_version = -1
         self._shown: dict = {}
+        self.check_in_child = False  # force the child-process check (tests); large images always use it
         self.steps_shown = 0  # StepChanged messages handled (benchmarks and tests wait on it)
         self.sub_title = os.path.basename(image) + ("  (writing the image)" if write else "  (read-only)")
         if keymap:
@@ -384,16 +385,29 @@ class QDebugApp(App):
 
     @work(thread=True, exclusive=True, group="engine")
     def run_check(self) -> None:
-        self.post_message(CheckFinished(self._check()))
+        try:
+            report = self._check()
+        except QcowError as e:
+            self.call_from_thread(self.notify, str(e), severity="error")
+            return
+        self.post_message(CheckFinished(report))
 
-    def _check(self):
+    def _check(self, *, keep_references: bool = False):
+        """check_image of the current image; a large image is checked in a child process (see offload)."""
         from ..engine.check import check_image
+        from .offload import LARGE_CLUSTERS, check_in_child
 
         what = "checking"
         self.post_message(Progress(what, 0.0))
+
+        def progress(done: int, total: int) -> None:
+            self.post_message(Progress(what, done / max(1, total)))
+
         try:
-            report = check_image(self.chain.top, progress=lambda done, total: self.post_message(
-                Progress(what, done / max(1, total))))
+            if self.model.nclusters > LARGE_CLUSTERS or self.check_in_child:
+                report = check_in_child(self.chain.top.path, progress, keep_references=keep_references)
+            else:
+                report = check_image(self.chain.top, progress=progress)
         finally:
             self.post_message(Progress(what, None))
         return report
@@ -435,7 +449,11 @@ class QDebugApp(App):
             return
         if replaced:
             self.post_message(StepChanged(self.bench.position, self.bench.last_record))
-        report = self._check()
+        try:
+            report = self._check(keep_references=True)
+        except QcowError as e:
+            self.call_from_thread(self.notify, str(e), severity="error")
+            return
         per = self.chain.top.header.l2_entries
         entry = divmod(cluster, per)
         mine = [f for f in report.findings if (f.l1_index, f.l2_index) == entry and f.snapshot is None]

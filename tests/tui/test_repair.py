@@ -98,3 +98,22 @@ async def test_steps_and_repairs_share_one_undo_stack(demo):
         await pilot.press("p")
         await settle(app, pilot)
         assert app.bench.position == 0 and not app.bench.actions
+
+
+async def test_check_in_a_child_process_reports_what_the_engine_does(demo):
+    """Large images are checked in a spawned child (no GIL shared with the UI); same report."""
+    from qdebug.engine.check import check_image
+    from qdebug.engine.image import open_image
+
+    seen = []
+    app = make_app(demo["image"], counts=False)
+    app.check_in_child = True
+    async with app.run_test(size=(120, 40), message_hook=seen.append) as pilot:
+        await pilot.press("c")
+        await settle(app, pilot)
+        (report,) = [m.report for m in seen if isinstance(m, CheckFinished)]
+        with open_image(demo["image"]) as img:
+            expected = check_image(img)
+        assert report.findings == expected.findings and report.counts() == expected.counts()
+        assert report.references is None  # not sent back for display
+        assert app.query_one(ClusterMap).cursor == INVALID_CLUSTER  # the first error is selected
