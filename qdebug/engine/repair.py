@@ -436,8 +436,8 @@ def _plan_refcounts(p: _Planner, mode: str) -> tuple[int, int, int | None]:
                                 "not supported (use qemu-img check -r all, which rebuilds the structure)")
             new_blocks[b] = next_cl
             # the slot's old block is no longer referenced through it
-            if offs[b] and not ((rt[b] & _U64(C.REFT_RESERVED_MASK)) or offs[b] % cs or
-                                (offs[b] >> p.cb) >= len(p.report.references)):
+            if offs[b] > 0 and not ((rt[b] & _U64(C.REFT_RESERVED_MASK)) or offs[b] % cs or
+                                    (offs[b] >> p.cb) >= len(p.report.references)):  # HX: bit 63 is < 0
                 refs[offs[b] >> p.cb] -= 1
             if next_cl >= len(refs):
                 refs = np.concatenate([refs, np.zeros(next_cl + 1 - len(refs), np.int64)])

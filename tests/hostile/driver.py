@@ -179,7 +179,7 @@ def read_only_commands(img: str, has_backing: bool) -> list[list[str]]:
     """Every read-only command and output form that exists in this checkout, for one image."""
     from qdebug.cli import build_parser
 
-    size = _virtual_size(img) // 512 * 512
+    size = min(_virtual_size(img), 1 << 62) // 512 * 512  # offsets stay inside qemu-io's number range
     n = min(size, 1 << 20)
     cmds = [
         ["info", img], ["info", "--output=json", img],

@@ -86,3 +86,12 @@ def test_plan_freeing_a_garbage_offset_stays_small(tmp_path, qemu):
                            "memory_limit": 1 << 30}, 120)
     assert all(not r["problems"] for r in records), records
     assert done["maxrss_kib"] < 512 << 10
+
+
+def test_repair_with_the_refcount_table_on_the_l1_table(img64):
+    """ext16_zstd seed 20262086: refcount_table_offset pointing at the L1 table, whose COPIED bit
+    (63) made a negative block index in repair's rebuild (IndexError)."""
+    lay = layout_of(img64)
+    put_field(img64, "refcount_table_offset", lay.l1_offset)
+    assert qd("check", img64)["rc"] in (1, 2)
+    assert qd("repair", "--dry-run", img64)["rc"] in (0, 1)
