@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import constants as C
-from .errors import QcowError
+from .errors import CorruptImage, QcowError
 from .image import Image
 from .refcounts import unpack_refcounts
 
@@ -666,7 +666,12 @@ def _bitmaps(ctx: _Ctx) -> None:
             ctx.corruptions += 1
             ctx.add(Finding("bitmap-directory", "error", "ERROR bitmap directory is truncated", host_offset=dir_off))
             return
-        t_off, t_size, _flags, _typ, _gran, name_size, extra = struct.unpack_from(">QIIBBHI", raw, p)
+        t_off, t_size, flags, typ, gran, name_size, extra = struct.unpack_from(">QIIBBHI", raw, p)
+        name = raw[p + 24 + extra:p + 24 + extra + name_size].decode("utf-8", "replace")
+        # QEMU refuses to open the image (so to check it) when a directory entry breaks these
+        if typ != 1 or not 9 <= gran <= 31 or flags & ~0x3 or name_size == 0 or t_off % ctx.cs or (
+                t_size and not t_off):
+            raise CorruptImage(f"Bitmap '{name}' doesn't satisfy the constraints (bitmap directory at 0x{dir_off:x})")
         ctx.inc(np.array([t_off]), t_size * 8, "bitmap table")
         table = ctx.u64s(t_off, t_size).astype(np.uint64) if t_size else np.zeros(0, np.uint64)
         offs = table & _U64(BME_TABLE_ENTRY_OFFSET_MASK)

@@ -28,6 +28,7 @@ SHAPES = {
     "ext64k-zstd": dict(cluster_size="64k", extended_l2=True, compression_type="zstd"),
     "std64k-rc1": dict(cluster_size="64k", extended_l2=False, refcount_bits=1),
     "v2-64k": dict(cluster_size="64k", extended_l2=False, compat="0.10"),
+    "ext64k-bitmaps": dict(cluster_size="64k", extended_l2=True, bitmaps=True),
 }
 
 
@@ -36,6 +37,7 @@ def make_shape(tmp, name: str) -> str:
     opts = dict(SHAPES[name])
     snapshot = opts.pop("snapshot", False)
     backing = opts.pop("backing", False)
+    bitmaps = opts.pop("bitmaps", False)
     cs = _parse(opts["cluster_size"])
     size = max(16 * cs, 4 << 20)
     path = os.path.join(str(tmp), f"{name}.qcow2")
@@ -53,6 +55,10 @@ def make_shape(tmp, name: str) -> str:
         cmds += [f"write -c -P 0x15 {8 * cs} {cs}", f"write -c -P 0x16 {9 * cs} {cs}"]
     cmds += [f"write -P 0x17 {12 * cs} {cs}", f"discard {12 * cs} {cs}", f"write -P 0x18 {13 * cs} {cs}"]
     qemu_io(path, *cmds)
+    if bitmaps:  # persistent dirty bitmaps: a directory, bitmap tables and (after a write) data clusters
+        qemu_img("bitmap", "--add", path, "b0")
+        qemu_img("bitmap", "--add", "-g", "65536", path, "b1")
+        qemu_io(path, f"write -P 0x31 {15 * cs} {cs}")
     if snapshot:
         qemu_img("snapshot", "-c", "snap1", path)
         qemu_io(path, f"write -P 0x21 {cs} {sc}", f"write -P 0x22 {14 * cs} {cs}")
