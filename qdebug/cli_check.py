@@ -56,6 +56,8 @@ def cmd_check(args) -> int:
             try:
                 report, plan, final = check_repair(chain, fix, filename=args.image, before=report)
             except QcowError as e:
+                if not str(e).startswith("ERROR need to rebuild"):
+                    raise  # e.g. the image is in use: one line from main()
                 _messages(report, sys.stderr)
                 sys.stderr.write(f"{e}\n")
                 print("qdebug: error: Check failed: Input/output error", file=sys.stderr)

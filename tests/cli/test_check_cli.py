@@ -157,3 +157,27 @@ def test_repair_entry_option_and_bad_input(shapes, tmp_path):
     assert o.returncode == 2 and b"bad entry" in o.stderr
     o = qdebug("check", str(tmp_path / "missing.qcow2"))
     assert o.returncode == 1 and o.stderr.startswith(b"qdebug: error:") and b"Traceback" not in o.stderr
+
+
+def test_repair_refuses_an_image_qemu_holds(shapes, tmp_path):
+    """Same locking rules as writes: while a QEMU process has the image open, nothing is written."""
+    from tests.qemu import QEMU_IO
+
+    path = str(tmp_path / "img.qcow2")
+    shutil.copy(shapes["ext64k"], path)
+    corrupt(path, "refcount_up")
+    before = open(path, "rb").read()
+    holder = subprocess.Popen([QEMU_IO, "-f", "qcow2", path], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE)
+    try:
+        holder.stdin.write(b"read 0 512\n")
+        holder.stdin.flush()
+        holder.stdout.readline()  # qemu-io has the image open (and locked) once it answers
+        o = qdebug("repair", path)
+        assert o.returncode == 1 and b"in use by another process" in o.stderr, o.stderr
+        o = qdebug("check", "-r", "leaks", path)
+        assert o.returncode == 1 and b"in use by another process" in o.stderr
+    finally:
+        holder.communicate(b"quit\n", timeout=30)
+    assert open(path, "rb").read() == before
+    assert qdebug("repair", path).returncode == 0
