@@ -359,14 +359,16 @@ def _split_normal_holes(img, runs: Runs) -> Runs:
     parts become NORMAL_HOLE. One SEEK_HOLE per run finds the common all-data case."""
     sel = np.flatnonzero(runs.kind == T.NORMAL)
     cut: list[tuple[int, Runs]] = []
-    for i in sel.tolist():
-        s, e, h = int(runs.start[i]), int(runs.end[i]), int(runs.host[i])
+    fd, lseek, seek_hole = img.fd, os.lseek, os.SEEK_HOLE
+    hosts = runs.host[sel]
+    for i, s, h, h_end in zip(sel.tolist(), runs.start[sel].tolist(), hosts.tolist(),
+                              (hosts + runs.end[sel] - runs.start[sel]).tolist()):
         try:
-            if os.lseek(img.fd, h, os.SEEK_HOLE) >= h + (e - s):
+            if lseek(fd, h, seek_hole) >= h_end:
                 continue
         except OSError:
             pass  # ENXIO: at or past the end of the file, all hole
-        f = raw_runs(img, h, h + (e - s), seek_holes=True)
+        f = raw_runs(img, h, h_end, seek_holes=True)
         kind = np.where(f.kind == RAW_HOLE, NORMAL_HOLE, T.NORMAL).astype(np.uint8)
         cut.append((i, Runs(f.start - h + s, f.end - h + s, kind, f.start.copy())))
     if not cut:
