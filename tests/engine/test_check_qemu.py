@@ -109,3 +109,16 @@ def test_json_keys_are_qemus():
     assert set(JSON_KEYS) == {"image-end-offset", "compressed-clusters", "total-clusters", "corruptions",
                               "corruptions-fixed", "check-errors", "leaks", "leaks-fixed", "allocated-clusters",
                               "filename", "format", "fragmented-clusters"}
+
+
+def test_progress_reports_every_batch_of_l2_tables(tmp_path):
+    """A 64 GiB preallocated image has 256 L2 tables: progress goes 64, 128, ... of 256."""
+    from tests.qemu import create
+
+    path = create(str(tmp_path / "p.qcow2"), "64G", preallocation="metadata")
+    calls = []
+    with open_image(path) as img:
+        report = check_image(img, progress=lambda done, total: calls.append((done, total)))
+    assert calls == [(64, 256), (128, 256), (192, 256), (256, 256)]
+    assert report.allocated_clusters == report.total_clusters == (64 << 30) // 65536
+    assert qemu_check(path)[1]["allocated-clusters"] == report.allocated_clusters
