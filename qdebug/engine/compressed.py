@@ -50,6 +50,13 @@ def _one_cluster(ctx: StepContext, offset: int, chunk: int, byte: int, owners) -
     host = ctx.alloc.alloc_bytes(len(data))
     ctx.allocations.append((host, len(data), "compressed data"))
     if ctx.alloc.stale_pack:
+        meta = ctx.metadata_overlap(host, len(data))
+        if meta:
+            # QEMU's overlap check stops the write and marks the image corrupt; the refcount and
+            # L2 updates of this write stay in its caches, which are never written after that.
+            first, last = host >> g.cbits, (host + len(data) - 1) >> g.cbits
+            ctx.alloc.update_refcount(first, last - first + 1, -1, undo=True)
+            ctx.corruption(f"Preventing invalid write on metadata (overlaps with {meta})")
         hz = owners(host, len(data))
         if hz is not None:
             ctx.hazards.append(hz)

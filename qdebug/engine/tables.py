@@ -139,6 +139,33 @@ class StepContext:
             self.notes.append(f"L2 table at 0x{l2_off:x} is shared (snapshot): copied to 0x{new:x}")
         return new
 
+    def metadata_overlap(self, off: int, length: int) -> str | None:
+        """QEMU's pre-write overlap check ("cached" template): which metadata [off, off+length) hits."""
+        g = self.g
+        h = self.txn.img.header
+        end = off + length
+
+        def hits(start: int, size: int) -> bool:
+            return start < end and off < start + size
+
+        if hits(0, g.cs):
+            return "qcow2_header"
+        if hits(g.l1_offset, g.l1_size * 8):
+            return "active L1 table"
+        if hits(self.alloc.reftable_offset, self.alloc.reftable_len * 8):
+            return "refcount table"
+        if h.nb_snapshots and hits(h.snapshots_offset, g.cs):
+            return "snapshot table"
+        for i in range(g.l1_size):
+            l2 = self.txn.u64(g.l1_offset + 8 * i) & C.L1E_OFFSET_MASK
+            if l2 and hits(l2, g.cs):
+                return "active L2 table"
+        for i in range(self.alloc.reftable_len):
+            rb = self.txn.u64(self.alloc.reftable_offset + 8 * i) & C.REFT_OFFSET_MASK
+            if rb and hits(rb, g.cs):
+                return "refcount block"
+        return None
+
     def corruption(self, message: str) -> None:
         """qcow2_signal_corruption(fatal): set the corrupt bit and fail the request with EIO."""
         h = self.txn.img.header
