@@ -17,7 +17,8 @@ pytestmark = pytest.mark.qemu
 # without offset is refused, a misplaced L2 table is not written into, and refcount structures
 # are rebuilt in place (QEMU writes new ones at the end, or fails).
 DEVIATES = {"compressed_bitmap", "l1_only_flags", "l2_table_unaligned"}
-REBUILD = {"refcount_down", "reftable_reserved", "refblock_unaligned", "refblock_outside", "prealloc_unaligned"}
+REBUILD = {"refcount_down", "reftable_reserved", "refblock_unaligned", "refblock_outside", "prealloc_unaligned",
+           "refblock_dropped"}
 
 
 @pytest.fixture(scope="module")

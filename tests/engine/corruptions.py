@@ -293,6 +293,12 @@ def refblock_unaligned(path, lay):
     return "reftable 0: refblock offset + 512"
 
 
+def refblock_dropped(path, lay):
+    """The refcount table loses its first block: every refcount reads 0 (QEMU must rebuild)."""
+    _setq(path, lay.reftable_offset, 0)
+    return "reftable 0: block dropped"
+
+
 def refblock_outside(path, lay):
     n = len([x for x in lay.reftable if x])
     if n >= len(lay.reftable):
@@ -336,7 +342,7 @@ def l2_duplicate(path, lay):
 CORRUPTIONS = {f.__name__: f for f in (
     both_bits, both_bits_zero_sc, alloc_bits_unallocated, compressed_bitmap, refcount_up, refcount_down,
     leak_free_cluster, copied_cleared, copied_l1_cleared, l2_reserved_bits, l1_reserved_bits, l1_only_flags, l2_table_unaligned,
-    data_unaligned, prealloc_unaligned, data_past_eof, reftable_reserved, refblock_unaligned, refblock_outside,
+    data_unaligned, prealloc_unaligned, data_past_eof, reftable_reserved, refblock_unaligned, refblock_dropped, refblock_outside,
     truncate_tail, corrupt_bit, dirty_bit, l2_duplicate)}
 
 # The invalid-subcluster shapes QEMU reports but never repairs.

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.qemu
 # The guest view is unchanged by these corruptions (apart from EIO): repair must give it back.
 PRESERVING = ("both_bits", "both_bits_zero_sc", "alloc_bits_unallocated", "compressed_bitmap", "refcount_up",
               "refcount_down", "leak_free_cluster", "copied_cleared", "copied_l1_cleared", "l2_reserved_bits",
-              "l1_reserved_bits", "prealloc_unaligned", "reftable_reserved", "refblock_unaligned",
+              "l1_reserved_bits", "prealloc_unaligned", "reftable_reserved", "refblock_unaligned", "refblock_dropped",
               "refblock_outside", "corrupt_bit", "dirty_bit")
 # These lose or misplace guest data: qdebug says what it cannot repair and touches nothing of it.
 UNSUPPORTED = ("data_unaligned", "l2_table_unaligned", "data_past_eof", "truncate_tail")
