@@ -102,7 +102,7 @@ def cmd_repair(args) -> int:
     from .engine.check import check_image
     from .engine.repair import apply_repair, plan_repair
 
-    with open_chain(args.image, writable=not args.dry_run) as chain:
+    with open_chain(args.image, writable=not args.dry_run, no_backing=args.no_backing) as chain:
         before = check_image(chain.top)
         failed = [f for f in before.findings if f.kind == "check-failed"]
         if failed:  # HX: references are incomplete, so any refcount plan would be wrong
@@ -151,5 +151,7 @@ def register(sub) -> None:
     sp.add_argument("--entry", type=_entry, action="append", metavar="L2_INDEX",
                     help="repair only this L2 entry (L2_INDEX or L1_INDEX:L2_INDEX); repeatable")
     sp.add_argument("--dry-run", action="store_true", help="print the plan and preview, write nothing")
+    sp.add_argument("--no-backing", action="store_true",
+                    help="do not open the backing file (previews then show unallocated ranges as zeros)")
     sp.add_argument("--output", choices=("human", "json"), default="human")
     sp.set_defaults(func=cmd_repair)

@@ -156,6 +156,8 @@ def test_repair_entry_option_and_bad_input(shapes, tmp_path):
     assert o.returncode == 0 and b"nothing to repair" in o.stdout
     o = qdebug("repair", "--entry", "x", path)
     assert o.returncode == 2 and b"bad entry" in o.stderr
+    o = qdebug("repair", "--no-backing", "--dry-run", path)
+    assert o.returncode == 0 and b"keep the data" in o.stdout
     o = qdebug("check", str(tmp_path / "missing.qcow2"))
     assert o.returncode == 1 and o.stderr.startswith(b"qdebug: error:") and b"Traceback" not in o.stderr
 
