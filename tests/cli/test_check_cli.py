@@ -184,3 +184,16 @@ def test_repair_refuses_an_image_qemu_holds(shapes, tmp_path):
         holder.communicate(b"quit\n", timeout=30)
     assert open(path, "rb").read() == before
     assert qdebug("repair", path).returncode == 0
+
+
+def test_repair_overlay_with_missing_backing(tmp_path):
+    path = make_shape(tmp_path, "ext64k-backing")
+    corrupt(path, "both_bits")
+    import os
+
+    os.remove(str(tmp_path / "ext64k-backing-base.raw"))
+    o = qdebug("repair", path)
+    assert o.returncode == 1 and b"not found" in o.stderr and b"Traceback" not in o.stderr
+    o = qdebug("repair", "--no-backing", path)
+    assert o.returncode == 0, o.stdout + o.stderr
+    assert qemu_check(path)[0] == 0
