@@ -196,4 +196,7 @@ def test_repair_overlay_with_missing_backing(tmp_path):
     assert o.returncode == 1 and b"not found" in o.stderr and b"Traceback" not in o.stderr
     o = qdebug("repair", "--no-backing", path)
     assert o.returncode == 0, o.stdout + o.stderr
+    assert qdebug("check", path).returncode == 0  # qemu-img itself cannot open it without the backing file
+    with open(str(tmp_path / "ext64k-backing-base.raw"), "wb") as f:
+        f.write(b"\xee" * (4 << 20))
     assert qemu_check(path)[0] == 0
