@@ -29,7 +29,7 @@ from .palette import QDebugCommands
 from .panels import chain_content, counts_content, header_content
 from .plan_view import plan_clusters, plan_content
 from .screens import GotoScreen, HelpScreen, PathScreen
-from .workbench import Workbench
+from .workbench import Serial, Workbench
 
 
 class QDebugApp(App):
@@ -62,6 +62,7 @@ class QDebugApp(App):
         self.image_path = image
         self.want_counts = counts
         self.bench = Workbench(image, write=write)
+        self.serial = Serial()
         if trace:
             self.bench.load_trace(trace)
         self.model = ImageModel(self.bench.chain)
@@ -118,6 +119,17 @@ class QDebugApp(App):
         self.post_message(ImageOpened(self.image_path, self.model.nclusters))
         if self.want_counts:
             self.call_after_refresh(self.count_types)  # after the first screen: it competes for the GIL
+        if self.bench.commands:
+            self.call_after_refresh(self.engine_job, self._open_session)  # so step 1's plan can be previewed
+
+    def _open_session(self) -> None:
+        try:
+            replaced = self.bench.ensure_session()
+        except QcowError as e:
+            self.call_from_thread(self.notify, str(e), severity="error")
+            return
+        if replaced:
+            self.post_message(StepChanged(self.bench.position, self.bench.last_record))
 
     def on_unmount(self) -> None:
         self.bench.close()
@@ -279,19 +291,14 @@ class QDebugApp(App):
             return
         self.query_one(Timeline).set_trace(self.bench.commands, self.bench.position)
         self.show_plan()
+        self.engine_job(self._open_session)
         self.notify(f"{len(self.bench.commands)} commands from {os.path.basename(path)}: n steps, p undoes")
 
     def action_step(self, delta: int) -> None:
         if delta > 0 and not self.bench.commands:
             self.notify("no trace loaded: qdebug IMAGE --trace FILE, or o / ctrl+p 'open trace'", severity="warning")
             return
-        if delta > 0 and self.bench.position >= len(self.bench.commands):
-            self.notify("at the end of the trace")
-            return
-        if delta < 0 and not self.bench.actions:
-            self.notify("nothing to undo")
-            return
-        self.move(delta)
+        self.move(delta)  # "at the end" / "nothing to undo" are decided in order, by the job itself
 
     def seek(self, position: int) -> None:
         if not self.bench.commands:
@@ -303,19 +310,36 @@ class QDebugApp(App):
     def _seek_requested(self, event: Timeline.SeekRequested) -> None:
         self.seek(event.position if event.position != self.bench.position else event.position - 1)
 
-    @work(thread=True, exclusive=True, group="engine")
+    # ---- engine jobs: serialised in the order of the keys that asked for them ------------------
+    def engine_job(self, fn, *args) -> None:
+        self._engine_worker(self.serial.take(), fn, args)
+
+    @work(thread=True, group="engine")
+    def _engine_worker(self, ticket: int, fn, args) -> None:
+        with self.serial.turn(ticket):
+            fn(*args)
+
     def move(self, delta: int | None, position: int = 0) -> None:
+        self.engine_job(self._move, delta, position)
+
+    def _move(self, delta: int | None, position: int = 0) -> None:
         """One step (+1), one undo (-1), or a seek to `position` (delta None), off the UI thread."""
         bench = self.bench
         undone = None
         changes = None
         try:
             if delta is not None and delta > 0:
+                if bench.position >= len(bench.commands):
+                    self.call_from_thread(self.notify, "at the end of the trace")
+                    return
                 rec = bench.step()
                 changes = step_changes(rec, +1)
             elif delta is not None:
                 undone = bench.undo()
-                changes = step_changes(undone.record, -1) if undone and undone.kind == "step" else None
+                if undone is None:
+                    self.call_from_thread(self.notify, "nothing to undo")
+                    return
+                changes = step_changes(undone.record, -1) if undone.kind == "step" else None
             else:
                 what = f"replaying to step {position}"
                 self.post_message(Progress(what, 0.0))
@@ -372,9 +396,10 @@ class QDebugApp(App):
             except QcowError as e:
                 static.update(str(e))
                 return None
-            title = "step 1, not applied yet: press n"
+            title = "step 1, not applied yet (n applies it)"
             if plan is None:
-                static.update(plan_content(None, 0, 1, title=title + " (the scratch copy opens on the first step)"))
+                static.update(plan_content(None, 0, 1, title=title + ": its plan shows once the session is open"
+                                           if bench.session is None else title + ": no writes"))
                 return None
         static.update(plan_content(plan, self.model.cluster_size, self.model.spc, title=title))
         return plan
@@ -383,8 +408,10 @@ class QDebugApp(App):
     def action_check(self) -> None:
         self.run_check()
 
-    @work(thread=True, exclusive=True, group="engine")
     def run_check(self) -> None:
+        self.engine_job(self._run_check)
+
+    def _run_check(self) -> None:
         try:
             report = self._check()
         except QcowError as e:
@@ -439,16 +466,14 @@ class QDebugApp(App):
     def action_repair(self) -> None:
         self.prepare_repair(self.cluster_map.cursor)
 
-    @work(thread=True, exclusive=True, group="engine")
     def prepare_repair(self, cluster: int) -> None:
+        self.engine_job(self._prepare_repair, cluster)
+
+    def _prepare_repair(self, cluster: int) -> None:
         """Open the session (repairs are written to it), check, then ask the screen for a plan."""
-        try:
-            replaced = self.bench.ensure_session()
-        except QcowError as e:
-            self.call_from_thread(self.notify, str(e), severity="error")
+        self._open_session()
+        if self.bench.session is None:
             return
-        if replaced:
-            self.post_message(StepChanged(self.bench.position, self.bench.last_record))
         try:
             report = self._check(keep_references=True)
         except QcowError as e:
@@ -474,8 +499,10 @@ class QDebugApp(App):
         if plan is not None:
             self.write_repair(plan)
 
-    @work(thread=True, exclusive=True, group="engine")
     def write_repair(self, plan) -> None:
+        self.engine_job(self._write_repair, plan)
+
+    def _write_repair(self, plan) -> None:
         try:
             self.bench.apply_repair(plan)
         except QcowError as e:

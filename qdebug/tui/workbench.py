@@ -8,11 +8,40 @@ opens a scratch copy (or the image itself with `write=True`).
 
 from __future__ import annotations
 
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable
 
 from ..engine.chain import open_chain
 from ..engine.errors import QcowError
+
+
+class Serial:
+    """Engine jobs run one at a time in the order they were asked for (n then p is a step then an
+    undo, never both at once), whichever worker thread picks each up."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._next = 0
+        self._serving = 0
+
+    def take(self) -> int:
+        with self._cond:
+            ticket = self._next
+            self._next += 1
+            return ticket
+
+    @contextmanager
+    def turn(self, ticket: int):
+        with self._cond:
+            self._cond.wait_for(lambda: self._serving == ticket)
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._serving += 1
+                self._cond.notify_all()
 
 
 @dataclass(frozen=True)

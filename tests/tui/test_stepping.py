@@ -19,6 +19,14 @@ def digest(path: str) -> str:
         return hashlib.sha256(f.read()).hexdigest()
 
 
+def positions(seen) -> list[int]:
+    """Positions of the StepChanged messages, without the one that announces the session opening."""
+    moves = [m for m in seen if isinstance(m, StepChanged)]
+    if moves and moves[0].position == 0 and moves[0].changes is None and moves[0].record is None:
+        moves = moves[1:]
+    return [m.position for m in moves]
+
+
 def plan_text(app) -> str:
     return str(app.query_one("#plan").render())
 
@@ -44,7 +52,7 @@ async def test_step_forward_then_back_restores_the_bytes(demo):
         await pilot.press("left_square_bracket")
         await settle(app, pilot)
         assert digest(scratch) == original  # every step undone: the scratch copy is the image again
-        assert [m.position for m in seen if isinstance(m, StepChanged)] == [1, 2, 1, 0]
+        assert positions(seen) == [1, 2, 1, 0]
         assert app.query_one(Timeline).position == 0
     assert digest(demo["image"]) == original  # read-only: the user's image was never written
 
@@ -155,3 +163,15 @@ async def test_counts_follow_steps_without_a_rescan(demo):
             await settle(app, pilot)
             assert app.counts == app.model.count_types()
         assert app.counts != initial and app.counts["NORMAL"] > initial["NORMAL"]
+
+
+async def test_fast_keys_run_in_order(demo):
+    """Keys pressed without waiting run one at a time, in the order pressed."""
+    seen = []
+    app = make_app(demo["image"], trace=demo["trace"], counts=False)
+    async with app.run_test(size=(120, 40), message_hook=seen.append) as pilot:
+        for key in ("n", "n", "n", "p", "p", "p", "p", "n"):  # the 7th is one undo too many
+            app.action_step(1 if key == "n" else -1)
+        await settle(app, pilot)
+        assert positions(seen) == [1, 2, 3, 2, 1, 0, 1]
+        assert app.bench.position == 1
