@@ -653,8 +653,8 @@ def _snapshots(ctx: _Ctx) -> None:
 def _bitmaps(ctx: _Ctx) -> None:
     """qcow2_check_bitmaps_refcounts: directory, bitmap tables and their data clusters."""
     ext = next((e for e in ctx.h.extensions if e.type == C.QCOW2_EXT_MAGIC_BITMAPS), None)
-    if ext is None or len(ext.data) < 24:
-        return
+    if ext is None or len(ext.data) < 24 or not ctx.h.autoclear_features & C.QCOW2_AUTOCLEAR_BITMAPS:
+        return  # HX: QEMU ignores the extension without the autoclear bit (its sizes are unchecked)
     nb, _res, dir_size, dir_off = struct.unpack_from(">IIQQ", ext.data)
     if nb == 0:
         return

@@ -95,3 +95,13 @@ def test_repair_with_the_refcount_table_on_the_l1_table(img64):
     put_field(img64, "refcount_table_offset", lay.l1_offset)
     assert qd("check", img64)["rc"] in (1, 2)
     assert qd("repair", "--dry-run", img64)["rc"] in (0, 1)
+
+
+def test_ignored_bitmaps_extension_with_a_huge_directory(img64):
+    """qd_zstd seed 20268942: a bitmaps extension without the autoclear bit (QEMU ignores it, so
+    its fields are never validated) claimed a 2^63-byte directory; check read it whole (MemoryError)."""
+    patch(img64, 112, struct.pack(">IIIIQQ", 0x23852875, 24, 1, 0, 1 << 62, 0x10000) + bytes(8))
+    from tests.hostile.driver import spawn
+    records, _ = spawn({"commands": [["check", img64], ["repair", "--dry-run", img64], ["info", img64]],
+                        "memory_limit": 1 << 30}, 120)
+    assert all(not r["problems"] for r in records), records
