@@ -118,7 +118,7 @@ class QDebugApp(App):
         self.show_selection()
         self.post_message(ImageOpened(self.image_path, self.model.nclusters))
         if self.want_counts:
-            self.call_after_refresh(self.count_types)  # after the first screen: it competes for the GIL
+            self.set_timer(0.5, self.count_types)  # once the first screen is up: the scan competes for the GIL
         if self.bench.commands:
             self.call_after_refresh(self.engine_job, self._open_session)  # so step 1's plan can be previewed
 

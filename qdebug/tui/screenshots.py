@@ -26,6 +26,8 @@ async def shoot(paths: dict, keys: tuple[str, ...], svg: str, size: tuple[int, i
     app = make_app(paths["image"], trace=paths["trace"])
     app.animation_level = "none"
     async with app.run_test(size=size) as pilot:
+        while app.counts is None:
+            await pilot.pause(0.05)
         await app.workers.wait_for_complete()
         await pilot.pause()
         for key in keys:

@@ -55,7 +55,11 @@ def demo(tmp_path):
 
 
 async def settle(app, pilot) -> None:
-    """Let workers finish and their messages be handled."""
+    """Let workers finish and their messages be handled (the counts scan starts 0.5 s after mount)."""
+    for _ in range(200):
+        if not app.want_counts or app.counts is not None:
+            break
+        await pilot.pause(0.05)
     await app.workers.wait_for_complete()
     await pilot.pause()
     await app.workers.wait_for_complete()

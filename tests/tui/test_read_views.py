@@ -9,6 +9,7 @@ from qdebug.tui.cluster_map import ClusterMap
 from qdebug.tui.hex_view import HexView
 from qdebug.tui.messages import CountsReady, Jumped
 from qdebug.tui.model import READS_DATA, READS_INVALID
+from tests.tui.conftest import settle
 
 
 def row_text(cmap: ClusterMap, cluster: int) -> str:
@@ -18,8 +19,7 @@ def row_text(cmap: ClusterMap, cluster: int) -> str:
 async def test_map_rows_show_the_engines_bitmaps(layered):
     app = make_app(layered)
     async with app.run_test(size=(120, 40)) as pilot:
-        await app.workers.wait_for_complete()
-        await pilot.pause()
+        await settle(app, pilot)
         cmap = app.query_one(ClusterMap)
         assert cmap.row_count == 64
         with open_chain(layered) as chain:
@@ -94,8 +94,7 @@ async def test_counts_arrive_from_a_worker(layered):
     seen = []
     app = make_app(layered)
     async with app.run_test(size=(80, 24), message_hook=seen.append) as pilot:
-        await app.workers.wait_for_complete()
-        await pilot.pause()
+        await settle(app, pilot)
         counts = [m.counts for m in seen if isinstance(m, CountsReady)]
         assert counts and sum(counts[0].values()) == 64 * 32
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from qdebug.tui.app import make_app
+from tests.tui.conftest import settle
 
 SIZES = [(120, 40), (80, 24)]
 
@@ -19,14 +20,11 @@ def driver(*keys: str):
     async def run_before(pilot) -> None:
         app = pilot.app
         app.animation_level = "none"
-        await app.workers.wait_for_complete()
-        await pilot.pause()
+        await settle(app, pilot)
         for key in keys:
             await pilot.press(key)
-            await app.workers.wait_for_complete()
-            await pilot.pause()
-        await app.workers.wait_for_complete()
-        await pilot.pause()
+            await settle(app, pilot)
+        await settle(app, pilot)
     return run_before
 
 
