@@ -175,3 +175,22 @@ async def test_fast_keys_run_in_order(demo):
         await settle(app, pilot)
         assert positions(seen) == [1, 2, 3, 2, 1, 0, 1]
         assert app.bench.position == 1
+
+
+async def test_open_trace_from_the_app(demo):
+    app = make_app(demo["image"], counts=False)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await pilot.press("n")  # nothing to step yet
+        await settle(app, pilot)
+        assert app.bench.session is None
+        await pilot.press("o")
+        await pilot.pause()
+        app.screen.query_one("#path-input").value = demo["trace"]
+        await pilot.press("enter")
+        await settle(app, pilot)
+        assert app.query_one(Timeline).row_count == 9
+        assert app.bench.session is not None  # opened for the preview of step 1
+        assert "step 1, not applied yet" in plan_text(app) and "write -P 0x5a 5k 3k" in plan_text(app)
+        await pilot.press("n")
+        await settle(app, pilot)
+        assert app.bench.position == 1
