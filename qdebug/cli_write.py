@@ -213,7 +213,7 @@ def cmd_replay(args) -> int:
     from .engine.locking import check_chain_writable, lock_chain, release_all
     from .engine.writer import WriteEngine
     from .trace.commands import parse_line
-    from .trace.session import StepRecord, command_text, run_step, to_jsonable
+    from .trace.session import StepRecord, command_text, run_step
     from .trace.syntax import SyntaxProblem
 
     source = "<stdin>" if args.trace == "-" else args.trace
@@ -264,22 +264,19 @@ def cmd_replay(args) -> int:
                 continue
             if cmd is None:
                 continue
-            if args.dry_run:
+            if args.dry_run:  # the plan of this step after the earlier ones, the image untouched
                 t0 = time.perf_counter()
-                plan = engine.plan(cmd) if cmd.op in ("write", "discard") else None
-                if log:
-                    log.write(json.dumps({"index": steps, "line": lineno, "command": command_text(cmd),
-                                          "seconds": round(time.perf_counter() - t0, 6),
-                                          "plan": to_jsonable(plan)}) + "\n")
+                result = engine.simulate(cmd)
+                rec = StepRecord(steps, cmd, result, time.perf_counter() - t0, error=result.error)
             else:
-                rec: StepRecord = run_step(engine, journal, cmd, steps)
-                if log:
-                    log.write(json.dumps(rec.to_json()) + "\n")
-                for h in rec.hazards:
-                    hazards += 1
-                    print(f"qdebug: {where}: {command_text(cmd)}: {hazard_text(h)}", file=sys.stderr)
-                if rec.error:
-                    fail(where, f"{command_text(cmd)}: {rec.error}")
+                rec = run_step(engine, journal, cmd, steps)
+            if log:
+                log.write(json.dumps(rec.to_json()) + "\n")
+            for h in rec.hazards:
+                hazards += 1
+                print(f"qdebug: {where}: {command_text(cmd)}: {hazard_text(h)}", file=sys.stderr)
+            if rec.error:
+                fail(where, f"{command_text(cmd)}: {rec.error}")
             steps += 1
             progress.update(steps)
         progress.update(steps, force=True)
@@ -359,7 +356,7 @@ def register(sub) -> None:
     sp.add_argument("trace", metavar="TRACE", help="qemu-io commands, one per line ('-' reads stdin)")
     sp.add_argument("--log", metavar="STEPS.jsonl", help="write one JSON object per step")
     sp.add_argument("--dry-run", action="store_true",
-                    help="plan every command against the image as it is now; write nothing")
+                    help="plan every command as the replay would (each after the ones before); write nothing")
     sp.add_argument("--journal", action="store_true",
                     help="keep a durable undo journal (IMAGE.qdebug-journal) for `qdebug undo`")
     sp.add_argument("--keep-going", action="store_true",

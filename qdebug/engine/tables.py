@@ -82,7 +82,7 @@ class StepContext:
             return 0, 0
         off = l2_off + idx * self.g.esize
         if self.g.ext:
-            page = self.txn.pages.get(off & ~4095)
+            page = self.txn.page(off)
             if page is None and off + 16 <= self.txn.img.file_size:
                 e = _QQ.unpack_from(self.txn.img.mm, off)
             else:

@@ -37,16 +37,25 @@ class HostWrite:
 
 
 class Txn:
-    def __init__(self, img: Image, *, apply: bool = False):
+    def __init__(self, img: Image, *, apply: bool = False, pages: dict[int, bytearray] | None = None,
+                 base: dict[int, bytearray] | None = None, file_size: int = 0):
         self.img = img
         self.applying = apply
-        self.pages: dict[int, bytearray] = {}
+        self.pages: dict[int, bytearray] = {} if pages is None else pages
+        self.base = base or None  # pages of earlier simulated steps, copied before this step changes them
         self.writes: list[tuple[int, int, str, Payload]] = []
-        self.file_size = img.file_size
+        self.file_size = max(img.file_size, file_size)
 
     # ---- reads (overlay first) ----------------------------------------------------------------
-    def u64(self, off: int) -> int:
+    def page(self, off: int) -> bytearray | None:
+        """The overlay page holding byte `off`, if this step (or an earlier simulated one) wrote it."""
         page = self.pages.get(off & _MASK)
+        if page is None and self.base is not None:
+            page = self.base.get(off & _MASK)
+        return page
+
+    def u64(self, off: int) -> int:
+        page = self.page(off)
         if page is not None:
             return _U64.unpack_from(page, off & (PAGE - 1))[0]
         if off + 8 > self.img.file_size:
@@ -54,12 +63,12 @@ class Txn:
         return _U64.unpack_from(self.img.mm, off)[0]
 
     def pread(self, off: int, length: int) -> bytes:
-        if not self.pages:
+        if not self.pages and self.base is None:
             return self.img.pread(off, length)
         out = bytearray(self.img.pread(off, length))
         p = off & _MASK
         while p < off + length:
-            page = self.pages.get(p)
+            page = self.page(p)
             if page is not None:
                 a, b = max(p, off), min(p + PAGE, off + length)
                 out[a - off:b - off] = page[a - p:b - p]
@@ -69,7 +78,7 @@ class Txn:
     def dirty(self, off: int, length: int) -> bool:
         p = off & _MASK
         while p < off + length:
-            if p in self.pages:
+            if self.page(p) is not None:
                 return True
             p += PAGE
         return False
@@ -99,7 +108,8 @@ class Txn:
                 continue
             page = self.pages.get(p)
             if page is None:
-                page = self.pages[p] = bytearray(self.img.pread(p, PAGE))
+                old = self.base.get(p) if self.base is not None else None
+                page = self.pages[p] = bytearray(old if old is not None else self.img.pread(p, PAGE))
             a, b = max(p, off), min(p + PAGE, end)
             page[a - p:b - p] = data[a - off:b - off]
             p += PAGE

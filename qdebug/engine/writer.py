@@ -3,8 +3,11 @@
 One engine = one process: the allocator state (free cluster index, compressed packing offset)
 lives as long as the engine, and a fatal corruption makes every later command fail, as QEMU's
 block driver is gone. `plan()` runs a command without writing (the writes are only recorded);
-`execute()` runs the same code and writes. `state` / `restore_state` let an undo journal put the
-allocator back so that redo reproduces QEMU exactly.
+`execute()` runs the same code and writes. `simulate()` is a dry run of a whole trace: each command
+is planned on top of the metadata the earlier simulated commands would have written (kept in memory
+as overlay pages, with the allocator state carried on), so its plan is the one `execute()` would
+make at that point of the trace; the image is never written. `state` / `restore_state` let an undo
+journal put the allocator back so that redo reproduces QEMU exactly.
 """
 
 from __future__ import annotations
@@ -69,6 +72,11 @@ class WriteEngine:
         self.geo = Geometry(chain)
         self._state = EngineState()
         self._alloc: Allocator | None = None
+        # simulate(): metadata pages the simulated commands wrote, and the file length they reached
+        self._overlay: dict[int, bytearray] = {}
+        self._overlay_size = 0
+        self._simulating = False
+        self._txn: Txn | None = None
 
     @property
     def state(self) -> EngineState:
@@ -78,24 +86,47 @@ class WriteEngine:
         self._state = state
 
     def plan(self, cmd: Command) -> WritePlan:
+        """What `cmd` would do now (after the commands executed or simulated so far); changes nothing."""
         return self._run(cmd, apply=False)[0]
 
     def execute(self, cmd: Command) -> StepResult:
+        if self._overlay:
+            raise QcowError("this engine has simulated commands: it cannot execute any more")
         plan, ctx = self._run(cmd, apply=True)
+        return self._result(cmd, plan)
+
+    def simulate(self, cmd: Command) -> StepResult:
+        """A dry-run step: the result `execute(cmd)` would give after the commands simulated before,
+        without writing the image (a `read -P` is not checked: the data is not materialised)."""
+        self._simulating = True
+        try:
+            plan, _ctx = self._run(cmd, apply=False, carry=True)
+        finally:
+            self._simulating = False
+        return self._result(cmd, plan)
+
+    @staticmethod
+    def _result(cmd: Command, plan: WritePlan) -> StepResult:
         clusters = {c.guest_cluster: (c.bitmap_before, c.bitmap_after) for c in plan.clusters}
         return StepResult(cmd, plan, list(plan.host_writes), list(plan.hazards), clusters, plan.error)
 
     # ---- one command ----------------------------------------------------------------------------
-    def _run(self, cmd: Command, *, apply: bool):
+    def _run(self, cmd: Command, *, apply: bool, carry: bool = False):
         img = self.chain.top
-        txn = Txn(img, apply=apply)
+        if apply:
+            txn = Txn(img, apply=True)
+        elif carry:  # simulate: this step's metadata writes extend the overlay in place
+            txn = Txn(img, pages=self._overlay, file_size=self._overlay_size)
+        else:
+            txn = Txn(img, base=self._overlay, file_size=self._overlay_size)
+        self._txn = txn
         alloc = self._alloc
         if alloc is None:
             alloc = self._alloc = Allocator(txn)
         alloc.begin(txn)
         alloc.restore_state(self._state.allocator)
         ctx = StepContext(self.chain, self.geo, txn, alloc)
-        size_before = img.file_size
+        size_before = txn.file_size
         error = None
         dead = self._state.dead
         try:
@@ -110,6 +141,9 @@ class WriteEngine:
             if txn.writes and any(w[2] == "header" for w in txn.writes):
                 img.reload_header()
             self._state = EngineState(alloc.state, dead)
+        elif carry:
+            self._state = EngineState(alloc.state, dead)
+            self._overlay_size = txn.file_size
         self._check_in_place(ctx)
         plan = WritePlan(
             command=cmd.text or cmd.to_qemu_io(), lineno=cmd.lineno, requests=tuple(ctx.requests),
@@ -130,7 +164,7 @@ class WriteEngine:
         if cmd.length == 0:
             return None
         if cmd.op == "read":
-            if cmd.pattern is None:
+            if cmd.pattern is None or self._simulating:
                 return None
             data = self.chain.read(cmd.offset, cmd.length)
             bad = np.flatnonzero(np.frombuffer(data, dtype=np.uint8) != cmd.pattern)
@@ -171,25 +205,28 @@ class WriteEngine:
                                                   f"{rc} (COPIED set on a shared cluster): other users see the new data"))
 
     def _owner_hazard(self, host: int, length: int) -> Hazard | None:
-        """Who else owns the host clusters of [host, host+length): a live guest cluster or metadata."""
-        img = self.chain.top
+        """Who else owns the host clusters of [host, host+length): a live guest cluster or metadata.
+
+        Read through the step's Txn, so a simulated step sees the tables earlier steps would have written.
+        """
+        txn = self._txn
         g = self.geo
         first, last = host >> g.cbits, (host + length - 1) >> g.cbits
-        h = img.header
-        meta = [(0, 1, "the header"), (h.refcount_table_offset >> g.cbits, h.refcount_table_clusters, "the refcount table"),
-                (h.l1_table_offset >> g.cbits, -(-h.l1_size * 8 // g.cs), "the L1 table")]
+        reft_off, reft_len = self._alloc.reftable_offset, self._alloc.reftable_len
+        meta = [(0, 1, "the header"), (reft_off >> g.cbits, -(-reft_len * 8 // g.cs), "the refcount table"),
+                (g.l1_offset >> g.cbits, -(-g.l1_size * 8 // g.cs), "the L1 table")]
         for start, n, what in meta:
             if start <= last and first < start + n:
                 return hazard_for(what, None, host, length)
-        l1 = img.l1
+        l1 = np.frombuffer(txn.pread(g.l1_offset, g.l1_size * 8), dtype=">u8")
         for l1_index in np.flatnonzero(l1):
             l2_off = int(l1[l1_index]) & C.L1E_OFFSET_MASK
             if not l2_off:
                 continue
             if first <= l2_off >> g.cbits <= last:
                 return hazard_for("an L2 table", None, host, length)
-            w0, _bm = img.l2_table(l2_off)
-            w0 = np.asarray(w0, dtype=np.uint64)
+            table = np.frombuffer(txn.pread(l2_off, g.cs), dtype=">u8")
+            w0 = np.asarray(table[::2] if g.ext else table, dtype=np.uint64)
             normal = (w0 & np.uint64(C.QCOW_OFLAG_COMPRESSED)) == 0
             hc = ((w0 & np.uint64(C.L2E_OFFSET_MASK)) >> np.uint64(g.cbits)).astype(np.int64)
             hit = np.flatnonzero(normal & (hc >= first) & (hc <= last) & (hc > 0))

@@ -328,7 +328,7 @@ def test_dry_run_writes_nothing_and_logs_plans(tmp_path, qemu):
     with open(log) as f:
         steps = [json.loads(line) for line in f]
     assert [s["line"] for s in steps] == [1, 2, 3]
-    assert steps[0]["plan"] and steps[1]["plan"] and steps[2]["plan"] is None
+    assert steps[0]["plan"]["requests"] and steps[1]["plan"]["requests"] and not steps[2]["plan"]["requests"]
 
 
 # ---- journal and undo ------------------------------------------------------------------------------------
