@@ -57,17 +57,30 @@ class Allocator:
         self.reftable_len = h.refcount_table_clusters * h.cluster_size // 8
         self._unpack = lambda buf: unpack_refcounts(buf, self.order)
         self._header = h
+        self._kept: dict[int, np.ndarray] = {}
         self.begin(txn)
 
-    def begin(self, txn: Txn) -> None:
-        """Start a new step: fresh Txn, fresh refcount cache (the file may have changed meanwhile)."""
+    def begin(self, txn: Txn, *, keep_cache: bool = False) -> None:
+        """Start a new step with a fresh Txn.
+
+        keep_cache: go on with the refcount values of the earlier steps (those steps ran through
+        this allocator, which kept the values up to date). Otherwise, or when the header was
+        re-read (a header write, or an undo that changed the file behind our back), they are
+        read again. A pure plan never keeps them: its changes must not outlive it.
+        """
         self.txn = txn
         h = txn.img.header
         if h is not self._header:
             self._header = h
             self.reftable_offset = h.refcount_table_offset
             self.reftable_len = h.refcount_table_clusters * h.cluster_size // 8
-        self._cache: dict[int, np.ndarray] = {}  # refcount block offset -> values, for one step
+            self._kept = {}
+        if keep_cache and txn.applying:
+            # Only views of the file carry over (they follow every write, a repair's included);
+            # copies would miss writes made between steps by someone else.
+            self._kept = {off: v for off, v in self._kept.items() if not v.flags.owndata}
+        # refcount block offset -> values (views of the file, or copies this allocator updates)
+        self._cache: dict[int, np.ndarray] = self._kept if keep_cache else {}
         self.freed: list[tuple[int, int]] = []  # (host offset, length) of every refcount decrement
         self.stale_pack = False
 
@@ -75,6 +88,10 @@ class Allocator:
     @property
     def state(self) -> AllocatorState:
         return AllocatorState(self.free_cluster_index, self.free_byte_offset, self.byte_cluster_freed)
+
+    def drop_caches(self) -> None:
+        """The file may have changed outside this allocator (an undo): read refcounts again."""
+        self._kept = {}
 
     def restore_state(self, state: AllocatorState) -> None:
         self.free_cluster_index = state.free_cluster_index

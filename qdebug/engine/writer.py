@@ -83,7 +83,10 @@ class WriteEngine:
         return self._state
 
     def restore_state(self, state: EngineState) -> None:
+        """Back to an earlier state (the undo journal has put the file back): caches are dropped."""
         self._state = state
+        if self._alloc is not None:
+            self._alloc.drop_caches()
 
     def plan(self, cmd: Command) -> WritePlan:
         """What `cmd` would do now (after the commands executed or simulated so far); changes nothing."""
@@ -123,7 +126,7 @@ class WriteEngine:
         alloc = self._alloc
         if alloc is None:
             alloc = self._alloc = Allocator(txn)
-        alloc.begin(txn)
+        alloc.begin(txn, keep_cache=apply or carry)
         alloc.restore_state(self._state.allocator)
         ctx = StepContext(self.chain, self.geo, txn, alloc)
         size_before = txn.file_size
