@@ -49,21 +49,22 @@ def draw(cmap: ClusterMap) -> None:
         cmap.render_line(y)
 
 
-async def first_screen(path: str) -> float:
-    t = time.perf_counter()
+async def first_screen(path: str) -> tuple[float, float]:
+    t, c = time.perf_counter(), time.process_time()
     app = make_app(path)
     app.animation_level = "none"
     async with app.run_test(size=SIZE) as pilot:
         await pilot.pause()
-        elapsed = time.perf_counter() - t
+        elapsed, cpu = time.perf_counter() - t, time.process_time() - c
         assert app.query_one(ClusterMap).row_count == (1 << 40) // 65536
-    return elapsed
+    return elapsed, cpu
 
 
 def test_first_screen_of_a_1tib_image(tib):
-    times = [asyncio.run(first_screen(tib)) for _ in range(3)]
-    print(f"\nfirst screen, 1 TiB preallocated: {', '.join(f'{t * 1000:.0f}' for t in times)} ms")
-    assert statistics.median(times) < 1.5
+    runs = [asyncio.run(first_screen(tib)) for _ in range(3)]
+    print(f"\nfirst screen, 1 TiB preallocated: wall {', '.join(f'{w * 1000:.0f}' for w, _ in runs)} ms; "
+          f"CPU {', '.join(f'{c * 1000:.0f}' for _, c in runs)} ms")
+    assert statistics.median(w for w, _ in runs) < 1.5
 
 
 async def scroll_pages(path: str, pages: int) -> list[float]:

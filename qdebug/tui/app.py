@@ -15,6 +15,7 @@ from textual import on, work
 from textual.app import App, ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, ScrollableContainer, Vertical
+from textual.css.query import NoMatches
 from textual.widgets import Footer, Header, ProgressBar, Static, TabbedContent, TabPane
 
 from ..engine.errors import QcowError
@@ -191,10 +192,11 @@ class QDebugApp(App):
     # ---- long work -------------------------------------------------------------------------
     @on(Progress)
     def _progress(self, event: Progress) -> None:
-        if not self.screen_stack or not self.query("#progress"):
-            return  # a worker outlived the app
-        bar = self.query_one("#progress", ProgressBar)
-        status = self.query_one("#status-text", Static)
+        try:
+            bar = self.query_one("#progress", ProgressBar)
+            status = self.query_one("#status-text", Static)
+        except NoMatches:
+            return  # a worker outlived the app's widgets
         if event.fraction is None:
             bar.display = False
             status.update("")
@@ -216,8 +218,10 @@ class QDebugApp(App):
     @on(CountsReady)
     def _counts(self, event: CountsReady) -> None:
         self.counts = event.counts
-        if self.query("#counts-panel"):
+        try:
             self.refresh_panels()
+        except NoMatches:
+            pass  # the app is closing
 
     # ---- navigation ------------------------------------------------------------------------
     def action_goto(self, kind: str = "offset") -> None:
