@@ -10,6 +10,7 @@ the mapped image for the visible rows.
 from __future__ import annotations
 
 import os
+import time
 
 from textual import on, work
 from textual.app import App, ComposeResult
@@ -119,7 +120,7 @@ class QDebugApp(App):
         self.show_selection()
         self.post_message(ImageOpened(self.image_path, self.model.nclusters))
         if self.want_counts:
-            self.set_timer(0.5, self.count_types)  # once the first screen is up: the scan competes for the GIL
+            self.set_timer(1.0, self.count_types)  # once the first screen is up: the scan competes for the GIL
         if self.bench.commands:
             self.call_after_refresh(self.engine_job, self._open_session)  # so step 1's plan can be previewed
 
@@ -141,8 +142,12 @@ class QDebugApp(App):
     def fit_map(self) -> None:
         """The map is as wide as its rows beside the inspector, full width when stacked."""
         cmap = self.cluster_map
-        cmap.styles.width = "1fr" if self.size.width < 110 else cmap.row_width_needed()
-        self.query_one(Footer).compact = self.size.width < 110
+        width = "1fr" if self.size.width < 110 else cmap.row_width_needed()
+        if str(cmap.styles.width) != str(width):  # a style change is a relayout: only when it differs
+            cmap.styles.width = width
+        footer = self.query_one(Footer)
+        if footer.compact != (self.size.width < 110):
+            footer.compact = self.size.width < 110
 
     def refresh_panels(self) -> None:
         """Header, chain and counts panels (fixed sizes: an update repaints them, no relayout)."""
@@ -210,7 +215,7 @@ class QDebugApp(App):
         what = "counting subclusters"
         model = self.model
         version = model.version
-        counts = model.count_types(lambda f: self.post_message(Progress(what, f)))
+        counts = model.count_types(throttled(lambda f: self.post_message(Progress(what, f))))
         self.post_message(Progress(what, None))
         if model.version == version:
             self.post_message(CountsReady(counts))
@@ -431,6 +436,7 @@ class QDebugApp(App):
         what = "checking"
         self.post_message(Progress(what, 0.0))
 
+        @throttled
         def progress(done: int, total: int) -> None:
             self.post_message(Progress(what, done / max(1, total)))
 
@@ -528,6 +534,19 @@ class QDebugApp(App):
         n = len(event.plan.items)
         self.notify(f"repair undone ({n} item(s))" if event.undone else
                     f"repair applied: {n} item(s), journaled — u or p undoes it")
+
+
+def throttled(fn, interval: float = 0.1):
+    """At most one call per `interval` seconds: a progress bar needs no more, and each message costs
+    the UI thread a repaint."""
+    last = [0.0]
+
+    def call(*args) -> None:
+        now = time.monotonic()
+        if now - last[0] >= interval:
+            last[0] = now
+            fn(*args)
+    return call
 
 
 def step_changes(record, sign: int) -> list | None:

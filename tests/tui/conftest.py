@@ -55,7 +55,7 @@ def demo(tmp_path):
 
 
 async def settle(app, pilot) -> None:
-    """Let workers finish and their messages be handled (the counts scan starts 0.5 s after mount)."""
+    """Let workers finish and their messages be handled (the counts scan starts 1 s after mount)."""
     for _ in range(200):
         if not app.want_counts or app.counts is not None:
             break
