@@ -235,7 +235,10 @@ def _against_qemu_check(path: str, ours: int) -> list[dict]:
     qemu = shutil.which("qemu-img")
     if not qemu:
         return []
-    p = subprocess.run([qemu, "check", "-f", "qcow2", path], capture_output=True, timeout=60)
+    try:
+        p = subprocess.run([qemu, "check", "-f", "qcow2", path], capture_output=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        return []  # QEMU itself can take minutes on some broken tables: nothing to compare
     if p.returncode == 2 and ours == 0:
         return [{"argv": ["check", path], "problem": "qemu-img check finds corruption, qdebug check says clean",
                  "stderr": p.stdout.decode()[-1500:]}]
@@ -256,7 +259,11 @@ def _against_qemu_read(path: str, case_dir: str, timeout: float) -> list[dict]:
     res = run_command(["read", path, "0", str(size), "-o", ours], timeout)
     if res["rc"] != 0:
         return []
-    p = subprocess.run([qemu, "convert", "-f", "qcow2", "-O", "raw", path, theirs], capture_output=True, timeout=60)
+    try:
+        p = subprocess.run([qemu, "convert", "-f", "qcow2", "-O", "raw", path, theirs], capture_output=True,
+                           timeout=60)
+    except subprocess.TimeoutExpired:
+        return []
     if p.returncode != 0:
         return []
     with open(ours, "rb") as a, open(theirs, "rb") as b:
