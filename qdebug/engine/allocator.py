@@ -131,12 +131,18 @@ class Allocator:
         return int(self.block_values(block)[idx])
 
     # ---- refcount writes -----------------------------------------------------------------------
-    def _write_entries(self, block_off: int, i0: int, values: np.ndarray) -> None:
-        """Write refcount entries [i0, i0+len) of the block at block_off (read-modify-write of partial bytes)."""
+    def _write_entries(self, block_off: int, i0: int, values) -> None:
+        """Write refcount entries [i0, i0+len) of the block at block_off (read-modify-write of partial bytes).
+
+        `values`: an array, or a list of ints already checked to fit (the per-request case: packed
+        without numpy)."""
         bits = self.rbits
         b0 = i0 * bits // 8
         b1 = -(-(i0 + len(values)) * bits // 8)
-        if bits >= 8:
+        if bits >= 8 and isinstance(values, list):
+            width = bits // 8
+            data = b"".join([v.to_bytes(width, "big") for v in values])
+        elif bits >= 8:
             data = pack_refcounts(values, self.order)
         else:
             per = 8 // bits
@@ -177,7 +183,7 @@ class Allocator:
                     bad = ci + next(i for i, v in enumerate(vals) if v < 0 or v > self.refcount_max)
                     raise CorruptImage(f"refcount of host cluster {bad} (0x{bad << self.cbits:x}) would leave "
                                        f"0..{self.refcount_max}")
-                self._write_entries(block_off, idx, np.array(vals, dtype=np.uint64))
+                self._write_entries(block_off, idx, vals)
                 if addend < 0 and 0 in vals:
                     z = vals.index(0)
                     self.free_cluster_index = min(self.free_cluster_index, ci + z)

@@ -270,7 +270,7 @@ class Journal:
             raise JournalError(
                 f"{img.path} has an undo journal with {len(self.starts)} step(s): changing the image without "
                 f"journaling would make them impossible to undo (journal the changes, or `qdebug undo` first)")
-        self._pending = b""  # the open step's STEP record, until something must reach the file
+        self._pending = False  # the open step's STEP record is not yet made: nothing reached the file
         self._covered: list[int] = []  # flat sorted [s0, e0, s1, e1, ...] of bytes saved this step
         self._current: StepInfo | None = None
         img.write_hooks.append(self._hook)
@@ -313,16 +313,16 @@ class Journal:
                 stream: tuple[int, int] | None = None) -> None:
         """Append one record; `stream` = (image offset, length) copies the payload from the image.
 
-        The step's own STEP record waits in `_pending` until the first record that must reach the
+        The step's own STEP record waits (`_pending`) until the first record that must reach the
         file before the image changes, and goes out in the same write: one syscall, not two.
         """
         step = self._current.number  # type: ignore[union-attr]
+        pending = self._step_record()
         start = self.end
         if stream is not None and stream[1] <= _CHUNK:
             payload, stream = self.img.pread(*stream), None
         n = len(payload) if stream is None else stream[1]
         crc = zlib.crc32(_CRC_PART.pack(kind, step, offset, n, size_before))
-        pending, self._pending = self._pending, b""
         if stream is None:
             crc = zlib.crc32(payload, crc)
             os.pwrite(self.fd, b"".join((pending, _REC.pack(kind, step, offset, n, size_before, crc), payload,
@@ -340,18 +340,32 @@ class Journal:
         self.end = start + _REC.size + n + _FOOT.size
 
     def begin(self, meta: dict | None = None) -> int:
-        """Open a step; returns its number. `meta` (JSON-able) says what the step is."""
+        """Open a step; returns its number. `meta` (JSON-able) says what the step is.
+
+        Nothing is made yet: a step that never touches the image costs no syscall and no JSON.
+        """
         if self._current is not None:
             raise QcowError("journal: a step is already open")
-        number, size, mtime = self.next_number, self.img.file_size, os.fstat(self.img.fd).st_mtime_ns
-        self._current = StepInfo(number, self.end, size, mtime_before=mtime, meta=meta or {})
+        self._current = StepInfo(self.next_number, self.end, self.img.file_size, meta=meta or {})
         self._covered = []
-        payload = json.dumps(meta or {}, separators=(",", ":")).encode()
-        crc = zlib.crc32(payload, zlib.crc32(_CRC_PART.pack(STEP, number, mtime, len(payload), size)))
-        self._pending = b"".join((_REC.pack(STEP, number, mtime, len(payload), size, crc), payload,
-                                  _FOOT.pack(self.end)))
-        self.end += len(self._pending)
-        return number
+        self._pending = True
+        return self._current.number
+
+    def _step_record(self) -> bytes:
+        """The open step's STEP record, made at the last moment (the image is still untouched, so its
+        mtime is the one before the step); b"" once it is made. Advances `end` past it."""
+        if not self._pending:
+            return b""
+        cur = self._current  # type: ignore[assignment]
+        cur.mtime_before = os.fstat(self.img.fd).st_mtime_ns
+        payload = json.dumps(cur.meta, separators=(",", ":")).encode()
+        crc = zlib.crc32(payload, zlib.crc32(_CRC_PART.pack(STEP, cur.number, cur.mtime_before, len(payload),
+                                                           cur.size_before)))
+        rec = b"".join((_REC.pack(STEP, cur.number, cur.mtime_before, len(payload), cur.size_before, crc),
+                        payload, _FOOT.pack(cur.start)))
+        self._pending = False
+        self.end = cur.start + len(rec)
+        return rec
 
     def commit(self) -> None:
         """Close the step: from now on it is one unit for undo."""
@@ -366,10 +380,15 @@ class Journal:
             self.sizes.append(cur.size_before)
             self.mtimes.append(cur.mtime_before)
         elif self._pending:  # nothing reached the file: nothing to take back
-            self._pending = b""
-            self.end = cur.start
-        else:
+            self._pending = False
+        elif self.durable:
             self._truncate_to(cur.start)
+        else:
+            # Not kept: cutting the step's records off is enough. Spoiling the STEP record's kind
+            # ends the journal there for any reader (a scan stops at it) and costs less than a
+            # truncate; the next step's records overwrite these. Removed with the journal at close.
+            os.pwrite(self.fd, b"\0\0\0\0", cur.start)
+            self.end = cur.start
         self.next_number = cur.number + 1
         self._current = None
         self._covered = []
@@ -380,8 +399,7 @@ class Journal:
         if cur is None:
             return
         if self._pending:  # the image was never touched in this step
-            self._pending = b""
-            self.end = cur.start
+            self._pending = False
         else:
             _roll_back(self.fd, self.img.fd, cur, self.end, tolerate_torn=False)
             _set_mtime(self.img.fd, cur.mtime_before)
@@ -405,8 +423,8 @@ class Journal:
             if not self._pending:
                 return
             # Growth only: the STEP record must still be on file, so that a crash now truncates.
-            os.pwrite(self.fd, self._pending, self.end - len(self._pending))
-            self._pending = b""
+            rec = self._step_record()
+            os.pwrite(self.fd, rec, self.end - len(rec))
         if self.durable:
             os.fdatasync(self.fd)
 
