@@ -3,31 +3,14 @@ once, yet a step interrupted later is still rolled back alone, never an earlier 
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 
-import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from qdebug.engine.image import open_image
 from qdebug.engine.journal import Journal, journal_path
-from tests.qemu import create
-
-CS = 65536
-
-
-def digest(path: str) -> tuple[int, str]:
-    with open(path, "rb") as f:
-        data = f.read()
-    return len(data), hashlib.sha256(data).hexdigest()
-
-
-@pytest.fixture
-def image(tmp_path, qemu):
-    path = str(tmp_path / "a.qcow2")
-    create(path, "64M")
-    return path
+from tests.engine.test_journal import CS, digest, image  # noqa: F401  (image: a fixture)
 
 
 writes = st.lists(st.tuples(st.integers(4096, 8 * CS), st.integers(1, 2 * CS), st.integers(0, 255)),
