@@ -97,7 +97,7 @@ def violations(res: dict, timeout: float = COMMAND_TIMEOUT) -> list[str]:
     if "internal error" in err:
         bad.append("internal error: " + err.strip().splitlines()[-1])
     lines = [ln for ln in err.splitlines() if ln.strip()]
-    if res["argv"][0] == "check":
+    if res["argv"][0] in ("check", "replay"):  # reports on stderr (findings, hazards), qemu-like codes
         return bad + _check_violations(res, rc, lines)
     if rc == 0:
         extra = [ln for ln in lines if not _WARNING_LINE.match(ln)]
@@ -129,14 +129,15 @@ def violations(res: dict, timeout: float = COMMAND_TIMEOUT) -> list[str]:
 
 def _check_violations(res: dict, rc: int, lines: list[str]) -> list[str]:
     """`check` speaks qemu-img check's language: findings on stderr, exit 0 clean, 2 corruptions,
-    3 leaks only, 1 when the check could not complete (then one `qdebug: error:` line last)."""
+    3 leaks only, 1 when the check could not complete (then one `qdebug: error:` line last).
+    `replay` reports hazards per step on stderr the same way, its error line last."""
     if rc not in (0, 1, 2, 3):
         return [f"check exit code {rc}"]
     if rc == 1:
         if not lines or not _ERROR_LINE.match(lines[-1]):
-            return [f"check exit 1 without a final 'qdebug: error:' line: {lines[-2:]}"]
+            return [f"{res['argv'][0]} exit 1 without a final 'qdebug: error:' line: {lines[-2:]}"]
         return []
-    if res["stdout_bytes"] == 0:
+    if res["stdout_bytes"] == 0 and res["argv"][0] == "check":
         return [f"check exit {rc} without a report"]
     return []
 
