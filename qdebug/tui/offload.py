@@ -25,9 +25,12 @@ def _child(path: str, out, keep_references: bool) -> None:
         out.flush()
 
     try:
+        import os
+
         from ..engine.check import check_image
         from ..engine.image import open_image
 
+        os.nice(10)  # the UI process comes first when the two share a core
         img = open_image(path)
         try:
             report = check_image(img, progress=lambda done, total: send(("progress", done, total)))
