@@ -83,13 +83,23 @@ class Image:
             raise
 
     # ---- file and mapping ------------------------------------------------------------------
-    def _map(self) -> None:
-        self.file_size = os.fstat(self.fd).st_size
+    # `mapping` maps the file's first `map_len` bytes; `mm` is the mapping of the whole file. A write
+    # that grows the file does not map it again at once (a replay grows it at almost every command):
+    # `mm` does, when next asked for, and hot paths that read below `map_len` use `mapping` as is.
+    @property
+    def mm(self):
+        if self.map_len != self.file_size:
+            self._map(self.file_size)
+        return self.mapping
+
+    def _map(self, size: int | None = None) -> None:
+        self.file_size = os.fstat(self.fd).st_size if size is None else size
         if self.file_size:
             access = mmap.ACCESS_WRITE if self.writable else mmap.ACCESS_READ
-            self.mm = mmap.mmap(self.fd, self.file_size, access=access)
+            self.mapping = mmap.mmap(self.fd, self.file_size, access=access)
         else:
-            self.mm = b""
+            self.mapping = b""
+        self.map_len = self.file_size
 
     def remap(self) -> None:
         """Map the file again after it grew or shrank (old numpy views stay valid on the old map)."""
@@ -101,7 +111,8 @@ class Image:
         if getattr(self, "fd", -1) >= 0:
             os.close(self.fd)
             self.fd = -1
-        self.mm = b""
+        self.mapping = b""
+        self.map_len = self.file_size = getattr(self, "file_size", 0)
 
     def __enter__(self) -> "Image":
         return self
@@ -124,6 +135,8 @@ class Image:
         """Bytes at `offset`; zeros past the end of the file (as the block layer pads)."""
         if offset >= self.file_size:
             return bytes(length)
+        if offset + length <= self.map_len:
+            return bytes(self.mapping[offset:offset + length])
         data = bytes(self.mm[offset:offset + length])
         return data if len(data) == length else data + bytes(length - len(data))
 
@@ -135,7 +148,9 @@ class Image:
             hook(offset, len(data))
         os.pwrite(self.fd, data, offset)
         if offset + len(data) > self.file_size:
-            self.remap()
+            self.file_size = offset + len(data)  # mapped again when `mm` is next asked for
+            self._l1_cache = None
+            self._reftable_cache = None
 
     def truncate(self, size: int) -> None:
         """Grow or shrink the file (growth reads as zeros)."""

@@ -83,8 +83,8 @@ class StepContext:
         off = l2_off + idx * self.g.esize
         if self.g.ext:
             page = self.txn.page(off)
-            if page is None and off + 16 <= self.txn.img.file_size:
-                e = _QQ.unpack_from(self.txn.img.mm, off)
+            if page is None and off + 16 <= self.txn.img.map_len:
+                e = _QQ.unpack_from(self.txn.img.mapping, off)
             else:
                 e = (self.txn.u64(off), self.txn.u64(off + 8))
         else:

@@ -58,9 +58,12 @@ class Txn:
         page = self.page(off)
         if page is not None:
             return _U64.unpack_from(page, off & (PAGE - 1))[0]
-        if off + 8 > self.img.file_size:
+        img = self.img
+        if off + 8 <= img.map_len:
+            return _U64.unpack_from(img.mapping, off)[0]
+        if off + 8 > img.file_size:
             return 0
-        return _U64.unpack_from(self.img.mm, off)[0]
+        return _U64.unpack_from(img.mm, off)[0]
 
     def pread(self, off: int, length: int) -> bytes:
         if not self.pages and self.base is None:
