@@ -29,20 +29,18 @@ from .txn import HostWrite, Txn
 from .zeroes import write_zeroes
 from ..trace.commands import Command
 
-_FILL_CACHE: dict[tuple[int, int], bytes] = {}
+_FILLS: dict[int, bytes] = {}  # pattern byte -> a run of it, sliced (no copy) for every write
+_FILL_MAX = 256 << 10
 
 
 def _pattern(byte: int):
-    def fill(_off: int, n: int) -> bytes:
-        key = (byte, n)
-        data = _FILL_CACHE.get(key)
-        if data is None:
-            data = bytes([byte]) * n
-            if n <= 1 << 20:
-                if len(_FILL_CACHE) > 256:
-                    _FILL_CACHE.clear()
-                _FILL_CACHE[key] = data
-        return data
+    def fill(_off: int, n: int):
+        run = _FILLS.get(byte)
+        if run is None or len(run) < n:
+            if n > _FILL_MAX:
+                return bytes([byte]) * n
+            run = _FILLS[byte] = bytes([byte]) * max(n, 64 << 10)
+        return run if len(run) == n else memoryview(run)[:n]
     return fill
 
 
