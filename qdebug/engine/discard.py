@@ -7,6 +7,7 @@ then discard_in_l2_slice's v3 rule: with a backing file or an allocated cluster 
 from __future__ import annotations
 
 from . import constants as C
+from .blocklayer import block_piece
 from .planner import Request
 from .tables import StepContext
 
@@ -15,15 +16,9 @@ def discard(ctx: StepContext, offset: int, nbytes: int) -> None:
     """bdrv_co_pdiscard with pdiscard_alignment = cluster size, then qcow2_co_pdiscard per piece."""
     g = ctx.g
     align = g.cs
-    head = offset % align
     tail = (offset + nbytes) % align
     while nbytes > 0:
-        num = nbytes
-        if head:
-            num = min(nbytes, align - head)
-            head = (head + num) % align
-        elif tail and num > align:
-            num -= tail
+        num = block_piece(offset, nbytes, align, tail)
         aligned = not (offset | num) % align
         if not aligned and not (offset % align == 0 and offset + num == g.size):
             ctx.requests.append(Request("discard", offset, num, "ENOTSUP: not whole clusters, ignored"))

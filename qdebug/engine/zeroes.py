@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from . import constants as C
 from . import guestview
+from .blocklayer import block_piece
 from .datapath import pwrite
 from .planner import Request
 from .subclusters import SubclusterType as T, subcluster_type
@@ -32,17 +33,10 @@ def write_zeroes(ctx: StepContext, offset: int, nbytes: int, unmap: bool) -> Non
     """bdrv_co_do_pwrite_zeroes with qcow2's pwrite_zeroes_alignment = subcluster size."""
     g = ctx.g
     align = g.sc_size
-    head = offset % align
     tail = (offset + nbytes) % align
     max_zero = ((1 << 31) - 1) // align * align
     while nbytes > 0:
-        num = nbytes
-        if head:
-            num = min(nbytes, align - head)
-            head = (head + num) % align
-        elif tail and num > align:
-            num -= tail
-        num = min(num, max_zero)
+        num = min(block_piece(offset, nbytes, align, tail), max_zero)
         try:
             pwrite_zeroes(ctx, offset, num, unmap)
             ctx.requests.append(Request("zero", offset, num, "zeroed in the L2 table"))
