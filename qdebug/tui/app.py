@@ -26,6 +26,7 @@ from .inspector import Inspector
 from .lists import FindingsView, Timeline
 from .messages import (CheckFinished, CountsReady, ImageOpened, Jumped, Progress, RepairApplied, RepairReady,
                        StepChanged)
+from .iolock import ImageIOLock
 from .model import ImageModel
 from .palette import QDebugCommands
 from .panels import chain_content, counts_content, header_content
@@ -67,7 +68,7 @@ class QDebugApp(App):
         self.serial = Serial()
         if trace:
             self.bench.load_trace(trace)
-        self.model = ImageModel(self.bench.chain)
+        self.model = ImageModel(self.bench.chain, ImageIOLock())
         self.counts: dict[str, int] | None = None
         self.report = None
         self.report_version = -1
@@ -128,7 +129,7 @@ class QDebugApp(App):
         try:
             replaced = self.bench.ensure_session()
         except QcowError as e:
-            self.call_from_thread(self.notify, str(e), severity="error")
+            self.notify(str(e), severity="error")
             return
         if replaced:
             self.post_message(StepChanged(self.bench.position, self.bench.last_record))
@@ -325,7 +326,7 @@ class QDebugApp(App):
 
     @work(thread=True, group="engine")
     def _engine_worker(self, ticket: int, fn, args) -> None:
-        with self.serial.turn(ticket):
+        with self.serial.turn(ticket), self.model.io_lock.writing():
             fn(*args)
 
     def move(self, delta: int | None, position: int = 0) -> None:
@@ -339,14 +340,14 @@ class QDebugApp(App):
         try:
             if delta is not None and delta > 0:
                 if bench.position >= len(bench.commands):
-                    self.call_from_thread(self.notify, "at the end of the trace")
+                    self.notify("at the end of the trace")
                     return
                 rec = bench.step()
                 changes = step_changes(rec, +1)
             elif delta is not None:
                 undone = bench.undo()
                 if undone is None:
-                    self.call_from_thread(self.notify, "nothing to undo")
+                    self.notify("nothing to undo")
                     return
                 changes = step_changes(undone.record, -1) if undone.kind == "step" else None
             else:
@@ -356,7 +357,7 @@ class QDebugApp(App):
                 self.post_message(Progress(what, None))
         except QcowError as e:
             self.post_message(Progress("", None))
-            self.call_from_thread(self.notify, str(e), severity="error")
+            self.notify(str(e), severity="error")
         if undone is not None and undone.kind == "repair":
             self.post_message(RepairApplied(undone.plan, undone=True))
             return
@@ -424,7 +425,7 @@ class QDebugApp(App):
         try:
             report = self._check()
         except QcowError as e:
-            self.call_from_thread(self.notify, str(e), severity="error")
+            self.notify(str(e), severity="error")
             return
         self.post_message(CheckFinished(report))
 
@@ -487,7 +488,7 @@ class QDebugApp(App):
         try:
             report = self._check(keep_references=True)
         except QcowError as e:
-            self.call_from_thread(self.notify, str(e), severity="error")
+            self.notify(str(e), severity="error")
             return
         per = self.chain.top.header.l2_entries
         entry = divmod(cluster, per)
@@ -516,7 +517,7 @@ class QDebugApp(App):
         try:
             self.bench.apply_repair(plan)
         except QcowError as e:
-            self.call_from_thread(self.notify, str(e), severity="error")
+            self.notify(str(e), severity="error")
             return
         self.post_message(RepairApplied(plan))
         self.post_message(CheckFinished(self._check(), quiet=True))

@@ -19,6 +19,7 @@ from ..engine.errors import QcowError
 from ..engine.status import IS_DATA, RAW_DATA, RAW_HOLE
 from ..engine.subclusters import SubclusterType as T, bitmap_string, classify, cluster_flags, type_counts
 from ..engine.summary import iter_l2_batches, l2_table_offsets
+from .iolock import ImageIOLock, reads_image
 
 BLOCK = 256  # map rows per cached block
 
@@ -89,7 +90,8 @@ class SubclusterBytes:
 class ImageModel:
     """Read-side view model over a chain; `chain` may be replaced (a session reopens it)."""
 
-    def __init__(self, chain):
+    def __init__(self, chain, io_lock: ImageIOLock | None = None):
+        self.io_lock = io_lock or ImageIOLock()
         self.version = 0
         self._blocks: dict[tuple[int, int], MapBlock] = {}
         self.set_chain(chain)
@@ -98,6 +100,7 @@ class ImageModel:
         self.chain = chain
         self.invalidate()
 
+    @reads_image
     def invalidate(self) -> None:
         """The image changed: drop every cached row."""
         img = self.chain.top
@@ -128,6 +131,7 @@ class ImageModel:
         return -(-self.chain.size // self.cluster_size)
 
     # ---- map rows --------------------------------------------------------------------------
+    @reads_image
     def block(self, b: int) -> MapBlock:
         key = (b, self.version)
         blk = self._blocks.get(key)
@@ -189,6 +193,7 @@ class ImageModel:
         return p.depth[j].astype(np.int16).reshape(n, spc), reads.astype(np.uint8).reshape(n, spc)
 
     # ---- one entry -------------------------------------------------------------------------
+    @reads_image
     def entry(self, cluster: int) -> EntryInfo:
         img = self.img
         h = img.header
@@ -218,6 +223,7 @@ class ImageModel:
             reads=tuple(int(r) for r in blk.reads[i]),
             bitmap_string=bitmap_string(w0, bm, extended=h.extended_l2), error=blk.error)
 
+    @reads_image
     def subcluster_bytes(self, cluster: int, sc: int) -> SubclusterBytes:
         """Guest bytes of one subcluster and, for each piece, the layer they come from."""
         chain = self.chain
@@ -255,6 +261,7 @@ class ImageModel:
         return SubclusterBytes(start, bytes(out), tuple(sources))
 
     # ---- search ----------------------------------------------------------------------------
+    @reads_image
     def find_next(self, cluster: int, what: str) -> int | None:
         """First cluster after `cluster` that is `what` ('invalid', 'allocated', 'zero') in the top layer."""
         img = self.img
@@ -270,6 +277,7 @@ class ImageModel:
                 return int(gcs[idx[0]])
         return None
 
+    @reads_image
     def count_types(self, progress: Callable[[float], None] | None = None) -> dict[str, int]:
         """Subclusters of each type in the top layer (a whole-image scan: run it in a worker)."""
         img = self.img
