@@ -32,31 +32,15 @@ def discard(ctx: StepContext, offset: int, nbytes: int) -> None:
 
 
 def cluster_discard(ctx: StepContext, offset: int, nbytes: int) -> None:
+    """qcow2_cluster_discard with a normal (not full) discard: discard_in_l2_slice's v3 rule."""
     g = ctx.g
-    nb = -(-nbytes // g.cs)
-    while nb > 0:
-        done = _discard_in_l2_slice(ctx, offset, nb)
-        nb -= done
-        offset += done * g.cs
 
-
-def _discard_in_l2_slice(ctx: StepContext, offset: int, nb: int) -> int:
-    g = ctx.g
-    l2_off = ctx.get_cluster_table(offset)
-    gc0 = offset >> g.cbits
-    idx = gc0 % g.l2_entries
-    nb = min(nb, g.slice_entries - idx % g.slice_entries)
-    for i in range(nb):
-        w0, bm = ctx.entry(gc0 + i)
+    def rule(w0: int, bm: int) -> tuple[int, int, bool]:
         allocated = bool(w0 & C.QCOW_OFLAG_COMPRESSED) or bool(w0 & C.L2E_OFFSET_MASK)
-        new_w0, new_bm = w0, bm
-        if g.has_backing or allocated:
-            if g.ext:
-                new_w0, new_bm = 0, C.BITMAP_ALL_ZEROES
-            else:
-                new_w0 = C.QCOW_OFLAG_ZERO if g.version >= 3 else 0
-        if new_w0 == w0 and new_bm == bm:
-            continue
-        ctx.set_entry(l2_off, gc0 + i, new_w0, new_bm)
-        ctx.alloc.free_any_cluster(w0)
-    return nb
+        if not (g.has_backing or allocated):
+            return w0, bm, True
+        if g.ext:
+            return 0, C.BITMAP_ALL_ZEROES, True
+        return (C.QCOW_OFLAG_ZERO if g.version >= 3 else 0), bm, True
+
+    ctx.rewrite_whole_clusters(offset, -(-nbytes // g.cs), rule)

@@ -139,6 +139,26 @@ class StepContext:
             self.notes.append(f"L2 table at 0x{l2_off:x} is shared (snapshot): copied to 0x{new:x}")
         return new
 
+    def rewrite_whole_clusters(self, offset: int, nb: int, rule) -> None:
+        """Rewrite the L2 entries of `nb` whole clusters from `offset`, one L2 slice at a time (QEMU's
+        discard_in_l2_slice / zero_in_l2_slice walk): `rule(word0, bitmap) -> (word0, bitmap, free)`;
+        unchanged entries are left alone, and the old cluster is freed where the rule says so."""
+        g = self.g
+        while nb > 0:
+            l2_off = self.get_cluster_table(offset)
+            gc0 = offset >> g.cbits
+            n = min(nb, g.slice_entries - gc0 % g.l2_entries % g.slice_entries)
+            for gc in range(gc0, gc0 + n):
+                w0, bm = self.entry(gc)
+                new_w0, new_bm, free = rule(w0, bm)
+                if new_w0 == w0 and new_bm == bm:
+                    continue
+                self.set_entry(l2_off, gc, new_w0, new_bm)
+                if free:
+                    self.alloc.free_any_cluster(w0)
+            nb -= n
+            offset += n * g.cs
+
     def metadata_overlap(self, off: int, length: int) -> str | None:
         """QEMU's pre-write overlap check ("cached" template): which metadata [off, off+length) hits."""
         g = self.g

@@ -1,8 +1,8 @@
 """Zero writes (`write -z [-u]`): the block layer's head/body/tail split at subcluster alignment,
 qcow2_co_pwrite_zeroes (a partial subcluster only if the rest already reads as zero and the
 subcluster is unallocated or zero), qcow2_subcluster_zeroize (zero_l2_subclusters for partial
-clusters, zero_in_l2_slice for whole ones) and the ENOTSUP fallback to writing real zeros of the
-whole piece through the data path, as QEMU 7.2 does.
+clusters, zero_in_l2_slice for whole ones, here zero_whole_clusters) and the ENOTSUP fallback to
+writing real zeros of the whole piece through the data path, as QEMU 7.2 does.
 """
 
 from __future__ import annotations
@@ -94,11 +94,8 @@ def subcluster_zeroize(ctx: StepContext, offset: int, nbytes: int, unmap: bool) 
     end -= tail
     if head:
         zero_l2_subclusters(ctx, offset - head, -(-head // g.sc_size))
-    nb = -(-(end - offset) // g.cs) if end > offset else 0
-    while nb > 0:
-        done = zero_in_l2_slice(ctx, offset, nb, unmap)
-        nb -= done
-        offset += done * g.cs
+    if end > offset:
+        zero_whole_clusters(ctx, offset, -(-(end - offset) // g.cs), unmap)
     if tail:
         zero_l2_subclusters(ctx, end, -(-tail // g.sc_size))
 
@@ -117,26 +114,17 @@ def zero_l2_subclusters(ctx: StepContext, offset: int, count: int) -> None:
         ctx.set_entry(l2_off, gc, w0, new_bm)
 
 
-def zero_in_l2_slice(ctx: StepContext, offset: int, nb: int, unmap: bool) -> int:
+def zero_whole_clusters(ctx: StepContext, offset: int, nb: int, unmap: bool) -> None:
+    """zero_in_l2_slice: whole clusters read as zero; compressed ones (and allocated ones with
+    MAY_UNMAP) lose their host cluster."""
     g = ctx.g
-    l2_off = ctx.get_cluster_table(offset)
-    gc0 = offset >> g.cbits
-    idx = gc0 % g.l2_entries
-    nb = min(nb, g.slice_entries - idx % g.slice_entries)
-    for i in range(nb):
-        w0, bm = ctx.entry(gc0 + i)
+
+    def rule(w0: int, bm: int) -> tuple[int, int, bool]:
         compressed = bool(w0 & C.QCOW_OFLAG_COMPRESSED)
-        allocated = compressed or bool(w0 & C.L2E_OFFSET_MASK)
-        drop = compressed or (unmap and allocated)
+        drop = compressed or (unmap and bool(w0 & C.L2E_OFFSET_MASK))
         new_w0 = 0 if drop else w0
-        new_bm = bm
         if g.ext:
-            new_bm = C.BITMAP_ALL_ZEROES
-        else:
-            new_w0 |= C.QCOW_OFLAG_ZERO
-        if new_w0 == w0 and new_bm == bm:
-            continue
-        ctx.set_entry(l2_off, gc0 + i, new_w0, new_bm)
-        if drop:
-            ctx.alloc.free_any_cluster(w0)
-    return nb
+            return new_w0, C.BITMAP_ALL_ZEROES, drop
+        return new_w0 | C.QCOW_OFLAG_ZERO, bm, drop
+
+    ctx.rewrite_whole_clusters(offset, nb, rule)
