@@ -325,20 +325,28 @@ def _copied_l1(ctx: _Ctx, l1_indices, entries, l2_offsets) -> None:
                         repairable_by_qemu=True), copied=True)
 
 
-def _tables(ctx: _Ctx, l2_offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-    """(word0, bitmap) of the L2 tables at `l2_offsets`, as (tables, entries) native uint64 arrays
-    (zeros past EOF; bitmap None for standard L2). One plain copy per table, one byte swap per batch."""
-    n = ctx.h.l2_entries
-    ext = ctx.h.extended_l2
-    width = 2 * n if ext else n
-    raw = np.empty((len(l2_offsets), width), dtype=np.uint64)
-    native = ctx.words.view(np.uint64)  # same bytes, no conversion while copying
-    for k, o in enumerate(l2_offsets.tolist()):
+def _views(ctx: _Ctx, l2_offsets: np.ndarray) -> tuple[list[np.ndarray], bool]:
+    """The L2 tables at `l2_offsets` as 1-D arrays of words in file byte order, and whether all of
+    them are zero-copy views of the mapping (word-aligned, inside the file); the others are copies
+    (zeros past EOF)."""
+    width = ctx.h.l2_entries * (2 if ctx.h.extended_l2 else 1)
+    native = ctx.words.view(np.uint64)  # same bytes, no conversion
+    out, mapped = [], True
+    for o in l2_offsets.tolist():
         if o % 8 == 0 and o + width * 8 <= ctx.file_len:
-            raw[k] = native[o // 8: o // 8 + width]
+            out.append(native[o // 8: o // 8 + width])
         else:
-            raw[k] = np.frombuffer(ctx.img.pread(o, width * 8), dtype=np.uint64)
-    return raw  # still in file byte order: zero tests work on it as is
+            out.append(np.frombuffer(ctx.img.pread(o, width * 8), dtype=np.uint64))
+            mapped = False
+    return out, mapped
+
+
+def _tables(views: list[np.ndarray]) -> np.ndarray:
+    """The tables copied into one (tables, words) array, still in file byte order."""
+    raw = np.empty((len(views), len(views[0])), dtype=np.uint64)
+    for k, v in enumerate(views):
+        raw[k] = v
+    return raw
 
 
 def _nonzero_words(raw: np.ndarray) -> np.ndarray:
@@ -369,19 +377,51 @@ def _split(ctx: _Ctx, raw: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
     return np.ascontiguousarray(raw[:, 0::2]), np.ascontiguousarray(raw[:, 1::2])
 
 
-def _sparse_l2_batch(ctx: _Ctx, raw: np.ndarray, words: np.ndarray, l2_offsets: np.ndarray, *, active: bool):
-    """`_fast_l2_batch` for tables that are mostly empty: only the non-zero entries are looked at
-    (`words`: indices of the non-zero words of `raw`). Same return values."""
-    cs, cb = ctx.cs, ctx.cb
-    n = ctx.h.l2_entries
+def _sparse_entries(ctx: _Ctx, raw: np.ndarray, words: np.ndarray):
+    """(entries, word0, bitmap or None) of the entries holding the non-zero words `words` of `raw`
+    (flat indices); entries are flat indices too, values are native."""
     flat = raw.reshape(-1)
     if ctx.h.extended_l2:
         ent = words >> 1
         if ent.size:
             ent = ent[np.r_[True, ent[1:] != ent[:-1]]]
-        w0, bm = _native(flat[ent * 2]), _native(flat[ent * 2 + 1])
+        return ent, _native(flat[ent * 2]), _native(flat[ent * 2 + 1])
+    return words, _native(flat[words]), None
+
+
+def _nonzero_mask(views: list[np.ndarray]) -> np.ndarray:
+    """(tables, words) booleans: which words of the tables are non-zero. One pass over each table
+    where it lies (a view of the mapping): the tables themselves are never copied."""
+    mask = np.empty((len(views), len(views[0])), dtype=bool)
+    for k, v in enumerate(views):
+        np.not_equal(v, 0, out=mask[k])
+    return mask
+
+
+def _mapped_entries(ctx: _Ctx, mask: np.ndarray, l2_offsets: np.ndarray):
+    """`_sparse_entries` of tables that are all views of the mapping: the entries holding the words
+    set in `mask` are fetched from the mapping in place (numbered as `_sparse_entries` does)."""
+    words = np.flatnonzero(mask)
+    width = mask.shape[1]
+    k, local = np.divmod(words, width)
+    if ctx.h.extended_l2:
+        ent = words >> 1
+        if ent.size:
+            keep = np.r_[True, ent[1:] != ent[:-1]]
+            ent, k, local = ent[keep], k[keep], local[keep] & ~1
     else:
-        ent, w0, bm = words, _native(flat[words]), None
+        ent = words
+    g = (l2_offsets // 8)[k] + local  # word index in the file
+    native = ctx.words.view(np.uint64)
+    return ent, _native(native[g]), _native(native[g + 1]) if ctx.h.extended_l2 else None
+
+
+def _sparse_l2_batch(ctx: _Ctx, ent: np.ndarray, w0: np.ndarray, bm, l2_offsets: np.ndarray, *, active: bool):
+    """`_fast_l2_batch` for tables that are mostly empty: only the non-zero entries are looked at
+    (`ent`: their indices in the batch's tables seen as one array, `w0`/`bm` their native words).
+    Same return values."""
+    cs, cb = ctx.cs, ctx.cb
+    n = ctx.h.l2_entries
     odd = _U64(C.QCOW_OFLAG_COMPRESSED | C.L2E_STD_RESERVED_MASK | ((cs - 1) & C.L2E_OFFSET_MASK))
     if (w0 & odd).any():
         return False
@@ -415,22 +455,23 @@ def _sparse_l2_batch(ctx: _Ctx, raw: np.ndarray, words: np.ndarray, l2_offsets: 
 
 
 def _release(ctx: _Ctx, l2_offsets: np.ndarray) -> None:
-    """Drop the pages of tables already walked from our resident set (the file keeps them cached)."""
+    """Drop the pages of tables already walked from our resident set (the file keeps them cached):
+    one madvise over the span of the batch (pages between its tables that we never touched are
+    not mapped, so dropping them costs nothing)."""
     import mmap
 
     madvise = getattr(ctx.img.mm, "madvise", None)
-    if madvise is None or not hasattr(mmap, "MADV_DONTNEED"):
+    if madvise is None or not hasattr(mmap, "MADV_DONTNEED") or not len(l2_offsets):
         return
     page = mmap.PAGESIZE
     limit = ctx.file_len - ctx.file_len % page
-    for o in l2_offsets.tolist():
-        lo = -(-o // page) * page
-        hi = min(o + ctx.cs, limit) // page * page
-        if hi > lo:
-            try:
-                madvise(mmap.MADV_DONTNEED, lo, hi - lo)
-            except (OSError, ValueError):
-                return
+    lo = -(-int(l2_offsets.min()) // page) * page
+    hi = min(int(l2_offsets.max()) + ctx.cs, limit) // page * page
+    if hi > lo:
+        try:
+            madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+        except (OSError, ValueError):
+            pass
 
 
 def _fast_l2_batch(ctx: _Ctx, w0: np.ndarray, bm, l2_offsets: np.ndarray, *, active: bool) -> bool:
@@ -483,16 +524,23 @@ def _check_l2_batch(ctx: _Ctx, l1_indices: np.ndarray, l2_offsets: np.ndarray, *
                     snapshot: str | None) -> None:
     h, cs, cb = ctx.h, ctx.cs, ctx.cb
     ext = h.extended_l2
-    raw = _tables(ctx, l2_offsets)
-    _release(ctx, l2_offsets)
-    words = _nonzero_words(raw)
-    if words.size * 4 < raw.size:
-        fast = _sparse_l2_batch(ctx, raw, words, l2_offsets, active=active)
+    views, mapped = _views(ctx, l2_offsets)
+    mask = _nonzero_mask(views)
+    sparse = np.count_nonzero(mask) * 4 < mask.size
+    if sparse:
+        if mapped:
+            ent, sw0, sbm = _mapped_entries(ctx, mask, l2_offsets)
+        else:
+            raw = _tables(views)
+            ent, sw0, sbm = _sparse_entries(ctx, raw, _nonzero_words(raw))
+        fast = _sparse_l2_batch(ctx, ent, sw0, sbm, l2_offsets, active=active)
         if fast is True:
+            _release(ctx, l2_offsets)
             return
-        w0, bm = _split(ctx, raw)
-    else:
-        w0, bm = _split(ctx, raw)
+    raw = _tables(views)
+    _release(ctx, l2_offsets)
+    w0, bm = _split(ctx, raw)
+    if not sparse:
         fast = _fast_l2_batch(ctx, w0, bm, l2_offsets, active=active)
     if fast is True:
         return

@@ -136,3 +136,45 @@ def test_nonzero_words_equals_flatnonzero():
         if hits:
             raw.reshape(-1)[rng.choice(raw.size, hits, replace=False)] = rng.integers(1, 1 << 62, hits, dtype=np.uint64)
         assert np.array_equal(_nonzero_words(raw), np.flatnonzero(raw))
+
+
+@pytest.mark.parametrize("shape", ["ext64k", "std64k", "ext32k-snap"])
+def test_sparse_entries_read_in_place_equal_the_copied_ones(shapes, shape):
+    """The sparse path reads mapped L2 tables in place; it finds the same entries and words as the
+    search over a copy of the tables (the path taken when a table is not mapped)."""
+    import numpy as np
+
+    from qdebug.engine.check import (_Ctx, _mapped_entries, _nonzero_mask, _nonzero_words, _sparse_entries,
+                                     _tables, _views)
+
+    with open_image(shapes[shape]) as img:
+        ctx = _Ctx(img, None)
+        l1 = img.l1.astype(np.uint64)
+        offs = (l1[l1 != 0] & np.uint64(0x00FFFFFFFFFFFE00)).astype(np.int64)
+        assert offs.size
+        views, mapped = _views(ctx, offs)
+        assert mapped
+        mine = _mapped_entries(ctx, _nonzero_mask(views), offs)
+        raw = _tables(views)
+        theirs = _sparse_entries(ctx, raw, _nonzero_words(raw))
+        assert len(mine[0]) and len(mine) == len(theirs)
+        for a, b in zip(mine, theirs):
+            assert (a is None and b is None) or np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("extended_l2", [True, False])
+def test_l2_table_cut_by_end_of_file_counts_equal_qemu(tmp_path, extended_l2):
+    """The last L2 table runs past the end of the file (zeros there, as QEMU reads it), with only
+    zero-flagged entries in the part that is left: the copied (not mapped) sparse path."""
+    from tests.qemu import create, qemu_io
+
+    path = create(str(tmp_path / "cut.qcow2"), "8G", extended_l2=extended_l2)
+    qemu_io(path, "write -P 1 0 64k", "write -z 4G 64k")  # the second L2 table is allocated last
+    with open_image(path) as img:
+        import numpy as np
+
+        l1 = img.l1.astype(np.uint64) & np.uint64(0x00FFFFFFFFFFFE00)
+        table = int(l1[(4 << 30) // (img.header.l2_entries * img.header.cluster_size)])
+        assert table and table + img.header.cluster_size >= img.file_size
+    os.truncate(path, table + 4096)
+    _assert_same(path)
