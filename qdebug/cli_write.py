@@ -207,6 +207,25 @@ def _trace_lines(path: str):
     return f, total
 
 
+WRITEBACK_LIMIT = 32 << 20  # metadata held back before a flush (QEMU's default L2 cache is 32 MiB)
+
+
+def _window_meta(source: str, index: int) -> dict:
+    """A write-back window's journal step: it starts before the command at `index`."""
+    return {"index": index, "command": f"replay {source}: commands from #{index} until the next flush"}
+
+
+def _end_window(engine, journal) -> None:
+    """Write the held-back metadata and close the window's journal step; if that fails, the
+    window is rolled back as a whole (the image as at the previous flush)."""
+    try:
+        engine.flush()
+        journal.commit()
+    except BaseException:
+        journal.abort()
+        raise
+
+
 def cmd_replay(args) -> int:
     from .engine.chain import open_chain
     from .engine.journal import Journal, journal_steps
@@ -246,7 +265,10 @@ def cmd_replay(args) -> int:
             if journal.recovered:
                 print(f"qdebug: note: {args.image}: rolled back a step an earlier run left unfinished",
                       file=sys.stderr)
-        engine = WriteEngine(chain)
+        # Without per-step undo, metadata is held back and written in bulk (QEMU's writeback cache),
+        # one journal step per flush window: a crash rolls back to the last flush.
+        writeback = journal is not None and not journal.keep
+        engine = WriteEngine(chain, writeback=writeback)
 
         def fail(where: str, message: str) -> None:
             nonlocal failures
@@ -255,31 +277,41 @@ def cmd_replay(args) -> int:
                 raise QcowError(f"{where}: {message}")
             print(f"qdebug: error: {where}: {message}", file=sys.stderr)
 
-        for lineno, line in enumerate(lines, 1):
-            where = f"{source}:{lineno}"
-            try:
-                cmd = parse_line(line, lineno)
-            except SyntaxProblem as e:
-                fail(where, str(e))
-                continue
-            if cmd is None:
-                continue
-            if args.dry_run:  # the plan of this step after the earlier ones, the image untouched
-                t0 = time.perf_counter()
-                result = engine.simulate(cmd)
-                rec = StepRecord(steps, cmd, result, time.perf_counter() - t0, error=result.error)
-            else:
-                rec = run_step(engine, journal, cmd, steps)
-            if log:
-                log.write(json.dumps(rec.to_json()) + "\n")
-            for h in rec.hazards:
-                hazards += 1
-                print(f"qdebug: {where}: {command_text(cmd)}: {hazard_text(h)}", file=sys.stderr)
-            if rec.error:
-                fail(where, f"{command_text(cmd)}: {rec.error}")
-            steps += 1
-            progress.update(steps)
-        progress.update(steps, force=True)
+        if writeback:
+            journal.begin(_window_meta(source, 0))
+        try:
+            for lineno, line in enumerate(lines, 1):
+                where = f"{source}:{lineno}"
+                try:
+                    cmd = parse_line(line, lineno)
+                except SyntaxProblem as e:
+                    fail(where, str(e))
+                    continue
+                if cmd is None:
+                    continue
+                if args.dry_run:  # the plan of this step after the earlier ones, the image untouched
+                    t0 = time.perf_counter()
+                    result = engine.simulate(cmd)
+                    rec = StepRecord(steps, cmd, result, time.perf_counter() - t0, error=result.error)
+                else:
+                    rec = run_step(engine, None if writeback else journal, cmd, steps)
+                if log:
+                    log.write(json.dumps(rec.to_json()) + "\n")
+                for h in rec.hazards:
+                    hazards += 1
+                    print(f"qdebug: {where}: {command_text(cmd)}: {hazard_text(h)}", file=sys.stderr)
+                steps += 1
+                if writeback and (cmd.op == "flush" or engine.dirty_bytes > WRITEBACK_LIMIT):
+                    _end_window(engine, journal)
+                    journal.begin(_window_meta(source, steps))
+                if rec.error:
+                    fail(where, f"{command_text(cmd)}: {rec.error}")
+                progress.update(steps)
+            progress.update(steps, force=True)
+        finally:
+            if writeback and journal.in_step:
+                # Every step that finished is kept (a step that broke took itself back out).
+                _end_window(engine, journal)
     finally:
         progress.done()
         if journal is not None:

@@ -290,8 +290,10 @@ def link_l2(ctx: StepContext, m: Meta, merged: bool, host: int, data_off: int, d
     sources = cow_sources(hsegs) + cow_sources(tsegs)
     txn = ctx.txn
 
+    top_pread = txn.pread if txn.pages and not txn.applying else None
+
     def cow(region, segs):
-        return lambda: guestview.read(ctx.chain, segs, region[0], region[0] + region[1], ctx.decompressed)
+        return lambda: guestview.read(ctx.chain, segs, region[0], region[0] + region[1], ctx.decompressed, top_pread)
 
     if head[1]:
         txn.write_data(m.alloc + m.cs_from, head[1], "cow", cow(head, hsegs))

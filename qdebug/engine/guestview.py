@@ -116,19 +116,21 @@ def _raw_hole(raw: RawFile, s: int, e: int) -> bool:
     return data >= e
 
 
-def read(chain, segs, start: int, end: int, cache: dict) -> bytes:
-    """Guest bytes of [start, end) from its segments (COW source data)."""
+def read(chain, segs, start: int, end: int, cache: dict, top_pread=None) -> bytes:
+    """Guest bytes of [start, end) from its segments (COW source data). `top_pread` reads the top
+    layer's file where it differs from the Image (a write-back Txn's held-back pages)."""
     out = bytearray(end - start)
     for s, e, kind, depth, host in segs:
+        pread = top_pread if depth == 0 and top_pread is not None else chain.layers[depth].pread
         if kind == T.NORMAL or kind == RAW_DATA:
-            out[s - start:e - start] = chain.layers[depth].pread(host, e - s)
+            out[s - start:e - start] = pread(host, e - s)
         elif kind == T.COMPRESSED:
             img = chain.layers[depth]
             key = (depth, host)
             data = cache.get(key)
             if data is None:
                 off, nbytes = descriptor_fields(host, img.cluster_bits)
-                data = cache[key] = decompress(img.pread(off, nbytes), img.cluster_size, img.header.compression_type,
+                data = cache[key] = decompress(pread(off, nbytes), img.cluster_size, img.header.compression_type,
                                                f"{img.path}: compressed cluster (host 0x{off:x})")
             base = s & ~(img.cluster_size - 1)
             out[s - start:e - start] = data[s - base:e - base]

@@ -4,7 +4,10 @@ The write algorithms read metadata through the Txn and record every host write i
 planner and the writer are one code path. Executing applies each write at once through
 `Image.pwrite` (the undo journal sees it; later reads of the same step, COW reads included, see
 the image exactly as QEMU's caches would). Planning keeps metadata changes in 4 KiB overlay pages
-that later reads of the same step see, and never builds data payloads.
+that later reads of the same step see, and never builds data payloads. Write-back (a replay
+without undo, like QEMU's writeback cache) keeps metadata in overlay pages that live across steps
+and applies data at once; `saved` holds the pages as they were before this step, so a step that
+breaks half-way can be taken back out of the overlay.
 """
 
 from __future__ import annotations
@@ -38,11 +41,14 @@ class HostWrite:
 
 class Txn:
     def __init__(self, img: Image, *, apply: bool = False, pages: dict[int, bytearray] | None = None,
-                 base: dict[int, bytearray] | None = None, file_size: int = 0):
+                 base: dict[int, bytearray] | None = None, file_size: int = 0, write_data: bool = False):
         self.img = img
         self.applying = apply
+        self.data_through = apply or write_data  # data payloads are made and written now
         self.pages: dict[int, bytearray] = {} if pages is None else pages
         self.base = base or None  # pages of earlier simulated steps, copied before this step changes them
+        # pages shared with earlier steps (write-back, simulate): their content before this step
+        self.saved: dict[int, bytearray | None] | None = {} if pages is not None else None
         self.writes: list[tuple[int, int, str, Payload]] = []
         self.file_size = max(img.file_size, file_size)
 
@@ -103,8 +109,18 @@ class Txn:
             self.file_size = max(self.file_size, end)
             return
         self.writes.append((off, len(data), what, bytes(data)))
+        self._patch(off, data)
+        self.file_size = max(self.file_size, end)
+
+    def _patch(self, off: int, data) -> None:
+        """Put `data` into the overlay pages (made from the file where missing)."""
+        end = off + len(data)
+        saved = self.saved
         p = off & _MASK
         while p < end:
+            if saved is not None and p not in saved:
+                old = self.pages.get(p)
+                saved[p] = None if old is None else bytearray(old)
             if p >= off and p + PAGE <= end:
                 self.pages[p] = bytearray(data[p - off:p - off + PAGE])
                 p += PAGE
@@ -116,16 +132,26 @@ class Txn:
             a, b = max(p, off), min(p + PAGE, end)
             page[a - p:b - p] = data[a - off:b - off]
             p += PAGE
-        self.file_size = max(self.file_size, end)
+
+    def roll_back(self) -> None:
+        """Take this step's metadata changes back out of the shared overlay pages."""
+        for p, old in (self.saved or {}).items():
+            if old is None:
+                self.pages.pop(p, None)
+            else:
+                self.pages[p] = old
+        self.saved = {}
 
     def write_u64(self, off: int, value: int, what: str) -> None:
         self.write_meta(off, _U64.pack(value), what)
 
     def write_data(self, off: int, length: int, what: str, payload: Payload) -> None:
         """A data write (guest data, COW, compressed): bytes are only made when applying."""
-        if self.applying:
+        if self.data_through:
             data = payload if isinstance(payload, (bytes, bytearray)) else payload()
             assert len(data) == length, (what, off, length, len(data))
+            if not self.applying and self.pages and self.dirty(off, length):
+                self._patch(off, data)  # (a hazard) data over a metadata page still held back
             self.img.pwrite(off, data)
             payload = b""
         self.writes.append((off, length, what, payload))

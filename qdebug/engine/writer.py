@@ -8,11 +8,16 @@ is planned on top of the metadata the earlier simulated commands would have writ
 as overlay pages, with the allocator state carried on), so its plan is the one `execute()` would
 make at that point of the trace; the image is never written. `state` / `restore_state` let an undo
 journal put the allocator back so that redo reproduces QEMU exactly.
+
+`writeback=True` is QEMU's own writeback cache: `execute()` writes guest data at once but keeps the
+metadata (L1/L2 entries, refcounts) in the same overlay pages a simulation uses until `flush()`,
+which writes them in a few large writes. A replay that needs no per-step undo runs this way (one
+journal step per flush keeps it crash-safe); per-step undo needs the write-through mode.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -52,28 +57,54 @@ class EngineState:
     dead: bool = False
 
 
-@dataclass
 class StepResult:
-    command: Command
-    plan: WritePlan
-    host_writes: list[HostWrite]
-    hazards: list[Hazard]
-    clusters: dict[int, tuple[str, str]] = field(default_factory=dict)
-    error: str | None = None
+    """One executed or simulated command: its hazards and error at once, its plan when asked for.
+
+    The plan (bitmap strings, host write records...) is built on first use: a replay without a
+    step log reads only the hazards and the error, and building every plan would cost it more
+    than running the command.
+    """
+
+    __slots__ = ("command", "hazards", "error", "_make", "_plan")
+
+    def __init__(self, command: Command, hazards: list[Hazard], error: str | None, make_plan):
+        self.command = command
+        self.hazards = hazards
+        self.error = error
+        self._make = make_plan
+        self._plan: WritePlan | None = None
+
+    @property
+    def plan(self) -> WritePlan:
+        if self._plan is None:
+            self._plan = self._make()
+            self._make = None
+        return self._plan
+
+    @property
+    def host_writes(self) -> list[HostWrite]:
+        return list(self.plan.host_writes)
+
+    @property
+    def clusters(self) -> dict[int, tuple[str, str]]:
+        return {c.guest_cluster: (c.bitmap_before, c.bitmap_after) for c in self.plan.clusters}
 
 
 class WriteEngine:
-    def __init__(self, chain: Chain):
+    def __init__(self, chain: Chain, *, writeback: bool = False):
         if not chain.top.writable:
             raise QcowError(f"{chain.top.path}: opened read-only; the write engine needs it writable")
         self.chain = chain
         self.geo = Geometry(chain)
+        self.writeback = writeback
         self._state = EngineState()
         self._alloc: Allocator | None = None
-        # simulate(): metadata pages the simulated commands wrote, and the file length they reached
+        # simulate() and write-back: metadata pages the earlier commands wrote (not yet in the file),
+        # and the file length they reached
         self._overlay: dict[int, bytearray] = {}
         self._overlay_size = 0
         self._simulating = False
+        self._simulated = False
         self._txn: Txn | None = None
 
     @property
@@ -88,36 +119,71 @@ class WriteEngine:
 
     def plan(self, cmd: Command) -> WritePlan:
         """What `cmd` would do now (after the commands executed or simulated so far); changes nothing."""
-        return self._run(cmd, apply=False)[0]
+        return self._run(cmd, apply=False).plan
 
     def execute(self, cmd: Command) -> StepResult:
-        if self._overlay:
+        if self._simulated:
             raise QcowError("this engine has simulated commands: it cannot execute any more")
-        plan, ctx = self._run(cmd, apply=True)
-        return self._result(cmd, plan)
+        if not self.writeback:
+            return self._run(cmd, apply=True)
+        if cmd.op == "read" and cmd.pattern is not None:
+            self.flush()  # the check reads the file as a guest would
+        state, size = self._state, self._overlay_size
+        try:
+            return self._run(cmd, apply=False, carry=True, write_data=True)
+        except BaseException:
+            # Take the step's metadata back out of the overlay (its data writes, if any, went to
+            # clusters nothing references then, or in place, as a failed QEMU write leaves them).
+            self._txn.roll_back()  # type: ignore[union-attr]
+            self._overlay_size = size
+            self.restore_state(state)
+            raise
+
+    @property
+    def dirty_bytes(self) -> int:
+        """Metadata held back by write-back (bounded by flushing when it grows)."""
+        return len(self._overlay) * 4096
+
+    def flush(self) -> None:
+        """Write the held-back metadata pages to the image, adjacent pages as one write."""
+        if self._simulated or not self._overlay:
+            return
+        img = self.chain.top
+        pages, size = self._overlay, max(self._overlay_size, img.file_size)
+        offsets = sorted(pages)
+        i = 0
+        while i < len(offsets):
+            j = i + 1
+            while j < len(offsets) and offsets[j] == offsets[j - 1] + 4096:
+                j += 1
+            start = offsets[i]
+            data = b"".join(pages[p] for p in offsets[i:j])[:size - start]
+            if data:
+                img.pwrite(start, data)
+            i = j
+        if img.file_size < size:
+            img.truncate(size)
+        header_dirty = 0 in pages
+        self._overlay = {}
+        if header_dirty:
+            img.reload_header()
 
     def simulate(self, cmd: Command) -> StepResult:
         """A dry-run step: the result `execute(cmd)` would give after the commands simulated before,
         without writing the image (a `read -P` is not checked: the data is not materialised)."""
-        self._simulating = True
+        self._simulating = self._simulated = True
         try:
-            plan, _ctx = self._run(cmd, apply=False, carry=True)
+            return self._run(cmd, apply=False, carry=True)
         finally:
             self._simulating = False
-        return self._result(cmd, plan)
-
-    @staticmethod
-    def _result(cmd: Command, plan: WritePlan) -> StepResult:
-        clusters = {c.guest_cluster: (c.bitmap_before, c.bitmap_after) for c in plan.clusters}
-        return StepResult(cmd, plan, list(plan.host_writes), list(plan.hazards), clusters, plan.error)
 
     # ---- one command ----------------------------------------------------------------------------
-    def _run(self, cmd: Command, *, apply: bool, carry: bool = False):
+    def _run(self, cmd: Command, *, apply: bool, carry: bool = False, write_data: bool = False):
         img = self.chain.top
         if apply:
             txn = Txn(img, apply=True)
-        elif carry:  # simulate: this step's metadata writes extend the overlay in place
-            txn = Txn(img, pages=self._overlay, file_size=self._overlay_size)
+        elif carry:  # simulate / write-back: this step's metadata writes extend the overlay in place
+            txn = Txn(img, pages=self._overlay, file_size=self._overlay_size, write_data=write_data)
         else:
             txn = Txn(img, base=self._overlay, file_size=self._overlay_size)
         self._txn = txn
@@ -146,13 +212,15 @@ class WriteEngine:
             self._state = EngineState(alloc.state, dead)
             self._overlay_size = txn.file_size
         self._check_in_place(ctx)
-        plan = WritePlan(
-            command=cmd.text or cmd.to_qemu_io(), lineno=cmd.lineno, requests=tuple(ctx.requests),
-            clusters=tuple(self._changes(ctx)), host_writes=tuple(txn.host_writes()),
-            allocations=tuple(ctx.allocations), frees=tuple(alloc.freed), hazards=tuple(ctx.hazards),
-            error=error, file_size_before=size_before, file_size_after=max(txn.file_size, size_before),
-            notes=tuple(ctx.notes))
-        return plan, ctx
+        freed, size_after = alloc.freed, max(txn.file_size, size_before)
+
+        def make_plan() -> WritePlan:
+            return WritePlan(
+                command=cmd.text or cmd.to_qemu_io(), lineno=cmd.lineno, requests=tuple(ctx.requests),
+                clusters=tuple(self._changes(ctx)), host_writes=tuple(txn.host_writes()),
+                allocations=tuple(ctx.allocations), frees=tuple(freed), hazards=tuple(ctx.hazards),
+                error=error, file_size_before=size_before, file_size_after=size_after, notes=tuple(ctx.notes))
+        return StepResult(cmd, ctx.hazards, error, make_plan)
 
     def _dispatch(self, ctx: StepContext, cmd: Command) -> str | None:
         g = self.geo
@@ -186,7 +254,7 @@ class WriteEngine:
         out = []
         for gc in sorted(ctx.before):
             w0b, bmb = ctx.before[gc]
-            w0a, bma = ctx.entry(gc)
+            w0a, bma = ctx.after(gc)
             out.append(ClusterChange(gc, ctx.bitmap_str(w0b, bmb), ctx.bitmap_str(w0a, bma), w0b, w0a, bmb, bma))
         return out
 

@@ -18,12 +18,19 @@ from qdebug.trace.commands import parse_line
 from tests.qemu import QEMU_IMG, QEMU_IO, qemu_img, require_qemu
 
 
+# The engine mode qdebug_process uses; the `engine_mode` fixture runs a test in both.
+MODE = {"writeback": False}
+
+
 def qdebug_process(path: str, cmds: list[str]):
-    """All `cmds` through one WriteEngine (one 'process'); returns the StepResults."""
+    """All `cmds` through one WriteEngine (one 'process'); returns the StepResults. In write-back
+    mode the metadata reaches the file at the end, as a replay's last flush does."""
     chain = open_chain(path, writable=True)
     try:
-        eng = WriteEngine(chain)
-        return [eng.execute(parse_line(c)) for c in cmds]
+        eng = WriteEngine(chain, writeback=MODE["writeback"])
+        results = [eng.execute(parse_line(c)) for c in cmds]
+        eng.flush()
+        return results
     finally:
         chain.close()
 

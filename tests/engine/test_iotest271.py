@@ -86,11 +86,11 @@ STANDARD = [  # 9.1
 
 
 @pytest.mark.parametrize("backing", [False, True])
-def test_271_standard_writes(qemu, tmp_path, backing):
+def test_271_standard_writes(qemu, engine_mode, tmp_path, backing):
     run_catalogue(*_images(tmp_path, 1024, backing), STANDARD)
 
 
-def test_271_overwriting_several_clusters_without_cow(qemu, tmp_path):
+def test_271_overwriting_several_clusters_without_cow(qemu, engine_mode, tmp_path):
     run_catalogue(*_images(tmp_path, 1024, False), [
         ("write 24k 40k", {0: bm(U, "----NNNN", A, A)}),
         ("write 90k 2k", {1: bm(U, "-----N--", U, U)}),
@@ -124,12 +124,12 @@ def _zero_steps(backing: bool, unmap: str):
 
 @pytest.mark.parametrize("backing", [False, True])
 @pytest.mark.parametrize("unmap", ["", "-u "], ids=["zero", "zero-unmap"])
-def test_271_writing_zeroes(qemu, tmp_path, backing, unmap):
+def test_271_writing_zeroes(qemu, engine_mode, tmp_path, backing, unmap):
     run_catalogue(*_images(tmp_path, 2083, backing), _zero_steps(backing, unmap))
 
 
 @pytest.mark.parametrize("backing", [False, True])
-def test_271_discarding_clusters_with_nonzero_bitmaps(qemu, tmp_path, backing):
+def test_271_discarding_clusters_with_nonzero_bitmaps(qemu, engine_mode, tmp_path, backing):
     img, ref = _images(tmp_path, 1024, backing)
     run_catalogue(img, ref, [("write 0 128k", {}), ("discard 0 128k", {0: ALL_0, 1: ALL_0})])
     for path in (img, ref):  # 271 pokes the first two bytes of c0's bitmap word to 0
@@ -139,7 +139,7 @@ def test_271_discarding_clusters_with_nonzero_bitmaps(qemu, tmp_path, backing):
     run_catalogue(img, ref, [("discard 0 64k", {0: ALL_0 if backing else bm(Z, Z, U, U)})])
 
 
-def test_271_cow_with_internal_snapshots(qemu, tmp_path):
+def test_271_cow_with_internal_snapshots(qemu, engine_mode, tmp_path):
     img, ref = _images(tmp_path, 1024, False)
     setup = [c for i in range(10) for c in (f"write -z {64 * i + 14}k 2k", f"write {64 * i + 26}k 2k",
                                             f"write {64 * i + 36}k 2k")]

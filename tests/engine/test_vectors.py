@@ -60,7 +60,7 @@ def _entry(path: str, c: int) -> tuple[int, int]:
 
 
 @pytest.mark.parametrize("vec", _ALL, ids=[v["title"].split()[0] for v in _ALL])
-def test_vector(qemu, tmp_path, vec):
+def test_vector(qemu, tmp_path, vec, engine_mode):
     img = _make(tmp_path, vec)
     _setup(img, vec["setup"], qdebug_process)
     for c, (before, _after, words_before, _wa) in vec["clusters"].items():

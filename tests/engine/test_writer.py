@@ -154,7 +154,7 @@ def test_read_only_chain_refused(tmp_path):
 
 
 @pytest.mark.parametrize("cs,bits,ext", [(512, 64, False), (1024, 32, False), (16384, 64, True)])
-def test_refcount_blocks_and_table_grow_like_qemu(qemu, tmp_path, cs, bits, ext):
+def test_refcount_blocks_and_table_grow_like_qemu(qemu, engine_mode, tmp_path, cs, bits, ext):
     """Writes that run past the refcount blocks (and the refcount table) QEMU created: new blocks
     after the data run, EAGAIN restarts, a 1.5x refcount table at the end of the file."""
     img = str(tmp_path / "a.qcow2")
