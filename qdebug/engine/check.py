@@ -212,7 +212,10 @@ class _Ctx:
 
     def inc_clusters(self, idx: np.ndarray) -> None:
         """+1 for each host cluster index (all inside the file: no EOF rule to apply)."""
-        lo = int(idx.min())
+        lo, hi = int(idx.min()), int(idx.max())
+        if hi - lo > 8 * len(idx):  # few clusters spread over the file: no dense pass over it
+            np.add.at(self.refs, idx, 1)
+            return
         b = np.bincount(idx - lo)
         self.refs[lo:lo + len(b)] += b
 
@@ -401,19 +404,18 @@ def _nonzero_mask(views: list[np.ndarray]) -> np.ndarray:
 def _mapped_entries(ctx: _Ctx, mask: np.ndarray, l2_offsets: np.ndarray):
     """`_sparse_entries` of tables that are all views of the mapping: the entries holding the words
     set in `mask` are fetched from the mapping in place (numbered as `_sparse_entries` does)."""
-    words = np.flatnonzero(mask)
-    width = mask.shape[1]
-    k, local = np.divmod(words, width)
-    if ctx.h.extended_l2:
-        ent = words >> 1
-        if ent.size:
-            keep = np.r_[True, ent[1:] != ent[:-1]]
-            ent, k, local = ent[keep], k[keep], local[keep] & ~1
-    else:
-        ent = words
-    g = (l2_offsets // 8)[k] + local  # word index in the file
+    ext = ctx.h.extended_l2
+    flat = mask.reshape(-1)
+    per = 2 if ext else 1  # words per entry
+    # 8 mask bytes at a time: the few non-zero groups, then the entries inside them
+    lanes = flat.view(np.uint16) if ext else flat.view(np.uint8)  # one lane per entry
+    hit = np.flatnonzero(flat.view(np.uint64) != 0)  # (numpy finds non-zero booleans fastest)
+    cand = (hit[:, None] * (8 // per) + np.arange(8 // per)).reshape(-1)
+    ent = cand[lanes[cand] != 0]
+    n = ctx.h.l2_entries  # a power of two
+    g = (l2_offsets // 8)[ent >> (n.bit_length() - 1)] + (ent & (n - 1)) * per  # word index in the file
     native = ctx.words.view(np.uint64)
-    return ent, _native(native[g]), _native(native[g + 1]) if ctx.h.extended_l2 else None
+    return ent, _native(native[g]), _native(native[g + 1]) if ext else None
 
 
 def _sparse_l2_batch(ctx: _Ctx, ent: np.ndarray, w0: np.ndarray, bm, l2_offsets: np.ndarray, *, active: bool):
