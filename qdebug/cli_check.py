@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from .engine.errors import QcowError
@@ -42,19 +43,26 @@ def _messages(report, out) -> None:
 
 
 def cmd_check(args) -> int:
+    # numpy's OpenBLAS starts a thread per core at import, ~0.1 s of CPU; check does no linear algebra
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     from dataclasses import replace
 
-    from .engine.chain import open_chain
     from .engine.check import check_image
-    from .engine.repair import check_repair
 
-    fix = args.repair
     fixed = None
-    with open_chain(args.image, writable=bool(fix), no_backing=True) as chain:
-        if fix:
+    if not args.repair:  # the image alone, read-only: no backing chain or repair code to load
+        from .engine.image import open_image
+
+        with open_image(args.image) as img:
+            report = final = replace(check_image(img), filename=args.image)
+    else:
+        from .engine.chain import open_chain
+        from .engine.repair import check_repair
+
+        with open_chain(args.image, writable=True, no_backing=True) as chain:
             report = replace(check_image(chain.top), filename=args.image)
             try:
-                report, plan, final = check_repair(chain, fix, filename=args.image, before=report)
+                report, plan, final = check_repair(chain, args.repair, filename=args.image, before=report)
             except QcowError as e:
                 if not str(e).startswith("ERROR need to rebuild"):
                     raise  # e.g. the image is in use: one line from main()
@@ -67,8 +75,6 @@ def cmd_check(args) -> int:
             for u in plan.unsupported:
                 if "its data is not freed" in u:
                     print(f"qdebug: kept: {u}", file=sys.stderr)
-        else:
-            report = final = replace(check_image(chain.top), filename=args.image)
     if args.output == "json":
         out = final.to_json()
         if fixed is not None:

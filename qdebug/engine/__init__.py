@@ -1,9 +1,20 @@
-"""The qcow2 engine: no Textual or Rich import, ever (the TUI and CLI are views over it)."""
+"""The qcow2 engine: no Textual or Rich import, ever (the TUI and CLI are views over it).
 
-from .chain import Chain, open_chain
-from .errors import BackingError, CorruptImage, InvalidEntry, NotQcow2, QcowError, UnsupportedFeature
-from .image import Image, open_image
-from .subclusters import SubclusterType
+The names below load their module on first use: importing one light submodule (`errors`, as
+every CLI command does) must not pay for numpy and the whole reader."""
 
-__all__ = ["Chain", "open_chain", "Image", "open_image", "SubclusterType", "QcowError", "CorruptImage",
-           "InvalidEntry", "NotQcow2", "UnsupportedFeature", "BackingError"]
+import importlib
+
+_WHERE = {"Chain": "chain", "open_chain": "chain", "Image": "image", "open_image": "image",
+          "SubclusterType": "subclusters", "QcowError": "errors", "CorruptImage": "errors",
+          "InvalidEntry": "errors", "NotQcow2": "errors", "UnsupportedFeature": "errors", "BackingError": "errors"}
+
+__all__ = list(_WHERE)
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
+    globals()[name] = value
+    return value
