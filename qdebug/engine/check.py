@@ -31,6 +31,7 @@ _ALWAYS = ("check-errors", "filename", "format")
 MAX_FINDINGS_PER_KIND = 10000
 _U64 = np.uint64
 _BATCH_TABLES = 64
+_MERGE_BATCHES = 16  # sparse batches checked as one (only their non-zero entries are kept)
 BME_TABLE_ENTRY_RESERVED_MASK = 0xFF000000000001FE
 BME_TABLE_ENTRY_OFFSET_MASK = 0x00FFFFFFFFFFFE00
 BME_TABLE_ENTRY_FLAG_ALL_ONES = 1
@@ -306,9 +307,12 @@ def _walk_l1(ctx: _Ctx, l1_offset: int, l1_size: int, *, active: bool, snapshot:
                         l1_index=int(used[i]), host_offset=o, snapshot=snapshot, entry=int(entries[i])))
     if active:
         _copied_l1(ctx, used, entries, l2_offsets)
+    pending: list = []
     for start in range(0, len(used), _BATCH_TABLES):
         sl = slice(start, start + _BATCH_TABLES)
-        _check_l2_batch(ctx, used[sl], l2_offsets[sl], active=active, snapshot=snapshot)
+        _check_l2_batch(ctx, used[sl], l2_offsets[sl], pending, active=active, snapshot=snapshot)
+        if start + _BATCH_TABLES >= len(used):
+            _flush_sparse(ctx, pending, active=active, snapshot=snapshot)
         if ctx.progress and active:
             ctx.progress(min(start + _BATCH_TABLES, len(used)), len(used))
 
@@ -522,20 +526,57 @@ def _fast_l2_batch(ctx: _Ctx, w0: np.ndarray, bm, l2_offsets: np.ndarray, *, act
     return True
 
 
-def _check_l2_batch(ctx: _Ctx, l1_indices: np.ndarray, l2_offsets: np.ndarray, *, active: bool,
+def _check_l2_batch(ctx: _Ctx, l1_indices: np.ndarray, l2_offsets: np.ndarray, pending: list, *, active: bool,
                     snapshot: str | None) -> None:
-    h, cs, cb = ctx.h, ctx.cs, ctx.cb
-    ext = h.extended_l2
+    """One batch of L2 tables. A mostly empty batch lying in the mapping only leaves its non-zero
+    entries in `pending`: sparse batches are checked together (`_flush_sparse`: the same array
+    passes for many batches); any other batch is checked now, after the pending ones (findings
+    stay in QEMU's order)."""
     views, mapped = _views(ctx, l2_offsets)
     mask = _nonzero_mask(views)
     sparse = np.count_nonzero(mask) * 4 < mask.size
-    if sparse:
-        if mapped:
-            ent, sw0, sbm = _mapped_entries(ctx, mask, l2_offsets)
-        else:
+    if sparse and mapped:
+        pending.append((l1_indices, l2_offsets, views, _mapped_entries(ctx, mask, l2_offsets)))
+        _release(ctx, l2_offsets)
+        if len(pending) == _MERGE_BATCHES:
+            _flush_sparse(ctx, pending, active=active, snapshot=snapshot)
+        return
+    _flush_sparse(ctx, pending, active=active, snapshot=snapshot)
+    _check_tables(ctx, l1_indices, l2_offsets, views, sparse=sparse, active=active, snapshot=snapshot)
+
+
+def _flush_sparse(ctx: _Ctx, pending: list, *, active: bool, snapshot: str | None) -> None:
+    """Check the pending sparse batches as one when the sparse rules cover them all; otherwise
+    give each batch, in order, the rules it needs."""
+    if not pending:
+        return
+    batches = pending[:]
+    pending.clear()
+    n = ctx.h.l2_entries
+    first_row = np.cumsum([0] + [len(b[1]) for b in batches])
+    ent = np.concatenate([b[3][0] + first_row[i] * n for i, b in enumerate(batches)])  # rows stay distinct
+    w0 = np.concatenate([b[3][1] for b in batches])
+    bm = None if batches[0][3][2] is None else np.concatenate([b[3][2] for b in batches])
+    fast = _sparse_l2_batch(ctx, ent, w0, bm, np.concatenate([b[1] for b in batches]), active=active)
+    if fast is True:
+        return
+    for l1_indices, l2_offsets, views, entries in batches:
+        _check_tables(ctx, l1_indices, l2_offsets, views, sparse=True, entries=entries,
+                      counted=fast == "copied", active=active, snapshot=snapshot)
+
+
+def _check_tables(ctx: _Ctx, l1_indices: np.ndarray, l2_offsets: np.ndarray, views: list[np.ndarray], *,
+                  sparse: bool, entries=None, counted: bool = False, active: bool, snapshot: str | None) -> None:
+    """Every rule for one batch: the sparse or dense fast path where it covers the batch, else
+    every rule of check_refcounts_l2. `counted`: a fast path counted the batch already and only
+    its COPIED findings are missing."""
+    ext = ctx.h.extended_l2
+    fast = "copied" if counted else None
+    if sparse and not counted:
+        if entries is None:
             raw = _tables(views)
-            ent, sw0, sbm = _sparse_entries(ctx, raw, _nonzero_words(raw))
-        fast = _sparse_l2_batch(ctx, ent, sw0, sbm, l2_offsets, active=active)
+            entries = _sparse_entries(ctx, raw, _nonzero_words(raw))
+        fast = _sparse_l2_batch(ctx, *entries, l2_offsets, active=active)
         if fast is True:
             _release(ctx, l2_offsets)
             return

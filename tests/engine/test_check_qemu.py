@@ -178,3 +178,37 @@ def test_l2_table_cut_by_end_of_file_counts_equal_qemu(tmp_path, extended_l2):
         assert table and table + img.header.cluster_size >= img.file_size
     os.truncate(path, table + 4096)
     _assert_same(path)
+
+
+@pytest.fixture(scope="module")
+def many_tables(tmp_path_factory):
+    """Ten L2 tables, each with normal, zero and partly written clusters (and one compressed)."""
+    from tests.qemu import create, qemu_io
+
+    path = create(str(tmp_path_factory.mktemp("many") / "m.qcow2"), "4G")
+    table = 4096 * 65536  # guest bytes one L2 table maps
+    cmds = []
+    for t in range(10):
+        b = t * table + t * 65536
+        cmds += [f"write -P {t + 1} {b} 64k", f"write -z {b + 65536} 64k", f"write -P 9 {b + 131072 + 4096} 2k"]
+    qemu_io(path, *cmds)
+    qemu_io(path, f"write -c -P 7 {3 * table + (1 << 20)} 64k")
+    return path
+
+
+@pytest.mark.parametrize("name", sorted(CORRUPTIONS))
+def test_sparse_batches_checked_together_count_as_qemu(many_tables, name, tmp_path, monkeypatch):
+    """One table per batch, four batches checked as one: counts equal qemu-img's, and the findings
+    (order included) equal those of checking every batch alone."""
+    import qdebug.engine.check as check
+
+    path = str(tmp_path / "img.qcow2")
+    shutil.copy(many_tables, path)
+    if corrupt(path, name) is None:
+        pytest.skip(f"nothing to corrupt with {name}")
+    monkeypatch.setattr(check, "_BATCH_TABLES", 1)
+    monkeypatch.setattr(check, "_MERGE_BATCHES", 1)
+    alone = _ours(path).findings
+    monkeypatch.setattr(check, "_MERGE_BATCHES", 4)
+    ours = _assert_same(path)
+    assert ours.findings == alone
