@@ -222,6 +222,7 @@ def _end_window(engine, journal) -> None:
         engine.flush()
         journal.commit()
     except BaseException:
+        engine.abandon()  # no write may land after the rollback
         journal.abort()
         raise
 

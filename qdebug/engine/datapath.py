@@ -272,22 +272,27 @@ def _finish(ctx: StepContext, piece, fill: Callable[[int, int], bytes], kind: st
         if m.offset + m.cs_to == offset and m.offset + m.ce_from == offset + cur:
             merged = m
             break
+    txn = ctx.txn
+    if txn.data_through:
+        for m in metas:  # handle_alloc_space: the clusters are zeroed first, the COW is skipped
+            if m.skip:
+                txn.zero_range(m.alloc + m.cs_from, m.ce_to - m.cs_from)
     if merged is None:
-        ctx.txn.write_data(host, cur, "data", lambda o=offset, n=cur: fill(o, n))
+        txn.write_data(host, cur, "data", lambda o=offset, n=cur: fill(o, n))
     plans = [link_l2(ctx, m, merged is m, host, offset, cur, fill) for m in metas]
-    ctx.requests.append(Request(kind, offset, cur, "", host, tuple(reversed(plans))))
+    # Built when the plan is asked for (a replay without a step log never asks).
+    ctx.requests.append(lambda: Request(kind, offset, cur, "", host, tuple(p() for p in reversed(plans))))
     for gc in range(offset >> g.cbits, (offset + cur - 1 >> g.cbits) + 1):
         ctx.touch(gc)
 
 
 def link_l2(ctx: StepContext, m: Meta, merged: bool, host: int, data_off: int, data_len: int,
-            fill: Callable[[int, int], bytes]) -> L2MetaPlan:
-    """perform_cow + qcow2_alloc_cluster_link_l2 for one L2Meta."""
+            fill: Callable[[int, int], bytes]) -> Callable[[], L2MetaPlan]:
+    """perform_cow + qcow2_alloc_cluster_link_l2 for one L2Meta; returns the maker of its plan."""
     g = ctx.g
     head = (m.offset + m.cs_from, m.cs_to - m.cs_from)
     tail = (m.offset + m.ce_from, m.ce_to - m.ce_from)
     hsegs, tsegs = m.segs
-    sources = cow_sources(hsegs) + cow_sources(tsegs)
     txn = ctx.txn
 
     top_pread = txn.pread if txn.pages and not txn.applying else None
@@ -295,12 +300,14 @@ def link_l2(ctx: StepContext, m: Meta, merged: bool, host: int, data_off: int, d
     def cow(region, segs):
         return lambda: guestview.read(ctx.chain, segs, region[0], region[0] + region[1], ctx.decompressed, top_pread)
 
+    # The COW bytes of a skip_cow meta are the zeros _finish put there: recorded, not written again.
+    write = txn.record if m.skip else txn.write_data
     if head[1]:
-        txn.write_data(m.alloc + m.cs_from, head[1], "cow", cow(head, hsegs))
+        write(m.alloc + m.cs_from, head[1], "cow", cow(head, hsegs))
     if merged:
         txn.write_data(host, data_len, "data", lambda: fill(data_off, data_len))
     if tail[1]:
-        txn.write_data(m.alloc + m.ce_from, tail[1], "cow", cow(tail, tsegs))
+        write(m.alloc + m.ce_from, tail[1], "cow", cow(tail, tsegs))
     gc0 = m.offset >> g.cbits
     old_entries = []
     written_from, written_to = m.cs_from, m.ce_to
@@ -321,5 +328,8 @@ def link_l2(ctx: StepContext, m: Meta, merged: bool, host: int, data_off: int, d
     if not m.keep_old:
         for w0 in old_entries:
             ctx.alloc.free_any_cluster(w0)
-    return L2MetaPlan(m.offset, m.nb, m.alloc, m.keep_old, (m.cs_from, m.cs_to - m.cs_from),
-                      (m.ce_from, m.ce_to - m.ce_from), m.skip, tuple(sources))
+    else:
+        ctx.in_place.append((m.alloc, m.nb))
+    return lambda: L2MetaPlan(m.offset, m.nb, m.alloc, m.keep_old, (m.cs_from, m.cs_to - m.cs_from),
+                              (m.ce_from, m.ce_to - m.ce_from), m.skip,
+                              tuple(cow_sources(hsegs) + cow_sources(tsegs)))

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import struct
-import weakref
 
 from . import constants as C
 from .chain import RawFile
@@ -19,7 +18,6 @@ from .compression import decompress, descriptor_fields
 from .subclusters import SubclusterType as T, subcluster_range_type
 
 RAW_DATA, RAW_HOLE, PAST_END = 7, 8, 9
-_PARAMS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # layer -> (header, geometry...)
 _QQ = struct.Struct(">QQ")
 _Q = struct.Struct(">Q")
 
@@ -61,10 +59,10 @@ def segments(chain, top_entry, start: int, end: int, depth: int = 0, out=None) -
     if isinstance(layer, RawFile):
         out.append((start, end, RAW_DATA, depth, start))
         return out
-    params = _PARAMS.get(layer)
+    params = getattr(layer, "_guestview_params", None)
     if params is None or params[0] is not layer.header:
         h = layer.header
-        params = _PARAMS[layer] = (h, h.cluster_bits, h.cluster_size, h.extended_l2, h.subcluster_bits)
+        params = layer._guestview_params = (h, h.cluster_bits, h.cluster_size, h.extended_l2, h.subcluster_bits)
     _h, cbits, cs, ext, scb = params
     pos = start
     while pos < end:

@@ -159,7 +159,12 @@ class Image:
         for hook in self.write_hooks:
             hook(size, -1)
         os.ftruncate(self.fd, size)
-        self.remap()
+        if size >= self.file_size:  # growth: mapped again when `mm` is next asked for, as after pwrite
+            self.file_size = size
+            self._l1_cache = None
+            self._reftable_cache = None
+        else:
+            self.remap()
 
     def reload_header(self) -> None:
         """Re-parse the header after a write to cluster 0 (L1 / refcount table moves, flags)."""

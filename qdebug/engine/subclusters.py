@@ -166,6 +166,8 @@ def subcluster_type(word0: int, bitmap: int, sc: int, *, extended: bool) -> Subc
 def subcluster_range_type(word0: int, bitmap: int, sc_from: int, *, extended: bool) -> tuple[SubclusterType, int]:
     """QEMU's qcow2_get_subcluster_range_type: the type at sc_from and how many subclusters
     from sc_from on share it within this cluster."""
+    if not word0 and not bitmap:  # an empty entry: the usual case on a fresh image
+        return T.UNALLOCATED_PLAIN, (32 - sc_from if extended else 1)
     t = subcluster_type(word0, bitmap, sc_from, extended=extended)
     if not extended:
         return t, 1

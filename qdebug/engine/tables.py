@@ -54,7 +54,8 @@ class StepContext:
         self.g = geo
         self.txn = txn
         self.alloc = alloc
-        self.requests: list[Request] = []
+        self.requests: list = []  # Request, or a callable that makes one (see WritePlan)
+        self.in_place: list[tuple[int, int]] = []  # (host offset, clusters) written in place (COPIED)
         self.before: dict[int, tuple[int, int]] = {}  # guest cluster -> (word0, bitmap) before
         self.allocations: list[tuple[int, int, str]] = []
         self.notes: list[str] = []

@@ -39,6 +39,13 @@ class HostWrite:
         return {"offset": self.offset, "length": self.length, "what": self.what}
 
 
+_ZEROS = bytes(1 << 21)
+
+
+def _zeros(n: int):
+    return memoryview(_ZEROS)[:n] if n <= len(_ZEROS) else bytes(n)
+
+
 class Txn:
     def __init__(self, img: Image, *, apply: bool = False, pages: dict[int, bytearray] | None = None,
                  base: dict[int, bytearray] | None = None, file_size: int = 0, write_data: bool = False):
@@ -85,11 +92,10 @@ class Txn:
         return bytes(out)
 
     def dirty(self, off: int, length: int) -> bool:
-        p = off & _MASK
-        while p < off + length:
-            if self.page(p) is not None:
+        pages, base = self.pages, self.base
+        for p in range(off & _MASK, off + length, PAGE):
+            if p in pages or (base is not None and p in base):
                 return True
-            p += PAGE
         return False
 
     def refcount_block(self, off: int, unpack: Callable[[bytes], np.ndarray]) -> np.ndarray:
@@ -156,6 +162,26 @@ class Txn:
             payload = b""
         self.writes.append((off, length, what, payload))
         self.file_size = max(self.file_size, off + length)
+
+    def record(self, off: int, length: int, what: str, payload: Payload = b"") -> None:
+        """A host write of the plan whose bytes are already in place (see zero_range)."""
+        self.writes.append((off, length, what, b"" if self.data_through else payload))
+        self.file_size = max(self.file_size, off + length)
+
+    def zero_range(self, off: int, length: int) -> None:
+        """Make [off, off+length) read as zeros, as QEMU's write-zeroes on the image file does:
+        zeros are written below the end of the file, past it the file is only extended."""
+        if not self.data_through:
+            return
+        img = self.img
+        inside = min(off + length, img.file_size) - off
+        if inside > 0:
+            zeros = _zeros(inside)
+            if not self.applying and self.pages and self.dirty(off, inside):
+                self._patch(off, zeros)
+            img.pwrite(off, zeros)
+        if off + length > img.file_size:
+            img.truncate(off + length)
 
     def host_writes(self) -> list[HostWrite]:
         return [HostWrite(off, length, what) for off, length, what, _ in self.writes]

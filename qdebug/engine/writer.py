@@ -28,7 +28,7 @@ from .compressed import hazard_for, write_compressed
 from .datapath import pwrite
 from .discard import discard
 from .errors import CorruptImage, QcowError
-from .planner import ClusterChange, Hazard, WritePlan
+from .planner import ClusterChange, Hazard, Request, WritePlan
 from .tables import Geometry, StepContext, StepFailed
 from .txn import HostWrite, Txn
 from .zeroes import write_zeroes
@@ -139,6 +139,10 @@ class WriteEngine:
             self.restore_state(state)
             raise
 
+    def abandon(self) -> None:
+        """Forget the held-back metadata (the caller rolls the image back)."""
+        self._overlay = {}
+
     @property
     def dirty_bytes(self) -> int:
         """Metadata held back by write-back (bounded by flushing when it grows)."""
@@ -216,7 +220,7 @@ class WriteEngine:
 
         def make_plan() -> WritePlan:
             return WritePlan(
-                command=cmd.text or cmd.to_qemu_io(), lineno=cmd.lineno, requests=tuple(ctx.requests),
+                command=cmd.text or cmd.to_qemu_io(), lineno=cmd.lineno, requests=tuple(r if isinstance(r, Request) else r() for r in ctx.requests),
                 clusters=tuple(self._changes(ctx)), host_writes=tuple(txn.host_writes()),
                 allocations=tuple(ctx.allocations), frees=tuple(freed), hazards=tuple(ctx.hazards),
                 error=error, file_size_before=size_before, file_size_after=size_after, notes=tuple(ctx.notes))
@@ -261,17 +265,14 @@ class WriteEngine:
     # ---- hazards --------------------------------------------------------------------------------
     def _check_in_place(self, ctx: StepContext) -> None:
         """An in-place (COPIED) write into a cluster whose refcount is not 1 writes someone else's data."""
-        for r in ctx.requests:
-            for m in r.metas:
-                if not m.keep_old:
-                    continue
-                for i in range(m.nb_clusters):
-                    host = m.alloc_offset + i * self.geo.cs
-                    rc = ctx.alloc.get_refcount(host >> self.geo.cbits)
-                    if rc != 1:
-                        ctx.hazards.append(Hazard(host, self.geo.cs, f"{rc} references", None,
-                                                  f"hazard: in-place write to host cluster 0x{host:x} whose refcount is "
-                                                  f"{rc} (COPIED set on a shared cluster): other users see the new data"))
+        for alloc, nb in ctx.in_place:
+            for i in range(nb):
+                host = alloc + i * self.geo.cs
+                rc = ctx.alloc.get_refcount(host >> self.geo.cbits)
+                if rc != 1:
+                    ctx.hazards.append(Hazard(host, self.geo.cs, f"{rc} references", None,
+                                              f"hazard: in-place write to host cluster 0x{host:x} whose refcount is "
+                                              f"{rc} (COPIED set on a shared cluster): other users see the new data"))
 
     def _owner_hazard(self, host: int, length: int) -> Hazard | None:
         """Who else owns the host clusters of [host, host+length): a live guest cluster or metadata.

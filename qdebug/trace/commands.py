@@ -66,8 +66,14 @@ class Command:
         return " ".join([self.op, *opts, str(self.offset), str(self.length)])
 
 
+_PATTERNS = {f"0x{b:02x}": b for b in range(256)}  # the usual spelling, looked up
+
+
 def parse_pattern(text: str) -> int:
     """A pattern byte as qemu-io's parse_pattern (strtol base 0, 0..255)."""
+    value = _PATTERNS.get(text)
+    if value is not None:
+        return value
     if not _PATTERN.match(text):
         raise SyntaxProblem(f"{text!r} is not a valid pattern byte")
     value = int(text, 16) if text[:2].lower() == "0x" else int(text, 8) if text.startswith("0") else int(text)
@@ -78,10 +84,9 @@ def parse_pattern(text: str) -> int:
 
 def parse_line(text: str, lineno: int = 0) -> Command | None:
     """One trace line -> Command; None for blank and comment lines (`#` to end of line)."""
-    body = text.split("#", 1)[0].strip()
-    if not body:
+    words = (text.split("#", 1)[0] if "#" in text else text).split()
+    if not words:
         return None
-    words = body.split()
     op = _ALIASES.get(words[0], words[0])
     if op not in _OPS:
         raise SyntaxProblem(f"unknown command {words[0]!r} (expected write, read, discard or flush)")

@@ -14,6 +14,8 @@ class SyntaxProblem(ValueError):
 
 def parse_size(text: str) -> int:
     """`4k` -> 4096, `0x800` -> 2048, `1M` -> 1048576 (qemu-io accepts the same spellings)."""
+    if text.isdigit() and text.isascii() and len(text) < 19:  # plain decimal: the usual case
+        return int(text)
     m = _NUM.match(text.strip())
     if not m:
         raise SyntaxProblem(f"invalid number {text!r}")

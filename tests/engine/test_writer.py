@@ -4,6 +4,7 @@ errors QEMU reports, plan purity, one-process allocator state, plan output."""
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -204,3 +205,22 @@ def test_pieces_of_one_request_allocate_before_any_frees(qemu, tmp_path):
     assert same_guest_data(img, ref)
     with open_image(img) as im:
         assert [im.l2_entry(c)[0] & 0xFFFFFFFFFE00 for c in (1, 2, 3, 8)] == [0x70000, 0x60000, 0x80000, 0x50000]
+
+
+def test_zero_cow_reusing_a_freed_cluster_zeroes_its_old_data(qemu, engine_mode, tmp_path):
+    """QEMU's zero-COW shortcut (skip_cow) zeroes the new cluster with one write-zeroes before the
+    data: a freed host cluster reused for a small write must not show its old bytes around it,
+    and a cluster past the end of the file is zero by extending the file."""
+    img = str(tmp_path / "a.qcow2")
+    create_image(img, 4 << 20)
+    ref = copy(img, str(tmp_path / "ref.qcow2"))
+    cmds = ["write -P 0x77 0 64k", "write -P 0x78 64k 64k", "discard 0 64k",
+            "write -P 0x12 1049600 512", "write -P 0x13 2M 512", "read -P 0 1M 1k", "read -P 0 1050112 512"]
+    results = qdebug_process(img, cmds)
+    qemu_process(ref, cmds)
+    assert [r.error for r in results] == [None] * len(cmds)
+    first = results[3].plan.requests[0].metas[0]
+    assert first.skip_cow and first.alloc_offset == results[0].plan.requests[0].host_offset  # reused
+    assert same_guest_data(img, ref)
+    assert_same_metadata(img, ref)
+    assert os.path.getsize(img) == os.path.getsize(ref)
