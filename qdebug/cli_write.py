@@ -282,11 +282,10 @@ def cmd_replay(args) -> int:
             journal.begin(_window_meta(source, 0))
         try:
             for lineno, line in enumerate(lines, 1):
-                where = f"{source}:{lineno}"
                 try:
                     cmd = parse_line(line, lineno)
                 except SyntaxProblem as e:
-                    fail(where, str(e))
+                    fail(f"{source}:{lineno}", str(e))
                     continue
                 if cmd is None:
                     continue
@@ -300,13 +299,13 @@ def cmd_replay(args) -> int:
                     log.write(json.dumps(rec.to_json()) + "\n")
                 for h in rec.hazards:
                     hazards += 1
-                    print(f"qdebug: {where}: {command_text(cmd)}: {hazard_text(h)}", file=sys.stderr)
+                    print(f"qdebug: {source}:{lineno}: {command_text(cmd)}: {hazard_text(h)}", file=sys.stderr)
                 steps += 1
                 if writeback and (cmd.op == "flush" or engine.dirty_bytes > WRITEBACK_LIMIT):
                     _end_window(engine, journal)
                     journal.begin(_window_meta(source, steps))
                 if rec.error:
-                    fail(where, f"{command_text(cmd)}: {rec.error}")
+                    fail(f"{source}:{lineno}", f"{command_text(cmd)}: {rec.error}")
                 progress.update(steps)
             progress.update(steps, force=True)
         finally:

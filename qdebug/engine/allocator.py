@@ -292,7 +292,7 @@ class Allocator:
         block = start // self.per_block
         idx = start % self.per_block
         if idx + n <= self.per_block and block < self.reftable_len and not (
-                self.block_values(block)[idx] if n == 1 else self.block_values(block)[idx:idx + n].any()):
+                self.block_values(block)[idx] if n == 1 else np.count_nonzero(self.block_values(block)[idx:idx + n])):
             self.free_cluster_index = start + n  # the common case: the run starts right here
             return start
         run_start, run = start, 0

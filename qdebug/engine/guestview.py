@@ -23,11 +23,15 @@ _Q = struct.Struct(">Q")
 
 
 def _layer_entry(img, guest_cluster: int) -> tuple[int, int]:
+    """A backing file's L2 entry (backing files are only read: their L1 entries are kept)."""
     h = img.header
     l1_index, idx = divmod(guest_cluster, h.l2_entries)
     if l1_index >= h.l1_size:
         return 0, 0
-    l2_off = _Q.unpack_from(img.mm, h.l1_table_offset + 8 * l1_index)[0] & C.L1E_OFFSET_MASK
+    l1 = img.__dict__.setdefault("_guestview_l1", {})
+    l2_off = l1.get(l1_index)
+    if l2_off is None:
+        l2_off = l1[l1_index] = _Q.unpack_from(img.mm, h.l1_table_offset + 8 * l1_index)[0] & C.L1E_OFFSET_MASK
     if not l2_off:
         return 0, 0
     off = l2_off + idx * h.l2_entry_size

@@ -140,15 +140,22 @@ class Image:
         data = bytes(self.mm[offset:offset + length])
         return data if len(data) == length else data + bytes(length - len(data))
 
-    def pwrite(self, offset: int, data: bytes) -> None:
-        """The only way bytes reach the file: hooks (the journal) see every change first."""
+    def pwrite(self, offset: int, data) -> None:
+        """The only way bytes reach the file: hooks (the journal) see every change first.
+        `data`: bytes-like, or a list of them written as one (pwritev)."""
         if not self.writable:
             raise QcowError(f"{self.path}: opened read-only")
+        n = sum(map(len, data)) if isinstance(data, list) else len(data)
         for hook in self.write_hooks:
-            hook(offset, len(data))
-        os.pwrite(self.fd, data, offset)
-        if offset + len(data) > self.file_size:
-            self.file_size = offset + len(data)  # mapped again when `mm` is next asked for
+            hook(offset, n)
+        if isinstance(data, list):
+            done = os.pwritev(self.fd, data, offset)
+            if done < n:  # a short write: the rest one piece at a time
+                os.pwrite(self.fd, b"".join(data)[done:], offset + done)
+        else:
+            os.pwrite(self.fd, data, offset)
+        if offset + n > self.file_size:
+            self.file_size = offset + n  # mapped again when `mm` is next asked for
             self._l1_cache = None
             self._reftable_cache = None
 

@@ -62,14 +62,17 @@ class StepContext:
         self.hazards: list = []
         self.decompressed: dict = {}  # compressed clusters decompressed for COW in this step
         self._entries: dict[int, tuple[int, int]] = {}
+        self._l1: dict[int, int] = {}  # L1 entries read this step (get_cluster_table keeps it current)
 
     # ---- L1 / L2 ---------------------------------------------------------------------------------
     def l2_location(self, guest_cluster: int) -> tuple[int, int, int]:
         """(l1 entry, L2 table offset or 0, index in the table) without allocating anything."""
         l1_index, l2_index = divmod(guest_cluster, self.g.l2_entries)
-        if l1_index >= self.g.l1_size:
-            return 0, 0, l2_index
-        l1e = self.txn.u64(self.g.l1_offset + 8 * l1_index)
+        l1e = self._l1.get(l1_index)
+        if l1e is None:
+            if l1_index >= self.g.l1_size:
+                return 0, 0, l2_index
+            l1e = self._l1[l1_index] = self.txn.u64(self.g.l1_offset + 8 * l1_index)
         return l1e, l1e & C.L1E_OFFSET_MASK, l2_index
 
     def entry(self, guest_cluster: int) -> tuple[int, int]:
@@ -84,7 +87,9 @@ class StepContext:
         off = l2_off + idx * self.g.esize
         if self.g.ext:
             page = self.txn.page(off)
-            if page is None and off + 16 <= self.txn.img.map_len:
+            if page is not None:  # a 16-byte entry never straddles a page
+                e = _QQ.unpack_from(page, off & 4095)
+            elif off + 16 <= self.txn.img.map_len:
                 e = _QQ.unpack_from(self.txn.img.mapping, off)
             else:
                 e = (self.txn.u64(off), self.txn.u64(off + 8))
@@ -140,6 +145,7 @@ class StepContext:
         table = self.txn.pread(l2_off, self.g.cs) if l2_off else bytes(self.g.cs)
         self.txn.write_meta(new, table, "L2")
         self.txn.write_u64(self.g.l1_offset + 8 * l1_index, new | C.QCOW_OFLAG_COPIED, "L1")
+        self._l1[l1_index] = new | C.QCOW_OFLAG_COPIED
         if l2_off:
             self.alloc.free_clusters(l2_off, self.g.cs)
             self.notes.append(f"L2 table at 0x{l2_off:x} is shared (snapshot): copied to 0x{new:x}")

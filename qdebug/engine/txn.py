@@ -123,6 +123,11 @@ class Txn:
         end = off + len(data)
         saved = self.saved
         p = off & _MASK
+        if end - p <= PAGE:  # one page already in the overlay (an L2 entry, a refcount): the usual case
+            page = self.pages.get(p)
+            if page is not None and (saved is None or p in saved):
+                page[off - p:end - p] = data
+                return
         while p < end:
             if saved is not None and p not in saved:
                 old = self.pages.get(p)
@@ -155,9 +160,12 @@ class Txn:
         """A data write (guest data, COW, compressed): bytes are only made when applying."""
         if self.data_through:
             data = payload if isinstance(payload, (bytes, bytearray)) else payload()
-            assert len(data) == length, (what, off, length, len(data))
+            if isinstance(data, list):  # a long pattern write: buffers written with one pwritev
+                data = data[0] if len(data) == 1 else data if len(data) <= 256 else b"".join(data)
+            assert (sum(map(len, data)) if isinstance(data, list) else len(data)) == length, (what, off, length)
             if not self.applying and self.pages and self.dirty(off, length):
-                self._patch(off, data)  # (a hazard) data over a metadata page still held back
+                # (a hazard) data over a metadata page still held back
+                self._patch(off, b"".join(data) if isinstance(data, list) else data)
             self.img.pwrite(off, data)
             payload = b""
         self.writes.append((off, length, what, payload))

@@ -34,18 +34,20 @@ from .txn import HostWrite, Txn
 from .zeroes import write_zeroes
 from ..trace.commands import Command
 
-_FILLS: dict[int, bytes] = {}  # pattern byte -> a run of it, sliced (no copy) for every write
-_FILL_MAX = 256 << 10
+_FILLS: dict[int, memoryview] = {}  # pattern byte -> a 64 KiB run of it, never copied
+_RUN = 64 << 10
 
 
 def _pattern(byte: int):
+    """Guest data of one byte: slices of a shared run; longer writes as a list of them (pwritev)."""
     def fill(_off: int, n: int):
         run = _FILLS.get(byte)
-        if run is None or len(run) < n:
-            if n > _FILL_MAX:
-                return bytes([byte]) * n
-            run = _FILLS[byte] = bytes([byte]) * max(n, 64 << 10)
-        return run if len(run) == n else memoryview(run)[:n]
+        if run is None:
+            run = _FILLS[byte] = memoryview(bytes([byte]) * _RUN)
+        if n <= _RUN:
+            return run[:n]
+        whole, rest = divmod(n, _RUN)
+        return [run] * whole + ([run[:rest]] if rest else [])
     return fill
 
 
