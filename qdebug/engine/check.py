@@ -307,7 +307,7 @@ def _walk_l1(ctx: _Ctx, l1_offset: int, l1_size: int, *, active: bool, snapshot:
                         l1_index=int(used[i]), host_offset=o, snapshot=snapshot, entry=int(entries[i])))
     if active:
         _copied_l1(ctx, used, entries, l2_offsets)
-    pending: list = []
+    pending = _Pending(ctx)
     for start in range(0, len(used), _BATCH_TABLES):
         sl = slice(start, start + _BATCH_TABLES)
         _check_l2_batch(ctx, used[sl], l2_offsets[sl], pending, active=active, snapshot=snapshot)
@@ -396,10 +396,12 @@ def _sparse_entries(ctx: _Ctx, raw: np.ndarray, words: np.ndarray):
     return words, _native(flat[words]), None
 
 
-def _nonzero_mask(views: list[np.ndarray]) -> np.ndarray:
-    """(tables, words) booleans: which words of the tables are non-zero. One pass over each table
-    where it lies (a view of the mapping): the tables themselves are never copied."""
-    mask = np.empty((len(views), len(views[0])), dtype=bool)
+def _nonzero_mask(views: list[np.ndarray], mask: np.ndarray | None = None) -> np.ndarray:
+    """(tables, words) booleans (written into `mask` if given): which words of the tables are
+    non-zero. One pass over each table where it lies (a view of the mapping): the tables themselves
+    are never copied."""
+    if mask is None:
+        mask = np.empty((len(views), len(views[0])), dtype=bool)
     for k, v in enumerate(views):
         np.not_equal(v, 0, out=mask[k])
     return mask
@@ -526,41 +528,62 @@ def _fast_l2_batch(ctx: _Ctx, w0: np.ndarray, bm, l2_offsets: np.ndarray, *, act
     return True
 
 
-def _check_l2_batch(ctx: _Ctx, l1_indices: np.ndarray, l2_offsets: np.ndarray, pending: list, *, active: bool,
-                    snapshot: str | None) -> None:
-    """One batch of L2 tables. A mostly empty batch lying in the mapping only leaves its non-zero
-    entries in `pending`: sparse batches are checked together (`_flush_sparse`: the same array
-    passes for many batches); any other batch is checked now, after the pending ones (findings
-    stay in QEMU's order)."""
+class _Pending:
+    """Mostly empty batches of mapped L2 tables waiting to be checked together: their non-zero
+    masks, side by side in one buffer (a few MiB), and each batch's tables."""
+
+    def __init__(self, ctx: _Ctx):
+        width = ctx.h.l2_entries * (2 if ctx.h.extended_l2 else 1)
+        merge = _MERGE_BATCHES if _MERGE_BATCHES * _BATCH_TABLES * width <= 8 << 20 else 1
+        self.mask = np.empty((merge * _BATCH_TABLES, width), dtype=bool)
+        self.batches: list[tuple[np.ndarray, np.ndarray, list[np.ndarray], int]] = []
+        self.rows = 0  # mask rows in use
+
+    def next_rows(self, n: int) -> np.ndarray:
+        """Mask rows for the next batch (kept only if the batch is added)."""
+        return self.mask[self.rows:self.rows + n]
+
+    def add(self, l1_indices, l2_offsets, views) -> bool:
+        """Keep the batch whose mask is in `next_rows`; True when the buffer is full."""
+        self.batches.append((l1_indices, l2_offsets, views, self.rows))
+        self.rows += len(views)
+        return self.rows + _BATCH_TABLES > len(self.mask)
+
+
+def _check_l2_batch(ctx: _Ctx, l1_indices: np.ndarray, l2_offsets: np.ndarray, pending: _Pending, *,
+                    active: bool, snapshot: str | None) -> None:
+    """One batch of L2 tables. A mostly empty batch lying in the mapping is only marked in
+    `pending`: sparse batches are checked together (`_flush_sparse`: the same array passes for
+    many batches); any other batch is checked now, after the pending ones (findings stay in
+    QEMU's order)."""
     views, mapped = _views(ctx, l2_offsets)
-    mask = _nonzero_mask(views)
-    sparse = np.count_nonzero(mask) * 4 < mask.size
-    if sparse and mapped:
-        pending.append((l1_indices, l2_offsets, views, _mapped_entries(ctx, mask, l2_offsets)))
-        _release(ctx, l2_offsets)
-        if len(pending) == _MERGE_BATCHES:
-            _flush_sparse(ctx, pending, active=active, snapshot=snapshot)
-        return
+    mask = _nonzero_mask(views, pending.next_rows(len(views)))
+    if np.count_nonzero(mask) * 4 < mask.size:
+        if mapped:
+            if pending.add(l1_indices, l2_offsets, views):
+                _flush_sparse(ctx, pending, active=active, snapshot=snapshot)
+            return
+        sparse = True
+    else:
+        sparse = False
     _flush_sparse(ctx, pending, active=active, snapshot=snapshot)
     _check_tables(ctx, l1_indices, l2_offsets, views, sparse=sparse, active=active, snapshot=snapshot)
 
 
-def _flush_sparse(ctx: _Ctx, pending: list, *, active: bool, snapshot: str | None) -> None:
+def _flush_sparse(ctx: _Ctx, pending: _Pending, *, active: bool, snapshot: str | None) -> None:
     """Check the pending sparse batches as one when the sparse rules cover them all; otherwise
     give each batch, in order, the rules it needs."""
-    if not pending:
+    if not pending.batches:
         return
-    batches = pending[:]
-    pending.clear()
-    n = ctx.h.l2_entries
-    first_row = np.cumsum([0] + [len(b[1]) for b in batches])
-    ent = np.concatenate([b[3][0] + first_row[i] * n for i, b in enumerate(batches)])  # rows stay distinct
-    w0 = np.concatenate([b[3][1] for b in batches])
-    bm = None if batches[0][3][2] is None else np.concatenate([b[3][2] for b in batches])
-    fast = _sparse_l2_batch(ctx, ent, w0, bm, np.concatenate([b[1] for b in batches]), active=active)
+    batches, mask = pending.batches, pending.mask[:pending.rows]
+    pending.batches, pending.rows = [], 0
+    offsets = np.concatenate([b[1] for b in batches])
+    fast = _sparse_l2_batch(ctx, *_mapped_entries(ctx, mask, offsets), offsets, active=active)
+    _release(ctx, offsets)
     if fast is True:
         return
-    for l1_indices, l2_offsets, views, entries in batches:
+    for l1_indices, l2_offsets, views, row in batches:
+        entries = _mapped_entries(ctx, mask[row:row + len(views)], l2_offsets)
         _check_tables(ctx, l1_indices, l2_offsets, views, sparse=True, entries=entries,
                       counted=fast == "copied", active=active, snapshot=snapshot)
 
