@@ -11,7 +11,8 @@ buffered changes), so the same code plans and executes.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
+
 import numpy as np
 
 from . import constants as C
@@ -29,9 +30,9 @@ class _Again(Exception):
     """QEMU's -EAGAIN: a refcount block was just allocated, restart the free-cluster search."""
 
 
-@dataclass(frozen=True)
-class AllocatorState:
-    """What a qemu-io process remembers between requests (restored on undo)."""
+class AllocatorState(NamedTuple):
+    """What a qemu-io process remembers between requests (restored on undo). A named tuple: one is
+    made for every step, and it is immutable all the same."""
 
     free_cluster_index: int = 0
     free_byte_offset: int = 0
@@ -141,7 +142,10 @@ class Allocator:
         b1 = -(-(i0 + len(values)) * bits // 8)
         if bits >= 8 and isinstance(values, list):
             width = bits // 8
-            data = b"".join([v.to_bytes(width, "big") for v in values])
+            if len(values) == 1:
+                data = values[0].to_bytes(width, "big")
+            else:
+                data = b"".join([v.to_bytes(width, "big") for v in values])
         elif bits >= 8:
             data = pack_refcounts(values, self.order)
         else:
@@ -155,7 +159,10 @@ class Allocator:
         if cached is not None and not self._live(cached):
             if not cached.flags.writeable:
                 cached = self._cache[block_off] = np.array(cached, dtype=np.uint64)
-            cached[i0:i0 + len(values)] = values
+            if len(values) == 1:
+                cached[i0] = values[0]
+            else:
+                cached[i0:i0 + len(values)] = values
 
     def update_refcount(self, first_cluster: int, count: int, addend: int, undo: bool = False) -> None:
         """Add `addend` (+n or -n) to `count` clusters; may raise _Again after undoing itself."""
@@ -297,13 +304,16 @@ class Allocator:
             return start
         run_start, run = start, 0
         table_len = self.reftable_len
+        chunk = max(1024, 2 * n)
         while True:
             if block >= table_len:
                 result = run_start if run else block * self.per_block + idx
                 break
-            # Look at a chunk at a time: the first free run is usually close to the search start.
-            vals = self.block_values(block)[idx:idx + max(1024, 2 * n)]
-            used = np.flatnonzero(vals)
+            # Look at a chunk at a time: the first free run is usually close to the search start;
+            # when it is not (the index fell back into a full region), the chunks grow.
+            vals = self.block_values(block)[idx:idx + chunk]
+            chunk = min(chunk * 4, self.per_block)
+            used = vals.nonzero()[0]
             base = block * self.per_block + idx
             if len(used) == 0:
                 if not run:
@@ -312,6 +322,8 @@ class Allocator:
                 if run >= n:
                     result = run_start
                     break
+            elif len(used) == len(vals):  # all in use: the run (if any) is broken, go on
+                run = 0
             else:
                 if run + int(used[0]) >= n:
                     result = run_start if run else base

@@ -125,13 +125,15 @@ class Txn:
         p = off & _MASK
         if end - p <= PAGE:  # one page already in the overlay (an L2 entry, a refcount): the usual case
             page = self.pages.get(p)
-            if page is not None and (saved is None or p in saved):
+            if page is not None:
+                if saved is not None and p not in saved:
+                    saved[p] = bytes(page)
                 page[off - p:end - p] = data
                 return
         while p < end:
             if saved is not None and p not in saved:
                 old = self.pages.get(p)
-                saved[p] = None if old is None else bytearray(old)
+                saved[p] = None if old is None else bytes(old)
             if p >= off and p + PAGE <= end:
                 self.pages[p] = bytearray(data[p - off:p - off + PAGE])
                 p += PAGE
@@ -150,7 +152,7 @@ class Txn:
             if old is None:
                 self.pages.pop(p, None)
             else:
-                self.pages[p] = old
+                self.pages[p] = bytearray(old)
         self.saved = {}
 
     def write_u64(self, off: int, value: int, what: str) -> None:

@@ -17,7 +17,7 @@ journal step per flush keeps it crash-safe); per-step undo needs the write-throu
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -51,8 +51,7 @@ def _pattern(byte: int):
     return fill
 
 
-@dataclass(frozen=True)
-class EngineState:
+class EngineState(NamedTuple):
     """Everything a qemu-io process remembers between commands."""
 
     allocator: AllocatorState = AllocatorState()
