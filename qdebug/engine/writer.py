@@ -150,8 +150,9 @@ class WriteEngine:
         return len(self._overlay) * 4096
 
     def flush(self) -> None:
-        """Write the held-back metadata pages to the image, adjacent pages as one write."""
-        if self._simulated or not self._overlay:
+        """Write the held-back metadata pages to the image, adjacent pages as one write, and give
+        the file the length the held-back writes reached."""
+        if self._simulated or not self.writeback:
             return
         img = self.chain.top
         pages, size = self._overlay, max(self._overlay_size, img.file_size)
