@@ -12,6 +12,7 @@ bitmap is not counted at all), because the counts must equal qemu-img's on the s
 
 from __future__ import annotations
 
+import os
 import struct
 import sys
 from dataclasses import dataclass, field
@@ -307,12 +308,12 @@ def _walk_l1(ctx: _Ctx, l1_offset: int, l1_size: int, *, active: bool, snapshot:
                         l1_index=int(used[i]), host_offset=o, snapshot=snapshot, entry=int(entries[i])))
     if active:
         _copied_l1(ctx, used, entries, l2_offsets)
-    pending = _Pending(ctx)
+    scan = _Scan(ctx)
     for start in range(0, len(used), _BATCH_TABLES):
         sl = slice(start, start + _BATCH_TABLES)
-        _check_l2_batch(ctx, used[sl], l2_offsets[sl], pending, active=active, snapshot=snapshot)
+        _check_l2_batch(ctx, used[sl], l2_offsets[sl], scan, active=active, snapshot=snapshot)
         if start + _BATCH_TABLES >= len(used):
-            _flush_sparse(ctx, pending, active=active, snapshot=snapshot)
+            _flush_sparse(ctx, scan, active=active, snapshot=snapshot)
         if ctx.progress and active:
             ctx.progress(min(start + _BATCH_TABLES, len(used)), len(used))
 
@@ -332,41 +333,21 @@ def _copied_l1(ctx: _Ctx, l1_indices, entries, l2_offsets) -> None:
                         repairable_by_qemu=True), copied=True)
 
 
-def _views(ctx: _Ctx, l2_offsets: np.ndarray) -> tuple[list[np.ndarray], bool]:
-    """The L2 tables at `l2_offsets` as 1-D arrays of words in file byte order, and whether all of
-    them are zero-copy views of the mapping (word-aligned, inside the file); the others are copies
-    (zeros past EOF)."""
-    width = ctx.h.l2_entries * (2 if ctx.h.extended_l2 else 1)
-    native = ctx.words.view(np.uint64)  # same bytes, no conversion
-    out, mapped = [], True
-    for o in l2_offsets.tolist():
-        if o % 8 == 0 and o + width * 8 <= ctx.file_len:
-            out.append(native[o // 8: o // 8 + width])
-        else:
-            out.append(np.frombuffer(ctx.img.pread(o, width * 8), dtype=np.uint64))
-            mapped = False
-    return out, mapped
-
-
-def _tables(views: list[np.ndarray]) -> np.ndarray:
-    """The tables copied into one (tables, words) array, still in file byte order."""
-    raw = np.empty((len(views), len(views[0])), dtype=np.uint64)
-    for k, v in enumerate(views):
-        raw[k] = v
-    return raw
-
-
-def _nonzero_words(raw: np.ndarray) -> np.ndarray:
-    """np.flatnonzero(raw), about 3x faster on mostly empty tables: find the 64-word blocks that
-    hold anything first (a vectorized compare), then the words inside only those blocks."""
-    if raw.size % 64:
-        return np.flatnonzero(raw)
-    blocks = raw.reshape(-1, 64)
-    hit = np.flatnonzero((blocks != 0).any(axis=1))
-    if hit.size * 4 > len(blocks):
-        return np.flatnonzero(raw)
-    r, c = np.nonzero(blocks[hit])
-    return hit[r] * 64 + c
+def _read_tables(ctx: _Ctx, l2_offsets: np.ndarray, raw: np.ndarray, mask: np.ndarray) -> None:
+    """Read the L2 tables at `l2_offsets` into the rows of `raw` (file byte order, zeros past EOF)
+    and mark their non-zero words in `mask`, each table while it is still in the CPU cache. One
+    pread per table into memory that is reused: nothing of the image gets mapped, so there are no
+    page faults to take and no pages to drop again (cheaper than scanning the mapping)."""
+    fd, nbytes, end = ctx.img.fd, raw.shape[1] * 8, ctx.file_len
+    for k, o in enumerate(l2_offsets.tolist()):
+        row = raw[k]
+        if o + nbytes <= end:
+            got = os.preadv(fd, [row], o)
+        else:  # the image ends at file_len, whatever the file holds beyond it
+            got = os.preadv(fd, [row.view(np.uint8)[:end - o]], o) if o < end else 0
+        if got < nbytes:
+            row.view(np.uint8)[got:] = 0
+        np.not_equal(row, 0, out=mask[k])
 
 
 def _native(a: np.ndarray) -> np.ndarray:
@@ -384,44 +365,19 @@ def _split(ctx: _Ctx, raw: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
     return np.ascontiguousarray(raw[:, 0::2]), np.ascontiguousarray(raw[:, 1::2])
 
 
-def _sparse_entries(ctx: _Ctx, raw: np.ndarray, words: np.ndarray):
-    """(entries, word0, bitmap or None) of the entries holding the non-zero words `words` of `raw`
-    (flat indices); entries are flat indices too, values are native."""
-    flat = raw.reshape(-1)
-    if ctx.h.extended_l2:
-        ent = words >> 1
-        if ent.size:
-            ent = ent[np.r_[True, ent[1:] != ent[:-1]]]
-        return ent, _native(flat[ent * 2]), _native(flat[ent * 2 + 1])
-    return words, _native(flat[words]), None
-
-
-def _nonzero_mask(views: list[np.ndarray], mask: np.ndarray | None = None) -> np.ndarray:
-    """(tables, words) booleans (written into `mask` if given): which words of the tables are
-    non-zero. One pass over each table where it lies (a view of the mapping): the tables themselves
-    are never copied."""
-    if mask is None:
-        mask = np.empty((len(views), len(views[0])), dtype=bool)
-    for k, v in enumerate(views):
-        np.not_equal(v, 0, out=mask[k])
-    return mask
-
-
-def _mapped_entries(ctx: _Ctx, mask: np.ndarray, l2_offsets: np.ndarray):
-    """`_sparse_entries` of tables that are all views of the mapping: the entries holding the words
-    set in `mask` are fetched from the mapping in place (numbered as `_sparse_entries` does)."""
+def _sparse_entries(ctx: _Ctx, raw: np.ndarray, mask: np.ndarray):
+    """(entries, word0, bitmap or None) of the non-zero entries of the tables `raw` (`mask`: their
+    non-zero words): entries are flat indices over the tables seen as one array, values native."""
     ext = ctx.h.extended_l2
-    flat = mask.reshape(-1)
     per = 2 if ext else 1  # words per entry
+    flat = mask.reshape(-1)
     # 8 mask bytes at a time: the few non-zero groups, then the entries inside them
     lanes = flat.view(np.uint16) if ext else flat.view(np.uint8)  # one lane per entry
     hit = np.flatnonzero(flat.view(np.uint64) != 0)  # (numpy finds non-zero booleans fastest)
     cand = (hit[:, None] * (8 // per) + np.arange(8 // per)).reshape(-1)
     ent = cand[lanes[cand] != 0]
-    n = ctx.h.l2_entries  # a power of two
-    g = (l2_offsets // 8)[ent >> (n.bit_length() - 1)] + (ent & (n - 1)) * per  # word index in the file
-    native = ctx.words.view(np.uint64)
-    return ent, _native(native[g]), _native(native[g + 1]) if ext else None
+    words = raw.reshape(-1)
+    return ent, _native(words[ent * per]), _native(words[ent * per + 1]) if ext else None
 
 
 def _sparse_l2_batch(ctx: _Ctx, ent: np.ndarray, w0: np.ndarray, bm, l2_offsets: np.ndarray, *, active: bool):
@@ -460,26 +416,6 @@ def _sparse_l2_batch(ctx: _Ctx, ent: np.ndarray, w0: np.ndarray, bm, l2_offsets:
     if ((arr[clusters] == 1) != (w0[has_off] >= _U64(C.QCOW_OFLAG_COPIED))).any():
         return "copied"
     return True
-
-
-def _release(ctx: _Ctx, l2_offsets: np.ndarray) -> None:
-    """Drop the pages of tables already walked from our resident set (the file keeps them cached):
-    one madvise over the span of the batch (pages between its tables that we never touched are
-    not mapped, so dropping them costs nothing)."""
-    import mmap
-
-    madvise = getattr(ctx.img.mm, "madvise", None)
-    if madvise is None or not hasattr(mmap, "MADV_DONTNEED") or not len(l2_offsets):
-        return
-    page = mmap.PAGESIZE
-    limit = ctx.file_len - ctx.file_len % page
-    lo = -(-int(l2_offsets.min()) // page) * page
-    hi = min(int(l2_offsets.max()) + ctx.cs, limit) // page * page
-    if hi > lo:
-        try:
-            madvise(mmap.MADV_DONTNEED, lo, hi - lo)
-        except (OSError, ValueError):
-            pass
 
 
 def _fast_l2_batch(ctx: _Ctx, w0: np.ndarray, bm, l2_offsets: np.ndarray, *, active: bool) -> bool:
@@ -528,83 +464,67 @@ def _fast_l2_batch(ctx: _Ctx, w0: np.ndarray, bm, l2_offsets: np.ndarray, *, act
     return True
 
 
-class _Pending:
-    """Mostly empty batches of mapped L2 tables waiting to be checked together: their non-zero
-    masks, side by side in one buffer (a few MiB), and each batch's tables."""
+class _Scan:
+    """One walk's reusable memory for a batch of tables (their words and non-zero mask), and the
+    mostly empty batches waiting to be checked together: only their non-zero entries are kept."""
 
     def __init__(self, ctx: _Ctx):
         width = ctx.h.l2_entries * (2 if ctx.h.extended_l2 else 1)
-        merge = _MERGE_BATCHES if _MERGE_BATCHES * _BATCH_TABLES * width <= 8 << 20 else 1
-        self.mask = np.empty((merge * _BATCH_TABLES, width), dtype=bool)
-        self.batches: list[tuple[np.ndarray, np.ndarray, list[np.ndarray], int]] = []
-        self.rows = 0  # mask rows in use
-
-    def next_rows(self, n: int) -> np.ndarray:
-        """Mask rows for the next batch (kept only if the batch is added)."""
-        return self.mask[self.rows:self.rows + n]
-
-    def add(self, l1_indices, l2_offsets, views) -> bool:
-        """Keep the batch whose mask is in `next_rows`; True when the buffer is full."""
-        self.batches.append((l1_indices, l2_offsets, views, self.rows))
-        self.rows += len(views)
-        return self.rows + _BATCH_TABLES > len(self.mask)
+        self.raw = np.empty((_BATCH_TABLES, width), dtype=np.uint64)
+        self.mask = np.empty((_BATCH_TABLES, width), dtype=bool)
+        self.pending: list[tuple[np.ndarray, np.ndarray, tuple]] = []  # (l1 indices, offsets, entries)
 
 
-def _check_l2_batch(ctx: _Ctx, l1_indices: np.ndarray, l2_offsets: np.ndarray, pending: _Pending, *,
+def _check_l2_batch(ctx: _Ctx, l1_indices: np.ndarray, l2_offsets: np.ndarray, scan: _Scan, *,
                     active: bool, snapshot: str | None) -> None:
-    """One batch of L2 tables. A mostly empty batch lying in the mapping is only marked in
-    `pending`: sparse batches are checked together (`_flush_sparse`: the same array passes for
-    many batches); any other batch is checked now, after the pending ones (findings stay in
+    """One batch of L2 tables. A mostly empty batch only leaves its non-zero entries in
+    `scan.pending`: sparse batches are checked together (`_flush_sparse`: the same array passes
+    for many batches); any other batch is checked now, after the pending ones (findings stay in
     QEMU's order)."""
-    views, mapped = _views(ctx, l2_offsets)
-    mask = _nonzero_mask(views, pending.next_rows(len(views)))
+    raw, mask = scan.raw[:len(l2_offsets)], scan.mask[:len(l2_offsets)]
+    _read_tables(ctx, l2_offsets, raw, mask)
     if np.count_nonzero(mask) * 4 < mask.size:
-        if mapped:
-            if pending.add(l1_indices, l2_offsets, views):
-                _flush_sparse(ctx, pending, active=active, snapshot=snapshot)
-            return
-        sparse = True
-    else:
-        sparse = False
-    _flush_sparse(ctx, pending, active=active, snapshot=snapshot)
-    _check_tables(ctx, l1_indices, l2_offsets, views, sparse=sparse, active=active, snapshot=snapshot)
-
-
-def _flush_sparse(ctx: _Ctx, pending: _Pending, *, active: bool, snapshot: str | None) -> None:
-    """Check the pending sparse batches as one when the sparse rules cover them all; otherwise
-    give each batch, in order, the rules it needs."""
-    if not pending.batches:
+        scan.pending.append((l1_indices, l2_offsets, _sparse_entries(ctx, raw, mask)))
+        if len(scan.pending) == _MERGE_BATCHES:
+            _flush_sparse(ctx, scan, active=active, snapshot=snapshot)
         return
-    batches, mask = pending.batches, pending.mask[:pending.rows]
-    pending.batches, pending.rows = [], 0
-    offsets = np.concatenate([b[1] for b in batches])
-    fast = _sparse_l2_batch(ctx, *_mapped_entries(ctx, mask, offsets), offsets, active=active)
-    _release(ctx, offsets)
+    _flush_sparse(ctx, scan, active=active, snapshot=snapshot)
+    _check_tables(ctx, l1_indices, l2_offsets, raw, sparse=False, active=active, snapshot=snapshot)
+
+
+def _flush_sparse(ctx: _Ctx, scan: _Scan, *, active: bool, snapshot: str | None) -> None:
+    """Check the pending sparse batches as one when the sparse rules cover them all; otherwise
+    give each batch, in order, the rules it needs (its tables read again: this is rare)."""
+    if not scan.pending:
+        return
+    batches, scan.pending = scan.pending, []
+    n = ctx.h.l2_entries
+    first_row = np.cumsum([0] + [len(b[1]) for b in batches])
+    ent = np.concatenate([b[2][0] + first_row[i] * n for i, b in enumerate(batches)])  # rows stay distinct
+    w0 = np.concatenate([b[2][1] for b in batches])
+    bm = None if batches[0][2][2] is None else np.concatenate([b[2][2] for b in batches])
+    fast = _sparse_l2_batch(ctx, ent, w0, bm, np.concatenate([b[1] for b in batches]), active=active)
     if fast is True:
         return
-    for l1_indices, l2_offsets, views, row in batches:
-        entries = _mapped_entries(ctx, mask[row:row + len(views)], l2_offsets)
-        _check_tables(ctx, l1_indices, l2_offsets, views, sparse=True, entries=entries,
+    for l1_indices, l2_offsets, entries in batches:
+        raw = np.empty((len(l2_offsets), scan.raw.shape[1]), dtype=np.uint64)
+        _read_tables(ctx, l2_offsets, raw, np.empty(raw.shape, dtype=bool))
+        _check_tables(ctx, l1_indices, l2_offsets, raw, sparse=True, entries=entries,
                       counted=fast == "copied", active=active, snapshot=snapshot)
 
 
-def _check_tables(ctx: _Ctx, l1_indices: np.ndarray, l2_offsets: np.ndarray, views: list[np.ndarray], *,
+def _check_tables(ctx: _Ctx, l1_indices: np.ndarray, l2_offsets: np.ndarray, raw: np.ndarray, *,
                   sparse: bool, entries=None, counted: bool = False, active: bool, snapshot: str | None) -> None:
-    """Every rule for one batch: the sparse or dense fast path where it covers the batch, else
-    every rule of check_refcounts_l2. `counted`: a fast path counted the batch already and only
-    its COPIED findings are missing."""
+    """Every rule for one batch (`raw`: its tables in file byte order; swapped in place here): the
+    sparse (given its `entries`) or dense fast path where it covers the batch, else every rule of
+    check_refcounts_l2. `counted`: a fast path counted the batch already and only its COPIED
+    findings are missing."""
     ext = ctx.h.extended_l2
     fast = "copied" if counted else None
     if sparse and not counted:
-        if entries is None:
-            raw = _tables(views)
-            entries = _sparse_entries(ctx, raw, _nonzero_words(raw))
         fast = _sparse_l2_batch(ctx, *entries, l2_offsets, active=active)
         if fast is True:
-            _release(ctx, l2_offsets)
             return
-    raw = _tables(views)
-    _release(ctx, l2_offsets)
     w0, bm = _split(ctx, raw)
     if not sparse:
         fast = _fast_l2_batch(ctx, w0, bm, l2_offsets, active=active)

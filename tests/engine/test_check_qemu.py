@@ -124,48 +124,40 @@ def test_progress_reports_every_batch_of_l2_tables(tmp_path):
     assert qemu_check(path)[1]["allocated-clusters"] == report.allocated_clusters
 
 
-def test_nonzero_words_equals_flatnonzero():
-    """The block-wise search of check's sparse path finds exactly the non-zero words."""
+def test_sparse_entries_are_the_non_zero_entries():
+    """The sparse path's search (8 mask bytes at a time) finds exactly the entries with a non-zero
+    word, with their words, for extended and standard L2 tables."""
     import numpy as np
 
-    from qdebug.engine.check import _nonzero_words
+    from qdebug.engine.check import _sparse_entries
+
+    class Ctx:  # the geometry _sparse_entries reads
+        def __init__(self, ext, n):
+            self.h = type("H", (), {"extended_l2": ext, "l2_entries": n})()
 
     rng = np.random.default_rng(7)
-    for tables, width, hits in [(3, 8192, 0), (5, 8192, 40), (2, 4096, 3000), (4, 64, 10), (1, 100, 5)]:
-        raw = np.zeros((tables, width), dtype=np.uint64)
-        if hits:
-            raw.reshape(-1)[rng.choice(raw.size, hits, replace=False)] = rng.integers(1, 1 << 62, hits, dtype=np.uint64)
-        assert np.array_equal(_nonzero_words(raw), np.flatnonzero(raw))
-
-
-@pytest.mark.parametrize("shape", ["ext64k", "std64k", "ext32k-snap"])
-def test_sparse_entries_read_in_place_equal_the_copied_ones(shapes, shape):
-    """The sparse path reads mapped L2 tables in place; it finds the same entries and words as the
-    search over a copy of the tables (the path taken when a table is not mapped)."""
-    import numpy as np
-
-    from qdebug.engine.check import (_Ctx, _mapped_entries, _nonzero_mask, _nonzero_words, _sparse_entries,
-                                     _tables, _views)
-
-    with open_image(shapes[shape]) as img:
-        ctx = _Ctx(img, None)
-        l1 = img.l1.astype(np.uint64)
-        offs = (l1[l1 != 0] & np.uint64(0x00FFFFFFFFFFFE00)).astype(np.int64)
-        assert offs.size
-        views, mapped = _views(ctx, offs)
-        assert mapped
-        mine = _mapped_entries(ctx, _nonzero_mask(views), offs)
-        raw = _tables(views)
-        theirs = _sparse_entries(ctx, raw, _nonzero_words(raw))
-        assert len(mine[0]) and len(mine) == len(theirs)
-        for a, b in zip(mine, theirs):
-            assert (a is None and b is None) or np.array_equal(a, b)
+    for ext in (True, False):
+        for tables, n, hits in [(3, 4096, 0), (5, 4096, 40), (2, 2048, 3000), (4, 32, 10), (1, 64, 64)]:
+            per = 2 if ext else 1
+            raw = np.zeros((tables, n * per), dtype=np.uint64)
+            if hits:
+                raw.reshape(-1)[rng.choice(raw.size, hits, replace=False)] = rng.integers(1, 1 << 62, hits,
+                                                                                        dtype=np.uint64)
+            ent, w0, bm = _sparse_entries(Ctx(ext, n), raw, raw != 0)
+            pairs = raw.reshape(-1, per)
+            want = np.flatnonzero((pairs != 0).any(axis=1))
+            assert np.array_equal(ent, want)
+            assert np.array_equal(w0, pairs[want, 0].byteswap() if np.little_endian else pairs[want, 0])
+            if ext:
+                assert np.array_equal(bm, pairs[want, 1].byteswap() if np.little_endian else pairs[want, 1])
+            else:
+                assert bm is None
 
 
 @pytest.mark.parametrize("extended_l2", [True, False])
 def test_l2_table_cut_by_end_of_file_counts_equal_qemu(tmp_path, extended_l2):
     """The last L2 table runs past the end of the file (zeros there, as QEMU reads it), with only
-    zero-flagged entries in the part that is left: the copied (not mapped) sparse path."""
+    zero-flagged entries in the part that is left."""
     from tests.qemu import create, qemu_io
 
     path = create(str(tmp_path / "cut.qcow2"), "8G", extended_l2=extended_l2)
