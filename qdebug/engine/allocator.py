@@ -59,6 +59,7 @@ class Allocator:
         self._unpack = lambda buf: unpack_refcounts(buf, self.order)
         self._header = h
         self._kept: dict[int, np.ndarray] = {}
+        self._boff_header = None
         self.begin(txn)
 
     def begin(self, txn: Txn, *, keep_cache: bool = False) -> None:
@@ -82,6 +83,11 @@ class Allocator:
             self._kept = {off: v for off, v in self._kept.items() if not v.flags.owndata}
         # refcount block offset -> values (views of the file, or copies this allocator updates)
         self._cache: dict[int, np.ndarray] = self._kept if keep_cache else {}
+        if not (keep_cache and not txn.applying) or h is not self._boff_header:
+            # reftable index -> refcount block offset; kept across the steps of a simulation or
+            # write-back, where every reftable change is this allocator's own
+            self._boff: dict[int, int] = {}
+            self._boff_header = h
         self.freed: list[tuple[int, int]] = []  # (host offset, length) of every refcount decrement
         self.stale_pack = False
 
@@ -93,6 +99,7 @@ class Allocator:
     def drop_caches(self) -> None:
         """The file may have changed outside this allocator (an undo): read refcounts again."""
         self._kept = {}
+        self._boff_header = None
 
     def restore_state(self, state: AllocatorState) -> None:
         self.free_cluster_index = state.free_cluster_index
@@ -101,9 +108,12 @@ class Allocator:
 
     # ---- refcount reads ------------------------------------------------------------------------
     def _block_offset(self, block: int) -> int:
-        if block >= self.reftable_len:
-            return 0
-        return self.txn.u64(self.reftable_offset + 8 * block) & C.REFT_OFFSET_MASK
+        off = self._boff.get(block)
+        if off is None:
+            if block >= self.reftable_len:
+                return 0
+            off = self._boff[block] = self.txn.u64(self.reftable_offset + 8 * block) & C.REFT_OFFSET_MASK
+        return off
 
     def block_values(self, block: int) -> np.ndarray:
         """Refcounts of one refcount block (zeros if the block does not exist)."""
@@ -182,8 +192,10 @@ class Allocator:
                         self.free_cluster_index = min(self.free_cluster_index, first_cluster)
                         raise
                 cur = self.block_values(block)
-                if n <= 4:  # the usual case: one or two clusters, cheaper without numpy
-                    vals = [int(v) + addend for v in cur[idx:idx + n]]
+                if n == 1:  # the usual case, cheaper without numpy
+                    vals = [int(cur[idx]) + addend]
+                elif n <= 4:
+                    vals = [v + addend for v in cur[idx:idx + n].tolist()]
                 else:
                     vals = (cur[idx:idx + n].astype(np.int64) + addend).tolist()
                 if min(vals) < 0 or max(vals) > self.refcount_max:
@@ -222,6 +234,7 @@ class Allocator:
         self._cache[new_block] = unpack_refcounts(data, self.order)
         if block < self.reftable_len:
             self.txn.write_u64(self.reftable_offset + block * 8, new_block, "reftable")
+            self._boff[block] = new_block
             raise _Again()
         blocks_used = -(-max(cluster_index + 1, new_index + 1) // self.per_block)
         if blocks_used > C.QCOW_MAX_REFTABLE_SIZE // 8:
@@ -290,6 +303,7 @@ class Allocator:
         self.txn.write_meta(48, table_offset.to_bytes(8, "big") + table_clusters.to_bytes(4, "big"), "header")
         old_offset, old_len = self.reftable_offset, self.reftable_len
         self.reftable_offset, self.reftable_len = table_offset, table_size
+        self._boff = {}
         self.free_clusters(old_offset, old_len * 8)
 
     # ---- allocation ----------------------------------------------------------------------------
