@@ -390,7 +390,9 @@ def register(sub) -> None:
     sp.add_argument("--dry-run", action="store_true",
                     help="plan every command as the replay would (each after the ones before); write nothing")
     sp.add_argument("--journal", action="store_true",
-                    help="keep a durable undo journal (IMAGE.qdebug-journal) for `qdebug undo`")
+                    help="keep a durable undo journal (IMAGE.qdebug-journal), a step per command, for `qdebug undo`; "
+                         "without it metadata is written back at each flush line and at the end, and a "
+                         "crash rolls back to the last flush")
     sp.add_argument("--keep-going", action="store_true",
                     help="go on after failing commands like qemu-io does; exit non-zero at the end")
     sp.set_defaults(func=cmd_replay)
