@@ -258,6 +258,7 @@ def _register_more(sub) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    exiting = argv is None  # called as the program (console script or -m), not from Python
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and os.path.isfile(argv[0]) and argv[0] not in parser._subparsers._group_actions[0].choices:
         argv = ["tui", *argv]  # `qdebug IMAGE [--trace T]` opens the debugger
@@ -285,6 +286,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"qdebug: internal error: {type(e).__name__}: {e} (set QDEBUG_DEBUG=1 for a traceback)",
               file=sys.stderr)
         return EXIT_INTERNAL
+    finally:
+        if exiting:  # the interpreter's last collection would walk every object numpy made (~30 ms)
+            import gc
+
+            gc.freeze()
 
 
 if __name__ == "__main__":
