@@ -22,22 +22,37 @@ _QQ = struct.Struct(">QQ")
 _Q = struct.Struct(">Q")
 
 
-def _layer_entry(img, guest_cluster: int) -> tuple[int, int]:
+def _geometry(layer) -> tuple:
+    """(header, cluster bits, cluster size, extended, subcluster bits, size as the block layer
+    sees it, L2 entries, L1 size, L1 offset, L2 entry size, L1 entries read so far), kept on the
+    layer until its header changes: this runs for every COW region and property reads add up."""
+    g = getattr(layer, "_guestview_geometry", None)
+    if g is None or g[0] is not layer.header:
+        h = layer.header
+        g = layer._guestview_geometry = (h, h.cluster_bits, h.cluster_size, h.extended_l2, h.subcluster_bits,
+                                         layer.size, h.l2_entries, h.l1_size, h.l1_table_offset, h.l2_entry_size, {})
+    return g
+
+
+def _layer_entry(img, guest_cluster: int, g: tuple) -> tuple[int, int]:
     """A backing file's L2 entry (backing files are only read: their L1 entries are kept)."""
-    h = img.header
-    l1_index, idx = divmod(guest_cluster, h.l2_entries)
-    if l1_index >= h.l1_size:
+    l1_index, idx = divmod(guest_cluster, g[6])
+    if l1_index >= g[7]:
         return 0, 0
-    l1 = img.__dict__.setdefault("_guestview_l1", {})
+    l1 = g[10]
     l2_off = l1.get(l1_index)
     if l2_off is None:
-        l2_off = l1[l1_index] = _Q.unpack_from(img.mm, h.l1_table_offset + 8 * l1_index)[0] & C.L1E_OFFSET_MASK
+        l2_off = l1[l1_index] = _Q.unpack_from(img.mm, g[8] + 8 * l1_index)[0] & C.L1E_OFFSET_MASK
     if not l2_off:
         return 0, 0
-    off = l2_off + idx * h.l2_entry_size
-    if h.extended_l2:
+    off = l2_off + idx * g[9]
+    if g[3]:
         return _QQ.unpack_from(img.mm, off)
     return _Q.unpack_from(img.mm, off)[0], 0
+
+
+_UNALLOCATED = (T.UNALLOCATED_PLAIN, T.UNALLOCATED_ALLOC)
+_NORMAL, _COMPRESSED = T.NORMAL, T.COMPRESSED
 
 
 def segments(chain, top_entry, start: int, end: int, depth: int = 0, out=None) -> list[tuple[int, int, int, int, int]]:
@@ -46,45 +61,51 @@ def segments(chain, top_entry, start: int, end: int, depth: int = 0, out=None) -
     (for COMPRESSED: the L2 descriptor)."""
     if out is None:
         out = []
-    if depth >= len(chain.layers):
+    layers = chain.layers
+    if depth >= len(layers):
         out.append((start, end, PAST_END, depth, 0))
         return out
-    layer = chain.layers[depth]
+    layer = layers[depth]
+    if isinstance(layer, RawFile):
+        lsize = layer.size if depth else 1 << 62
+        if start >= lsize:
+            out.append((start, end, PAST_END, depth, 0))
+        elif end > lsize:
+            out.append((start, lsize, RAW_DATA, depth, start))
+            out.append((lsize, end, PAST_END, depth, 0))
+        else:
+            out.append((start, end, RAW_DATA, depth, start))
+        return out
+    g = _geometry(layer)
     # The top layer is read through its driver (its L2 entries cover the whole last cluster);
     # a backing file is read through the block layer, which zero-fills past its end.
-    lsize = layer.size if depth else 1 << 62
-    if start >= lsize:
-        out.append((start, end, PAST_END, depth, 0))
-        return out
-    if end > lsize:
-        segments(chain, top_entry, start, lsize, depth, out)
-        out.append((lsize, end, PAST_END, depth, 0))
-        return out
-    if isinstance(layer, RawFile):
-        out.append((start, end, RAW_DATA, depth, start))
-        return out
-    params = getattr(layer, "_guestview_params", None)
-    if params is None or params[0] is not layer.header:
-        h = layer.header
-        params = layer._guestview_params = (h, h.cluster_bits, h.cluster_size, h.extended_l2, h.subcluster_bits)
-    _h, cbits, cs, ext, scb = params
+    if depth:
+        lsize = g[5]
+        if start >= lsize:
+            out.append((start, end, PAST_END, depth, 0))
+            return out
+        if end > lsize:
+            segments(chain, top_entry, start, lsize, depth, out)
+            out.append((lsize, end, PAST_END, depth, 0))
+            return out
+    _h, cbits, cs, ext, scb = g[:5]
     pos = start
     while pos < end:
         gc = pos >> cbits
-        w0, bm = top_entry(gc) if depth == 0 else _layer_entry(layer, gc)
+        w0, bm = top_entry(gc) if depth == 0 else _layer_entry(layer, gc, g)
         cend = min(end, (gc + 1) << cbits)
         while pos < cend:
             sc = (pos & (cs - 1)) >> scb
             t, n = subcluster_range_type(w0, bm, sc, extended=ext)
             run_end = min(cend, (gc << cbits) + ((sc + n) << scb)) if ext else cend
-            if t in (T.UNALLOCATED_PLAIN, T.UNALLOCATED_ALLOC):
-                if depth + 1 < len(chain.layers):
+            if t in _UNALLOCATED:
+                if depth + 1 < len(layers):
                     segments(chain, None, pos, run_end, depth + 1, out)
                 else:
                     out.append((pos, run_end, t, depth, 0))
-            elif t == T.NORMAL:
+            elif t == _NORMAL:
                 out.append((pos, run_end, t, depth, (w0 & C.L2E_OFFSET_MASK) + (pos & (cs - 1))))
-            elif t == T.COMPRESSED:
+            elif t == _COMPRESSED:
                 out.append((pos, run_end, t, depth, w0))
             else:
                 out.append((pos, run_end, t, depth, 0))
