@@ -308,7 +308,7 @@ def _walk_l1(ctx: _Ctx, l1_offset: int, l1_size: int, *, active: bool, snapshot:
                         l1_index=int(used[i]), host_offset=o, snapshot=snapshot, entry=int(entries[i])))
     if active:
         _copied_l1(ctx, used, entries, l2_offsets)
-    scan = _Scan(ctx)
+    scan = _Scan(ctx, len(used))
     for start in range(0, len(used), _BATCH_TABLES):
         sl = slice(start, start + _BATCH_TABLES)
         _check_l2_batch(ctx, used[sl], l2_offsets[sl], scan, active=active, snapshot=snapshot)
@@ -468,10 +468,11 @@ class _Scan:
     """One walk's reusable memory for a batch of tables (their words and non-zero mask), and the
     mostly empty batches waiting to be checked together: only their non-zero entries are kept."""
 
-    def __init__(self, ctx: _Ctx):
+    def __init__(self, ctx: _Ctx, tables: int):
         width = ctx.h.l2_entries * (2 if ctx.h.extended_l2 else 1)
-        self.raw = np.empty((_BATCH_TABLES, width), dtype=np.uint64)
-        self.mask = np.empty((_BATCH_TABLES, width), dtype=bool)
+        rows = min(_BATCH_TABLES, tables)  # (2 MiB clusters: 2 MiB a table)
+        self.raw = np.empty((rows, width), dtype=np.uint64)
+        self.mask = np.empty((rows, width), dtype=bool)
         self.pending: list[tuple[np.ndarray, np.ndarray, tuple]] = []  # (l1 indices, offsets, entries)
 
 
