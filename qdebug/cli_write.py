@@ -208,6 +208,9 @@ def _trace_lines(path: str):
 
 
 WRITEBACK_LIMIT = 32 << 20  # metadata held back before a flush (QEMU's default L2 cache is 32 MiB)
+# before-images of overwritten data one window may journal (a trace of in-place rewrites holds no
+# metadata back, but each first overwrite of a byte in a window is journaled)
+WINDOW_JOURNAL_LIMIT = 256 << 20
 
 
 def _window_meta(source: str, index: int) -> dict:
@@ -301,7 +304,8 @@ def cmd_replay(args) -> int:
                     hazards += 1
                     print(f"qdebug: {source}:{lineno}: {command_text(cmd)}: {hazard_text(h)}", file=sys.stderr)
                 steps += 1
-                if writeback and (cmd.op == "flush" or engine.dirty_bytes > WRITEBACK_LIMIT):
+                if writeback and (cmd.op == "flush" or engine.dirty_bytes > WRITEBACK_LIMIT
+                                  or journal.step_bytes > WINDOW_JOURNAL_LIMIT):
                     _end_window(engine, journal)
                     journal.begin(_window_meta(source, steps))
                 if rec.error:

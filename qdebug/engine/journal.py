@@ -308,6 +308,11 @@ class Journal:
     def in_step(self) -> bool:
         return self._current is not None
 
+    @property
+    def step_bytes(self) -> int:
+        """How much the open step has journaled so far (before-images, record headers)."""
+        return self.end - self._current.start if self._current is not None and not self._pending else 0
+
     # ---- writing -----------------------------------------------------------------------------
     def _append(self, kind: bytes, offset: int, size_before: int, payload: bytes = b"", *,
                 stream: tuple[int, int] | None = None) -> None:

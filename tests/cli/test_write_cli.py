@@ -209,6 +209,28 @@ def test_replay_writes_metadata_back_in_bounded_windows(tmp_path, qemu, monkeypa
     assert not os.path.exists(journal_path(mine))
 
 
+def test_replay_bounds_the_journal_of_a_window_of_in_place_rewrites(tmp_path, qemu, monkeypatch):
+    """Rewriting allocated clusters holds no metadata back, but every first overwrite of a byte in a
+    window is journaled (crash rollback): the window also ends when its journal passes a bound."""
+    import qdebug.cli_write as cli_write
+    from qdebug.engine.journal import Journal
+
+    sizes = []
+    real_commit = Journal.commit
+    monkeypatch.setattr(cli_write, "WINDOW_JOURNAL_LIMIT", 256 << 10)
+    monkeypatch.setattr(Journal, "commit", lambda self: (sizes.append(self.step_bytes), real_commit(self)))
+    image = create(str(tmp_path / "a.qcow2"), SIZE)
+    ref = create(str(tmp_path / "ref.qcow2"), SIZE)
+    qemu_io(image, "write -P 1 0 2M")
+    qemu_io(ref, "write -P 1 0 2M")
+    lines = [f"write -q -P {i % 200 + 2} {(i * 40960) % (2 << 20)} 40k" for i in range(120)]
+    trace = write_trace(tmp_path / "t.trace", lines)
+    assert main(["replay", image, trace]) == 0
+    qemu_io_stdin(ref, lines)
+    assert len(sizes) > 5 and max(sizes) <= (256 << 10) + (64 << 10)
+    same_images(image, ref)
+
+
 def test_replay_from_stdin_with_log(tmp_path, qemu):
     lines = ["# a comment", "", "write -P 0x22 8k 4k", "discard 0 64k   # trailing", "write -z 64k 4k", "flush",
              "read -P 0 64k 4k"]
