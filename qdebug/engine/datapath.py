@@ -278,7 +278,7 @@ def _finish(ctx: StepContext, piece, fill: Callable[[int, int], bytes], kind: st
             if m.skip:
                 txn.zero_range(m.alloc + m.cs_from, m.ce_to - m.cs_from)
     if merged is None:
-        txn.write_data(host, cur, "data", lambda o=offset, n=cur: fill(o, n))
+        txn.write_data(host, cur, "data", (lambda o=offset, n=cur: fill(o, n)) if txn.data_through else None)
     plans = [link_l2(ctx, m, merged is m, host, offset, cur, fill) for m in metas]
     # Built when the plan is asked for (a replay without a step log never asks).
     ctx.requests.append(lambda: Request(kind, offset, cur, "", host, tuple(p() for p in reversed(plans))))
@@ -298,16 +298,23 @@ def link_l2(ctx: StepContext, m: Meta, merged: bool, host: int, data_off: int, d
     top_pread = txn.pread if txn.pages and not txn.applying else None
 
     def cow(region, segs):
+        if not txn.data_through:
+            return None
         return lambda: guestview.read(ctx.chain, segs, region[0], region[0] + region[1], ctx.decompressed, top_pread)
 
     # The COW bytes of a skip_cow meta are the zeros _finish put there: recorded, not written again.
-    write = txn.record if m.skip else txn.write_data
     if head[1]:
-        write(m.alloc + m.cs_from, head[1], "cow", cow(head, hsegs))
+        if m.skip:
+            txn.record(m.alloc + m.cs_from, head[1], "cow")
+        else:
+            txn.write_data(m.alloc + m.cs_from, head[1], "cow", cow(head, hsegs))
     if merged:
-        txn.write_data(host, data_len, "data", lambda: fill(data_off, data_len))
+        txn.write_data(host, data_len, "data", (lambda: fill(data_off, data_len)) if txn.data_through else None)
     if tail[1]:
-        write(m.alloc + m.ce_from, tail[1], "cow", cow(tail, tsegs))
+        if m.skip:
+            txn.record(m.alloc + m.ce_from, tail[1], "cow")
+        else:
+            txn.write_data(m.alloc + m.ce_from, tail[1], "cow", cow(tail, tsegs))
     gc0 = m.offset >> g.cbits
     old_entries = []
     written_from, written_to = m.cs_from, m.ce_to

@@ -56,7 +56,7 @@ class Txn:
         self.base = base or None  # pages of earlier simulated steps, copied before this step changes them
         # pages shared with earlier steps (write-back, simulate): their content before this step
         self.saved: dict[int, bytearray | None] | None = {} if pages is not None else None
-        self.writes: list[tuple[int, int, str, Payload]] = []
+        self.writes: list[tuple[int, int, str]] = []  # (offset, length, what) in order
         self.file_size = max(img.file_size, file_size)
 
     # ---- reads (overlay first) ----------------------------------------------------------------
@@ -110,11 +110,11 @@ class Txn:
         """A metadata write: recorded, and visible to later reads of this step."""
         end = off + len(data)
         if self.applying:
-            self.writes.append((off, len(data), what, b""))
+            self.writes.append((off, len(data), what))
             self.img.pwrite(off, data)
             self.file_size = max(self.file_size, end)
             return
-        self.writes.append((off, len(data), what, bytes(data)))
+        self.writes.append((off, len(data), what))
         self._patch(off, data)
         self.file_size = max(self.file_size, end)
 
@@ -158,8 +158,9 @@ class Txn:
     def write_u64(self, off: int, value: int, what: str) -> None:
         self.write_meta(off, _U64.pack(value), what)
 
-    def write_data(self, off: int, length: int, what: str, payload: Payload) -> None:
-        """A data write (guest data, COW, compressed): bytes are only made when applying."""
+    def write_data(self, off: int, length: int, what: str, payload: Payload | None) -> None:
+        """A data write (guest data, COW, compressed): bytes are only made (by calling `payload`,
+        which a plan may leave None) when data is written through."""
         if self.data_through:
             data = payload if isinstance(payload, (bytes, bytearray)) else payload()
             if isinstance(data, list):  # a long pattern write: buffers written with one pwritev
@@ -169,13 +170,12 @@ class Txn:
                 # (a hazard) data over a metadata page still held back
                 self._patch(off, b"".join(data) if isinstance(data, list) else data)
             self.img.pwrite(off, data)
-            payload = b""
-        self.writes.append((off, length, what, payload))
+        self.writes.append((off, length, what))
         self.file_size = max(self.file_size, off + length)
 
-    def record(self, off: int, length: int, what: str, payload: Payload = b"") -> None:
+    def record(self, off: int, length: int, what: str) -> None:
         """A host write of the plan whose bytes are already in place (see zero_range)."""
-        self.writes.append((off, length, what, b"" if self.data_through else payload))
+        self.writes.append((off, length, what))
         self.file_size = max(self.file_size, off + length)
 
     def zero_range(self, off: int, length: int) -> None:
@@ -198,4 +198,4 @@ class Txn:
             self.file_size = max(self.file_size, off + length)
 
     def host_writes(self) -> list[HostWrite]:
-        return [HostWrite(off, length, what) for off, length, what, _ in self.writes]
+        return [HostWrite(off, length, what) for off, length, what in self.writes]
