@@ -9,32 +9,15 @@ RSS stays under 512 MiB.
 qdebug runs in the environment as it is. Where PYTHONDONTWRITEBYTECODE is set (as in this
 project's sandboxes), every run compiles qdebug's source again, ~65 ms that an installed package
 (or a checkout with __pycache__) never pays: QDEBUG_BENCH_BYTECODE=1 measures qdebug as Python
-runs it by default, its bytecode cached (outside the work tree, filled by one untimed run).
+runs it by default, its bytecode cached (the `bytecode` fixture of conftest.py).
 """
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 
 import pytest
 from bench_read import ENFORCE, QDEBUG, QEMU_IMG, compare
-
-
-@pytest.fixture(scope="module")
-def bytecode(bench_images, tmp_path_factory):
-    """With QDEBUG_BENCH_BYTECODE=1, run qdebug with its bytecode cached (see the module docstring)."""
-    if os.environ.get("QDEBUG_BENCH_BYTECODE") != "1":
-        yield
-        return
-    mp = pytest.MonkeyPatch()
-    mp.delenv("PYTHONDONTWRITEBYTECODE", raising=False)
-    mp.setenv("PYTHONPYCACHEPREFIX", str(tmp_path_factory.mktemp("bytecode")))
-    subprocess.run(QDEBUG + ["check", "--output=json", bench_images["fragmented"]], check=True,
-                   stdout=subprocess.DEVNULL)
-    yield
-    mp.undo()
 
 
 @pytest.mark.parametrize("name", ["prealloc", "fragmented"])

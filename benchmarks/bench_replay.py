@@ -10,6 +10,7 @@ median times is reported. QDEBUG_BENCH_REPLAY_N sets the trace length (default 2
 figure is 100000). The durable-journal run (an fsync before every image write) uses a tenth of it
 (QDEBUG_BENCH_JOURNAL_N). Targets: replay no slower than qemu-io (ratio >= 1), --dry-run planning
 >= 5x qemu-io's execution. The ratios are printed again in the terminal summary.
+QDEBUG_BENCH_BYTECODE=1 runs qdebug with its bytecode cached (see conftest.py).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ SIZE = 64 << 30
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, bytecode):
     """backing kind -> (directory, top image); and the two trace files."""
     require_qemu()
     d = tmp_path_factory.mktemp("replay")

@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from .compression import decompress, descriptor_fields
 from .errors import BackingError, CorruptImage, InvalidEntry, QcowError
 from .image import Image, open_image
-from .status import RAW_DATA, Runs, layer_runs, resolve
 from .subclusters import SubclusterType as T
 
 MAX_CHAIN_DEPTH = 64
@@ -86,6 +85,8 @@ class Chain:
     # ---- reads ---------------------------------------------------------------------------------
     def resolve(self, start: int, end: int, *, for_map: bool = False):
         """Guest range -> resolved pieces (see status.resolve)."""
+        from .status import layer_runs, resolve  # numpy's whole-table machinery: only when asked
+
         runs = [layer_runs(layer, start, end, seek_holes=for_map) for layer in self.layers]
         return resolve(runs, [layer.size for layer in self.layers], start, end)
 
@@ -95,6 +96,8 @@ class Chain:
         if offset >= end:
             return b""
         out = bytearray(end - offset)
+        from .status import RAW_DATA
+
         p = self.resolve(offset, end)
         for i in range(len(p.start)):
             s, e, kind, depth = int(p.start[i]), int(p.end[i]), int(p.kind[i]), int(p.depth[i])
@@ -211,7 +214,7 @@ def open_chain(path: str, *, writable: bool = False, no_backing: bool = False,
     return chain
 
 
-def runs_summary(runs: Runs) -> list[tuple[int, int, int, int]]:
+def runs_summary(runs: "Runs") -> list[tuple[int, int, int, int]]:
     """Plain tuples of a Runs object, for debugging and tests."""
     return [(int(a), int(b), int(k), int(h)) for a, b, k, h in zip(runs.start, runs.end, runs.kind, runs.host)]
 
