@@ -50,8 +50,15 @@ def setup(tmp_path_factory, bytecode):
 
 
 def fresh_copy(d, top: str, name: str) -> str:
+    """A fresh copy of the image, and no dirty page cache left by the previous run: each tool
+    starts from the same state (the kernel's write-back of ~2 GB of an earlier run's data
+    otherwise competes for the 2 cores while the next one is timed)."""
     path = str(d / name)
     shutil.copyfile(top, path)
+    for stale in ("qemu.qcow2", "qdebug.qcow2"):
+        if stale != name and os.path.exists(d / stale):
+            os.unlink(d / stale)
+    os.sync()
     return path
 
 
