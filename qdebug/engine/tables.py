@@ -82,8 +82,9 @@ class StepContext:
         if e is not None:
             return e
         _l1e, l2_off, idx = self.l2_location(guest_cluster)
-        if not l2_off:
-            return 0, 0
+        if not l2_off:  # no L2 table: a table made later in the step starts zeroed, so (0, 0) holds
+            e = self._entries[guest_cluster] = (0, 0)
+            return e
         off = l2_off + idx * self.g.esize
         if self.g.ext:
             page = self.txn.page(off)
