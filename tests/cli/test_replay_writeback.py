@@ -1,0 +1,123 @@
+"""`qdebug replay` without --journal (write-back windows) against `qemu-io -t writeback`: whole
+replays, and a replay killed while it writes held-back metadata back (the next replay rolls the
+image back to the previous flush)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from qdebug.cli import main
+from qdebug.engine.journal import journal_path, journal_steps
+from tests.cli.test_write_cli import digest, qdebug, same_images, write_trace
+from tests.qemu import QEMU_IO, create, qemu_check, qemu_img
+from tests.trace.random_traces import random_trace, strip_comments
+
+SIZE = 4 << 20
+
+
+def qemu_wb(image: str, lines: list[str]) -> str:
+    p = subprocess.run([QEMU_IO, "-f", "qcow2", "-t", "writeback", image], capture_output=True,
+                       input="\n".join(lines + ["quit"]).encode() + b"\n")
+    return p.stdout.decode() + p.stderr.decode()
+
+
+def _trace(seed: int, cs: int, n: int = 120) -> list[str]:
+    lines = strip_comments(random_trace(seed, n, SIZE, cluster_size=cs,
+                                        mix=(("write", 40), ("unaligned", 10), ("zero", 15), ("discard", 15),
+                                             ("multi", 15), ("compressed", 5))))
+    return [x for i, line in enumerate(lines) for x in ([line, "flush"] if i % 30 == 29 else [line])]
+
+
+@pytest.mark.parametrize("cluster_size", ["512", "2k", "64k"])
+def test_replay_with_flush_and_read_checks_matches_qemu_writeback(tmp_path, qemu, cluster_size):
+    cs = {"512": 512, "2k": 2048, "64k": 65536}[cluster_size]
+    lines = _trace(cs, cs)
+    lines[40:40] = [f"write -P 0x7e {7 * cs + 3} {cs}", f"read -P 0x7e {7 * cs + 3} {cs}"]
+    opts = dict(cluster_size=cluster_size, extended_l2=cs >= 16384)
+    mine = create(str(tmp_path / "mine.qcow2"), SIZE, **opts)
+    ref = create(str(tmp_path / "ref.qcow2"), SIZE, **opts)
+    out = qemu_wb(ref, lines)
+    assert "Pattern verification failed" not in out
+    assert main(["replay", "--keep-going", mine, write_trace(tmp_path / "t.trace", lines)]) in (0, 1)
+    same_images(mine, ref)
+    assert qemu_check(mine)[0] == qemu_check(ref)[0]
+    assert os.path.getsize(mine) == os.path.getsize(ref)
+
+
+# Kill the replay at the n-th image write of the k-th WriteEngine.flush.
+KILL_IN_FLUSH = """
+import os, sys
+from qdebug.engine.image import Image
+from qdebug.engine.writer import WriteEngine
+from qdebug.cli import main
+k, n = int(sys.argv[1]), int(sys.argv[2])
+real_pwrite, real_flush = Image.pwrite, WriteEngine.flush
+state = {"flushes": 0, "armed": False, "writes": 0}
+def pwrite(self, offset, data):
+    if state["armed"]:
+        state["writes"] += 1
+        if state["writes"] == n:
+            os._exit(9)
+    return real_pwrite(self, offset, data)
+def flush(self):
+    state["flushes"] += 1
+    state["armed"] = state["flushes"] == k
+    try:
+        return real_flush(self)
+    finally:
+        state["armed"] = False
+Image.pwrite, WriteEngine.flush = pwrite, flush
+sys.exit(main(sys.argv[3:]))
+"""
+
+
+@pytest.mark.parametrize("cluster_size,nth", [("512", 1), ("512", 2), ("512", 5), ("64k", 1), ("64k", 2)])
+@pytest.mark.parametrize("which", ["final", "second"])
+def test_replay_killed_in_a_flush_rolls_back_to_the_flush_before(tmp_path, qemu, cluster_size, nth, which):
+    """Killed while writing the held-back metadata back (the final flush after the last line, or
+    the one at the second `flush` line): the next replay of an empty trace rolls the image back to
+    the flush before, which is what qemu-io made of the lines up to it."""
+    cs = {"512": 512, "64k": 65536}[cluster_size]
+    lines = _trace(cs + 1, cs, 100)
+    flush_at = [i for i, line in enumerate(lines) if line == "flush"]
+    assert len(flush_at) >= 3
+    if which == "final":
+        k = len(flush_at) + 1  # every flush line, then the one at the end
+        keep = flush_at[-1] + 1
+    else:
+        k, keep = 2, flush_at[0] + 1
+    opts = dict(cluster_size=cluster_size, extended_l2=cs >= 16384)
+    image = create(str(tmp_path / "a.qcow2"), SIZE, **opts)
+    trace = write_trace(tmp_path / "t.trace", lines)
+    p = subprocess.run([sys.executable, "-c", KILL_IN_FLUSH, str(k), str(nth), "replay", "--keep-going", image, trace],
+                       capture_output=True)
+    assert p.returncode == 9, p.stderr.decode()[-2000:]
+    (step,) = journal_steps(image)
+    assert not step.committed and step.meta["index"] == keep
+    p = qdebug("replay", image, write_trace(tmp_path / "empty", ["# nothing"]))
+    assert p.returncode == 0 and b"rolled back a step an earlier run left unfinished" in p.stderr
+    assert not os.path.exists(journal_path(image))
+    # the image as a replay that stops at that flush leaves it, byte for byte
+    prefix = create(str(tmp_path / "prefix.qcow2"), SIZE, **opts)
+    main(["replay", "--keep-going", prefix, write_trace(tmp_path / "prefix.trace", lines[:keep])])
+    assert digest(image) == digest(prefix)
+    ref = create(str(tmp_path / "ref.qcow2"), SIZE, **opts)
+    qemu_wb(ref, lines[:keep])
+    assert qemu_img("compare", "-q", image, ref, check=False).returncode == 0, "guest data differs"
+    assert qemu_check(image)[0] == qemu_check(ref)[0]
+
+
+def test_replay_flags_the_packing_hazard_with_small_windows(tmp_path, qemu):
+    lines = ["write -c -P 0x67 0 64k", "flush", "write -P 0x35 1k 3k", "write -P 0x3c 1M 512", "flush",
+             "write -c -P 0x8a 2M 64k", "read -P 0x8a 2M 64k"]
+    image = create(str(tmp_path / "a.qcow2"), SIZE)
+    ref = create(str(tmp_path / "ref.qcow2"), SIZE)
+    qemu_wb(ref, lines)
+    p = qdebug("replay", "--keep-going", image, write_trace(tmp_path / "t.trace", lines))
+    assert b"hazard" in p.stderr and b":6:" in p.stderr
+    same_images(image, ref)
+    assert qemu_check(image)[0] == qemu_check(ref)[0] != 0
