@@ -13,6 +13,7 @@ import pytest
 from qdebug.cli import main
 from qdebug.engine.journal import journal_path, journal_steps
 from tests.cli.test_write_cli import digest, qdebug, same_images, write_trace
+from tests.engine.harness import assert_same_metadata
 from tests.qemu import QEMU_IO, create, qemu_check, qemu_img
 from tests.trace.random_traces import random_trace, strip_comments
 
@@ -76,7 +77,7 @@ sys.exit(main(sys.argv[3:]))
 
 
 @pytest.mark.parametrize("cluster_size,nth", [("512", 1), ("512", 2), ("512", 5), ("64k", 1), ("64k", 2)])
-@pytest.mark.parametrize("which", ["final", "second"])
+@pytest.mark.parametrize("which", ["final", "second", "read"])
 def test_replay_killed_in_a_flush_rolls_back_to_the_flush_before(tmp_path, qemu, cluster_size, nth, which):
     """Killed while writing the held-back metadata back (the final flush after the last line, or
     the one at the second `flush` line): the next replay of an empty trace rolls the image back to
@@ -85,7 +86,11 @@ def test_replay_killed_in_a_flush_rolls_back_to_the_flush_before(tmp_path, qemu,
     lines = _trace(cs + 1, cs, 100)
     flush_at = [i for i, line in enumerate(lines) if line == "flush"]
     assert len(flush_at) >= 3
-    if which == "final":
+    if which == "read":  # a `read -P` check writes the held-back metadata, but the window goes on
+        lines[flush_at[1] + 10:flush_at[1] + 10] = [f"write -P 0x7e {5 * cs + 3} {cs}", f"read -P 0x7e {5 * cs + 3} {cs}"]
+        flush_at = [i for i, line in enumerate(lines) if line == "flush"]
+        k, keep = 3, flush_at[1] + 1
+    elif which == "final":
         k = len(flush_at) + 1  # every flush line, then the one at the end
         keep = flush_at[-1] + 1
     else:
@@ -108,6 +113,7 @@ def test_replay_killed_in_a_flush_rolls_back_to_the_flush_before(tmp_path, qemu,
     ref = create(str(tmp_path / "ref.qcow2"), SIZE, **opts)
     qemu_wb(ref, lines[:keep])
     assert qemu_img("compare", "-q", image, ref, check=False).returncode == 0, "guest data differs"
+    assert_same_metadata(image, ref)  # host offsets, tables, refcounts
     assert qemu_check(image)[0] == qemu_check(ref)[0]
 
 
@@ -121,3 +127,49 @@ def test_replay_flags_the_packing_hazard_with_small_windows(tmp_path, qemu):
     assert b"hazard" in p.stderr and b":6:" in p.stderr
     same_images(image, ref)
     assert qemu_check(image)[0] == qemu_check(ref)[0] != 0
+
+
+@pytest.mark.parametrize("cluster_size", ["512", "64k"])
+def test_failed_read_check_stops_with_the_image_as_of_the_line_before(tmp_path, qemu, cluster_size):
+    """A `read -P` that fails ends the replay (exit 1, TRACE:LINE): everything before it is written
+    back, as qemu-io leaves the image after the same lines."""
+    cs = {"512": 512, "64k": 65536}[cluster_size]
+    lines = _trace(cs + 7, cs, 50)
+    bad = len(lines) - 10
+    lines.insert(bad, f"read -P 0xee {3 * cs} 512")  # nothing wrote 0xee
+    opts = dict(cluster_size=cluster_size, extended_l2=cs >= 16384)
+    image = create(str(tmp_path / "a.qcow2"), SIZE, **opts)
+    trace = write_trace(tmp_path / "t.trace", lines)
+    p = qdebug("replay", image, trace)
+    assert p.returncode == 1 and f"{trace}:{bad + 1}: ".encode() in p.stderr
+    ref = create(str(tmp_path / "ref.qcow2"), SIZE, **opts)
+    qemu_wb(ref, lines[:bad])
+    assert qemu_img("compare", "-q", image, ref, check=False).returncode == 0, "guest data differs"
+    assert_same_metadata(image, ref)  # host offsets, tables, refcounts
+    assert qemu_check(image)[0] == qemu_check(ref)[0] == 0
+    assert not os.path.exists(journal_path(image))
+
+
+@pytest.mark.parametrize("cluster_size,refcount_bits", [("512", 64), ("1k", 16), ("64k", 16)])
+def test_tiny_write_back_bound_flushes_almost_every_step(tmp_path, qemu, monkeypatch, cluster_size, refcount_bits):
+    """With the held-back bound at one page the windows end after nearly every command (header and
+    refcount table rewritten and read back between steps while the refcount table grows)."""
+    import qdebug.cli_write as cli_write
+
+    monkeypatch.setattr(cli_write, "WRITEBACK_LIMIT", 4096)
+    cs = {"512": 512, "1k": 1024, "64k": 65536}[cluster_size]
+    size = 8 << 20
+    lines = strip_comments(random_trace(cs + refcount_bits, 150, size, cluster_size=cs,
+                                        mix=(("write", 40), ("unaligned", 10), ("zero", 15), ("discard", 15),
+                                             ("multi", 20))))
+    lines += [f"write -P 0x42 0 {size // 2}", f"read -P 0x42 0 {size // 2}", f"discard 0 {size // 4}",
+              f"write -P 0x43 {size // 2 + 100} {size // 4}"]
+    opts = dict(cluster_size=cluster_size, extended_l2=cs >= 16384, refcount_bits=refcount_bits)
+    mine = create(str(tmp_path / "mine.qcow2"), size, **opts)
+    ref = create(str(tmp_path / "ref.qcow2"), size, **opts)
+    out = qemu_wb(ref, lines)
+    assert "Pattern verification failed" not in out
+    assert main(["replay", mine, write_trace(tmp_path / "t.trace", lines)]) == 0
+    same_images(mine, ref)
+    assert qemu_check(mine)[0] == 0
+    assert os.path.getsize(mine) == os.path.getsize(ref)

@@ -271,3 +271,15 @@ def test_write_qemu_refuses_as_metadata_overlap_drops_held_back_metadata(tmp_pat
     assert "write failed: Input/output error" in out and "overlaps with active L2 table" in out
     assert results[3].error and "overlaps with active L2 table" in results[3].error
     _same(mine, ref)
+
+
+def test_compressed_cluster_packed_into_a_discarded_cluster_is_zero_after_its_data(tmp_path, qemu, engine_mode):
+    """(Not write-back only: both modes.) QEMU's `discard` passes the freed cluster's discard down to
+    the file (a punched hole), so compressed data packed into it later is followed by zeros; the host
+    cluster holding compressed data is compared byte for byte (tests/cli same_images)."""
+    from tests.cli.test_write_cli import same_images
+
+    cmds = ["write -P 0x3c 0 64k", "discard 0 64k", "write -c -P 0x11 64k 64k"]
+    mine, ref = _pair(tmp_path, 4 << 20)
+    _run(mine, ref, cmds)
+    same_images(mine, ref)
