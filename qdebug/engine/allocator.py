@@ -89,6 +89,10 @@ class Allocator:
             self._boff: dict[int, int] = {}
             self._boff_header = h
         self.freed: list[tuple[int, int]] = []  # (host offset, length) of every refcount decrement
+        # Clusters a guest discard request freed (QCOW2_DISCARD_REQUEST: qemu-io opens images with
+        # BDRV_O_UNMAP, so QEMU passes the discard down to the image file, a punched hole).
+        self.discards: list[int] = []
+        self._passdown = False
         self.stale_pack = False
 
     # ---- state ---------------------------------------------------------------------------------
@@ -204,6 +208,8 @@ class Allocator:
                                        f"0..{self.refcount_max}")
                 self._write_entries(block_off, idx, vals)
                 if addend < 0 and 0 in vals:
+                    if self._passdown:
+                        self.discards.extend((ci + i) << self.cbits for i, v in enumerate(vals) if v == 0)
                     z = vals.index(0)
                     self.free_cluster_index = min(self.free_cluster_index, ci + z)
                     if self.free_byte_offset:
@@ -429,8 +435,16 @@ class Allocator:
             # "qcow2_free_clusters failed" and goes on (the cluster leaks; the new block stays).
             pass
 
-    def free_any_cluster(self, word0: int) -> None:
-        """qcow2_free_any_cluster: drop the reference an L2 entry holds (compressed: its bytes)."""
+    def free_any_cluster(self, word0: int, *, request: bool = False) -> None:
+        """qcow2_free_any_cluster: drop the reference an L2 entry holds (compressed: its bytes).
+        request: a guest discard (QCOW2_DISCARD_REQUEST): clusters it frees are listed in `discards`."""
+        self._passdown = request
+        try:
+            self._free_any_cluster(word0)
+        finally:
+            self._passdown = False
+
+    def _free_any_cluster(self, word0: int) -> None:
         if word0 & C.QCOW_OFLAG_COMPRESSED:
             off, nbytes = descriptor_fields(word0, self.cbits)
             self.free_clusters(off, nbytes)

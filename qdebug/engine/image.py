@@ -43,6 +43,26 @@ def _dtype_for_refcount_order(order: int) -> np.dtype | None:
     return {3: np.dtype("u1"), 4: np.dtype(">u2"), 5: np.dtype(">u4"), 6: np.dtype(">u8")}.get(order)
 
 
+_LIBC = None
+
+
+def _fallocate_punch(fd: int, offset: int, length: int) -> bool:
+    """fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE) through libc; False where unsupported."""
+    global _LIBC
+    if _LIBC is None:
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+            _LIBC = libc
+        except (OSError, AttributeError):
+            _LIBC = False
+    if not _LIBC:
+        return False
+    return _LIBC.fallocate(fd, 3, offset, length) == 0
+
+
 class Image:
     """An open qcow2 image. Use `open_image()`; close with `close()` or a `with` block."""
 
@@ -158,6 +178,16 @@ class Image:
             self.file_size = offset + n  # mapped again when `mm` is next asked for
             self._l1_cache = None
             self._reftable_cache = None
+
+    def punch_hole(self, offset: int, length: int) -> None:
+        """Make [offset, offset+length) read as zeros without changing the file length (a
+        discard passed down: fallocate PUNCH_HOLE, or zeros written where that is not supported)."""
+        if not self.writable:
+            raise QcowError(f"{self.path}: opened read-only")
+        for hook in self.write_hooks:
+            hook(offset, length)
+        if not _fallocate_punch(self.fd, offset, length):
+            os.pwrite(self.fd, bytes(length), offset)
 
     def truncate(self, size: int) -> None:
         """Grow or shrink the file (growth reads as zeros)."""

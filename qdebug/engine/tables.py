@@ -168,9 +168,19 @@ class StepContext:
                     continue
                 self.set_entry(l2_off, gc, new_w0, new_bm)
                 if free:
-                    self.alloc.free_any_cluster(w0)
+                    self.alloc.free_any_cluster(w0, request=True)
             nb -= n
             offset += n * g.cs
+        self.pass_discards_down()
+
+    def pass_discards_down(self) -> None:
+        """qcow2_process_discards: the clusters a guest discard freed are discarded in the image file
+        too (QEMU punches holes: later partial writes into a reused cluster leave zeros around)."""
+        alloc = self.alloc
+        for host in alloc.discards:
+            if alloc.get_refcount(host >> self.g.cbits) == 0:
+                self.txn.discard_range(host, self.g.cs)
+        alloc.discards = []
 
     def metadata_overlap(self, off: int, length: int) -> str | None:
         """QEMU's pre-write overlap check ("cached" template): which metadata [off, off+length) hits."""

@@ -184,18 +184,28 @@ class Txn:
         if not self.data_through:
             return
         img = self.img
+        if not self.applying and self.pages and self.dirty(off, length):
+            # held-back pages over the range (past the end of the file too) get the zeros as well
+            self._patch(off, _zeros(length))
         inside = min(off + length, img.file_size) - off
         if inside > 0:
-            zeros = _zeros(inside)
-            if not self.applying and self.pages and self.dirty(off, inside):
-                self._patch(off, zeros)
-            img.pwrite(off, zeros)
+            img.pwrite(off, _zeros(inside))
         if off + length > img.file_size:
             if self.applying:
                 img.truncate(off + length)
             # Write-back: reads past the end see zeros, and the flush extends the file to the
             # length the recorded writes reached; one ftruncate per write was a fifth of the I/O time.
             self.file_size = max(self.file_size, off + length)
+
+    def discard_range(self, off: int, length: int) -> None:
+        """QEMU's discard passed down to the image file: the range reads as zeros (a hole)."""
+        if not self.data_through:
+            return
+        if not self.applying and self.pages and self.dirty(off, length):
+            self._patch(off, _zeros(length))
+        inside = min(off + length, self.img.file_size) - off
+        if inside > 0:
+            self.img.punch_hole(off, inside)
 
     def host_writes(self) -> list[HostWrite]:
         return [HostWrite(off, length, what) for off, length, what in self.writes]
