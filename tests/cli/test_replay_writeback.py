@@ -76,7 +76,7 @@ sys.exit(main(sys.argv[3:]))
 """
 
 
-@pytest.mark.parametrize("cluster_size,nth", [("512", 1), ("512", 2), ("512", 5), ("64k", 1), ("64k", 2)])
+@pytest.mark.parametrize("cluster_size,nth", [("512", 1), ("512", 5), ("64k", 2)])
 @pytest.mark.parametrize("which", ["final", "second", "read"])
 def test_replay_killed_in_a_flush_rolls_back_to_the_flush_before(tmp_path, qemu, cluster_size, nth, which):
     """Killed while writing the held-back metadata back (the final flush after the last line, or
@@ -173,3 +173,48 @@ def test_tiny_write_back_bound_flushes_almost_every_step(tmp_path, qemu, monkeyp
     same_images(mine, ref)
     assert qemu_check(mine)[0] == 0
     assert os.path.getsize(mine) == os.path.getsize(ref)
+
+
+INTERRUPT_AT_NTH_WRITE = """
+import sys
+from qdebug.engine.image import Image
+from qdebug.cli import main
+n = int(sys.argv[1])
+real = Image.pwrite
+count = [0]
+def pwrite(self, offset, data):
+    count[0] += 1
+    if count[0] == n:
+        raise KeyboardInterrupt  # Ctrl-C in the middle of a step
+    return real(self, offset, data)
+Image.pwrite = pwrite
+try:
+    sys.exit(main(sys.argv[2:]))
+except KeyboardInterrupt:
+    sys.exit(130)
+"""
+
+
+@pytest.mark.parametrize("cluster_size", ["512", "2k"])
+@pytest.mark.parametrize("nth", [9, 77])
+def test_interrupted_replay_keeps_the_steps_before_and_takes_the_broken_one_out(tmp_path, qemu, cluster_size, nth):
+    """Ctrl-C in the middle of a step (every step allocates, so its data went to clusters nothing
+    references): the held-back metadata of the finished steps is written, the broken step's is not;
+    the image is what qemu-io makes of the steps that finished, and clean."""
+    cs = {"512": 512, "2k": 2048}[cluster_size]
+    lines = [f"write -P {i % 250 + 1} {(i * 5 + i % 3) * cs + 100} {cs + cs // 2}" for i in range(100)]
+    opts = dict(cluster_size=cluster_size, extended_l2=False)
+    image = create(str(tmp_path / "a.qcow2"), SIZE, **opts)
+    log = str(tmp_path / "log.jsonl")
+    p = subprocess.run([sys.executable, "-c", INTERRUPT_AT_NTH_WRITE, str(nth), "replay", "--log", log, image,
+                        write_trace(tmp_path / "t.trace", lines)], capture_output=True)
+    assert p.returncode == 130, p.stderr.decode()[-2000:]
+    with open(log) as f:
+        done = sum(1 for _ in f)
+    assert 0 < done < len(lines)
+    assert not os.path.exists(journal_path(image))
+    ref = create(str(tmp_path / "ref.qcow2"), SIZE, **opts)
+    qemu_wb(ref, lines[:done])
+    assert qemu_img("compare", "-q", image, ref, check=False).returncode == 0, "guest data differs"
+    assert_same_metadata(image, ref)
+    assert qemu_check(image)[0] == 0
