@@ -12,7 +12,7 @@ import pytest
 
 from qdebug.cli import main
 from qdebug.engine.journal import journal_path, journal_steps
-from tests.cli.test_write_cli import digest, qdebug, same_images, write_trace
+from tests.cli.test_write_cli import KILL_AT_NTH_WRITE, digest, qdebug, same_images, write_trace
 from tests.engine.harness import assert_same_metadata
 from tests.qemu import QEMU_IO, create, qemu_check, qemu_img
 from tests.trace.random_traces import random_trace, strip_comments
@@ -175,17 +175,9 @@ def test_tiny_write_back_bound_flushes_almost_every_step(tmp_path, qemu, monkeyp
     assert os.path.getsize(mine) == os.path.getsize(ref)
 
 
-INTERRUPT_AT_NTH_WRITE = """
-import sys
-from qdebug.engine.image import Image
-from qdebug.cli import main
-n = int(sys.argv[1])
-real = Image.pwrite
-count = [0]
-def pwrite(self, offset, data):
-    count[0] += 1
-    if count[0] == n:
-        raise KeyboardInterrupt  # Ctrl-C in the middle of a step
+# test_write_cli's kill script, with Ctrl-C (KeyboardInterrupt) at the n-th write instead of a kill
+INTERRUPT_AT_NTH_WRITE = KILL_AT_NTH_WRITE.split("\n        os._exit(9)")[0] + """
+        raise KeyboardInterrupt
     return real(self, offset, data)
 Image.pwrite = pwrite
 try:
