@@ -35,11 +35,11 @@ def qdebug_process(path: str, cmds: list[str]):
         chain.close()
 
 
-def qemu_process(path: str, cmds: list[str], *, stdin: bool = True) -> str:
-    """All `cmds` through one qemu-io process (writeback cache), commands on stdin."""
+def qemu_process(path: str, cmds: list[str], *, stdin: bool = True, cache: str = "writeback") -> str:
+    """All `cmds` through one qemu-io process (writeback cache unless asked), commands on stdin."""
     require_qemu()
     text = "\n".join(cmds + ["quit"]) + "\n"
-    p = subprocess.run([QEMU_IO, "-f", "qcow2", "-t", "writeback", path], input=text.encode(),
+    p = subprocess.run([QEMU_IO, "-f", "qcow2", "-t", cache, path], input=text.encode(),
                        capture_output=True)
     return p.stdout.decode() + p.stderr.decode()
 
