@@ -160,14 +160,26 @@ class Image:
         data = bytes(self.mm[offset:offset + length])
         return data if len(data) == length else data + bytes(length - len(data))
 
-    def pwrite(self, offset: int, data) -> None:
-        """The only way bytes reach the file: hooks (the journal) see every change first.
-        `data`: bytes-like, or a list of them written as one (pwritev)."""
+    def _before_change(self, offset: int, length: int) -> None:
+        """Every change of the file passes here first: hooks (the journal) see it before it happens
+        (length -1: a truncate to `offset`)."""
         if not self.writable:
             raise QcowError(f"{self.path}: opened read-only")
-        n = sum(map(len, data)) if isinstance(data, list) else len(data)
         for hook in self.write_hooks:
-            hook(offset, n)
+            hook(offset, length)
+
+    def _grew(self, size: int) -> None:
+        """The file grew to `size`: mapped again when `mm` is next asked for (a replay grows it at
+        almost every command), cached table views dropped."""
+        self.file_size = size
+        self._l1_cache = None
+        self._reftable_cache = None
+
+    def pwrite(self, offset: int, data) -> None:
+        """The only way bytes reach the file (besides punch_hole and truncate).
+        `data`: bytes-like, or a list of them written as one (pwritev)."""
+        n = sum(map(len, data)) if isinstance(data, list) else len(data)
+        self._before_change(offset, n)
         if isinstance(data, list):
             done = os.pwritev(self.fd, data, offset)
             if done < n:  # a short write: the rest one piece at a time
@@ -175,31 +187,21 @@ class Image:
         else:
             os.pwrite(self.fd, data, offset)
         if offset + n > self.file_size:
-            self.file_size = offset + n  # mapped again when `mm` is next asked for
-            self._l1_cache = None
-            self._reftable_cache = None
+            self._grew(offset + n)
 
     def punch_hole(self, offset: int, length: int) -> None:
         """Make [offset, offset+length) read as zeros without changing the file length (a
         discard passed down: fallocate PUNCH_HOLE, or zeros written where that is not supported)."""
-        if not self.writable:
-            raise QcowError(f"{self.path}: opened read-only")
-        for hook in self.write_hooks:
-            hook(offset, length)
+        self._before_change(offset, length)
         if not _fallocate_punch(self.fd, offset, length):
             os.pwrite(self.fd, bytes(length), offset)
 
     def truncate(self, size: int) -> None:
         """Grow or shrink the file (growth reads as zeros)."""
-        if not self.writable:
-            raise QcowError(f"{self.path}: opened read-only")
-        for hook in self.write_hooks:
-            hook(size, -1)
+        self._before_change(size, -1)
         os.ftruncate(self.fd, size)
-        if size >= self.file_size:  # growth: mapped again when `mm` is next asked for, as after pwrite
-            self.file_size = size
-            self._l1_cache = None
-            self._reftable_cache = None
+        if size >= self.file_size:
+            self._grew(size)
         else:
             self.remap()
 
