@@ -55,7 +55,7 @@ class Txn:
         self.pages: dict[int, bytearray] = {} if pages is None else pages
         self.base = base or None  # pages of earlier simulated steps, copied before this step changes them
         # pages shared with earlier steps (write-back, simulate): their content before this step
-        self.saved: dict[int, bytearray | None] | None = {} if pages is not None else None
+        self.saved: dict[int, bytes | None] | None = {} if pages is not None else None
         self.writes: list[tuple[int, int, str]] = []  # (offset, length, what) in order
         self.file_size = max(img.file_size, file_size)
 
@@ -146,6 +146,12 @@ class Txn:
             page[a - p:b - p] = data[a - off:b - off]
             p += PAGE
 
+    def _hold_back(self, off: int, length: int, data) -> None:
+        """Bytes that go to the file at once (data, zeros, a discard) over metadata pages still held
+        back (write-back) go into those pages too, or the flush would write the old bytes over them."""
+        if not self.applying and self.pages and self.dirty(off, length):
+            self._patch(off, b"".join(data) if isinstance(data, list) else data)
+
     def roll_back(self) -> None:
         """Take this step's metadata changes back out of the shared overlay pages."""
         for p, old in (self.saved or {}).items():
@@ -166,9 +172,7 @@ class Txn:
             if isinstance(data, list):  # a long pattern write: buffers written with one pwritev
                 data = data[0] if len(data) == 1 else data if len(data) <= 256 else b"".join(data)
             assert (sum(map(len, data)) if isinstance(data, list) else len(data)) == length, (what, off, length)
-            if not self.applying and self.pages and self.dirty(off, length):
-                # (a hazard) data over a metadata page still held back
-                self._patch(off, b"".join(data) if isinstance(data, list) else data)
+            self._hold_back(off, length, data)  # (a hazard) data over a metadata page still held back
             self.img.pwrite(off, data)
         self.writes.append((off, length, what))
         self.file_size = max(self.file_size, off + length)
@@ -184,9 +188,7 @@ class Txn:
         if not self.data_through:
             return
         img = self.img
-        if not self.applying and self.pages and self.dirty(off, length):
-            # held-back pages over the range (past the end of the file too) get the zeros as well
-            self._patch(off, _zeros(length))
+        self._hold_back(off, length, _zeros(length))  # past the end of the file too
         inside = min(off + length, img.file_size) - off
         if inside > 0:
             img.pwrite(off, _zeros(inside))
@@ -201,8 +203,7 @@ class Txn:
         """QEMU's discard passed down to the image file: the range reads as zeros (a hole)."""
         if not self.data_through:
             return
-        if not self.applying and self.pages and self.dirty(off, length):
-            self._patch(off, _zeros(length))
+        self._hold_back(off, length, _zeros(length))
         inside = min(off + length, self.img.file_size) - off
         if inside > 0:
             self.img.punch_hole(off, inside)
