@@ -297,24 +297,23 @@ def link_l2(ctx: StepContext, m: Meta, merged: bool, host: int, data_off: int, d
 
     top_pread = txn.pread if txn.pages and not txn.applying else None
 
-    def cow(region, segs):
-        if not txn.data_through:
-            return None
-        return lambda: guestview.read(ctx.chain, segs, region[0], region[0] + region[1], ctx.decompressed, top_pread)
-
-    # The COW bytes of a skip_cow meta are the zeros _finish put there: recorded, not written again.
-    if head[1]:
+    def cow(at: int, region, segs) -> None:
+        """One COW region to host offset `at`. A skip_cow meta's COW bytes are the zeros _finish put
+        there: recorded, not written again."""
+        if not region[1]:
+            return
         if m.skip:
-            txn.record(m.alloc + m.cs_from, head[1], "cow")
+            txn.record(at, region[1], "cow")
+        elif txn.data_through:
+            txn.write_data(at, region[1], "cow", lambda: guestview.read(
+                ctx.chain, segs, region[0], region[0] + region[1], ctx.decompressed, top_pread))
         else:
-            txn.write_data(m.alloc + m.cs_from, head[1], "cow", cow(head, hsegs))
+            txn.write_data(at, region[1], "cow", None)
+
+    cow(m.alloc + m.cs_from, head, hsegs)
     if merged:
         txn.write_data(host, data_len, "data", (lambda: fill(data_off, data_len)) if txn.data_through else None)
-    if tail[1]:
-        if m.skip:
-            txn.record(m.alloc + m.ce_from, tail[1], "cow")
-        else:
-            txn.write_data(m.alloc + m.ce_from, tail[1], "cow", cow(tail, tsegs))
+    cow(m.alloc + m.ce_from, tail, tsegs)
     gc0 = m.offset >> g.cbits
     old_entries = []
     written_from, written_to = m.cs_from, m.ce_to

@@ -99,11 +99,6 @@ class StepContext:
         self._entries[guest_cluster] = e
         return e
 
-    def after(self, guest_cluster: int) -> tuple[int, int]:
-        """The entry as this step left it (every touched cluster was read into the step's cache)."""
-        e = self._entries.get(guest_cluster)
-        return e if e is not None else self.entry(guest_cluster)
-
     def set_entry(self, l2_off: int, guest_cluster: int, word0: int, bitmap: int) -> None:
         """Write one L2 entry (remembering the cluster's state before the step)."""
         old = self.entry(guest_cluster)

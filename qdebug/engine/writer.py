@@ -30,7 +30,7 @@ from .discard import discard
 from .errors import CorruptImage, QcowError
 from .planner import ClusterChange, Hazard, Request, WritePlan
 from .tables import Geometry, StepContext, StepFailed
-from .txn import HostWrite, Txn
+from .txn import PAGE, HostWrite, Txn
 from .zeroes import write_zeroes
 from ..trace.commands import Command
 
@@ -147,7 +147,7 @@ class WriteEngine:
     @property
     def dirty_bytes(self) -> int:
         """Metadata held back by write-back (bounded by flushing when it grows)."""
-        return len(self._overlay) * 4096
+        return len(self._overlay) * PAGE
 
     def flush(self) -> None:
         """Write the held-back metadata pages to the image, adjacent pages as one write, and give
@@ -160,7 +160,7 @@ class WriteEngine:
         i = 0
         while i < len(offsets):
             j = i + 1
-            while j < len(offsets) and offsets[j] == offsets[j - 1] + 4096:
+            while j < len(offsets) and offsets[j] == offsets[j - 1] + PAGE:
                 j += 1
             start = offsets[i]
             data = b"".join(pages[p] for p in offsets[i:j])[:size - start]
@@ -222,7 +222,8 @@ class WriteEngine:
 
         def make_plan() -> WritePlan:
             return WritePlan(
-                command=cmd.text or cmd.to_qemu_io(), lineno=cmd.lineno, requests=tuple(r if isinstance(r, Request) else r() for r in ctx.requests),
+                command=cmd.text or cmd.to_qemu_io(), lineno=cmd.lineno,
+                requests=tuple(r if isinstance(r, Request) else r() for r in ctx.requests),
                 clusters=tuple(self._changes(ctx)), host_writes=tuple(txn.host_writes()),
                 allocations=tuple(ctx.allocations), frees=tuple(freed), hazards=tuple(ctx.hazards),
                 error=error, file_size_before=size_before, file_size_after=size_after, notes=tuple(ctx.notes))
@@ -260,7 +261,7 @@ class WriteEngine:
         out = []
         for gc in sorted(ctx.before):
             w0b, bmb = ctx.before[gc]
-            w0a, bma = ctx.after(gc)
+            w0a, bma = ctx.entry(gc)  # the step's cache: as the step left it
             out.append(ClusterChange(gc, ctx.bitmap_str(w0b, bmb), ctx.bitmap_str(w0a, bma), w0b, w0a, bmb, bma))
         return out
 
