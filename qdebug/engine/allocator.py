@@ -92,7 +92,6 @@ class Allocator:
         # Clusters a guest discard request freed (QCOW2_DISCARD_REQUEST: qemu-io opens images with
         # BDRV_O_UNMAP, so QEMU passes the discard down to the image file, a punched hole).
         self.discards: list[int] = []
-        self._passdown = False
         self.stale_pack = False
 
     # ---- state ---------------------------------------------------------------------------------
@@ -178,8 +177,10 @@ class Allocator:
             else:
                 cached[i0:i0 + len(values)] = values
 
-    def update_refcount(self, first_cluster: int, count: int, addend: int, undo: bool = False) -> None:
-        """Add `addend` (+n or -n) to `count` clusters; may raise _Again after undoing itself."""
+    def update_refcount(self, first_cluster: int, count: int, addend: int, undo: bool = False,
+                        discard: bool = False) -> None:
+        """Add `addend` (+n or -n) to `count` clusters; may raise _Again after undoing itself.
+        discard: a guest discard request's free (clusters reaching 0 are listed in `discards`)."""
         if addend < 0 and not undo:
             self.freed.append((first_cluster << self.cbits, count << self.cbits))
         done = 0
@@ -208,7 +209,7 @@ class Allocator:
                                        f"0..{self.refcount_max}")
                 self._write_entries(block_off, idx, vals)
                 if addend < 0 and 0 in vals:
-                    if self._passdown:
+                    if discard:
                         self.discards.extend((ci + i) << self.cbits for i, v in enumerate(vals) if v == 0)
                     z = vals.index(0)
                     self.free_cluster_index = min(self.free_cluster_index, ci + z)
@@ -425,11 +426,11 @@ class Allocator:
             self.byte_cluster_freed = False
         return offset
 
-    def free_clusters(self, offset: int, length: int) -> None:
+    def free_clusters(self, offset: int, length: int, *, discard: bool = False) -> None:
         first = offset >> self.cbits
         last = (offset + length - 1) >> self.cbits
         try:
-            self.update_refcount(first, last - first + 1, -1)
+            self.update_refcount(first, last - first + 1, -1, discard=discard)
         except (_Again, RefcountTableTooBig):
             # HX: freeing a cluster whose refcount block is missing: QEMU's qcow2_free_clusters logs
             # "qcow2_free_clusters failed" and goes on (the cluster leaks; the new block stays).
@@ -438,19 +439,12 @@ class Allocator:
     def free_any_cluster(self, word0: int, *, request: bool = False) -> None:
         """qcow2_free_any_cluster: drop the reference an L2 entry holds (compressed: its bytes).
         request: a guest discard (QCOW2_DISCARD_REQUEST): clusters it frees are listed in `discards`."""
-        self._passdown = request
-        try:
-            self._free_any_cluster(word0)
-        finally:
-            self._passdown = False
-
-    def _free_any_cluster(self, word0: int) -> None:
         if word0 & C.QCOW_OFLAG_COMPRESSED:
             off, nbytes = descriptor_fields(word0, self.cbits)
-            self.free_clusters(off, nbytes)
+            self.free_clusters(off, nbytes, discard=request)
             return
         off = word0 & C.L2E_OFFSET_MASK
         if off:
             if off % self.cs:
                 return  # QEMU: "Cannot free unaligned cluster" (signalled, nothing freed)
-            self.free_clusters(off, self.cs)
+            self.free_clusters(off, self.cs, discard=request)
