@@ -201,19 +201,15 @@ class _Ctx:
             idx = first
         else:
             idx = np.repeat(first, n) + (np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n))
-        lo, hi = int(idx.min()), int(idx.max())
+        hi = int(idx.max())
         if hi >= len(self.refs):
             grown = np.zeros(hi + 1, dtype=np.int64)
             grown[:len(self.refs)] = self.refs
             self.refs = grown
-        if hi - lo > 8 * len(idx):  # few references spread over the file: no dense pass over it
-            np.add.at(self.refs, idx, 1)
-            return
-        b = np.bincount(idx - lo)
-        self.refs[lo:lo + len(b)] += b
+        self.inc_clusters(idx)
 
     def inc_clusters(self, idx: np.ndarray) -> None:
-        """+1 for each host cluster index (all inside the file: no EOF rule to apply)."""
+        """+1 for each host cluster index (all inside `refs`: no EOF rule to apply)."""
         lo, hi = int(idx.min()), int(idx.max())
         if hi - lo > 8 * len(idx):  # few clusters spread over the file: no dense pass over it
             np.add.at(self.refs, idx, 1)
@@ -380,6 +376,14 @@ def _sparse_entries(ctx: _Ctx, raw: np.ndarray, mask: np.ndarray):
     return ent, _native(words[ent * per]), _native(words[ent * per + 1]) if ext else None
 
 
+def _fragmented(table: np.ndarray, host: np.ndarray, cs: int) -> int:
+    """QEMU's fragmented-clusters count for data clusters listed in L2 order (`table`: which L2
+    table each is in, `host`: its offset): each one not right after the one before in its table."""
+    if table.size < 2:
+        return 0
+    return int(np.count_nonzero((table[1:] == table[:-1]) & (host[1:] != host[:-1] + _U64(cs))))
+
+
 def _sparse_l2_batch(ctx: _Ctx, ent: np.ndarray, w0: np.ndarray, bm, l2_offsets: np.ndarray, *, active: bool):
     """`_fast_l2_batch` for tables that are mostly empty: only the non-zero entries are looked at
     (`ent`: their indices in the batch's tables seen as one array, `w0`/`bm` their native words).
@@ -404,10 +408,8 @@ def _sparse_l2_batch(ctx: _Ctx, ent: np.ndarray, w0: np.ndarray, bm, l2_offsets:
     if not active:
         return True
     ctx.allocated += int(clusters.size)
-    r = (ent // n)[has_off]
-    if r.size > 1:
-        ctx.fragmented += int(np.count_nonzero((r[1:] == r[:-1]) & (o[1:] != o[:-1] + _U64(cs))))
-    l2_rc, l2_ok = ctx.ondisk(l2_offsets >> cb)
+    ctx.fragmented += _fragmented((ent // n)[has_off], o, cs)
+    _l2_rc, l2_ok = ctx.ondisk(l2_offsets >> cb)
     if not clusters.size:
         return True
     if not (l2_ok & (l2_offsets != 0)).all():
@@ -447,11 +449,9 @@ def _fast_l2_batch(ctx: _Ctx, w0: np.ndarray, bm, l2_offsets: np.ndarray, *, act
         ctx.fragmented += int(np.count_nonzero(np.diff(off, axis=1) != _U64(cs)))
     else:
         rows, cols = np.nonzero(has_off)
-        if rows.size > 1:
-            o = off[rows, cols]
-            ctx.fragmented += int(((rows[1:] == rows[:-1]) & (o[1:] != o[:-1] + _U64(cs))).sum())
+        ctx.fragmented += _fragmented(rows, off[rows, cols], cs)
     # COPIED against the on-disk refcounts (tables at offset 0 or with unreadable refcounts skipped)
-    l2_rc, l2_ok = ctx.ondisk(l2_offsets >> cb)
+    _l2_rc, l2_ok = ctx.ondisk(l2_offsets >> cb)
     usable = l2_ok & (l2_offsets != 0)
     if clusters.size and usable.all():
         arr, readable = ctx.ondisk_array()
@@ -611,16 +611,14 @@ def _full_l2_batch(ctx: _Ctx, l1_indices, l2_offsets, w0, bm, *, active: bool, s
     ctx.allocated += nc + int(has_off.sum())
     ctx.fragmented += nc
     rows, cols = np.nonzero(has_off)
-    if rows.size > 1:
-        o = off[rows, cols]
-        ctx.fragmented += int(((rows[1:] == rows[:-1]) & (o[1:] != o[:-1] + _U64(cs))).sum())
+    ctx.fragmented += _fragmented(rows, off[rows, cols], cs)
     _copied_data(ctx, loc, w0, off, has_off, l2_offsets)
 
 
 def _copied_data(ctx: _Ctx, loc, w0, off, has_off, l2_offsets) -> None:
     """check_oflag_copied for data clusters: COPIED set exactly when the on-disk refcount is 1."""
     cb = ctx.cb
-    l2_rc, l2_ok = ctx.ondisk(l2_offsets >> cb)
+    _l2_rc, l2_ok = ctx.ondisk(l2_offsets >> cb)
     examine = has_off & (l2_ok & (l2_offsets != 0))[:, None]  # QEMU skips a table at offset 0 here
     if examine.any():
         rows, cols = np.nonzero(examine)
