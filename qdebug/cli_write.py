@@ -247,7 +247,6 @@ def cmd_replay(args) -> int:
     journal = None
     failures = 0
     steps = 0
-    hazards = 0
     progress = _Progress(total)
     try:
         if args.log:
@@ -301,7 +300,6 @@ def cmd_replay(args) -> int:
                 if log:
                     log.write(json.dumps(rec.to_json()) + "\n")
                 for h in rec.hazards:
-                    hazards += 1
                     print(f"qdebug: {source}:{lineno}: {command_text(cmd)}: {hazard_text(h)}", file=sys.stderr)
                 steps += 1
                 if writeback and (cmd.op == "flush" or engine.dirty_bytes > WRITEBACK_LIMIT
