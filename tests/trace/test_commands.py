@@ -82,3 +82,41 @@ def test_qemu_io_accepts_the_same_lines(qemu, tmp_path):
     p = qemu_io(img, *lines)
     out = p.stdout.decode() + p.stderr.decode()
     assert "invalid" not in out.lower() and "usage" not in out.lower(), out
+
+
+_HEAD_WORDS = st.sampled_from(["write", "read", "discard", "flush", "w", "r", "-q", "-z", "-u", "-c", "-zu", "-qz",
+                               "-P", "0x22", "0x1ff", "7", "-P0x5", "-x", "#", "4k", "1M"])
+
+
+@given(heads=st.lists(st.lists(_HEAD_WORDS, min_size=1, max_size=5).map(" ".join), min_size=1, max_size=4),
+       numbers=st.lists(st.tuples(st.integers(0, 1 << 40), st.integers(0, 1 << 20)), min_size=1, max_size=6),
+       spacing=st.sampled_from([" ", "  ", "\t"]), newline=st.booleans())
+def test_remembered_heads_parse_as_the_full_parser(heads, numbers, spacing, newline):
+    """parse_line remembers the options part of lines it parsed; a later line with the same part
+    and other numbers must make exactly what the full parser makes of it (or fail the same way)."""
+    from qdebug.trace import commands
+
+    def full(text):
+        try:
+            return commands._parse_line(text, 3)
+        except SyntaxProblem as e:
+            return str(e)
+
+    def fast(text):
+        try:
+            return parse_line(text, 3)
+        except SyntaxProblem as e:
+            return str(e)
+
+    for head in heads:
+        for off, length in numbers:
+            text = f"{head}{spacing}{off}{spacing}{length}" + ("\n" if newline else "")
+            assert fast(text) == full(text), text
+
+
+def test_remembered_head_is_not_reused_for_other_shapes():
+    assert parse_line("write -P 0x22 0 512", 1) == Command("write", 0, 512, 0x22, text="write -P 0x22 0 512", lineno=1)
+    # the same head, but "-P" now eats a number in the full parser's reading
+    with pytest.raises(SyntaxProblem):
+        parse_line("write -P 0x22 0 4k 512", 2)
+    assert parse_line("write -P 0x22 4k 512", 3).offset == 4096
