@@ -12,13 +12,16 @@ $(BIN)/python:
 
 $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet -e '.[test,native]'
 	touch $(STAMP)
 
 # Bytecode compiled ahead, as pip does for an installed package: where PYTHONDONTWRITEBYTECODE
 # is set, every run would otherwise compile qdebug's source again (~0.1 s). Only changed files.
+# Then the write engine's hot modules compiled by mypyc (qdebug/native.py; ~1 minute, only when
+# their source changed; without a C compiler qdebug runs as pure Python, and says so here).
 install: $(STAMP)
 	$(BIN)/python -m compileall -q qdebug
+	$(BIN)/python -m qdebug.native build
 
 # QEMU 7.2's qemu-img / qemu-io are the test oracle. Installed with apt-get when we are root;
 # in CI (CI=true) a missing QEMU fails the run instead of skipping the differential tests.
@@ -54,4 +57,4 @@ fuzz: install
 	QDEBUG_FUZZ_EXAMPLES=10000 $(BIN)/python -m pytest -n 2 -m slow tests/test_fuzz.py $(PYTEST_ARGS)
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis .benchmarks
+	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis .benchmarks qdebug/_native

@@ -11,7 +11,7 @@ buffered changes), so the same code plans and executes.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -19,7 +19,7 @@ from . import constants as C
 from .compression import descriptor_fields
 from .errors import CorruptImage
 from .refcounts import pack_refcounts, unpack_refcounts
-from .txn import Txn
+from .txn import UINT, Txn
 
 
 class RefcountTableTooBig(CorruptImage):
@@ -30,9 +30,10 @@ class _Again(Exception):
     """QEMU's -EAGAIN: a refcount block was just allocated, restart the free-cluster search."""
 
 
-class AllocatorState(NamedTuple):
-    """What a qemu-io process remembers between requests (restored on undo). A named tuple: one is
-    made for every step, and it is immutable all the same."""
+@dataclass
+class AllocatorState:
+    """What a qemu-io process remembers between requests (restored on undo). Treated as immutable;
+    one is made for every step, and a plain dataclass is the cheapest to make once compiled."""
 
     free_cluster_index: int = 0
     free_byte_offset: int = 0
@@ -59,7 +60,7 @@ class Allocator:
         self._unpack = lambda buf: unpack_refcounts(buf, self.order)
         self._header = h
         self._kept: dict[int, np.ndarray] = {}
-        self._boff_header = None
+        self._boff_header: object = None
         self.begin(txn)
 
     def begin(self, txn: Txn, *, keep_cache: bool = False) -> None:
@@ -156,7 +157,8 @@ class Allocator:
         if bits >= 8 and isinstance(values, list):
             width = bits // 8
             if len(values) == 1:
-                data = values[0].to_bytes(width, "big")
+                self.txn.write_uint(block_off + b0, values[0], UINT[width], "refblock")
+                data = b""
             else:
                 data = b"".join([v.to_bytes(width, "big") for v in values])
         elif bits >= 8:
@@ -167,7 +169,8 @@ class Allocator:
             s = i0 - b0 * per
             cur[s:s + len(values)] = values
             data = pack_refcounts(cur, self.order)
-        self.txn.write_meta(block_off + b0, data, "refblock")
+        if data:
+            self.txn.write_meta(block_off + b0, data, "refblock")
         cached = self._cache.get(block_off)
         if cached is not None and not self._live(cached):
             if not cached.flags.writeable:

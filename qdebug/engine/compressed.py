@@ -12,7 +12,7 @@ from functools import lru_cache
 from . import constants as C
 from .compression import compress, make_descriptor
 from .datapath import pwrite
-from .planner import Hazard, Request
+from .planner import Hazard
 from .tables import StepContext, StepFailed
 
 
@@ -45,7 +45,7 @@ def _one_cluster(ctx: StepContext, offset: int, chunk: int, byte: int, owners) -
     gc = offset >> g.cbits
     w0, _bm = ctx.entry(gc)
     if w0 & C.L2E_OFFSET_MASK:
-        ctx.requests.append(Request("compressed", offset, chunk, "EIO: the cluster is already allocated"))
+        ctx.request("compressed", offset, chunk, "EIO: the cluster is already allocated")
         raise StepFailed("Input/output error")
     host = ctx.alloc.alloc_bytes(len(data))
     ctx.allocations.append((host, len(data), "compressed data"))
@@ -62,7 +62,7 @@ def _one_cluster(ctx: StepContext, offset: int, chunk: int, byte: int, owners) -
             ctx.hazards.append(hz)
     ctx.set_entry(l2_off, gc, make_descriptor(host, len(data), g.cbits), 0)
     ctx.txn.write_data(host, len(data), "data", data)
-    ctx.requests.append(Request("compressed", offset, chunk, f"{len(data)} bytes packed", host))
+    ctx.request("compressed", offset, chunk, f"{len(data)} bytes packed", host)
 
 
 def hazard_for(owner: str, guest_range: tuple[int, int] | None, host: int, length: int) -> Hazard:

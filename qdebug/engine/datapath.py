@@ -12,15 +12,17 @@ plan says skip_cow; the bytes are the same.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Final
 
 from . import constants as C
 from . import guestview
 from .planner import CowSource, L2MetaPlan, Request
 from .subclusters import SubclusterType as T, clz32, ctz32, subcluster_range_type, subcluster_type
+from .guestview import Segment
 from .tables import StepContext
+from .txn import Fill
 
-MAX_REQUEST = (1 << 31) - 512  # BDRV_REQUEST_MAX_BYTES rounded down to a 512-byte multiple
+MAX_REQUEST: Final = (1 << 31) - 512  # BDRV_REQUEST_MAX_BYTES rounded down to a 512-byte multiple
 _ALLOC_TYPES = (T.NORMAL, T.ZERO_ALLOC, T.UNALLOCATED_ALLOC)
 _PLAIN_TYPES = (T.ZERO_PLAIN, T.UNALLOCATED_PLAIN)
 
@@ -30,12 +32,13 @@ class Meta:
 
     __slots__ = ("offset", "alloc", "nb", "keep_old", "cs_from", "cs_to", "ce_from", "ce_to", "l2_off", "skip", "segs")
 
-    def __init__(self, offset, alloc, nb, keep_old, cs_from, cs_to, ce_from, ce_to, l2_off):
+    def __init__(self, offset: int, alloc: int, nb: int, keep_old: bool, cs_from: int, cs_to: int,
+                 ce_from: int, ce_to: int, l2_off: int):
         self.offset, self.alloc, self.nb, self.keep_old = offset, alloc, nb, keep_old
         self.cs_from, self.cs_to, self.ce_from, self.ce_to = cs_from, cs_to, ce_from, ce_to
         self.l2_off = l2_off
         self.skip = False
-        self.segs: tuple = ([], [])
+        self.segs: tuple[list[Segment], list[Segment]] = ([], [])
 
 
 def needs_new_alloc(word0: int, ext: bool) -> bool:
@@ -57,7 +60,7 @@ def _type(ctx: StepContext, w0: int, bm: int, sc: int) -> T:
 
 
 def calculate_l2_meta(ctx: StepContext, host: int, offset: int, nbytes: int, l2_off: int,
-                      keep_old: bool, metas: list) -> None:
+                      keep_old: bool, metas: list[Meta]) -> None:
     g = ctx.g
     cs = g.cs
     w_start = offset & (cs - 1)
@@ -125,7 +128,8 @@ def _count_single_write(ctx: StepContext, gc0: int, n: int, new_alloc: bool) -> 
     return n
 
 
-def handle_copied(ctx: StepContext, start: int, need_host: int | None, nbytes: int, metas: list):
+def handle_copied(ctx: StepContext, start: int, need_host: int | None, nbytes: int,
+                  metas: list[Meta]) -> tuple[int, int, int]:
     """(status, host offset, bytes): 1 = in-place piece; 0 with bytes 0 = stop; 0 = try handle_alloc."""
     g = ctx.g
     n = _nb_clusters(ctx, start, nbytes)
@@ -133,21 +137,22 @@ def handle_copied(ctx: StepContext, start: int, need_host: int | None, nbytes: i
     gc0 = start >> g.cbits
     w0, _bm = ctx.entry(gc0)
     if needs_new_alloc(w0, g.ext):
-        return 0, None, nbytes
+        return 0, -1, nbytes
     host = w0 & C.L2E_OFFSET_MASK
     if host & (g.cs - 1):
         ctx.corruption(f"Cluster allocation offset 0x{host:x} unaligned (L2 offset: 0x{l2_off:x}, "
                        f"L2 index: 0x{gc0 % g.l2_entries:x})")
     in_cluster = start & (g.cs - 1)
     if need_host is not None and host != need_host - in_cluster:
-        return 0, None, 0
+        return 0, -1, 0
     keep = _count_single_write(ctx, gc0, n, False)
     nbytes = min(nbytes, keep * g.cs - in_cluster)
     calculate_l2_meta(ctx, host, start, nbytes, l2_off, True, metas)
     return 1, host + in_cluster, nbytes
 
 
-def handle_alloc(ctx: StepContext, start: int, need_host: int | None, nbytes: int, metas: list):
+def handle_alloc(ctx: StepContext, start: int, need_host: int | None, nbytes: int,
+                 metas: list[Meta]) -> tuple[int, int, int]:
     g = ctx.g
     n = _nb_clusters(ctx, start, nbytes)
     l2_off = ctx.get_cluster_table(start)
@@ -161,7 +166,7 @@ def handle_alloc(ctx: StepContext, start: int, need_host: int | None, nbytes: in
         alloc = need_host & ~(g.cs - 1)
         n = ctx.alloc.alloc_clusters_at(alloc, n)
         if n == 0:
-            return 0, None, 0
+            return 0, -1, 0
     ctx.allocations.append((alloc, n * g.cs, "data"))
     in_cluster = start & (g.cs - 1)
     nbytes = min(nbytes, min(nbytes + in_cluster, n * g.cs) - in_cluster)
@@ -169,12 +174,12 @@ def handle_alloc(ctx: StepContext, start: int, need_host: int | None, nbytes: in
     return 1, alloc + in_cluster, nbytes
 
 
-def alloc_host_offset(ctx: StepContext, offset: int, nbytes: int) -> tuple[int, int, list]:
+def alloc_host_offset(ctx: StepContext, offset: int, nbytes: int) -> tuple[int, int, list[Meta]]:
     """qcow2_alloc_host_offset: (host offset, bytes of the host-contiguous prefix, L2Metas newest first)."""
-    metas: list = []
+    metas: list[Meta] = []
     start, remaining = offset, nbytes
-    need_host = None
-    host_offset = None
+    need_host: int | None = None
+    host_offset = -1
     while remaining:
         ok, host, cur = handle_copied(ctx, start, need_host, remaining, metas)
         if not ok:
@@ -183,7 +188,7 @@ def alloc_host_offset(ctx: StepContext, offset: int, nbytes: int) -> tuple[int, 
             ok, host, cur = handle_alloc(ctx, start, need_host, remaining, metas)
             if not ok:
                 break
-        if host_offset is None:
+        if host_offset < 0:
             host_offset = host
         start += cur
         remaining -= cur
@@ -192,14 +197,14 @@ def alloc_host_offset(ctx: StepContext, offset: int, nbytes: int) -> tuple[int, 
 
 
 # ---- COW ---------------------------------------------------------------------------------------------
-_SOURCE = {T.NORMAL: "old cluster", T.COMPRESSED: "decompressed cluster"}
+_SOURCE: dict[int, str] = {T.NORMAL: "old cluster", T.COMPRESSED: "decompressed cluster"}
 
 
-def _segments(ctx: StepContext, offset: int, length: int) -> list:
-    return guestview.segments(ctx.chain, ctx.entry, offset, offset + length) if length > 0 else []
+def _segments(ctx: StepContext, offset: int, length: int) -> list[Segment]:
+    return guestview.segments(ctx.chain, ctx, offset, offset + length) if length > 0 else []
 
 
-def cow_sources(segs: list) -> list[CowSource]:
+def cow_sources(segs: list[Segment]) -> list[CowSource]:
     """Where each byte of a COW region comes from: old cluster, decompressed, backing depth d, zeros."""
     out: list[CowSource] = []
     for s, e, kind, depth, _h in segs:
@@ -216,7 +221,7 @@ def cow_sources(segs: list) -> list[CowSource]:
     return out
 
 
-def _is_zero_fast(ctx: StepContext, offset: int, length: int, segs: list) -> bool:
+def _is_zero_fast(ctx: StepContext, offset: int, length: int, segs: list[Segment]) -> bool:
     """bdrv_co_is_zero_fast over the chain (decides QEMU's zero-COW shortcut); a range reaching
     past the virtual size is never 'zero' (block status stops at the end)."""
     if length <= 0:
@@ -226,10 +231,11 @@ def _is_zero_fast(ctx: StepContext, offset: int, length: int, segs: list) -> boo
     return guestview.reads_as_zero(ctx.chain, segs, exact=False)
 
 
-MAX_WORKERS = 8  # QCOW2_MAX_WORKERS: pieces of one request in flight at once
+Piece = tuple[int, int, int, list[Meta]]  # guest offset, bytes, host offset, its L2Metas
+MAX_WORKERS: Final = 8  # QCOW2_MAX_WORKERS: pieces of one request in flight at once
 
 
-def pwrite(ctx: StepContext, offset: int, nbytes: int, fill: Callable[[int, int], bytes], kind: str) -> None:
+def pwrite(ctx: StepContext, offset: int, nbytes: int, fill: Fill, kind: str) -> None:
     """qcow2_co_pwritev_part: the whole request, as host-contiguous pieces.
 
     A request of several pieces runs them as parallel tasks: QEMU allocates every piece before the
@@ -239,16 +245,18 @@ def pwrite(ctx: StepContext, offset: int, nbytes: int, fill: Callable[[int, int]
     request could let QEMU finish an earlier piece sooner; caches are warm in the cases tested.)
     """
     g = ctx.g
-    pending: list = []
+    pending: list[Piece] = []
     while nbytes:
         host, cur, metas = alloc_host_offset(ctx, offset, nbytes)
         if cur == 0:
             raise AssertionError("no progress allocating host clusters")
         for m in metas:  # handle_alloc_space: QEMU's zero-COW shortcut (recorded only)
-            head = (m.offset + m.cs_from, m.cs_to - m.cs_from)
-            tail = (m.offset + m.ce_from, m.ce_to - m.ce_from)
-            m.segs = (_segments(ctx, *head), _segments(ctx, *tail))
-            if (head[1] or tail[1]) and _is_zero_fast(ctx, *head, m.segs[0]) and _is_zero_fast(ctx, *tail, m.segs[1]):
+            head_off, head_len = m.offset + m.cs_from, m.cs_to - m.cs_from
+            tail_off, tail_len = m.offset + m.ce_from, m.ce_to - m.ce_from
+            hsegs, tsegs = _segments(ctx, head_off, head_len), _segments(ctx, tail_off, tail_len)
+            m.segs = (hsegs, tsegs)
+            if (head_len or tail_len) and _is_zero_fast(ctx, head_off, head_len, hsegs) \
+                    and _is_zero_fast(ctx, tail_off, tail_len, tsegs):
                 m.skip = True
         pending.append((offset, cur, host, metas))
         if len(pending) == MAX_WORKERS:
@@ -259,7 +267,7 @@ def pwrite(ctx: StepContext, offset: int, nbytes: int, fill: Callable[[int, int]
         _finish(ctx, piece, fill, kind)
 
 
-def _finish(ctx: StepContext, piece, fill: Callable[[int, int], bytes], kind: str) -> None:
+def _finish(ctx: StepContext, piece: Piece, fill: Fill, kind: str) -> None:
     """qcow2_co_pwritev_task: data (merged with the COW when it can), then link every L2Meta."""
     g = ctx.g
     offset, cur, host, metas = piece
@@ -286,8 +294,26 @@ def _finish(ctx: StepContext, piece, fill: Callable[[int, int], bytes], kind: st
         ctx.touch(gc)
 
 
+def _cow(ctx: StepContext, m: Meta, at: int, region: tuple[int, int], segs: list[Segment]) -> None:
+    """One COW region to host offset `at`. A skip_cow meta's COW bytes are the zeros _finish put
+    there: recorded, not written again. (A function of its own, not a closure in link_l2: compiled,
+    a closure shares one environment with the plan maker link_l2 returns, and the step's context
+    would hold itself in a cycle only the garbage collector frees.)"""
+    if not region[1]:
+        return
+    txn = ctx.txn
+    if m.skip:
+        txn.record(at, region[1], "cow")
+    elif txn.data_through:
+        top_pread = txn.pread if txn.pages and not txn.applying else None
+        txn.write_data(at, region[1], "cow", lambda: guestview.read(
+            ctx.chain, segs, region[0], region[0] + region[1], ctx.decompressed, top_pread))
+    else:
+        txn.write_data(at, region[1], "cow", None)
+
+
 def link_l2(ctx: StepContext, m: Meta, merged: bool, host: int, data_off: int, data_len: int,
-            fill: Callable[[int, int], bytes]) -> Callable[[], L2MetaPlan]:
+            fill: Fill) -> Callable[[], L2MetaPlan]:
     """perform_cow + qcow2_alloc_cluster_link_l2 for one L2Meta; returns the maker of its plan."""
     g = ctx.g
     head = (m.offset + m.cs_from, m.cs_to - m.cs_from)
@@ -295,25 +321,10 @@ def link_l2(ctx: StepContext, m: Meta, merged: bool, host: int, data_off: int, d
     hsegs, tsegs = m.segs
     txn = ctx.txn
 
-    top_pread = txn.pread if txn.pages and not txn.applying else None
-
-    def cow(at: int, region, segs) -> None:
-        """One COW region to host offset `at`. A skip_cow meta's COW bytes are the zeros _finish put
-        there: recorded, not written again."""
-        if not region[1]:
-            return
-        if m.skip:
-            txn.record(at, region[1], "cow")
-        elif txn.data_through:
-            txn.write_data(at, region[1], "cow", lambda: guestview.read(
-                ctx.chain, segs, region[0], region[0] + region[1], ctx.decompressed, top_pread))
-        else:
-            txn.write_data(at, region[1], "cow", None)
-
-    cow(m.alloc + m.cs_from, head, hsegs)
+    _cow(ctx, m, m.alloc + m.cs_from, head, hsegs)
     if merged:
         txn.write_data(host, data_len, "data", (lambda: fill(data_off, data_len)) if txn.data_through else None)
-    cow(m.alloc + m.ce_from, tail, tsegs)
+    _cow(ctx, m, m.alloc + m.ce_from, tail, tsegs)
     gc0 = m.offset >> g.cbits
     old_entries = []
     written_from, written_to = m.cs_from, m.ce_to

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from . import constants as C
 from .blocklayer import block_piece
-from .planner import Request
 from .tables import StepContext
 
 
@@ -21,11 +20,11 @@ def discard(ctx: StepContext, offset: int, nbytes: int) -> None:
         num = block_piece(offset, nbytes, align, tail)
         aligned = not (offset | num) % align
         if not aligned and not (offset % align == 0 and offset + num == g.size):
-            ctx.requests.append(Request("discard", offset, num, "ENOTSUP: not whole clusters, ignored"))
+            ctx.request("discard", offset, num, "ENOTSUP: not whole clusters, ignored")
         elif g.version < 3 and g.has_backing:
-            ctx.requests.append(Request("discard", offset, num, "ENOTSUP: v2 image with a backing file, ignored"))
+            ctx.request("discard", offset, num, "ENOTSUP: v2 image with a backing file, ignored")
         else:
-            ctx.requests.append(Request("discard", offset, num, "discarded"))
+            ctx.request("discard", offset, num, "discarded")
             cluster_discard(ctx, offset, num)
         offset += num
         nbytes -= num

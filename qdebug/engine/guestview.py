@@ -11,43 +11,64 @@ from __future__ import annotations
 
 import os
 import struct
+from typing import Callable, Final
 
 from . import constants as C
-from .chain import RawFile
+from .chain import Chain, RawFile
+from .image import Image
 from .compression import decompress, descriptor_fields
 from .subclusters import SubclusterType as T, subcluster_range_type
+from .tables import StepContext
 
-RAW_DATA, RAW_HOLE, PAST_END = 7, 8, 9
+RAW_DATA: Final = 7
+RAW_HOLE: Final = 8
+PAST_END: Final = 9
+Segment = tuple[int, int, int, int, int]  # guest start, end, kind, depth, host
 _QQ = struct.Struct(">QQ")
 _Q = struct.Struct(">Q")
 
 
-def _geometry(layer) -> tuple:
-    """(header, cluster bits, cluster size, extended, subcluster bits, size as the block layer
-    sees it, L2 entries, L1 size, L1 offset, L2 entry size, L1 entries read so far), kept on the
-    layer until its header changes: this runs for every COW region and property reads add up."""
-    g = getattr(layer, "_guestview_geometry", None)
-    if g is None or g[0] is not layer.header:
-        h = layer.header
-        g = layer._guestview_geometry = (h, h.cluster_bits, h.cluster_size, h.extended_l2, h.subcluster_bits,
-                                         layer.size, h.l2_entries, h.l1_size, h.l1_table_offset, h.l2_entry_size, {})
+class _Geometry:
+    """One layer's constants as the guest view needs them, kept on the layer until its header
+    changes: this runs for every COW region and property reads add up."""
+
+    def __init__(self, layer: Image):
+        h = self.header = layer.header
+        self.cbits: int = h.cluster_bits
+        self.cs: int = h.cluster_size
+        self.ext: bool = h.extended_l2
+        self.scb: int = h.subcluster_bits
+        self.size: int = layer.size  # as the block layer sees it
+        self.l2_entries: int = h.l2_entries
+        self.l1_size: int = h.l1_size
+        self.l1_offset: int = h.l1_table_offset
+        self.esize: int = h.l2_entry_size
+        self.l1: dict[int, int] = {}  # L1 entries read so far (backing files are only read)
+
+
+def _geometry(layer: Image) -> _Geometry:
+    g: _Geometry | None = getattr(layer, "_guestview_geometry", None)
+    if g is None or g.header is not layer.header:
+        g = _Geometry(layer)
+        setattr(layer, "_guestview_geometry", g)
     return g
 
 
-def _layer_entry(img, guest_cluster: int, g: tuple) -> tuple[int, int]:
+def _layer_entry(img: Image, guest_cluster: int, g: _Geometry) -> tuple[int, int]:
     """A backing file's L2 entry (backing files are only read: their L1 entries are kept)."""
-    l1_index, idx = divmod(guest_cluster, g[6])
-    if l1_index >= g[7]:
+    l1_index, idx = divmod(guest_cluster, g.l2_entries)
+    if l1_index >= g.l1_size:
         return 0, 0
-    l1 = g[10]
+    l1 = g.l1
     l2_off = l1.get(l1_index)
     if l2_off is None:
-        l2_off = l1[l1_index] = _Q.unpack_from(img.mm, g[8] + 8 * l1_index)[0] & C.L1E_OFFSET_MASK
+        l2_off = l1[l1_index] = _Q.unpack_from(img.mm, g.l1_offset + 8 * l1_index)[0] & C.L1E_OFFSET_MASK
     if not l2_off:
         return 0, 0
-    off = l2_off + idx * g[9]
-    if g[3]:
-        return _QQ.unpack_from(img.mm, off)
+    off = l2_off + idx * g.esize
+    if g.ext:
+        w0, bm = _QQ.unpack_from(img.mm, off)
+        return w0, bm
     return _Q.unpack_from(img.mm, off)[0], 0
 
 
@@ -55,10 +76,11 @@ _UNALLOCATED = (T.UNALLOCATED_PLAIN, T.UNALLOCATED_ALLOC)
 _NORMAL, _COMPRESSED = T.NORMAL, T.COMPRESSED
 
 
-def segments(chain, top_entry, start: int, end: int, depth: int = 0, out=None) -> list[tuple[int, int, int, int, int]]:
+def segments(chain: Chain, top: StepContext | None, start: int, end: int,
+             depth: int = 0, out: list[Segment] | None = None) -> list[Segment]:
     """[(start, end, kind, depth, host)] for the guest range; kind is a SubclusterType, RAW_DATA,
     RAW_HOLE (only when asked via raw_holes) or PAST_END. host: byte offset in that layer
-    (for COMPRESSED: the L2 descriptor)."""
+    (for COMPRESSED: the L2 descriptor). `top`: the step whose L2 entries the top layer has."""
     if out is None:
         out = []
     layers = chain.layers
@@ -80,19 +102,19 @@ def segments(chain, top_entry, start: int, end: int, depth: int = 0, out=None) -
     # The top layer is read through its driver (its L2 entries cover the whole last cluster);
     # a backing file is read through the block layer, which zero-fills past its end.
     if depth:
-        lsize = g[5]
+        lsize = g.size
         if start >= lsize:
             out.append((start, end, PAST_END, depth, 0))
             return out
         if end > lsize:
-            segments(chain, top_entry, start, lsize, depth, out)
+            segments(chain, top, start, lsize, depth, out)
             out.append((lsize, end, PAST_END, depth, 0))
             return out
-    _h, cbits, cs, ext, scb = g[:5]
+    cbits, cs, ext, scb = g.cbits, g.cs, g.ext, g.scb
     pos = start
     while pos < end:
         gc = pos >> cbits
-        w0, bm = top_entry(gc) if depth == 0 else _layer_entry(layer, gc, g)
+        w0, bm = top.entry(gc) if top is not None else _layer_entry(layer, gc, g)
         cend = min(end, (gc + 1) << cbits)
         while pos < cend:
             sc = (pos & (cs - 1)) >> scb
@@ -116,13 +138,17 @@ def segments(chain, top_entry, start: int, end: int, depth: int = 0, out=None) -
 DATA_KINDS = (T.NORMAL, T.COMPRESSED, T.INVALID, RAW_DATA)
 
 
-def reads_as_zero(chain, segs, *, exact: bool) -> bool:
+def reads_as_zero(chain: Chain, segs: list[Segment], *, exact: bool) -> bool:
     """Block status says ZERO for all of `segs`. exact=True is QEMU's is_zero (raw holes are zero,
     found with SEEK_DATA); exact=False is bdrv_co_is_zero_fast (raw files are always data).
     Past a short backing file's end both see zeros."""
     for s, e, kind, depth, _h in segs:
         if kind == RAW_DATA:
-            if not exact or not _raw_hole(chain.layers[depth], s, e):
+            if not exact:
+                return False
+            raw = chain.layers[depth]
+            assert isinstance(raw, RawFile)
+            if not _raw_hole(raw, s, e):
                 return False
         elif kind in DATA_KINDS:
             return False
@@ -139,7 +165,8 @@ def _raw_hole(raw: RawFile, s: int, e: int) -> bool:
     return data >= e
 
 
-def read(chain, segs, start: int, end: int, cache: dict, top_pread=None) -> bytes:
+def read(chain: Chain, segs: list[Segment], start: int, end: int, cache: dict[tuple[int, int], bytes],
+         top_pread: Callable[[int, int], bytes] | None = None) -> bytes:
     """Guest bytes of [start, end) from its segments (COW source data). `top_pread` reads the top
     layer's file where it differs from the Image (a write-back Txn's held-back pages)."""
     out = bytearray(end - start)
@@ -149,6 +176,7 @@ def read(chain, segs, start: int, end: int, cache: dict, top_pread=None) -> byte
             out[s - start:e - start] = pread(host, e - s)
         elif kind == T.COMPRESSED:
             img = chain.layers[depth]
+            assert isinstance(img, Image)  # raw files have no compressed clusters
             key = (depth, host)
             data = cache.get(key)
             if data is None:

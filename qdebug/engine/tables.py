@@ -6,6 +6,7 @@ QEMU does), plus the bookkeeping a WritePlan is made of (touched clusters, alloc
 from __future__ import annotations
 
 import struct
+from typing import Callable
 
 from . import constants as C
 from .allocator import Allocator
@@ -54,7 +55,9 @@ class StepContext:
         self.g = geo
         self.txn = txn
         self.alloc = alloc
-        self.requests: list = []  # Request, or a callable that makes one (see WritePlan)
+        # What makes each Request of the plan: its fields, or a callable (built when the plan is asked
+        # for: most steps of a replay never are, and a frozen dataclass costs microseconds to make)
+        self.requests: list[tuple | Callable[[], Request]] = []
         self.in_place: list[tuple[int, int]] = []  # (host offset, clusters) written in place (COPIED)
         self.before: dict[int, tuple[int, int]] = {}  # guest cluster -> (word0, bitmap) before
         self.allocations: list[tuple[int, int, str]] = []
@@ -63,6 +66,10 @@ class StepContext:
         self.decompressed: dict = {}  # compressed clusters decompressed for COW in this step
         self._entries: dict[int, tuple[int, int]] = {}
         self._l1: dict[int, int] = {}  # L1 entries read this step (get_cluster_table keeps it current)
+
+    def request(self, kind: str, offset: int, length: int, outcome: str, host: int | None = None) -> None:
+        """Note a request the qcow2 driver sees (a Request of the plan)."""
+        self.requests.append((kind, offset, length, outcome, host))
 
     # ---- L1 / L2 ---------------------------------------------------------------------------------
     def l2_location(self, guest_cluster: int) -> tuple[int, int, int]:
@@ -114,7 +121,7 @@ class StepContext:
             elif old[1] == bitmap:
                 self.txn.write_u64(off, word0, "L2")
             else:
-                self.txn.write_meta(off, _QQ.pack(word0, bitmap), "L2")
+                self.txn.write_u64_pair(off, word0, bitmap, "L2")
         elif old[0] != word0:
             self.txn.write_u64(off, word0, "L2")
 

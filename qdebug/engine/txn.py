@@ -14,17 +14,22 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from typing import Callable, Union
+from typing import Callable, Final, Union
 
 import numpy as np
 
 from .image import Image
 
-PAGE = 4096
-_MASK = ~(PAGE - 1)
+PAGE: Final = 4096
+_MASK: Final = ~(PAGE - 1)
 _U64 = struct.Struct(">Q")
+_U64_PAIR = struct.Struct(">QQ")
+UINT = {1: struct.Struct(">B"), 2: struct.Struct(">H"), 4: struct.Struct(">I"), 8: _U64}  # by width in bytes
 
-Payload = Union[bytes, Callable[[], bytes]]
+# Bytes to write: a buffer, or a list of buffers written with one pwritev (a long pattern write)
+Data = Union[bytes, bytearray, memoryview, list]
+Payload = Union[bytes, Callable[[], Data]]
+Fill = Callable[[int, int], Data]  # guest data of (offset, length)
 
 
 @dataclass(frozen=True)
@@ -48,14 +53,16 @@ def _zeros(n: int):
 
 class Txn:
     def __init__(self, img: Image, *, apply: bool = False, pages: dict[int, bytearray] | None = None,
-                 base: dict[int, bytearray] | None = None, file_size: int = 0, write_data: bool = False):
+                 base: dict[int, bytearray] | None = None, file_size: int = 0, write_data: bool = False,
+                 undoable: bool = True):
         self.img = img
         self.applying = apply
         self.data_through = apply or write_data  # data payloads are made and written now
         self.pages: dict[int, bytearray] = {} if pages is None else pages
         self.base = base or None  # pages of earlier simulated steps, copied before this step changes them
         # pages shared with earlier steps (write-back, simulate): their content before this step
-        self.saved: dict[int, bytes | None] | None = {} if pages is not None else None
+        # (a dry run never takes a step back: its pages need no copies)
+        self.saved: dict[int, bytes | None] | None = {} if pages is not None and undoable else None
         self.writes: list[tuple[int, int, str]] = []  # (offset, length, what) in order
         self.file_size = max(img.file_size, file_size)
 
@@ -162,12 +169,49 @@ class Txn:
         self.saved = {}
 
     def write_u64(self, off: int, value: int, what: str) -> None:
-        self.write_meta(off, _U64.pack(value), what)
+        self.write_uint(off, value, _U64, what)
+
+    def write_uint(self, off: int, value: int, fmt: struct.Struct, what: str) -> None:
+        """One big-endian integer (an L1/L2 word, a refcount) of `fmt`'s size."""
+        page = self._held_page(off, fmt.size)
+        if page is None:
+            self.write_meta(off, fmt.pack(value), what)
+            return
+        fmt.pack_into(page, off & (PAGE - 1), value)
+        self._noted(off, fmt.size, what)
+
+    def write_u64_pair(self, off: int, first: int, second: int, what: str) -> None:
+        """Two words at once (an extended L2 entry: descriptor and subcluster bitmap)."""
+        page = self._held_page(off, 16)
+        if page is None:
+            self.write_meta(off, _U64_PAIR.pack(first, second), what)
+            return
+        _U64_PAIR.pack_into(page, off & (PAGE - 1), first, second)
+        self._noted(off, 16, what)
+
+    def _held_page(self, off: int, length: int) -> bytearray | None:
+        """The overlay page a small write falls in, if it is there already (the usual case: packing
+        into it beats making bytes and copying them in), saved first for a roll-back."""
+        p = off & _MASK
+        if self.applying or off + length - p > PAGE:
+            return None
+        page = self.pages.get(p)
+        if page is not None:
+            saved = self.saved
+            if saved is not None and p not in saved:
+                saved[p] = bytes(page)
+        return page
+
+    def _noted(self, off: int, length: int, what: str) -> None:
+        self.writes.append((off, length, what))
+        if off + length > self.file_size:
+            self.file_size = off + length
 
     def write_data(self, off: int, length: int, what: str, payload: Payload | None) -> None:
         """A data write (guest data, COW, compressed): bytes are only made (by calling `payload`,
         which a plan may leave None) when data is written through."""
         if self.data_through:
+            assert payload is not None, what  # only a plan leaves the bytes out
             data = payload if isinstance(payload, (bytes, bytearray)) else payload()
             if isinstance(data, list):  # a long pattern write: buffers written with one pwritev
                 data = data[0] if len(data) == 1 else data if len(data) <= 256 else b"".join(data)

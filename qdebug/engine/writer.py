@@ -17,7 +17,7 @@ journal step per flush keeps it crash-safe); per-step undo needs the write-throu
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -51,10 +51,11 @@ def _pattern(byte: int):
     return fill
 
 
-class EngineState(NamedTuple):
-    """Everything a qemu-io process remembers between commands."""
+@dataclass
+class EngineState:
+    """Everything a qemu-io process remembers between commands (treated as immutable)."""
 
-    allocator: AllocatorState = AllocatorState()
+    allocator: AllocatorState = field(default_factory=AllocatorState)
     dead: bool = False
 
 
@@ -189,7 +190,8 @@ class WriteEngine:
         if apply:
             txn = Txn(img, apply=True)
         elif carry:  # simulate / write-back: this step's metadata writes extend the overlay in place
-            txn = Txn(img, pages=self._overlay, file_size=self._overlay_size, write_data=write_data)
+            txn = Txn(img, pages=self._overlay, file_size=self._overlay_size, write_data=write_data,
+                      undoable=not self._simulating)
         else:
             txn = Txn(img, base=self._overlay, file_size=self._overlay_size)
         self._txn = txn
@@ -208,8 +210,8 @@ class WriteEngine:
             error = f"{cmd.op} failed: {e}"
             if any(n.startswith("QEMU marks the image corrupt") for n in ctx.notes):
                 dead = True
-        except CorruptImage as e:
-            error = f"{cmd.op} failed: Input/output error ({e})"
+        except CorruptImage as bad:  # (a name of its own: compiled, `e` has the type of the first clause)
+            error = f"{cmd.op} failed: Input/output error ({bad})"
         if apply:
             if txn.writes and any(w[2] == "header" for w in txn.writes):
                 img.reload_header()
@@ -223,7 +225,7 @@ class WriteEngine:
         def make_plan() -> WritePlan:
             return WritePlan(
                 command=cmd.text or cmd.to_qemu_io(), lineno=cmd.lineno,
-                requests=tuple(r if isinstance(r, Request) else r() for r in ctx.requests),
+                requests=tuple(Request(*r) if isinstance(r, tuple) else r() for r in ctx.requests),
                 clusters=tuple(self._changes(ctx)), host_writes=tuple(txn.host_writes()),
                 allocations=tuple(ctx.allocations), frees=tuple(freed), hazards=tuple(ctx.hazards),
                 error=error, file_size_before=size_before, file_size_after=size_after, notes=tuple(ctx.notes))
@@ -282,10 +284,11 @@ class WriteEngine:
 
         Read through the step's Txn, so a simulated step sees the tables earlier steps would have written.
         """
-        txn = self._txn
+        txn, alloc = self._txn, self._alloc
+        assert txn is not None and alloc is not None  # set by the running step
         g = self.geo
         first, last = host >> g.cbits, (host + length - 1) >> g.cbits
-        reft_off, reft_len = self._alloc.reftable_offset, self._alloc.reftable_len
+        reft_off, reft_len = alloc.reftable_offset, alloc.reftable_len
         meta = [(0, 1, "the header"), (reft_off >> g.cbits, -(-reft_len * 8 // g.cs), "the refcount table"),
                 (g.l1_offset >> g.cbits, -(-g.l1_size * 8 // g.cs), "the L1 table")]
         for start, n, what in meta:

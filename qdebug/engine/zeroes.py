@@ -11,7 +11,6 @@ from . import constants as C
 from . import guestview
 from .blocklayer import block_piece
 from .datapath import pwrite
-from .planner import Request
 from .subclusters import SubclusterType as T, subcluster_type
 from .tables import StepContext
 
@@ -39,10 +38,10 @@ def write_zeroes(ctx: StepContext, offset: int, nbytes: int, unmap: bool) -> Non
         num = min(block_piece(offset, nbytes, align, tail), max_zero)
         try:
             pwrite_zeroes(ctx, offset, num, unmap)
-            ctx.requests.append(Request("zero", offset, num, "zeroed in the L2 table"))
+            ctx.request("zero", offset, num, "zeroed in the L2 table")
         except _NotSup as e:
             num = min(num, MAX_BOUNCE)
-            ctx.requests.append(Request("zero", offset, num, f"ENOTSUP ({e.why}): real zeros written"))
+            ctx.request("zero", offset, num, f"ENOTSUP ({e.why}): real zeros written")
             pwrite(ctx, offset, num, _zeros, "zero-fallback")
         offset += num
         nbytes -= num
@@ -53,7 +52,7 @@ def is_zero(ctx: StepContext, offset: int, nbytes: int) -> bool:
     end = min(offset + nbytes, ctx.g.size)
     if offset >= end:
         return True
-    return guestview.reads_as_zero(ctx.chain, guestview.segments(ctx.chain, ctx.entry, offset, end), exact=True)
+    return guestview.reads_as_zero(ctx.chain, guestview.segments(ctx.chain, ctx, offset, end), exact=True)
 
 
 def pwrite_zeroes(ctx: StepContext, offset: int, nbytes: int, unmap: bool) -> None:

@@ -1,0 +1,92 @@
+"""The mypyc-compiled engine (qdebug/native.py): used only when built from exactly the current
+source, and indistinguishable from the pure Python modules it is compiled from."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from qdebug import native
+from tests.qemu import create
+from tests.trace.random_traces import random_trace, strip_comments
+
+
+def test_a_build_from_other_sources_is_not_used(tmp_path, monkeypatch):
+    fake = tmp_path / "_native"
+    fake.mkdir()
+    monkeypatch.setattr(native, "OUT", fake)
+    monkeypatch.setattr(native, "MANIFEST", fake / "manifest.json")
+    assert not native.up_to_date()  # no build at all
+    good = native._fingerprint()
+    (fake / "manifest.json").write_text(json.dumps(good))
+    assert native.up_to_date()
+    stale = json.loads(json.dumps(good))
+    stale["sources"]["engine.datapath"] = "0" * 64  # datapath.py edited since the build
+    (fake / "manifest.json").write_text(json.dumps(stale))
+    assert not native.up_to_date()
+    (fake / "manifest.json").write_text("{not json")
+    assert not native.up_to_date()
+
+
+def test_compiled_modules_are_loaded_when_built():
+    """In CI the build is part of `make install`: the speed the benchmarks report depends on it."""
+    import qdebug.engine.datapath as datapath
+    import qdebug.trace.commands as commands
+
+    if os.environ.get("CI") == "true":
+        assert native.up_to_date(), "make install did not build the compiled engine (see its output)"
+    if native.active():
+        assert datapath.__file__.endswith(".so") and commands.__file__.endswith(".so")
+    else:
+        assert datapath.__file__.endswith(".py")
+
+
+def _replay(tmp_path, name: str, image_src: str, trace: str, pure: bool, *extra: str) -> tuple[bytes, list]:
+    image = str(tmp_path / name)
+    with open(image_src, "rb") as s, open(image, "wb") as d:
+        d.write(s.read())
+    log = str(tmp_path / f"{name}.jsonl")
+    env = {**os.environ, "QDEBUG_NATIVE": "0" if pure else "1"}
+    p = subprocess.run([sys.executable, "-m", "qdebug.cli", "replay", "--keep-going", "--log", log, *extra, image, trace],
+                       capture_output=True, env=env)
+    assert p.returncode in (0, 1), p.stderr.decode()[-2000:]
+    steps = [json.loads(line) for line in open(log)]
+    for s in steps:
+        s.pop("seconds")
+    with open(image, "rb") as f:
+        return f.read(), steps
+
+
+@pytest.mark.parametrize("backing", [False, True])
+@pytest.mark.parametrize("mode", [(), ("--dry-run",), ("--journal",)])
+def test_compiled_and_pure_engines_agree(tmp_path, qemu, backing, mode):
+    """Same trace, same image: the step logs (plans, host writes, bitmaps, hazards, errors) and the
+    resulting files are identical byte for byte."""
+    if not native.up_to_date():
+        pytest.skip("the compiled engine is not built here (make install builds it)")
+    size = 8 << 20
+    base = None
+    if backing:
+        base = create(str(tmp_path / "base.qcow2"), size, cluster_size="16k")
+        subprocess.run([sys.executable, "-m", "qdebug.cli", "replay", base,
+                        _write(tmp_path / "b.trace", [f"write -P 0x{i:02x} {i * 300000} 70000" for i in range(1, 20)])],
+                       check=True, capture_output=True)
+    src = create(str(tmp_path / "src.qcow2"), size, cluster_size="16k", backing=base)
+    lines = strip_comments(random_trace(7 + backing, 400, size, cluster_size=16384,
+                                        mix=(("write", 35), ("unaligned", 10), ("zero", 15), ("discard", 15),
+                                             ("multi", 15), ("compressed", 10))))
+    trace = _write(tmp_path / "t.trace", lines[:200] + ["flush"] + lines[200:])
+    pure = _replay(tmp_path, "pure.qcow2", src, trace, True, *mode)
+    compiled = _replay(tmp_path, "compiled.qcow2", src, trace, False, *mode)
+    assert len(pure[1]) == len(lines) + 1
+    assert compiled[1] == pure[1]
+    assert compiled[0] == pure[0]
+
+
+def _write(path, lines: list[str]) -> str:
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
