@@ -257,6 +257,9 @@ def _register_more(sub) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # numpy's OpenBLAS starts a busy thread per core at import (~0.1 s of CPU at start, and it
+    # competes with the one that works); qdebug does no linear algebra
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     parser = build_parser()
     exiting = argv is None  # called as the program (console script or -m), not from Python
     argv = sys.argv[1:] if argv is None else list(argv)

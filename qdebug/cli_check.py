@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 from .engine.errors import QcowError
@@ -43,8 +42,6 @@ def _messages(report, out) -> None:
 
 
 def cmd_check(args) -> int:
-    # numpy's OpenBLAS starts a thread per core at import, ~0.1 s of CPU; check does no linear algebra
-    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     from dataclasses import replace
 
     from .engine.check import check_image
