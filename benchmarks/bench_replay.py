@@ -6,9 +6,12 @@ discards, 10% multi-cluster writes, over a 64 GiB image, once with a qcow2 backi
 without. Every tool starts as a process and reads the whole trace (qemu-io from stdin, one process);
 each run gets a fresh copy of the image. The machines are shared and noisy, so the tools run
 interleaved (qemu-io, qdebug, qemu-io, ...) QDEBUG_BENCH_REPLAY_ROUNDS times and the ratio of the
-median times is reported. QDEBUG_BENCH_REPLAY_N sets the trace length (default 20000; the issue's
-figure is 100000). The durable-journal run (an fsync before every image write) uses a tenth of it
-(QDEBUG_BENCH_JOURNAL_N). Targets: replay no slower than qemu-io (ratio >= 1), --dry-run planning
+median times is reported. QDEBUG_BENCH_REPLAY_N sets the trace length (default 100000, the issue's
+figure: qemu-io slows down as the image fills, ~5,000 commands/s over the first 20k, ~3,800/s over
+100k, so shorter traces give lower ratios, and qdebug's start-up (~0.25 s) weighs more on them).
+The durable-journal run (an fsync before every image write) uses a tenth of it
+(QDEBUG_BENCH_JOURNAL_N). qdebug runs as `make install` left it: with the compiled engine
+(qdebug/native.py) unless QDEBUG_NATIVE=0. Targets: replay no slower than qemu-io (ratio >= 1), --dry-run planning
 >= 5x qemu-io's execution. The ratios are printed again in the terminal summary.
 QDEBUG_BENCH_BYTECODE=1 runs qdebug with its bytecode cached (see conftest.py).
 """
@@ -27,7 +30,7 @@ import pytest
 from tests.qemu import QEMU_IO, create, qemu_io, require_qemu
 from tests.trace.random_traces import BENCH_MIX, random_trace
 
-N = int(os.environ.get("QDEBUG_BENCH_REPLAY_N", "20000"))
+N = int(os.environ.get("QDEBUG_BENCH_REPLAY_N", "100000"))
 N_JOURNAL = int(os.environ.get("QDEBUG_BENCH_JOURNAL_N", str(max(1, N // 10))))
 ROUNDS = int(os.environ.get("QDEBUG_BENCH_REPLAY_ROUNDS", "2"))
 SIZE = 64 << 30

@@ -142,7 +142,7 @@ class Allocator:
         return self.txn.applying and self.order >= 3 and not vals.flags.owndata
 
     def get_refcount(self, cluster_index: int) -> int:
-        block, idx = divmod(cluster_index, self.per_block)
+        block, idx = cluster_index // self.per_block, cluster_index % self.per_block
         return int(self.block_values(block)[idx])
 
     # ---- refcount writes -----------------------------------------------------------------------
@@ -190,7 +190,7 @@ class Allocator:
         try:
             while done < count:
                 ci = first_cluster + done
-                block, idx = divmod(ci, self.per_block)
+                block, idx = ci // self.per_block, ci % self.per_block
                 n = min(count - done, self.per_block - idx)
                 block_off = self._block_offset(block)
                 if not block_off:

@@ -17,14 +17,13 @@ from typing import Callable, Final
 from . import constants as C
 from . import guestview
 from .planner import CowSource, L2MetaPlan, Request
-from .subclusters import SubclusterType as T, clz32, ctz32, subcluster_range_type, subcluster_type
+from .subclusters import (COMPRESSED, INVALID, NORMAL, UNALLOCATED_ALLOC, ZERO_ALLOC, clz32, ctz32,
+                          subcluster_range_type, subcluster_type)
 from .guestview import Segment
 from .tables import StepContext
 from .txn import Fill
 
 MAX_REQUEST: Final = (1 << 31) - 512  # BDRV_REQUEST_MAX_BYTES rounded down to a 512-byte multiple
-_ALLOC_TYPES = (T.NORMAL, T.ZERO_ALLOC, T.UNALLOCATED_ALLOC)
-_PLAIN_TYPES = (T.ZERO_PLAIN, T.UNALLOCATED_PLAIN)
 
 
 class Meta:
@@ -52,10 +51,10 @@ def _nb_clusters(ctx: StepContext, offset: int, nbytes: int) -> int:
     g = ctx.g
     n = -(-((offset & (g.cs - 1)) + nbytes) // g.cs)
     idx = (offset >> g.cbits) % g.l2_entries
-    return min(n, g.slice_entries - idx % g.slice_entries, MAX_REQUEST >> g.cbits or 1)
+    return min(min(n, g.slice_entries - idx % g.slice_entries), MAX_REQUEST >> g.cbits or 1)
 
 
-def _type(ctx: StepContext, w0: int, bm: int, sc: int) -> T:
+def _type(ctx: StepContext, w0: int, bm: int, sc: int) -> int:
     return subcluster_type(w0, bm, sc, extended=ctx.g.ext)
 
 
@@ -76,11 +75,11 @@ def calculate_l2_meta(ctx: StepContext, host: int, offset: int, nbytes: int, l2_
             first = (wf & (cs - 1)) >> g.sc_bits
             last = ((wt - 1) & (cs - 1)) >> g.sc_bits
             t, cnt = subcluster_range_type(w0, bm, first, extended=g.ext)
-            if t != T.NORMAL or first + cnt <= last:
+            if t != NORMAL or first + cnt <= last:
                 skip = False
         else:
             t = _type(ctx, w0, bm, 0)
-        if t == T.INVALID:
+        if t == INVALID:
             l2_index = (gc0 + i) % g.l2_entries
             ctx.corruption(f"Invalid cluster entry found (L2 offset: 0x{l2_off:x}, L2 index: 0x{l2_index:x})")
     if skip:
@@ -89,27 +88,27 @@ def calculate_l2_meta(ctx: StepContext, host: int, offset: int, nbytes: int, l2_
     sc = w_start >> g.sc_bits
     t = _type(ctx, w0, bm, sc)
     if not keep_old:
-        if t == T.COMPRESSED:
+        if t == COMPRESSED:
             cs_from = 0
-        elif t in _ALLOC_TYPES:
+        elif t in (NORMAL, ZERO_ALLOC, UNALLOCATED_ALLOC):
             cs_from = min(sc, ctz32(bm)) << g.sc_bits if g.ext else 0
         else:
             cs_from = sc << g.sc_bits
     else:
-        cs_from = w_start if t == T.NORMAL else sc << g.sc_bits
+        cs_from = w_start if t == NORMAL else sc << g.sc_bits
     w0, bm = entries[-1]
     sc = ((w_end - 1) & (cs - 1)) >> g.sc_bits
     t = _type(ctx, w0, bm, sc)
     r = -(-w_end // cs) * cs
     if not keep_old:
-        if t == T.COMPRESSED:
+        if t == COMPRESSED:
             ce_to = r
-        elif t in _ALLOC_TYPES:
+        elif t in (NORMAL, ZERO_ALLOC, UNALLOCATED_ALLOC):
             ce_to = r - ((min(g.nsc - sc - 1, clz32(bm)) << g.sc_bits) if g.ext else 0)
         else:
             ce_to = -(-w_end // g.sc_size) * g.sc_size
     else:
-        ce_to = w_end if t == T.NORMAL else -(-w_end // g.sc_size) * g.sc_size
+        ce_to = w_end if t == NORMAL else -(-w_end // g.sc_size) * g.sc_size
     metas.insert(0, Meta(gc0 << g.cbits, host, nb, keep_old, cs_from, w_start, w_end, ce_to, l2_off))
 
 
@@ -197,7 +196,7 @@ def alloc_host_offset(ctx: StepContext, offset: int, nbytes: int) -> tuple[int, 
 
 
 # ---- COW ---------------------------------------------------------------------------------------------
-_SOURCE: dict[int, str] = {T.NORMAL: "old cluster", T.COMPRESSED: "decompressed cluster"}
+_SOURCE: dict[int, str] = {NORMAL: "old cluster", COMPRESSED: "decompressed cluster"}
 
 
 def _segments(ctx: StepContext, offset: int, length: int) -> list[Segment]:
@@ -208,9 +207,9 @@ def cow_sources(segs: list[Segment]) -> list[CowSource]:
     """Where each byte of a COW region comes from: old cluster, decompressed, backing depth d, zeros."""
     out: list[CowSource] = []
     for s, e, kind, depth, _h in segs:
-        if kind in (T.NORMAL, T.COMPRESSED, guestview.RAW_DATA):
+        if kind in (NORMAL, COMPRESSED, guestview.RAW_DATA):
             src = _SOURCE.get(kind, "data") if depth == 0 else f"backing depth {depth}" + (
-                " (decompressed)" if kind == T.COMPRESSED else "")
+                " (decompressed)" if kind == COMPRESSED else "")
         else:
             src = "zeros"
         if out and out[-1].source == src:

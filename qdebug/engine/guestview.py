@@ -17,7 +17,7 @@ from . import constants as C
 from .chain import Chain, RawFile
 from .image import Image
 from .compression import decompress, descriptor_fields
-from .subclusters import SubclusterType as T, subcluster_range_type
+from .subclusters import COMPRESSED, INVALID, NORMAL, UNALLOCATED_ALLOC, UNALLOCATED_PLAIN, subcluster_range_type
 from .tables import StepContext
 
 RAW_DATA: Final = 7
@@ -56,7 +56,7 @@ def _geometry(layer: Image) -> _Geometry:
 
 def _layer_entry(img: Image, guest_cluster: int, g: _Geometry) -> tuple[int, int]:
     """A backing file's L2 entry (backing files are only read: their L1 entries are kept)."""
-    l1_index, idx = divmod(guest_cluster, g.l2_entries)
+    l1_index, idx = guest_cluster // g.l2_entries, guest_cluster % g.l2_entries
     if l1_index >= g.l1_size:
         return 0, 0
     l1 = g.l1
@@ -72,8 +72,6 @@ def _layer_entry(img: Image, guest_cluster: int, g: _Geometry) -> tuple[int, int
     return _Q.unpack_from(img.mm, off)[0], 0
 
 
-_UNALLOCATED = (T.UNALLOCATED_PLAIN, T.UNALLOCATED_ALLOC)
-_NORMAL, _COMPRESSED = T.NORMAL, T.COMPRESSED
 
 
 def segments(chain: Chain, top: StepContext | None, start: int, end: int,
@@ -120,14 +118,14 @@ def segments(chain: Chain, top: StepContext | None, start: int, end: int,
             sc = (pos & (cs - 1)) >> scb
             t, n = subcluster_range_type(w0, bm, sc, extended=ext)
             run_end = min(cend, (gc << cbits) + ((sc + n) << scb)) if ext else cend
-            if t in _UNALLOCATED:
+            if t == UNALLOCATED_PLAIN or t == UNALLOCATED_ALLOC:
                 if depth + 1 < len(layers):
                     segments(chain, None, pos, run_end, depth + 1, out)
                 else:
                     out.append((pos, run_end, t, depth, 0))
-            elif t == _NORMAL:
+            elif t == NORMAL:
                 out.append((pos, run_end, t, depth, (w0 & C.L2E_OFFSET_MASK) + (pos & (cs - 1))))
-            elif t == _COMPRESSED:
+            elif t == COMPRESSED:
                 out.append((pos, run_end, t, depth, w0))
             else:
                 out.append((pos, run_end, t, depth, 0))
@@ -135,7 +133,6 @@ def segments(chain: Chain, top: StepContext | None, start: int, end: int,
     return out
 
 
-DATA_KINDS = (T.NORMAL, T.COMPRESSED, T.INVALID, RAW_DATA)
 
 
 def reads_as_zero(chain: Chain, segs: list[Segment], *, exact: bool) -> bool:
@@ -150,7 +147,7 @@ def reads_as_zero(chain: Chain, segs: list[Segment], *, exact: bool) -> bool:
             assert isinstance(raw, RawFile)
             if not _raw_hole(raw, s, e):
                 return False
-        elif kind in DATA_KINDS:
+        elif kind == NORMAL or kind == COMPRESSED or kind == INVALID:
             return False
     return True
 
@@ -172,9 +169,9 @@ def read(chain: Chain, segs: list[Segment], start: int, end: int, cache: dict[tu
     out = bytearray(end - start)
     for s, e, kind, depth, host in segs:
         pread = top_pread if depth == 0 and top_pread is not None else chain.layers[depth].pread
-        if kind == T.NORMAL or kind == RAW_DATA:
+        if kind == NORMAL or kind == RAW_DATA:
             out[s - start:e - start] = pread(host, e - s)
-        elif kind == T.COMPRESSED:
+        elif kind == COMPRESSED:
             img = chain.layers[depth]
             assert isinstance(img, Image)  # raw files have no compressed clusters
             key = (depth, host)
@@ -185,6 +182,6 @@ def read(chain: Chain, segs: list[Segment], start: int, end: int, cache: dict[tu
                                                f"{img.path}: compressed cluster (host 0x{off:x})")
             base = s & ~(img.cluster_size - 1)
             out[s - start:e - start] = data[s - base:e - base]
-        elif kind == T.INVALID:
+        elif kind == INVALID:
             raise chain.invalid_entry_error(depth, s)
     return bytes(out)

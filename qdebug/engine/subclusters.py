@@ -8,6 +8,7 @@ handled as one "subcluster" per cluster, with the v3 zero flag (bit 0) playing t
 from __future__ import annotations
 
 from enum import IntEnum
+from typing import Final
 
 import numpy as np
 
@@ -27,6 +28,16 @@ class SubclusterType(IntEnum):
 
 
 T = SubclusterType
+# The same kinds as plain ints, for the scalar functions below and the write path that calls them
+# for every subcluster range it looks at: compiled, an int compares in one instruction, an enum
+# member is an attribute lookup and a rich comparison. (An IntEnum equals its int.)
+UNALLOCATED_PLAIN: Final = 0
+UNALLOCATED_ALLOC: Final = 1
+ZERO_PLAIN: Final = 2
+ZERO_ALLOC: Final = 3
+NORMAL: Final = 4
+COMPRESSED: Final = 5
+INVALID: Final = 6
 ALLOC_TYPES = (T.NORMAL, T.ZERO_ALLOC, T.UNALLOCATED_ALLOC)
 TYPE_CHARS = "--00NC!"  # indexed by SubclusterType
 TYPE_CHAR_LUT = np.frombuffer(TYPE_CHARS.encode(), dtype=np.uint8)
@@ -143,41 +154,42 @@ def type_counts(word0: np.ndarray, bitmap: np.ndarray | None, *, extended: bool)
     return counts
 
 
-def subcluster_type(word0: int, bitmap: int, sc: int, *, extended: bool) -> SubclusterType:
-    """Scalar classification of one subcluster (for planners and inspectors)."""
+def subcluster_type(word0: int, bitmap: int, sc: int, *, extended: bool) -> int:
+    """Scalar classification of one subcluster (for planners and inspectors): a SubclusterType
+    value as a plain int (`SubclusterType(kind)` names it)."""
     if word0 & C.QCOW_OFLAG_COMPRESSED:
-        return T.COMPRESSED
-    allocated = bool(word0 & C.L2E_OFFSET_MASK)
+        return COMPRESSED
+    allocated = (word0 & C.L2E_OFFSET_MASK) != 0
     if not extended:
-        zero = bool(word0 & C.QCOW_OFLAG_ZERO)
+        zero = (word0 & C.QCOW_OFLAG_ZERO) != 0
         if allocated:
-            return T.ZERO_ALLOC if zero else T.NORMAL
-        return T.ZERO_PLAIN if zero else T.UNALLOCATED_PLAIN
+            return ZERO_ALLOC if zero else NORMAL
+        return ZERO_PLAIN if zero else UNALLOCATED_PLAIN
     a, z = bitmap & 0xFFFFFFFF, bitmap >> 32
     if allocated:
         if a & z:
-            return T.INVALID
-        return T.ZERO_ALLOC if z >> sc & 1 else T.NORMAL if a >> sc & 1 else T.UNALLOCATED_ALLOC
+            return INVALID
+        return ZERO_ALLOC if z >> sc & 1 else NORMAL if a >> sc & 1 else UNALLOCATED_ALLOC
     if a:
-        return T.INVALID
-    return T.ZERO_PLAIN if z >> sc & 1 else T.UNALLOCATED_PLAIN
+        return INVALID
+    return ZERO_PLAIN if z >> sc & 1 else UNALLOCATED_PLAIN
 
 
-def subcluster_range_type(word0: int, bitmap: int, sc_from: int, *, extended: bool) -> tuple[SubclusterType, int]:
-    """QEMU's qcow2_get_subcluster_range_type: the type at sc_from and how many subclusters
-    from sc_from on share it within this cluster."""
+def subcluster_range_type(word0: int, bitmap: int, sc_from: int, *, extended: bool) -> tuple[int, int]:
+    """QEMU's qcow2_get_subcluster_range_type: the type at sc_from (as subcluster_type) and how
+    many subclusters from sc_from on share it within this cluster."""
     if not word0 and not bitmap:  # an empty entry: the usual case on a fresh image
-        return T.UNALLOCATED_PLAIN, (32 - sc_from if extended else 1)
+        return UNALLOCATED_PLAIN, (32 - sc_from if extended else 1)
     t = subcluster_type(word0, bitmap, sc_from, extended=extended)
     if not extended:
         return t, 1
-    if t in (T.INVALID, T.COMPRESSED):
+    if t == INVALID or t == COMPRESSED:
         return t, 32 - sc_from
     low = (1 << sc_from) - 1
-    if t == T.NORMAL:
+    if t == NORMAL:
         v = (bitmap & 0xFFFFFFFF) | low
         return t, _cto32(v) - sc_from
-    if t in (T.ZERO_PLAIN, T.ZERO_ALLOC):
+    if t == ZERO_PLAIN or t == ZERO_ALLOC:
         v = (bitmap >> 32) | low
         return t, _cto32(v) - sc_from
     v = ((bitmap >> 32) | bitmap) & 0xFFFFFFFF & ~low

@@ -74,7 +74,8 @@ class StepContext:
     # ---- L1 / L2 ---------------------------------------------------------------------------------
     def l2_location(self, guest_cluster: int) -> tuple[int, int, int]:
         """(l1 entry, L2 table offset or 0, index in the table) without allocating anything."""
-        l1_index, l2_index = divmod(guest_cluster, self.g.l2_entries)
+        n = self.g.l2_entries  # (// and % compile to machine arithmetic; divmod does not)
+        l1_index, l2_index = guest_cluster // n, guest_cluster % n
         l1e = self._l1.get(l1_index)
         if l1e is None:
             if l1_index >= self.g.l1_size:

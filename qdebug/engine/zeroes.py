@@ -11,11 +11,11 @@ from . import constants as C
 from . import guestview
 from .blocklayer import block_piece
 from .datapath import pwrite
-from .subclusters import SubclusterType as T, subcluster_type
+from .subclusters import (INVALID, UNALLOCATED_ALLOC, UNALLOCATED_PLAIN, ZERO_ALLOC, ZERO_PLAIN, SubclusterType as T,
+                          subcluster_type)
 from .tables import StepContext
 
 MAX_BOUNCE = 32768 << 9  # MAX_BOUNCE_BUFFER: the fallback writes at most 16 MiB at a time
-_ZERO_OK = (T.UNALLOCATED_PLAIN, T.UNALLOCATED_ALLOC, T.ZERO_PLAIN, T.ZERO_ALLOC)
 
 
 class _NotSup(Exception):
@@ -70,11 +70,11 @@ def pwrite_zeroes(ctx: StepContext, offset: int, nbytes: int, unmap: bool) -> No
         gc = offset >> g.cbits
         w0, bm = ctx.entry(gc)
         t = subcluster_type(w0, bm, (offset & (g.cs - 1)) >> g.sc_bits, extended=g.ext)
-        if t == T.INVALID:
+        if t == INVALID:
             _l1e, l2_off, idx = ctx.l2_location(gc)
             ctx.corruption(f"Invalid cluster entry found (L2 offset: 0x{l2_off:x}, L2 index: 0x{idx:x})")
-        if t not in _ZERO_OK:
-            raise _NotSup(f"subcluster is {t.name}")
+        if t not in (UNALLOCATED_PLAIN, UNALLOCATED_ALLOC, ZERO_PLAIN, ZERO_ALLOC):
+            raise _NotSup(f"subcluster is {T(t).name}")
     subcluster_zeroize(ctx, offset, nbytes, unmap)
 
 
