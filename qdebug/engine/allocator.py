@@ -11,7 +11,6 @@ buffered changes), so the same code plans and executes.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -30,14 +29,26 @@ class _Again(Exception):
     """QEMU's -EAGAIN: a refcount block was just allocated, restart the free-cluster search."""
 
 
-@dataclass
 class AllocatorState:
-    """What a qemu-io process remembers between requests (restored on undo). Treated as immutable;
-    one is made for every step, and a plain dataclass is the cheapest to make once compiled."""
+    """What a qemu-io process remembers between requests (restored on undo). Treated as immutable.
+    One is made for every step: a plain class, because compiled, a dataclass's generated __init__
+    stays interpreted (0.6 us a step)."""
 
-    free_cluster_index: int = 0
-    free_byte_offset: int = 0
-    byte_cluster_freed: bool = False
+    __slots__ = ("free_cluster_index", "free_byte_offset", "byte_cluster_freed")
+
+    def __init__(self, free_cluster_index: int = 0, free_byte_offset: int = 0, byte_cluster_freed: bool = False):
+        self.free_cluster_index = free_cluster_index
+        self.free_byte_offset = free_byte_offset
+        self.byte_cluster_freed = byte_cluster_freed
+
+    def _key(self) -> tuple[int, int, bool]:
+        return self.free_cluster_index, self.free_byte_offset, self.byte_cluster_freed
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, AllocatorState) and self._key() == other._key()
+
+    def __repr__(self) -> str:
+        return "AllocatorState(free_cluster_index={}, free_byte_offset={}, byte_cluster_freed={})".format(*self._key())
 
 
 class Allocator:

@@ -17,7 +17,6 @@ journal step per flush keeps it crash-safe); per-step undo needs the write-throu
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -51,12 +50,21 @@ def _pattern(byte: int):
     return fill
 
 
-@dataclass
 class EngineState:
-    """Everything a qemu-io process remembers between commands (treated as immutable)."""
+    """Everything a qemu-io process remembers between commands (treated as immutable; a plain
+    class for the reason AllocatorState is one)."""
 
-    allocator: AllocatorState = field(default_factory=AllocatorState)
-    dead: bool = False
+    __slots__ = ("allocator", "dead")
+
+    def __init__(self, allocator: AllocatorState | None = None, dead: bool = False):
+        self.allocator = AllocatorState() if allocator is None else allocator
+        self.dead = dead
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, EngineState) and (self.allocator, self.dead) == (other.allocator, other.dead)
+
+    def __repr__(self) -> str:
+        return f"EngineState(allocator={self.allocator!r}, dead={self.dead})"
 
 
 class StepResult:
@@ -97,6 +105,7 @@ class WriteEngine:
         if not chain.top.writable:
             raise QcowError(f"{chain.top.path}: opened read-only; the write engine needs it writable")
         self.chain = chain
+        self._top = chain.top  # (a chain's layers never change; the property is interpreted code)
         self.geo = Geometry(chain)
         self.writeback = writeback
         self._state = EngineState()
@@ -186,7 +195,7 @@ class WriteEngine:
 
     # ---- one command ----------------------------------------------------------------------------
     def _run(self, cmd: Command, *, apply: bool, carry: bool = False, write_data: bool = False):
-        img = self.chain.top
+        img = self._top
         if apply:
             txn = Txn(img, apply=True)
         elif carry:  # simulate / write-back: this step's metadata writes extend the overlay in place
