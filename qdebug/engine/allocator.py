@@ -184,12 +184,18 @@ class Allocator:
             self.txn.write_meta(block_off + b0, data, "refblock")
         cached = self._cache.get(block_off)
         if cached is not None and not self._live(cached):
-            if not cached.flags.writeable:
+            try:
+                self._set_cached(cached, i0, values)
+            except ValueError:  # a read-only view of the file: this allocator's copy from now on
                 cached = self._cache[block_off] = np.array(cached, dtype=np.uint64)
-            if len(values) == 1:
-                cached[i0] = values[0]
-            else:
-                cached[i0:i0 + len(values)] = values
+                self._set_cached(cached, i0, values)
+
+    @staticmethod
+    def _set_cached(cached: np.ndarray, i0: int, values) -> None:
+        if len(values) == 1:
+            cached[i0] = values[0]
+        else:
+            cached[i0:i0 + len(values)] = values
 
     def update_refcount(self, first_cluster: int, count: int, addend: int, undo: bool = False,
                         discard: bool = False) -> None:
@@ -212,12 +218,16 @@ class Allocator:
                         raise
                 cur = self.block_values(block)
                 if n == 1:  # the usual case, cheaper without numpy
-                    vals = [int(cur[idx]) + addend]
-                elif n <= 4:
-                    vals = [v + addend for v in cur[idx:idx + n].tolist()]
+                    v = cur.item(idx) + addend
+                    vals = [v]
+                    bad_value = v < 0 or v > self.refcount_max
                 else:
-                    vals = (cur[idx:idx + n].astype(np.int64) + addend).tolist()
-                if min(vals) < 0 or max(vals) > self.refcount_max:
+                    if n <= 4:
+                        vals = [v + addend for v in cur[idx:idx + n].tolist()]
+                    else:
+                        vals = (cur[idx:idx + n].astype(np.int64) + addend).tolist()
+                    bad_value = min(vals) < 0 or max(vals) > self.refcount_max
+                if bad_value:
                     bad = ci + next(i for i, v in enumerate(vals) if v < 0 or v > self.refcount_max)
                     raise CorruptImage(f"refcount of host cluster {bad} (0x{bad << self.cbits:x}) would leave "
                                        f"0..{self.refcount_max}")
