@@ -11,6 +11,7 @@ import sys
 import pytest
 
 from qdebug import native
+from tests.cli.test_write_cli import qdebug as qdebug_cli, write_trace
 from tests.qemu import create
 from tests.trace.random_traces import random_trace, strip_comments
 
@@ -72,21 +73,16 @@ def test_compiled_and_pure_engines_agree(tmp_path, qemu, backing, mode):
     base = None
     if backing:
         base = create(str(tmp_path / "base.qcow2"), size, cluster_size="16k")
-        subprocess.run([sys.executable, "-m", "qdebug.cli", "replay", base,
-                        _write(tmp_path / "b.trace", [f"write -P 0x{i:02x} {i * 300000} 70000" for i in range(1, 20)])],
-                       check=True, capture_output=True)
+        writes = [f"write -P 0x{i:02x} {i * 300000} 70000" for i in range(1, 20)]
+        fill = qdebug_cli("replay", base, write_trace(tmp_path / "b.trace", writes))
+        assert fill.returncode == 0, fill.stderr.decode()
     src = create(str(tmp_path / "src.qcow2"), size, cluster_size="16k", backing=base)
     lines = strip_comments(random_trace(7 + backing, 400, size, cluster_size=16384,
                                         mix=(("write", 35), ("unaligned", 10), ("zero", 15), ("discard", 15),
                                              ("multi", 15), ("compressed", 10))))
-    trace = _write(tmp_path / "t.trace", lines[:200] + ["flush"] + lines[200:])
+    trace = write_trace(tmp_path / "t.trace", lines[:200] + ["flush"] + lines[200:])
     pure = _replay(tmp_path, "pure.qcow2", src, trace, True, *mode)
     compiled = _replay(tmp_path, "compiled.qcow2", src, trace, False, *mode)
     assert len(pure[1]) == len(lines) + 1
     assert compiled[1] == pure[1]
     assert compiled[0] == pure[0]
-
-
-def _write(path, lines: list[str]) -> str:
-    path.write_text("\n".join(lines) + "\n")
-    return str(path)

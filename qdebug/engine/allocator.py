@@ -11,7 +11,6 @@ buffered changes), so the same code plans and executes.
 
 from __future__ import annotations
 
-
 import numpy as np
 
 from . import constants as C
@@ -164,24 +163,10 @@ class Allocator:
         without numpy)."""
         bits = self.rbits
         b0 = i0 * bits // 8
-        b1 = -(-(i0 + len(values)) * bits // 8)
-        if bits >= 8 and isinstance(values, list):
-            width = bits // 8
-            if len(values) == 1:
-                self.txn.write_uint(block_off + b0, values[0], UINT[width], "refblock")
-                data = b""
-            else:
-                data = b"".join([v.to_bytes(width, "big") for v in values])
-        elif bits >= 8:
-            data = pack_refcounts(values, self.order)
+        if bits >= 8 and isinstance(values, list) and len(values) == 1:  # one update: the usual case
+            self.txn.write_uint(block_off + b0, values[0], UINT[bits // 8], "refblock")
         else:
-            per = 8 // bits
-            cur = unpack_refcounts(self.txn.pread(block_off + b0, b1 - b0), self.order)
-            s = i0 - b0 * per
-            cur[s:s + len(values)] = values
-            data = pack_refcounts(cur, self.order)
-        if data:
-            self.txn.write_meta(block_off + b0, data, "refblock")
+            self.txn.write_meta(block_off + b0, self._packed(block_off, b0, i0, values), "refblock")
         cached = self._cache.get(block_off)
         if cached is not None and not self._live(cached):
             try:
@@ -189,6 +174,20 @@ class Allocator:
             except ValueError:  # a read-only view of the file: this allocator's copy from now on
                 cached = self._cache[block_off] = np.array(cached, dtype=np.uint64)
                 self._set_cached(cached, i0, values)
+
+    def _packed(self, block_off: int, b0: int, i0: int, values) -> bytes:
+        """The bytes from b0 on that hold entries [i0, i0+len(values)) with their new values (the
+        neighbours sharing their bytes, for refcounts narrower than a byte, as they are)."""
+        bits = self.rbits
+        if bits >= 8 and isinstance(values, list):
+            return b"".join([v.to_bytes(bits // 8, "big") for v in values])
+        if bits >= 8:
+            return pack_refcounts(values, self.order)
+        b1 = -(-(i0 + len(values)) * bits // 8)
+        cur = unpack_refcounts(self.txn.pread(block_off + b0, b1 - b0), self.order)
+        s = i0 - b0 * (8 // bits)
+        cur[s:s + len(values)] = values
+        return pack_refcounts(cur, self.order)
 
     @staticmethod
     def _set_cached(cached: np.ndarray, i0: int, values) -> None:

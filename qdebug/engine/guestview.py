@@ -72,8 +72,6 @@ def _layer_entry(img: Image, guest_cluster: int, g: _Geometry) -> tuple[int, int
     return _Q.unpack_from(img.mm, off)[0], 0
 
 
-
-
 def segments(chain: Chain, top: StepContext | None, start: int, end: int,
              depth: int = 0, out: list[Segment] | None = None) -> list[Segment]:
     """[(start, end, kind, depth, host)] for the guest range; kind is a SubclusterType, RAW_DATA,
@@ -131,8 +129,6 @@ def segments(chain: Chain, top: StepContext | None, start: int, end: int,
                 out.append((pos, run_end, t, depth, 0))
             pos = run_end
     return out
-
-
 
 
 def reads_as_zero(chain: Chain, segs: list[Segment], *, exact: bool) -> bool:

@@ -115,28 +115,21 @@ class Txn:
     # ---- writes ---------------------------------------------------------------------------------
     def write_meta(self, off: int, data: bytes, what: str) -> None:
         """A metadata write: recorded, and visible to later reads of this step."""
-        end = off + len(data)
         if self.applying:
-            self.writes.append((off, len(data), what))
             self.img.pwrite(off, data)
-            self.file_size = max(self.file_size, end)
-            return
-        self.writes.append((off, len(data), what))
-        self._patch(off, data)
-        self.file_size = max(self.file_size, end)
+        else:
+            self._patch(off, data)
+        self.record(off, len(data), what)
 
     def _patch(self, off: int, data) -> None:
         """Put `data` into the overlay pages (made from the file where missing)."""
         end = off + len(data)
-        saved = self.saved
         p = off & _MASK
-        if end - p <= PAGE:  # one page already in the overlay (an L2 entry, a refcount): the usual case
-            page = self.pages.get(p)
-            if page is not None:
-                if saved is not None and p not in saved:
-                    saved[p] = bytes(page)
-                page[off - p:end - p] = data
-                return
+        page = self._held_page(off, len(data))
+        if page is not None:  # one page already in the overlay (an L2 entry, a refcount): the usual case
+            page[off - p:end - p] = data
+            return
+        saved = self.saved
         while p < end:
             if saved is not None and p not in saved:
                 old = self.pages.get(p)
@@ -178,7 +171,7 @@ class Txn:
             self.write_meta(off, fmt.pack(value), what)
             return
         fmt.pack_into(page, off & (PAGE - 1), value)
-        self._noted(off, fmt.size, what)
+        self.record(off, fmt.size, what)
 
     def write_u64_pair(self, off: int, first: int, second: int, what: str) -> None:
         """Two words at once (an extended L2 entry: descriptor and subcluster bitmap)."""
@@ -187,7 +180,7 @@ class Txn:
             self.write_meta(off, _U64_PAIR.pack(first, second), what)
             return
         _U64_PAIR.pack_into(page, off & (PAGE - 1), first, second)
-        self._noted(off, 16, what)
+        self.record(off, 16, what)
 
     def _held_page(self, off: int, length: int) -> bytearray | None:
         """The overlay page a small write falls in, if it is there already (the usual case: packing
@@ -202,11 +195,6 @@ class Txn:
                 saved[p] = bytes(page)
         return page
 
-    def _noted(self, off: int, length: int, what: str) -> None:
-        self.writes.append((off, length, what))
-        if off + length > self.file_size:
-            self.file_size = off + length
-
     def write_data(self, off: int, length: int, what: str, payload: Payload | None) -> None:
         """A data write (guest data, COW, compressed): bytes are only made (by calling `payload`,
         which a plan may leave None) when data is written through."""
@@ -218,13 +206,13 @@ class Txn:
             assert (sum(map(len, data)) if isinstance(data, list) else len(data)) == length, (what, off, length)
             self._hold_back(off, length, data)  # (a hazard) data over a metadata page still held back
             self.img.pwrite(off, data)
-        self.writes.append((off, length, what))
-        self.file_size = max(self.file_size, off + length)
+        self.record(off, length, what)
 
     def record(self, off: int, length: int, what: str) -> None:
-        """A host write of the plan whose bytes are already in place (see zero_range)."""
+        """Note a host write of the plan (made, or whose bytes are already in place: see zero_range)."""
         self.writes.append((off, length, what))
-        self.file_size = max(self.file_size, off + length)
+        if off + length > self.file_size:
+            self.file_size = off + length
 
     def zero_range(self, off: int, length: int) -> None:
         """Make [off, off+length) read as zeros, as QEMU's write-zeroes on the image file does:

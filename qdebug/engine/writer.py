@@ -17,7 +17,6 @@ journal step per flush keeps it crash-safe); per-step undo needs the write-throu
 
 from __future__ import annotations
 
-
 import numpy as np
 
 from . import constants as C
@@ -164,7 +163,7 @@ class WriteEngine:
         the file the length the held-back writes reached."""
         if self._simulated or not self.writeback:
             return
-        img = self.chain.top
+        img = self._top
         pages, size = self._overlay, max(self._overlay_size, img.file_size)
         offsets = sorted(pages)
         i = 0

@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 from typing import Iterable
 
-from .syntax import SyntaxProblem, parse_size
+from .syntax import SyntaxProblem, is_plain_decimal, parse_size
 
 DEFAULT_WRITE_PATTERN = 0xCD  # qemu-io's pattern when -P is not given
 DEFAULT_READ_PATTERN = None
@@ -95,22 +95,17 @@ def parse_line(text: str, lineno: int = 0) -> Command | None:
     if len(parts) == 3:
         head, off, length = parts
         known = _HEADS.get(head)
-        if known is not None and _plain(off) and _plain(length):
+        if known is not None and is_plain_decimal(off) and is_plain_decimal(length):
             return Command(known.op, int(off), int(length), known.pattern, known.zero, known.unmap,
                            known.compressed, known.quiet, text.rstrip("\n"), lineno)
     cmd = _parse_line(text, lineno)
-    if cmd is not None and len(parts) == 3 and _plain(parts[1]) and _plain(parts[2]) \
+    if cmd is not None and len(parts) == 3 and is_plain_decimal(parts[1]) and is_plain_decimal(parts[2]) \
             and (cmd.offset, cmd.length) == (int(parts[1]), int(parts[2])):
         # the numbers were the command's two arguments: any other two make the same command
         if len(_HEADS) > 1024:
             _HEADS.clear()
         _HEADS[parts[0]] = cmd
     return cmd
-
-
-def _plain(word: str) -> bool:
-    """A plain decimal number (parse_size's usual case)."""
-    return word.isdigit() and word.isascii() and len(word) < 19
 
 
 def _parse_line(text: str, lineno: int) -> Command | None:

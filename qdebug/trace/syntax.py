@@ -12,9 +12,14 @@ class SyntaxProblem(ValueError):
     """A malformed number or command; the message says what and where in the text."""
 
 
+def is_plain_decimal(text: str) -> bool:
+    """Digits only, below 2**63 for sure: the usual spelling, `int()` reads it as parse_size does."""
+    return text.isdigit() and text.isascii() and len(text) < 19
+
+
 def parse_size(text: str) -> int:
     """`4k` -> 4096, `0x800` -> 2048, `1M` -> 1048576 (qemu-io accepts the same spellings)."""
-    if text.isdigit() and text.isascii() and len(text) < 19:  # plain decimal: the usual case
+    if is_plain_decimal(text):  # the usual case
         return int(text)
     m = _NUM.match(text.strip())
     if not m:
