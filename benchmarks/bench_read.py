@@ -16,8 +16,8 @@ import time
 
 import pytest
 
-from qdebug.engine.image import open_image
-from qdebug.engine.summary import subcluster_counts
+from qdebug.engine.file.image import open_image
+from qdebug.engine.read.summary import subcluster_counts
 
 QEMU_IMG = shutil.which("qemu-img") or "qemu-img"
 ROUNDS = int(os.environ.get("QDEBUG_BENCH_ROUNDS", "3"))

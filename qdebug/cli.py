@@ -38,8 +38,8 @@ def human_size(n: int) -> str:
 
 # ---- info ---------------------------------------------------------------------------------------
 def cmd_info(args) -> int:
-    from .engine.chain import open_chain
-    from .engine.summary import info_record
+    from .engine.file.chain import open_chain
+    from .engine.read.summary import info_record
 
     with open_chain(args.image, no_backing=args.no_backing) as chain:
         rec = info_record(chain)
@@ -97,8 +97,8 @@ def cmd_info(args) -> int:
 
 # ---- map ------------------------------------------------------------------------------------------
 def cmd_map(args) -> int:
-    from .engine.chain import open_chain
-    from .engine.mapping import map_extents, write_json
+    from .engine.file.chain import open_chain
+    from .engine.read.mapping import map_extents, write_json
 
     out = sys.stdout
     with open_chain(args.image, no_backing=args.no_backing) as chain:
@@ -127,9 +127,9 @@ def _map_subclusters(chain, out, output: str) -> int:
     """Each allocated cluster's L2 entry and bitmap string, streamed."""
     import numpy as np
 
-    from .engine import constants as C
-    from .engine.subclusters import bitmap_strings, classify
-    from .engine.summary import iter_l2_batches
+    from .engine.format import constants as C
+    from .engine.format.subclusters import bitmap_strings, classify
+    from .engine.read.summary import iter_l2_batches
 
     img = chain.top
     h = img.header
@@ -164,7 +164,7 @@ def _map_subclusters(chain, out, output: str) -> int:
 def _refuse_tables_past_eof(img) -> None:
     """The bitmap listing must not silently skip an L2 table it cannot read."""
     from .engine.errors import CorruptImage
-    from .engine.summary import l2_table_offsets
+    from .engine.read.summary import l2_table_offsets
 
     t = l2_table_offsets(img)
     h = img.header
@@ -176,7 +176,7 @@ def _refuse_tables_past_eof(img) -> None:
 
 # ---- read -------------------------------------------------------------------------------------------
 def cmd_read(args) -> int:
-    from .engine.chain import open_chain
+    from .engine.file.chain import open_chain
 
     offset, length = args.offset, args.length
     with open_chain(args.image, no_backing=args.no_backing) as chain:

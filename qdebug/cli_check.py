@@ -44,17 +44,17 @@ def _messages(report, out) -> None:
 def cmd_check(args) -> int:
     from dataclasses import replace
 
-    from .engine.check import check_image
+    from .engine.check.checker import check_image
 
     fixed = None
     if not args.repair:  # the image alone, read-only: no backing chain or repair code to load
-        from .engine.image import open_image
+        from .engine.file.image import open_image
 
         with open_image(args.image) as img:
             report = final = replace(check_image(img), filename=args.image)
     else:
-        from .engine.chain import open_chain
-        from .engine.repair import check_repair
+        from .engine.check.repair import check_repair
+        from .engine.file.chain import open_chain
 
         with open_chain(args.image, writable=True, no_backing=True) as chain:
             report = replace(check_image(chain.top), filename=args.image)
@@ -101,9 +101,9 @@ def _entry(text: str):
 
 
 def cmd_repair(args) -> int:
-    from .engine.chain import open_chain
-    from .engine.check import check_image
-    from .engine.repair import apply_repair, plan_repair
+    from .engine.check.checker import check_image
+    from .engine.check.repair import apply_repair, plan_repair
+    from .engine.file.chain import open_chain
 
     with open_chain(args.image, writable=not args.dry_run, no_backing=args.no_backing) as chain:
         before = check_image(chain.top)

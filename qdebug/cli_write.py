@@ -15,7 +15,6 @@ import time
 
 from .engine.errors import QcowError
 
-
 # ---- create ---------------------------------------------------------------------------------------
 _CREATE_OPTS = ("cluster_size", "extended_l2", "refcount_bits", "compression_type")
 
@@ -52,7 +51,7 @@ def parse_create_options(text: str | None) -> dict:
 
 def _refuse_if_in_use(path: str) -> None:
     """qemu-img create refuses to overwrite an image a running QEMU holds; so do we."""
-    from .engine.locking import ImageLock
+    from .engine.file.locking import ImageLock
 
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -65,7 +64,7 @@ def _refuse_if_in_use(path: str) -> None:
 
 
 def _backing_size(path: str, backing: str, fmt: str | None) -> int:
-    from .engine.chain import RawFile, open_chain, probe_format, resolve_backing_path
+    from .engine.file.chain import RawFile, open_chain, probe_format, resolve_backing_path
 
     bpath = resolve_backing_path(path, backing)
     if (fmt or probe_format(bpath)) == "raw":
@@ -77,7 +76,7 @@ def _backing_size(path: str, backing: str, fmt: str | None) -> int:
 
 
 def cmd_create(args) -> int:
-    from .engine.create import create_image
+    from .engine.write.create import create_image
 
     opts = parse_create_options(args.options)
     if args.backing_format and not args.backing:
@@ -125,8 +124,8 @@ def _open_for_planning(image: str):
     Adapter: WriteEngine wants its top image opened writable even to plan, so the file is opened
     read-write, but only a reader's locks are taken and a write hook makes any write an error.
     """
-    from .engine.chain import open_chain
-    from .engine.locking import lock_chain
+    from .engine.file.chain import open_chain
+    from .engine.file.locking import lock_chain
 
     chain = open_chain(image, writable=True)
     try:
@@ -139,8 +138,8 @@ def _open_for_planning(image: str):
 
 
 def cmd_plan(args) -> int:
-    from .engine.locking import release_all
-    from .engine.writer import WriteEngine
+    from .engine.file.locking import release_all
+    from .engine.write.writer import WriteEngine
     from .trace.session import to_jsonable
 
     cmd = _parse_command_arg(args.command, "plan")
@@ -241,10 +240,10 @@ def _quiet_gc() -> None:
 
 
 def cmd_replay(args) -> int:
-    from .engine.chain import open_chain
-    from .engine.journal import Journal, journal_steps
-    from .engine.locking import check_chain_writable, lock_chain, release_all
-    from .engine.writer import WriteEngine
+    from .engine.file.chain import open_chain
+    from .engine.file.journal import Journal, journal_steps
+    from .engine.file.locking import check_chain_writable, lock_chain, release_all
+    from .engine.write.writer import WriteEngine
     from .trace.commands import parse_line
     from .trace.session import StepRecord, command_text, run_step
     from .trace.syntax import SyntaxProblem
@@ -346,7 +345,7 @@ def cmd_replay(args) -> int:
 
 # ---- undo --------------------------------------------------------------------------------------------
 def cmd_undo(args) -> int:
-    from .engine.journal import undo
+    from .engine.file.journal import undo
 
     res = undo(args.image, steps=None if args.all else args.steps)
     if args.output == "json":

@@ -12,9 +12,9 @@ from __future__ import annotations
 import os
 import struct
 
-from .engine.chain import open_chain
-from .engine.create import create_image
-from .engine.image import open_image
+from .engine.file.chain import open_chain
+from .engine.file.image import open_image
+from .engine.write.create import create_image
 
 SIZE = 8 << 20
 INVALID_CLUSTER = 48
@@ -43,7 +43,7 @@ read -P 0x5a 6k 2k
 
 
 def _run(image: str, lines: list[str]) -> None:
-    from .engine.writer import WriteEngine
+    from .engine.write.writer import WriteEngine
     from .trace.commands import parse_line
 
     with open_chain(image, writable=True) as chain:

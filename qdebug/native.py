@@ -27,9 +27,10 @@ MANIFEST = OUT / "manifest.json"
 # (header, image, chain, check...) are dominated by numpy and system calls: compiling them gains
 # nothing. Compiled modules and pure ones must not mix (a compiled caller expects the compiled
 # class), so either all of these load compiled or none does.
-MODULES = ("engine.constants", "engine.subclusters", "engine.blocklayer", "trace.syntax", "trace.commands",
-           "engine.planner", "engine.txn", "engine.allocator", "engine.tables", "engine.guestview",
-           "engine.datapath", "engine.zeroes", "engine.discard", "engine.compressed", "engine.writer")
+MODULES = ("engine.format.constants", "engine.format.subclusters", "engine.write.blocklayer", "trace.syntax",
+           "engine.write.ops", "trace.commands", "engine.write.plan", "engine.write.txn", "engine.write.allocator",
+           "engine.write.context", "engine.read.guestview", "engine.write.datapath", "engine.write.zeroes",
+           "engine.write.discard", "engine.write.compressed", "engine.write.writer")
 GROUP = "qdebug_engine"
 
 _usable: bool | None = None  # the build matches the sources (checked once per process)
@@ -57,15 +58,16 @@ def active() -> bool:
 
 
 def enable(package: str, package_path: list[str]) -> None:
-    """Called by qdebug.engine and qdebug.trace as they are imported: their compiled modules come
-    first on the package's path when they were built from exactly these sources."""
+    """Called by the packages that hold compiled modules (qdebug.engine.write, qdebug.trace...) as they
+    are imported: their compiled modules come first on the package's path when they were built from
+    exactly these sources. `package` is dotted below qdebug ("engine.write")."""
     global _usable
     if _usable is None:
         _usable = os.environ.get("QDEBUG_NATIVE", "1") != "0" and up_to_date()
         if _usable:
             sys.path.append(str(OUT))  # the group's shared library is a top-level module
     if _usable:
-        package_path.insert(0, str(OUT / "qdebug" / package))
+        package_path.insert(0, str(OUT.joinpath("qdebug", *package.split("."))))
 
 
 def build() -> int:

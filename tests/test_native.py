@@ -11,7 +11,8 @@ import sys
 import pytest
 
 from qdebug import native
-from tests.cli.test_write_cli import qdebug as qdebug_cli, write_trace
+from tests.cli.test_write_cli import qdebug as qdebug_cli
+from tests.cli.test_write_cli import write_trace
 from tests.qemu import create
 from tests.trace.random_traces import random_trace, strip_comments
 
@@ -26,7 +27,7 @@ def test_a_build_from_other_sources_is_not_used(tmp_path, monkeypatch):
     (fake / "manifest.json").write_text(json.dumps(good))
     assert native.up_to_date()
     stale = json.loads(json.dumps(good))
-    stale["sources"]["engine.datapath"] = "0" * 64  # datapath.py edited since the build
+    stale["sources"]["engine.write.datapath"] = "0" * 64  # datapath.py edited since the build
     (fake / "manifest.json").write_text(json.dumps(stale))
     assert not native.up_to_date()
     (fake / "manifest.json").write_text("{not json")
@@ -35,7 +36,7 @@ def test_a_build_from_other_sources_is_not_used(tmp_path, monkeypatch):
 
 def test_compiled_modules_are_loaded_when_built():
     """In CI the build is part of `make install`: the speed the benchmarks report depends on it."""
-    import qdebug.engine.datapath as datapath
+    import qdebug.engine.write.datapath as datapath
     import qdebug.trace.commands as commands
 
     if os.environ.get("CI") == "true":

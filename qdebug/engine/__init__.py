@@ -5,12 +5,8 @@ every CLI command does) must not pay for numpy and the whole reader."""
 
 import importlib
 
-from .. import native
-
-native.enable("engine", __path__)  # the compiled hot modules, when built from exactly this source
-
-_WHERE = {"Chain": "chain", "open_chain": "chain", "Image": "image", "open_image": "image",
-          "SubclusterType": "subclusters", "QcowError": "errors", "CorruptImage": "errors",
+_WHERE = {"Chain": "file.chain", "open_chain": "file.chain", "Image": "file.image", "open_image": "file.image",
+          "SubclusterType": "format.subclusters", "QcowError": "errors", "CorruptImage": "errors",
           "InvalidEntry": "errors", "NotQcow2": "errors", "UnsupportedFeature": "errors", "BackingError": "errors"}
 
 __all__ = list(_WHERE)

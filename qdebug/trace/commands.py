@@ -1,4 +1,4 @@
-"""qemu-io commands as data: the subset of qemu-io's syntax a write trace uses.
+"""qemu-io's command syntax -> engine `Command`s: the subset of qemu-io's syntax a write trace uses.
 
 `write [-q] [-P pattern] [-z [-u]] [-c] OFF LEN`, `discard [-q] OFF LEN`, `read [-q] [-P pattern] OFF LEN`
 and `flush`, with qemu-io's number syntax (`parse_size`). The same text drives `qemu-io` (comments
@@ -9,63 +9,16 @@ written as C's strtol(…, 0) reads it (decimal, 0x hex, leading-0 octal).
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from typing import Iterable
 
+from ..engine.write.ops import Command
 from .syntax import SyntaxProblem, is_plain_decimal, parse_size
-
-DEFAULT_WRITE_PATTERN = 0xCD  # qemu-io's pattern when -P is not given
-DEFAULT_READ_PATTERN = None
 
 _OPS = ("write", "read", "discard", "flush")
 _ALIASES = {"w": "write", "r": "read"}
 # Options that take no argument, per command; -P takes one.
 _FLAGS = {"write": "qzuc", "read": "q", "discard": "q", "flush": ""}
 _PATTERN = re.compile(r"^(0[xX][0-9a-fA-F]+|0[0-7]*|[1-9][0-9]*)$")
-
-
-@dataclass
-class Command:
-    """One qemu-io command; `text` and `lineno` say where it came from. Treated as immutable; not
-    declared frozen because a frozen dataclass costs four times as much to make, once per line of
-    a trace (compiled, 0.5 us against 2 us)."""
-
-    op: str  # 'write' | 'read' | 'discard' | 'flush'
-    offset: int = 0
-    length: int = 0
-    pattern: int | None = None
-    zero: bool = False
-    unmap: bool = False
-    compressed: bool = False
-    quiet: bool = False
-    text: str = ""
-    lineno: int = 0
-
-    @property
-    def end(self) -> int:
-        return self.offset + self.length
-
-    @property
-    def fill(self) -> int:
-        """The byte a data write stores (qemu-io's default 0xcd without -P)."""
-        return DEFAULT_WRITE_PATTERN if self.pattern is None else self.pattern
-
-    def to_qemu_io(self) -> str:
-        """The command as qemu-io reads it (normalised spelling)."""
-        if self.op == "flush":
-            return "flush"
-        opts = []
-        if self.quiet:
-            opts.append("-q")
-        if self.pattern is not None:
-            opts.append(f"-P 0x{self.pattern:x}")
-        if self.zero:
-            opts.append("-z")
-        if self.unmap:
-            opts.append("-u")
-        if self.compressed:
-            opts.append("-c")
-        return " ".join([self.op, *opts, str(self.offset), str(self.length)])
 
 
 _PATTERNS = {f"0x{b:02x}": b for b in range(256)}  # the usual spelling, looked up

@@ -16,11 +16,11 @@ import time
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from ..engine.chain import Chain, open_chain
 from ..engine.errors import QcowError
-from ..engine.image import open_image
-from ..engine.journal import Journal
-from ..engine.locking import ImageLock, check_chain_writable, lock_chain, release_all
+from ..engine.file.chain import Chain, open_chain
+from ..engine.file.image import open_image
+from ..engine.file.journal import Journal
+from ..engine.file.locking import ImageLock, check_chain_writable, lock_chain, release_all
 from .commands import Command
 
 
@@ -149,7 +149,7 @@ class Session:
 
     def __init__(self, image_path: str, commands: Sequence[Command], *, scratch: bool = True,
                  journal: bool = True, durable: bool | None = None, engine_factory=None):
-        from ..engine.writer import WriteEngine
+        from ..engine.write.writer import WriteEngine
 
         self.image_path = image_path
         self.commands = list(commands)

@@ -21,16 +21,15 @@ from textual.widgets import Footer, Header, ProgressBar, Static, TabbedContent, 
 
 from ..engine.errors import QcowError
 from .cluster_map import ClusterMap
-from .rows import RowView
 from .inspector import Inspector
-from .lists import FindingsView, Timeline
-from .messages import (CheckFinished, CountsReady, ImageOpened, Jumped, Progress, RepairApplied, RepairReady,
-                       StepChanged)
 from .iolock import ImageIOLock
+from .lists import FindingsView, Timeline
+from .messages import CheckFinished, CountsReady, ImageOpened, Jumped, Progress, RepairApplied, RepairReady, StepChanged
 from .model import ImageModel
 from .palette import QDebugCommands
 from .panels import chain_content, counts_content, header_content
 from .plan_view import plan_clusters, plan_content
+from .rows import RowView
 from .screens import GotoScreen, HelpScreen, PathScreen
 from .workbench import Serial, Workbench
 
@@ -431,7 +430,7 @@ class QDebugApp(App):
 
     def _check(self, *, keep_references: bool = False):
         """check_image of the current image; a large image is checked in a child process (see offload)."""
-        from ..engine.check import check_image
+        from ..engine.check.checker import check_image
         from .offload import LARGE_CLUSTERS, check_in_child
 
         what = "checking"

@@ -13,7 +13,8 @@ from textual.binding import Binding
 from textual.message import Message
 from textual.strip import Strip
 
-from ..engine.subclusters import TYPE_CHARS, SubclusterType as T
+from ..engine.format.subclusters import TYPE_CHARS
+from ..engine.format.subclusters import SubclusterType as T
 from .model import READS_DATA, READS_INVALID, ImageModel
 from .rows import RowView, segments
 

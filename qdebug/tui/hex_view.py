@@ -13,7 +13,6 @@ from .model import READS_DATA, READS_INVALID, Source
 from .rows import RowView, segments
 
 
-
 class HexView(RowView):
     COMPONENT_CLASSES = {
         "hexview--offset", "hexview--this", "hexview--backing", "hexview--zero", "hexview--invalid",

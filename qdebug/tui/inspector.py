@@ -11,7 +11,8 @@ from textual.containers import Vertical
 from textual.content import Content
 from textual.widgets import Static
 
-from ..engine.subclusters import TYPE_CHARS, SubclusterType as T
+from ..engine.format.subclusters import TYPE_CHARS
+from ..engine.format.subclusters import SubclusterType as T
 from .hex_view import HexView
 from .model import READS_DATA, READS_INVALID, EntryInfo, ImageModel
 

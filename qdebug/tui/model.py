@@ -13,12 +13,13 @@ from typing import Callable
 
 import numpy as np
 
-from ..engine import constants as C
-from ..engine.compression import descriptor_fields
 from ..engine.errors import QcowError
-from ..engine.status import IS_DATA, RAW_DATA, RAW_HOLE
-from ..engine.subclusters import SubclusterType as T, bitmap_string, classify, cluster_flags, type_counts
-from ..engine.summary import iter_l2_batches, l2_table_offsets
+from ..engine.format import constants as C
+from ..engine.format.compression import descriptor_fields
+from ..engine.format.subclusters import SubclusterType as T
+from ..engine.format.subclusters import bitmap_string, classify, cluster_flags, type_counts
+from ..engine.read.status import IS_DATA, RAW_DATA, RAW_HOLE
+from ..engine.read.summary import iter_l2_batches, l2_table_offsets
 from .iolock import ImageIOLock, reads_image
 
 BLOCK = 256  # map rows per cached block

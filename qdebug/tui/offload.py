@@ -27,8 +27,8 @@ def _child(path: str, out, keep_references: bool) -> None:
     try:
         import os
 
-        from ..engine.check import check_image
-        from ..engine.image import open_image
+        from ..engine.check.checker import check_image
+        from ..engine.file.image import open_image
 
         os.nice(10)  # the UI process comes first when the two share a core
         img = open_image(path)

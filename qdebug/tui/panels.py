@@ -6,8 +6,8 @@ import os
 
 from textual.content import Content
 
-from ..engine.summary import info_record
-from ..engine.subclusters import SubclusterType as T
+from ..engine.format.subclusters import SubclusterType as T
+from ..engine.read.summary import info_record
 from .inspector import TYPE_STYLE
 
 

@@ -14,7 +14,7 @@ from textual.content import Content
 from textual.screen import ModalScreen
 from textual.widgets import Button, Label, RadioButton, RadioSet, Static
 
-from ..engine.repair import POLICIES, RepairPlan, plan_repair
+from ..engine.check.repair import POLICIES, RepairPlan, plan_repair
 
 POLICY_HELP = {
     "keep-data": "subclusters marked both allocated and zero keep their data",

@@ -13,8 +13,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable
 
-from ..engine.chain import open_chain
 from ..engine.errors import QcowError
+from ..engine.file.chain import open_chain
 
 
 class Serial:
@@ -154,7 +154,7 @@ class Workbench:
         return self.position
 
     def apply_repair(self, plan) -> None:
-        from ..engine.repair import apply_repair
+        from ..engine.check.repair import apply_repair
 
         self.ensure_session()
         apply_repair(self.chain, plan, journal=self.session.journal)

@@ -78,9 +78,10 @@ def test_check_json_human_and_exit_code(shapes, name, tmp_path):
 @pytest.mark.parametrize("name", sorted(CORRUPTIONS))
 @pytest.mark.parametrize("shape", ["ext64k", "std64k", "ext32k-snap"])
 def test_check_repair_like_qemu(shapes, shape, name, mode, tmp_path):
-    from qdebug.engine.chain import open_chain
+    from qdebug.engine.check.repair import check_repair
+
     from qdebug.engine.errors import QcowError
-    from qdebug.engine.repair import check_repair
+    from qdebug.engine.file.chain import open_chain
 
     ours, theirs = str(tmp_path / "ours.qcow2"), str(tmp_path / "theirs.qcow2")
     shutil.copy(shapes[shape], ours)

@@ -17,7 +17,7 @@ import shutil
 import pytest
 
 from qdebug.cli import main
-from qdebug.engine.journal import journal_path
+from qdebug.engine.file.journal import journal_path
 from tests.qemu import create, qemu_io
 from tests.trace.random_traces import random_trace
 

@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from qdebug.cli import main
-from qdebug.engine.journal import journal_path, journal_steps
+from qdebug.engine.file.journal import journal_path, journal_steps
 from tests.cli.test_write_cli import KILL_AT_NTH_WRITE, digest, qdebug, same_images, write_trace
 from tests.engine.harness import assert_same_metadata
 from tests.qemu import QEMU_IO, create, qemu_check, qemu_img
@@ -52,8 +52,8 @@ def test_replay_with_flush_and_read_checks_matches_qemu_writeback(tmp_path, qemu
 # Kill the replay at the n-th image write of the k-th WriteEngine.flush.
 KILL_IN_FLUSH = """
 import os, sys
-from qdebug.engine.image import Image
-from qdebug.engine.writer import WriteEngine
+from qdebug.engine.file.image import Image
+from qdebug.engine.write.writer import WriteEngine
 from qdebug.cli import main
 k, n = int(sys.argv[1]), int(sys.argv[2])
 real_pwrite, real_flush = Image.pwrite, WriteEngine.flush

@@ -15,7 +15,7 @@ import time
 import pytest
 
 from qdebug.cli import main
-from qdebug.engine.journal import journal_path
+from qdebug.engine.file.journal import journal_path
 from tests.engine.test_locking import QemuIoHolder, locked_bytes
 from tests.qemu import QEMU_IO, create, qemu_check, qemu_img, qemu_io
 from tests.trace.random_traces import random_trace, strip_comments
@@ -63,8 +63,8 @@ def metadata_clusters(path: str) -> list[tuple[int, bytes]]:
     """
     import numpy as np
 
-    from qdebug.engine import constants as C
-    from qdebug.engine.image import open_image
+    from qdebug.engine.file.image import open_image
+    from qdebug.engine.format import constants as C
 
     with open_image(path) as img:
         cs = img.cluster_size
@@ -187,7 +187,7 @@ def test_replay_writes_metadata_back_in_bounded_windows(tmp_path, qemu, monkeypa
     """Held-back metadata is flushed whenever it passes the limit (memory stays bounded on long
     traces), and at `flush` lines; the image is the same as qemu-io's either way."""
     import qdebug.cli_write as cli_write
-    from qdebug.engine.writer import WriteEngine
+    from qdebug.engine.write.writer import WriteEngine
 
     flushes = []
     real_flush = WriteEngine.flush
@@ -213,7 +213,7 @@ def test_replay_bounds_the_journal_of_a_window_of_in_place_rewrites(tmp_path, qe
     """Rewriting allocated clusters holds no metadata back, but every first overwrite of a byte in a
     window is journaled (crash rollback): the window also ends when its journal passes a bound."""
     import qdebug.cli_write as cli_write
-    from qdebug.engine.journal import Journal
+    from qdebug.engine.file.journal import Journal
 
     sizes = []
     real_commit = Journal.commit
@@ -439,7 +439,7 @@ def test_undo_refuses_while_qemu_holds_the_image(tmp_path, qemu):
 
 KILL_AT_NTH_WRITE = """
 import os, sys
-from qdebug.engine.image import Image
+from qdebug.engine.file.image import Image
 from qdebug.cli import main
 n = int(sys.argv[1])
 real = Image.pwrite
@@ -459,7 +459,7 @@ def test_replay_killed_mid_window_without_journal_is_left_as_of_the_last_flush(t
     """Without --journal, metadata is written back at each `flush` (and at the end): a crash in
     between rolls the image back to the last flush, whole and consistent, as QEMU's writeback
     cache would leave it at best."""
-    from qdebug.engine.journal import journal_steps
+    from qdebug.engine.file.journal import journal_steps
 
     lines = strip_comments(random_trace(8, 200, SIZE, mix=(("write", 50), ("zero", 20), ("discard", 10),
                                                           ("multi", 20))))

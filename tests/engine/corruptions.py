@@ -10,8 +10,8 @@ from __future__ import annotations
 import os
 import struct
 
-from qdebug.engine import constants as C
-from qdebug.engine.image import open_image
+from qdebug.engine.file.image import open_image
+from qdebug.engine.format import constants as C
 from tests.qemu import create, qemu_img, qemu_io
 
 # name -> create options; every shape gets data, zero, compressed (where possible) clusters.

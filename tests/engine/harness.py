@@ -10,13 +10,12 @@ import subprocess
 
 import numpy as np
 
-from qdebug.engine import constants as C
-from qdebug.engine.chain import open_chain
-from qdebug.engine.image import open_image
-from qdebug.engine.writer import WriteEngine
+from qdebug.engine.file.chain import open_chain
+from qdebug.engine.file.image import open_image
+from qdebug.engine.format import constants as C
+from qdebug.engine.write.writer import WriteEngine
 from qdebug.trace.commands import parse_line
 from tests.qemu import QEMU_IMG, QEMU_IO, qemu_img, require_qemu
-
 
 # The engine mode qdebug_process uses; the `engine_mode` fixture runs a test in both.
 MODE = {"writeback": False}

@@ -1,8 +1,9 @@
 """Properties of the block layer's head/body/tail split (bdrv_co_pdiscard / pwrite_zeroes)."""
 
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
-from qdebug.engine.blocklayer import block_piece
+from qdebug.engine.write.blocklayer import block_piece
 
 
 @given(st.integers(0, 1 << 24), st.integers(1, 1 << 24), st.sampled_from([512, 2048, 65536, 1 << 21]))

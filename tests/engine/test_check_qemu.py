@@ -9,9 +9,9 @@ import shutil
 import struct
 
 import pytest
+from qdebug.engine.check.checker import JSON_KEYS, check_image
 
-from qdebug.engine.check import JSON_KEYS, check_image
-from qdebug.engine.image import open_image
+from qdebug.engine.file.image import open_image
 from tests.engine.corruptions import CORRUPTIONS, SHAPES, Layout, corrupt, make_shape
 from tests.qemu import qemu_check
 
@@ -128,8 +128,7 @@ def test_sparse_entries_are_the_non_zero_entries():
     """The sparse path's search (8 mask bytes at a time) finds exactly the entries with a non-zero
     word, with their words, for extended and standard L2 tables."""
     import numpy as np
-
-    from qdebug.engine.check import _sparse_entries
+    from qdebug.engine.check.checker import _sparse_entries
 
     class Ctx:  # the geometry _sparse_entries reads
         def __init__(self, ext, n):
@@ -192,7 +191,7 @@ def many_tables(tmp_path_factory):
 def test_sparse_batches_checked_together_count_as_qemu(many_tables, name, tmp_path, monkeypatch):
     """One table per batch, four batches checked as one: counts equal qemu-img's, and the findings
     (order included) equal those of checking every batch alone."""
-    import qdebug.engine.check as check
+    import qdebug.engine.check.checker as check
 
     path = str(tmp_path / "img.qcow2")
     shutil.copy(many_tables, path)

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from qdebug.engine.create import create_image
 from qdebug.engine.errors import QcowError
+from qdebug.engine.write.create import create_image
 from tests.qemu import qemu_check, qemu_img, qemu_io
 
 pytestmark = pytest.mark.qemu

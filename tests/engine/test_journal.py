@@ -11,11 +11,12 @@ import textwrap
 import time
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from qdebug.engine.errors import QcowError
-from qdebug.engine.image import open_image
-from qdebug.engine.journal import Journal, JournalError, journal_path, journal_steps, undo
+from qdebug.engine.file.image import open_image
+from qdebug.engine.file.journal import Journal, JournalError, journal_path, journal_steps, undo
 from tests.qemu import create
 
 CS = 65536
@@ -147,7 +148,7 @@ def test_growth_needs_no_before_image(image):
 
 
 def test_big_before_images_stream_in_chunks(image, monkeypatch):
-    import qdebug.engine.journal as jmod
+    import qdebug.engine.file.journal as jmod
 
     monkeypatch.setattr(jmod, "_CHUNK", 5000)  # force the chunked path on a small write
     with open_image(image, writable=True) as img:
@@ -204,8 +205,8 @@ def test_exception_from_a_hook_mid_step_is_rolled_back(fresh, trace, fail_at):
 
 CRASHER = textwrap.dedent("""
     import os, sys
-    from qdebug.engine.image import open_image
-    from qdebug.engine.journal import Journal
+    from qdebug.engine.file.image import open_image
+    from qdebug.engine.file.journal import Journal
     path, kill_at, durable = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1"
     img = open_image(path, writable=True)
     j = Journal(img, durable=durable)

@@ -9,10 +9,10 @@ import time
 
 import pytest
 
-from qdebug.engine.chain import open_chain
 from qdebug.engine.errors import QcowError
-from qdebug.engine.image import open_image
-from qdebug.engine.locking import ImageInUse, ImageLock, check_chain_writable, check_writable, lock_chain
+from qdebug.engine.file.chain import open_chain
+from qdebug.engine.file.image import open_image
+from qdebug.engine.file.locking import ImageInUse, ImageLock, check_chain_writable, check_writable, lock_chain
 from tests.qemu import QEMU_IMG, QEMU_IO, create
 
 

@@ -13,8 +13,15 @@ import random
 
 import pytest
 
-from qdebug.engine.create import create_image
-from tests.engine.harness import assert_same_metadata, check_verdict, copy, qdebug_process, qemu_process, same_guest_data
+from qdebug.engine.write.create import create_image
+from tests.engine.harness import (
+    assert_same_metadata,
+    check_verdict,
+    copy,
+    qdebug_process,
+    qemu_process,
+    same_guest_data,
+)
 from tests.qemu import qemu_img, qemu_io
 
 pytestmark = pytest.mark.qemu

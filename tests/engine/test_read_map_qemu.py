@@ -6,14 +6,13 @@ import io
 import json
 import os
 
+import numpy as np
 import pytest
 
-import numpy as np
-
-from qdebug.engine.chain import open_chain
-from qdebug.engine.mapping import write_json
-from qdebug.engine.subclusters import SubclusterType, classify
-from qdebug.engine.summary import iter_l2_batches, subcluster_counts
+from qdebug.engine.file.chain import open_chain
+from qdebug.engine.format.subclusters import SubclusterType, classify
+from qdebug.engine.read.mapping import write_json
+from qdebug.engine.read.summary import iter_l2_batches, subcluster_counts
 from tests.qemu import convert_raw, create, qemu_img, qemu_io, qemu_map_text
 
 pytestmark = pytest.mark.qemu

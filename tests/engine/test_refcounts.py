@@ -6,10 +6,11 @@ import shutil
 
 import numpy as np
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
-from qdebug.engine.image import open_image
-from qdebug.engine.refcounts import get_refcount, pack_refcounts, set_refcount, unpack_refcounts
+from qdebug.engine.file.image import open_image
+from qdebug.engine.format.refcounts import get_refcount, pack_refcounts, set_refcount, unpack_refcounts
 from tests.qemu import create, qemu_check, qemu_io
 
 

@@ -6,11 +6,11 @@ from __future__ import annotations
 import numpy as np
 from hypothesis import given
 from hypothesis import strategies as st
+from qdebug.engine.check.repair import POLICIES, repaired_bitmap
 
-from qdebug.engine import constants as C
-from qdebug.engine.repair import POLICIES, repaired_bitmap
-from qdebug.engine.subclusters import SubclusterType as T
-from qdebug.engine.subclusters import classify
+from qdebug.engine.format import constants as C
+from qdebug.engine.format.subclusters import SubclusterType as T
+from qdebug.engine.format.subclusters import classify
 
 offsets = st.sampled_from([0, 0x50000, 0x7FFF0000, 0x8000000000050000])
 bitmaps = st.integers(0, (1 << 64) - 1)

@@ -8,11 +8,11 @@ import os
 import shutil
 
 import pytest
+from qdebug.engine.check.checker import check_image
+from qdebug.engine.check.repair import plan_repair, repair_image
 
-from qdebug.engine.chain import open_chain
-from qdebug.engine.check import check_image
-from qdebug.engine.journal import undo
-from qdebug.engine.repair import plan_repair, repair_image
+from qdebug.engine.file.chain import open_chain
+from qdebug.engine.file.journal import undo
 from tests.engine.corruptions import SHAPES, corrupt, make_shape
 from tests.qemu import convert_raw, qemu_check, qemu_img, qemu_io
 

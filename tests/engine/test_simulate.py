@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from qdebug.engine.chain import open_chain
 from qdebug.engine.errors import QcowError
-from qdebug.engine.writer import WriteEngine
+from qdebug.engine.file.chain import open_chain
+from qdebug.engine.write.writer import WriteEngine
 from qdebug.trace.commands import parse_line
 from tests.qemu import create
 from tests.trace.random_traces import random_trace

@@ -10,12 +10,24 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qdebug.engine import constants as C
-from qdebug.engine.status import _HOST_KINDS, cluster_units, coalesce, l2_runs
-from qdebug.engine.subclusters import (TYPE_CHARS, SubclusterType as T, bitmap_string, bitmap_strings, classify,
-                                       clz32, ctz32, parse_bitmap_string, sub_alloc_range, sub_alloc_range_np,
-                                       sub_zero_range, subcluster_range_type, type_counts)
-from qdebug.engine.summary import _count_batch
+from qdebug.engine.format import constants as C
+from qdebug.engine.format.subclusters import (
+    TYPE_CHARS,
+    bitmap_string,
+    bitmap_strings,
+    classify,
+    clz32,
+    ctz32,
+    parse_bitmap_string,
+    sub_alloc_range,
+    sub_alloc_range_np,
+    sub_zero_range,
+    subcluster_range_type,
+    type_counts,
+)
+from qdebug.engine.format.subclusters import SubclusterType as T
+from qdebug.engine.read.status import _HOST_KINDS, cluster_units, coalesce, l2_runs
+from qdebug.engine.read.summary import _count_batch
 
 OFFSET_MASK = C.L2E_OFFSET_MASK
 

@@ -14,8 +14,8 @@ import subprocess
 
 import pytest
 
-from qdebug.engine.image import open_image
-from qdebug.engine.subclusters import bitmap_string
+from qdebug.engine.file.image import open_image
+from qdebug.engine.format.subclusters import bitmap_string
 from tests.engine.harness import assert_same_metadata, check_verdict, qdebug_process, qemu_process, same_guest_data
 from tests.qemu import QEMU_IMG, create, qemu_io
 

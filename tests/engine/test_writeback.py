@@ -15,8 +15,14 @@ import os
 import pytest
 
 from tests.engine import harness
-from tests.engine.harness import (assert_same_metadata, check_verdict, metadata, qdebug_process, qemu_process,
-                                  same_guest_data)
+from tests.engine.harness import (
+    assert_same_metadata,
+    check_verdict,
+    metadata,
+    qdebug_process,
+    qemu_process,
+    same_guest_data,
+)
 from tests.qemu import create, qemu_img, qemu_io
 from tests.trace.random_traces import random_trace, strip_comments
 

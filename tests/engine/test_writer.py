@@ -9,14 +9,21 @@ import os
 import numpy as np
 import pytest
 
-from qdebug.engine.chain import open_chain
-from qdebug.engine.create import create_image
 from qdebug.engine.errors import QcowError
-from qdebug.engine.image import open_image
-from qdebug.engine.writer import WriteEngine
+from qdebug.engine.file.chain import open_chain
+from qdebug.engine.file.image import open_image
+from qdebug.engine.write.create import create_image
+from qdebug.engine.write.writer import WriteEngine
 from qdebug.trace.commands import parse_line
-from tests.engine.harness import (assert_same_metadata, check_verdict, copy, metadata, qdebug_process, qemu_process,
-                                  same_guest_data)
+from tests.engine.harness import (
+    assert_same_metadata,
+    check_verdict,
+    copy,
+    metadata,
+    qdebug_process,
+    qemu_process,
+    same_guest_data,
+)
 
 pytestmark = pytest.mark.qemu
 

@@ -197,9 +197,9 @@ def read_only_commands(img: str, has_backing: bool) -> list[list[str]]:
         cmds += [["check", img], ["check", "--output=json", img]]
     if "repair" in sub:
         cmds += [["repair", "--dry-run", img]]
-    if "plan" in sub and _importable("qdebug.engine.writer"):
+    if "plan" in sub and _importable("qdebug.engine.write.writer"):
         cmds += [["plan", img, "write -P 0x22 0 4k"], ["plan", img, "write -z 8k 4k"], ["plan", img, "discard 0 64k"]]
-    if "replay" in sub and _importable("qdebug.engine.writer"):
+    if "replay" in sub and _importable("qdebug.engine.write.writer"):
         cmds += [["replay", "--dry-run", img, _trace_file(img)]]
     return cmds
 

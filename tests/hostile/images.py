@@ -60,9 +60,9 @@ def layout_of(path: str, backing: list[str] | None = None) -> Layout:
     """Read the structure of a valid image with qdebug's engine (the bases are QEMU-made)."""
     import numpy as np
 
-    from qdebug.engine import constants as C
-    from qdebug.engine.compression import descriptor_fields
-    from qdebug.engine.image import open_image
+    from qdebug.engine.file.image import open_image
+    from qdebug.engine.format import constants as C
+    from qdebug.engine.format.compression import descriptor_fields
 
     with open_image(path) as img:
         h = img.header
@@ -159,7 +159,7 @@ def build_bases(directory: str) -> dict[str, Layout]:
 def _qdebug_made(directory: str) -> dict[str, Layout]:
     """Images made by qdebug's own create engine (W1), when that engine exists."""
     try:
-        from qdebug.engine.create import create_image
+        from qdebug.engine.write.create import create_image
     except ImportError:
         return {}
     out = {}

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from qdebug.engine.chain import MAX_CHAIN_DEPTH
+from qdebug.engine.file.chain import MAX_CHAIN_DEPTH
 from tests.hostile.conftest import all_ok, error_line, one_error, qd
 from tests.hostile.images import get_field, patch, put_field
 from tests.qemu import create, qemu_io

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
-from qdebug.trace.commands import Command, parse_line, parse_trace
+from qdebug.engine.write.ops import Command
+from qdebug.trace.commands import parse_line, parse_trace
 from qdebug.trace.syntax import SyntaxProblem
 from tests.qemu import create, qemu_io
 

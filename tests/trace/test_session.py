@@ -7,10 +7,11 @@ import json
 import os
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from qdebug.engine.errors import QcowError
-from qdebug.engine.journal import journal_path, undo
+from qdebug.engine.file.journal import journal_path, undo
 from qdebug.trace.commands import parse_trace
 from qdebug.trace.session import Session, sparse_copy
 from tests.qemu import create, qemu_check, qemu_img, qemu_io

@@ -7,7 +7,7 @@ import struct
 
 import pytest
 
-from qdebug.engine.image import open_image
+from qdebug.engine.file.image import open_image
 from tests.qemu import create, qemu_io
 
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from qdebug.engine.chain import open_chain
-from qdebug.engine.subclusters import bitmap_string
+from qdebug.engine.file.chain import open_chain
+from qdebug.engine.format.subclusters import bitmap_string
 from qdebug.tui.app import make_app
 from qdebug.tui.cluster_map import ClusterMap
 from qdebug.tui.hex_view import HexView

@@ -6,7 +6,7 @@ import hashlib
 import struct
 
 from qdebug.demo import INVALID_CLUSTER, INVALID_SUBCLUSTER
-from qdebug.engine.subclusters import SubclusterType as T
+from qdebug.engine.format.subclusters import SubclusterType as T
 from qdebug.tui.app import make_app
 from qdebug.tui.cluster_map import ClusterMap
 from qdebug.tui.messages import CheckFinished, RepairApplied
@@ -102,8 +102,9 @@ async def test_steps_and_repairs_share_one_undo_stack(demo):
 
 async def test_check_in_a_child_process_reports_what_the_engine_does(demo):
     """Large images are checked in a spawned child (no GIL shared with the UI); same report."""
-    from qdebug.engine.check import check_image
-    from qdebug.engine.image import open_image
+    from qdebug.engine.check.checker import check_image
+
+    from qdebug.engine.file.image import open_image
 
     seen = []
     app = make_app(demo["image"], counts=False)

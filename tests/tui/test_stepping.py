@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import hashlib
 
-from qdebug.engine.writer import WriteEngine
-from qdebug.engine.chain import open_chain
+from qdebug.engine.file.chain import open_chain
+from qdebug.engine.write.writer import WriteEngine
 from qdebug.trace.commands import parse_trace
 from qdebug.tui.app import make_app
 from qdebug.tui.cluster_map import ClusterMap

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import constants as C
-from .compression import descriptor_fields
-from .errors import CorruptImage
-from .refcounts import pack_refcounts, unpack_refcounts
+from ..errors import CorruptImage
+from ..format import constants as C
+from ..format.compression import descriptor_fields
+from ..format.refcounts import pack_refcounts, unpack_refcounts
 from .txn import UINT, Txn
 
 

@@ -13,11 +13,11 @@ from typing import Iterator
 
 import numpy as np
 
-from . import constants as C
-from .errors import CorruptImage
-from .image import Image
+from ..errors import CorruptImage
+from ..file.image import Image
+from ..format import constants as C
+from ..format.subclusters import SubclusterType
 from .status import fadvise_tables
-from .subclusters import SubclusterType
 
 _PAGE = mmap.PAGESIZE
 _BATCH = 64  # L2 tables per numpy batch

@@ -13,9 +13,9 @@ from typing import Iterator
 
 import numpy as np
 
-from .errors import InvalidEntry
-from .status import DECISIVE, IS_DATA, IS_ZERO, _HOST_KINDS, QuietMap, resolve_layers
-from .subclusters import SubclusterType as T
+from ..errors import InvalidEntry
+from ..format.subclusters import SubclusterType as T
+from .status import _HOST_KINDS, DECISIVE, IS_DATA, IS_ZERO, QuietMap, resolve_layers
 
 DEFAULT_CHUNK = 1 << 32  # guest bytes resolved per step, at least
 CHUNK_CLUSTERS = 1 << 16  # ... and at least this many clusters of the top layer

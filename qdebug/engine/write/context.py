@@ -8,12 +8,12 @@ from __future__ import annotations
 import struct
 from typing import Callable
 
-from . import constants as C
+from ..errors import CorruptImage
+from ..file.chain import Chain
+from ..format import constants as C
+from ..format.subclusters import bitmap_string
 from .allocator import Allocator
-from .chain import Chain
-from .errors import CorruptImage
-from .planner import Request
-from .subclusters import bitmap_string
+from .plan import Request
 from .txn import Txn
 
 _QQ = struct.Struct(">QQ")

@@ -18,7 +18,7 @@ from typing import Callable, Final, Union
 
 import numpy as np
 
-from .image import Image
+from ..file.image import Image
 
 PAGE: Final = 4096
 _MASK: Final = ~(PAGE - 1)

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import constants as C
-from .errors import CorruptImage, QcowError, UnsupportedFeature
-from .header import Header, parse_header
+from ..errors import CorruptImage, QcowError, UnsupportedFeature
+from ..format import constants as C
+from ..format.header import Header, parse_header
 
 _SNAP = struct.Struct(">QIHHIIQII")
 

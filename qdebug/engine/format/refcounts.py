@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..errors import CorruptImage
+from ..file.image import Image
 from . import constants as C
-from .errors import CorruptImage
-from .image import Image
 
 _BIG = {3: np.dtype("u1"), 4: np.dtype(">u2"), 5: np.dtype(">u4"), 6: np.dtype(">u8")}
 

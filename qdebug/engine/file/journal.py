@@ -35,7 +35,7 @@ import zlib
 from array import array
 from dataclasses import dataclass, field
 
-from .errors import QcowError
+from ..errors import QcowError
 
 JOURNAL_SUFFIX = ".qdebug-journal"
 _MAGIC = b"QDBGJRNL"

@@ -14,10 +14,10 @@ import re
 import stat
 from dataclasses import dataclass, field
 
-from .compression import decompress, descriptor_fields
-from .errors import BackingError, CorruptImage, InvalidEntry, QcowError
+from ..errors import BackingError, CorruptImage, InvalidEntry, QcowError
+from ..format.compression import decompress, descriptor_fields
+from ..format.subclusters import SubclusterType as T
 from .image import Image, open_image
-from .subclusters import SubclusterType as T
 
 MAX_CHAIN_DEPTH = 64
 _PROTOCOL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
@@ -85,7 +85,7 @@ class Chain:
     # ---- reads ---------------------------------------------------------------------------------
     def resolve(self, start: int, end: int, *, for_map: bool = False):
         """Guest range -> resolved pieces (see status.resolve)."""
-        from .status import layer_runs, resolve  # numpy's whole-table machinery: only when asked
+        from ..read.status import layer_runs, resolve  # numpy's whole-table machinery: only when asked
 
         runs = [layer_runs(layer, start, end, seek_holes=for_map) for layer in self.layers]
         return resolve(runs, [layer.size for layer in self.layers], start, end)
@@ -96,7 +96,7 @@ class Chain:
         if offset >= end:
             return b""
         out = bytearray(end - offset)
-        from .status import RAW_DATA
+        from ..read.status import RAW_DATA
 
         p = self.resolve(offset, end)
         for i in range(len(p.start)):

@@ -10,8 +10,8 @@ import zlib
 
 import zstandard
 
+from ..errors import CorruptImage
 from . import constants as C
-from .errors import CorruptImage
 
 
 def descriptor_fields(word0: int, cluster_bits: int) -> tuple[int, int]:

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import os
 
-from . import constants as C
+from ..errors import QcowError
+from ..file.image import open_image
+from ..format import constants as C
+from ..format.header import build_header
 from .allocator import Allocator
-from .errors import QcowError
-from .header import build_header
-from .image import open_image
 from .txn import Txn
 
 COMPRESSION_TYPES = {"zlib": C.QCOW2_COMPRESSION_TYPE_ZLIB, "zstd": C.QCOW2_COMPRESSION_TYPE_ZSTD}

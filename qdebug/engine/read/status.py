@@ -16,9 +16,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import constants as C
-from .errors import QcowError
-from .subclusters import SubclusterType as T
+from ..errors import QcowError
+from ..format import constants as C
+from ..format.subclusters import SubclusterType as T
 
 # Raw-file kinds, numbered after QEMU's subcluster types.
 RAW_DATA = 7

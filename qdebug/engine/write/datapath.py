@@ -14,13 +14,22 @@ from __future__ import annotations
 
 from typing import Callable, Final
 
-from . import constants as C
-from . import guestview
-from .planner import CowSource, L2MetaPlan, Request
-from .subclusters import (COMPRESSED, INVALID, NORMAL, UNALLOCATED_ALLOC, ZERO_ALLOC, clz32, ctz32,
-                          subcluster_range_type, subcluster_type)
-from .guestview import Segment
-from .tables import StepContext
+from ..format import constants as C
+from ..format.subclusters import (
+    COMPRESSED,
+    INVALID,
+    NORMAL,
+    UNALLOCATED_ALLOC,
+    ZERO_ALLOC,
+    clz32,
+    ctz32,
+    subcluster_range_type,
+    subcluster_type,
+)
+from ..read import guestview
+from ..read.guestview import Segment
+from .context import StepContext
+from .plan import CowSource, L2MetaPlan, Request
 from .txn import Fill
 
 MAX_REQUEST: Final = (1 << 31) - 512  # BDRV_REQUEST_MAX_BYTES rounded down to a 512-byte multiple

@@ -6,9 +6,9 @@ then discard_in_l2_slice's v3 rule: with a backing file or an allocated cluster 
 
 from __future__ import annotations
 
-from . import constants as C
+from ..format import constants as C
 from .blocklayer import block_piece
-from .tables import StepContext
+from .context import StepContext
 
 
 def discard(ctx: StepContext, offset: int, nbytes: int) -> None:

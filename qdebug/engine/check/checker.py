@@ -19,10 +19,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import constants as C
-from .errors import CorruptImage, QcowError
-from .image import Image
-from .refcounts import unpack_refcounts
+from ..errors import CorruptImage, QcowError
+from ..file.image import Image
+from ..format import constants as C
+from ..format.refcounts import unpack_refcounts
 
 # Keys in the order qemu-img prints them (its QDict bucket order), "findings" last.
 JSON_KEYS = ("image-end-offset", "compressed-clusters", "total-clusters", "corruptions", "corruptions-fixed",

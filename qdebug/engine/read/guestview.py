@@ -13,12 +13,19 @@ import os
 import struct
 from typing import Callable, Final
 
-from . import constants as C
-from .chain import Chain, RawFile
-from .image import Image
-from .compression import decompress, descriptor_fields
-from .subclusters import COMPRESSED, INVALID, NORMAL, UNALLOCATED_ALLOC, UNALLOCATED_PLAIN, subcluster_range_type
-from .tables import StepContext
+from ..file.chain import Chain, RawFile
+from ..file.image import Image
+from ..format import constants as C
+from ..format.compression import decompress, descriptor_fields
+from ..format.subclusters import (
+    COMPRESSED,
+    INVALID,
+    NORMAL,
+    UNALLOCATED_ALLOC,
+    UNALLOCATED_PLAIN,
+    subcluster_range_type,
+)
+from ..write.context import StepContext
 
 RAW_DATA: Final = 7
 RAW_HOLE: Final = 8

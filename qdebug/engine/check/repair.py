@@ -19,10 +19,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import constants as C
-from .check import CheckReport, Finding, _Ctx, check_image
-from .errors import QcowError
-from .refcounts import pack_refcounts
+from ..errors import QcowError
+from ..format import constants as C
+from ..format.refcounts import pack_refcounts
+from .checker import CheckReport, Finding, _Ctx, check_image
 
 POLICIES = ("keep-data", "zero", "unallocate")
 _U64 = np.uint64
@@ -147,7 +147,7 @@ class _Planner:
 
     # -- guest previews
     def _backing_read(self, off: int, n: int) -> bytes:
-        from .chain import Chain
+        from ..file.chain import Chain
 
         if len(self.chain.layers) < 2:
             return bytes(n)
@@ -595,8 +595,8 @@ def apply_repair(chain, plan: RepairPlan, *, journal=None) -> int:
 
     The image is locked like a QEMU writer for the duration; any failure rolls the step back.
     """
-    from .journal import Journal
-    from .locking import lock_chain, release_all
+    from ..file.journal import Journal
+    from ..file.locking import lock_chain, release_all
 
     img = chain.top
     if not img.writable:

@@ -7,13 +7,13 @@ writing real zeros of the whole piece through the data path, as QEMU 7.2 does.
 
 from __future__ import annotations
 
-from . import constants as C
-from . import guestview
+from ..format import constants as C
+from ..format.subclusters import INVALID, UNALLOCATED_ALLOC, UNALLOCATED_PLAIN, ZERO_ALLOC, ZERO_PLAIN, subcluster_type
+from ..format.subclusters import SubclusterType as T
+from ..read import guestview
 from .blocklayer import block_piece
+from .context import StepContext
 from .datapath import pwrite
-from .subclusters import (INVALID, UNALLOCATED_ALLOC, UNALLOCATED_PLAIN, ZERO_ALLOC, ZERO_PLAIN, SubclusterType as T,
-                          subcluster_type)
-from .tables import StepContext
 
 MAX_BOUNCE = 32768 << 9  # MAX_BOUNCE_BUFFER: the fallback writes at most 16 MiB at a time
 

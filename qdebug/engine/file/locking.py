@@ -15,8 +15,8 @@ import fcntl
 import os
 import struct
 
-from . import constants as C
-from .errors import QcowError
+from ..errors import QcowError
+from ..format import constants as C
 
 F_OFD_GETLK = getattr(fcntl, "F_OFD_GETLK", 36)
 F_OFD_SETLK = getattr(fcntl, "F_OFD_SETLK", 37)

@@ -9,8 +9,8 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, field, replace
 
+from ..errors import CorruptImage, NotQcow2, UnsupportedFeature
 from . import constants as C
-from .errors import CorruptImage, NotQcow2, UnsupportedFeature
 
 _V2 = struct.Struct(">IIQIIQIIQQIIQ")  # up to and including snapshots_offset: 72 bytes
 _V3 = struct.Struct(">QQQII")  # features, refcount_order, header_length: 32 bytes

@@ -19,18 +19,18 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import constants as C
+from ..errors import CorruptImage, QcowError
+from ..file.chain import Chain
+from ..format import constants as C
 from .allocator import Allocator, AllocatorState
-from .chain import Chain
 from .compressed import hazard_for, write_compressed
+from .context import Geometry, StepContext, StepFailed
 from .datapath import pwrite
 from .discard import discard
-from .errors import CorruptImage, QcowError
-from .planner import ClusterChange, Hazard, Request, WritePlan
-from .tables import Geometry, StepContext, StepFailed
+from .ops import Command
+from .plan import ClusterChange, Hazard, Request, WritePlan
 from .txn import PAGE, HostWrite, Txn
 from .zeroes import write_zeroes
-from ..trace.commands import Command
 
 _FILLS: dict[int, memoryview] = {}  # pattern byte -> a 64 KiB run of it, never copied
 _RUN = 64 << 10

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from . import constants as C
-from .compression import compress, make_descriptor
+from ..format import constants as C
+from ..format.compression import compress, make_descriptor
+from .context import StepContext, StepFailed
 from .datapath import pwrite
-from .planner import Hazard
-from .tables import StepContext, StepFailed
+from .plan import Hazard
 
 
 @lru_cache(maxsize=64)
