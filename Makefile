@@ -40,7 +40,10 @@ qemu:
 	  echo "CI=true and qemu-img is missing: refusing to skip the differential tests"; exit 1; fi
 	@command -v qemu-img >/dev/null 2>&1 && qemu-img --version | head -1 || true
 
+# lint-imports: the layering contracts in pyproject.toml (engine below trace below tui/cli, and
+# inside the engine format < file < read < write < check).
 test: install qemu
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -n 2 $(PYTEST_ARGS)
 
 demo: install

@@ -18,6 +18,7 @@ from ..engine.format import constants as C
 from ..engine.format.compression import descriptor_fields
 from ..engine.format.subclusters import SubclusterType as T
 from ..engine.format.subclusters import bitmap_string, classify, cluster_flags, type_counts
+from ..engine.read.guest import read_guest, resolve_chain
 from ..engine.read.status import IS_DATA, RAW_DATA, RAW_HOLE
 from ..engine.read.summary import iter_l2_batches, l2_table_offsets
 from .iolock import ImageIOLock, reads_image
@@ -186,7 +187,7 @@ class ImageModel:
         cs = self.cluster_size
         start = first * cs
         end = min((first + n) * cs, self.chain.size)
-        p = self.chain.resolve(start, end)
+        p = resolve_chain(self.chain, start, end)
         starts = start + np.arange(n * spc, dtype=np.int64) * (cs // spc)
         j = np.clip(np.searchsorted(p.start, np.minimum(starts, end - 1), side="right") - 1, 0, len(p.start) - 1)
         kind = p.kind[j]
@@ -233,7 +234,7 @@ class ImageModel:
         end = min(start + scs, chain.size)
         if start >= end:
             return SubclusterBytes(start, b"", ())
-        p = chain.resolve(start, end)
+        p = resolve_chain(chain, start, end)
         out = bytearray(end - start)
         sources = []
         for k in range(len(p.start)):
@@ -257,7 +258,7 @@ class ImageModel:
                     f"zeros: past the end of the backing file at depth {d + 1}"
                 reads = READS_ZERO
             if reads == READS_DATA:
-                out[s - start:e - start] = chain.read(s, e - s)
+                out[s - start:e - start] = read_guest(chain, s, e - s)
             sources.append(Source(s, e, d, reads, label))
         return SubclusterBytes(start, bytes(out), tuple(sources))
 

@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from tests.engine.corruptions import CORRUPTIONS, SHAPES, corrupt, make_shape
+from tests.engine.corruptions import CORRUPTIONS, corrupt, make_shape
 from tests.qemu import QEMU_IMG, qemu_check
 
 pytestmark = pytest.mark.qemu
@@ -79,7 +79,6 @@ def test_check_json_human_and_exit_code(shapes, name, tmp_path):
 @pytest.mark.parametrize("shape", ["ext64k", "std64k", "ext32k-snap"])
 def test_check_repair_like_qemu(shapes, shape, name, mode, tmp_path):
     from qdebug.engine.check.repair import check_repair
-
     from qdebug.engine.errors import QcowError
     from qdebug.engine.file.chain import open_chain
 

@@ -16,7 +16,7 @@ import pytest
 
 from qdebug.cli import main
 from qdebug.engine.file.journal import journal_path
-from tests.engine.test_locking import QemuIoHolder, locked_bytes
+from tests.engine.file.test_locking import QemuIoHolder, locked_bytes
 from tests.qemu import QEMU_IO, create, qemu_check, qemu_img, qemu_io
 from tests.trace.random_traces import random_trace, strip_comments
 
@@ -186,7 +186,7 @@ def test_replay_matches_qemu_io(tmp_path, qemu, seed, backing):
 def test_replay_writes_metadata_back_in_bounded_windows(tmp_path, qemu, monkeypatch):
     """Held-back metadata is flushed whenever it passes the limit (memory stays bounded on long
     traces), and at `flush` lines; the image is the same as qemu-io's either way."""
-    import qdebug.cli_write as cli_write
+    import qdebug.cli.write as cli_write
     from qdebug.engine.write.writer import WriteEngine
 
     flushes = []
@@ -212,7 +212,7 @@ def test_replay_writes_metadata_back_in_bounded_windows(tmp_path, qemu, monkeypa
 def test_replay_bounds_the_journal_of_a_window_of_in_place_rewrites(tmp_path, qemu, monkeypatch):
     """Rewriting allocated clusters holds no metadata back, but every first overwrite of a byte in a
     window is journaled (crash rollback): the window also ends when its journal passes a bound."""
-    import qdebug.cli_write as cli_write
+    import qdebug.cli.write as cli_write
     from qdebug.engine.file.journal import Journal
 
     sizes = []

@@ -4,7 +4,6 @@ compare, metadata byte for byte: same L1, L2 tables, refcount structures and hos
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 
@@ -15,7 +14,7 @@ from qdebug.engine.file.image import open_image
 from qdebug.engine.format import constants as C
 from qdebug.engine.write.writer import WriteEngine
 from qdebug.trace.commands import parse_line
-from tests.qemu import QEMU_IMG, QEMU_IO, qemu_img, require_qemu
+from tests.qemu import QEMU_IMG, QEMU_IO, require_qemu
 
 # The engine mode qdebug_process uses; the `engine_mode` fixture runs a test in both.
 MODE = {"writeback": False}

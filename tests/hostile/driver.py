@@ -178,7 +178,7 @@ def commands_for_case(img: str, has_backing: bool, seed: int) -> list[list[str]]
 
 def read_only_commands(img: str, has_backing: bool) -> list[list[str]]:
     """Every read-only command and output form that exists in this checkout, for one image."""
-    from qdebug.cli import build_parser
+    from qdebug.cli.main import build_parser
 
     size = min(_virtual_size(img), 1 << 62) // 512 * 512  # offsets stay inside qemu-io's number range
     n = min(size, 1 << 20)
@@ -331,9 +331,21 @@ def run_job(job: dict, stream=sys.stdout) -> None:
         if log:
             with open(log, "a") as f:
                 f.write(json.dumps({k: rec[k] for k in ("base", "seed", "mutations", "problems")}) + "\n")
-    ru = resource.getrusage(resource.RUSAGE_SELF)
-    stream.write(json.dumps({"done": True, "maxrss_kib": ru.ru_maxrss}) + "\n")
+    stream.write(json.dumps({"done": True, "maxrss_kib": peak_rss_kib()}) + "\n")
     stream.flush()
+
+
+def peak_rss_kib() -> int:
+    """This process's own peak RSS (VmHWM). Not getrusage's ru_maxrss: Linux keeps that across
+    exec, so a driver started by a pytest worker that once held 1.4 GB would report 1.4 GB."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
 def spawn(job: dict, deadline: float) -> tuple[list[dict], dict]:

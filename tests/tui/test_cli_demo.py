@@ -9,6 +9,7 @@ import pytest
 
 from qdebug import cli
 from qdebug.demo import INVALID_CLUSTER, INVALID_SUBCLUSTER, build_demo
+from qdebug.engine.read.guest import read_guest
 from tests.qemu import qemu_img, qemu_io
 
 
@@ -98,6 +99,6 @@ def test_demo_trace_replays_like_qemu(tmp_path, qemu, step):
             await app.workers.wait_for_complete()
             await pilot.pause()
             assert app.bench.position == step
-            return b"".join(app.chain.read(o, n) for o, n in TOUCHED)
+            return b"".join(read_guest(app.chain, o, n) for o, n in TOUCHED)
 
     assert asyncio.run(run()) == qemu_bytes(ref)

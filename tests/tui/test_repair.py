@@ -103,7 +103,6 @@ async def test_steps_and_repairs_share_one_undo_stack(demo):
 async def test_check_in_a_child_process_reports_what_the_engine_does(demo):
     """Large images are checked in a spawned child (no GIL shared with the UI); same report."""
     from qdebug.engine.check.checker import check_image
-
     from qdebug.engine.file.image import open_image
 
     seen = []

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 
 from qdebug.engine.file.chain import open_chain
+from qdebug.engine.read.guest import read_guest
 from qdebug.engine.write.writer import WriteEngine
 from qdebug.trace.commands import parse_trace
 from qdebug.tui.app import make_app
@@ -41,14 +42,14 @@ async def test_step_forward_then_back_restores_the_bytes(demo):
         scratch = app.bench.session.path
         assert scratch != demo["image"]
         after_one = digest(scratch)
-        guest_one = app.chain.read(0, 1 << 20)
+        guest_one = read_guest(app.chain, 0, 1 << 20)
         assert guest_one[5 * 1024:8 * 1024] == b"\x5a" * 3072
         await pilot.press("n")
         await settle(app, pilot)
         assert digest(scratch) != after_one
         await pilot.press("p")
         await settle(app, pilot)
-        assert digest(scratch) == after_one and app.chain.read(0, 1 << 20) == guest_one
+        assert digest(scratch) == after_one and read_guest(app.chain, 0, 1 << 20) == guest_one
         await pilot.press("left_square_bracket")
         await settle(app, pilot)
         assert digest(scratch) == original  # every step undone: the scratch copy is the image again

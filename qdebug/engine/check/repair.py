@@ -148,10 +148,11 @@ class _Planner:
     # -- guest previews
     def _backing_read(self, off: int, n: int) -> bytes:
         from ..file.chain import Chain
+        from ..read.guest import read_guest
 
         if len(self.chain.layers) < 2:
             return bytes(n)
-        data = Chain(self.chain.layers[1:]).read(off, n)
+        data = read_guest(Chain(self.chain.layers[1:]), off, n)
         return data + bytes(n - len(data))
 
     def _sc_bytes(self, host: int, bm: int, sc: int, guest: int, n: int) -> bytes | str:

@@ -1,4 +1,4 @@
-"""The backing chain: opening it as QEMU does, and guest reads through it.
+"""The backing chain: opening it as QEMU does (guest reads through it are `engine.read.guest`).
 
 Relative backing names are resolved against the overlay's directory (QEMU's path_combine). A
 missing format is probed as QEMU 7.2 does (qcow2 magic, else raw) and reported in `warnings`.
@@ -14,9 +14,7 @@ import re
 import stat
 from dataclasses import dataclass, field
 
-from ..errors import BackingError, CorruptImage, InvalidEntry, QcowError
-from ..format.compression import decompress, descriptor_fields
-from ..format.subclusters import SubclusterType as T
+from ..errors import BackingError, QcowError
 from .image import Image, open_image
 
 MAX_CHAIN_DEPTH = 64
@@ -81,58 +79,6 @@ class Chain:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-    # ---- reads ---------------------------------------------------------------------------------
-    def resolve(self, start: int, end: int, *, for_map: bool = False):
-        """Guest range -> resolved pieces (see status.resolve)."""
-        from ..read.status import layer_runs, resolve  # numpy's whole-table machinery: only when asked
-
-        runs = [layer_runs(layer, start, end, seek_holes=for_map) for layer in self.layers]
-        return resolve(runs, [layer.size for layer in self.layers], start, end)
-
-    def read(self, offset: int, length: int) -> bytes:
-        """Guest bytes [offset, offset+length), clamped to the virtual size, exactly as QEMU reads them."""
-        end = min(offset + length, self.size)
-        if offset >= end:
-            return b""
-        out = bytearray(end - offset)
-        from ..read.status import RAW_DATA
-
-        p = self.resolve(offset, end)
-        for i in range(len(p.start)):
-            s, e, kind, depth = int(p.start[i]), int(p.end[i]), int(p.kind[i]), int(p.depth[i])
-            if kind == T.NORMAL or kind == RAW_DATA:
-                host = int(p.host[i])
-                layer = self.layers[depth]
-                out[s - offset:e - offset] = layer.pread(host, e - s)
-            elif kind == T.COMPRESSED:
-                data = self.read_compressed(depth, int(p.host[i]), s)
-                cs = self.layers[depth].cluster_size
-                base = s - s % cs
-                out[s - offset:e - offset] = data[s - base:e - base]
-            elif kind == T.INVALID:
-                raise self.invalid_entry_error(depth, s)
-            # zero kinds, unallocated past the chain: already zeros
-        return bytes(out)
-
-    def read_compressed(self, depth: int, word0: int, guest_offset: int) -> bytes:
-        img: Image = self.layers[depth]  # type: ignore[assignment]
-        host, nbytes = descriptor_fields(word0, img.cluster_bits)
-        cluster = guest_offset >> img.cluster_bits
-        where = f"{img.path}: compressed cluster at guest 0x{cluster << img.cluster_bits:x} (host 0x{host:x})"
-        if host >= img.file_size:
-            raise CorruptImage(f"{where} lies past the end of the file")
-        # QEMU reads the descriptor's sectors; bytes past EOF read as zero.
-        return decompress(img.pread(host, nbytes), img.cluster_size, img.header.compression_type, where)
-
-    def invalid_entry_error(self, depth: int, guest_offset: int) -> InvalidEntry:
-        img: Image = self.layers[depth]  # type: ignore[assignment]
-        cluster = guest_offset >> img.cluster_bits
-        _w0, _bm, l2_off, l2_index = img.l2_entry(cluster)
-        return InvalidEntry(
-            f"{img.path}: invalid cluster entry found (L2 offset: 0x{l2_off:x}, L2 index: 0x{l2_index:x}) "
-            f"at guest offset 0x{cluster << img.cluster_bits:x}",
-            l2_off, l2_index)
 
 
 def show_name(name: str, limit: int = 80) -> str:
@@ -212,9 +158,3 @@ def open_chain(path: str, *, writable: bool = False, no_backing: bool = False,
         chain.close()
         raise
     return chain
-
-
-def runs_summary(runs: "Runs") -> list[tuple[int, int, int, int]]:
-    """Plain tuples of a Runs object, for debugging and tests."""
-    return [(int(a), int(b), int(k), int(h)) for a, b, k, h in zip(runs.start, runs.end, runs.kind, runs.host)]
-

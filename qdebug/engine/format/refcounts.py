@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..errors import CorruptImage
-from ..file.image import Image
 from . import constants as C
 
 _BIG = {3: np.dtype("u1"), 4: np.dtype(">u2"), 5: np.dtype(">u4"), 6: np.dtype(">u8")}
@@ -48,44 +46,3 @@ def unpack_refcounts(buf: bytes, order: int) -> np.ndarray:
     raw = np.frombuffer(buf, dtype=np.uint8)
     shifts = np.arange(8 // bits, dtype=np.uint8) * bits
     return ((raw[:, None] >> shifts) & ((1 << bits) - 1)).reshape(-1).astype(np.uint64)
-
-
-def refblock_offset(img: Image, cluster_index: int) -> int:
-    """Host offset of the refcount block covering `cluster_index`, 0 if none exists."""
-    block = cluster_index // img.header.refcount_block_entries
-    table = img.reftable
-    if block >= len(table):
-        return 0
-    return int(table[block]) & C.REFT_OFFSET_MASK
-
-
-def get_refcount(img: Image, cluster_index: int) -> int:
-    """Refcount of a host cluster; 0 beyond the refcount table or in a missing block (as QEMU)."""
-    return img.refcount(cluster_index)
-
-
-def entry_location(img: Image, cluster_index: int) -> tuple[int, int, int]:
-    """(byte offset in the file, bit shift inside that byte, bytes) of one refcount entry."""
-    h = img.header
-    block_off = refblock_offset(img, cluster_index)
-    if not block_off:
-        raise CorruptImage(f"no refcount block covers host cluster {cluster_index} (0x{cluster_index * h.cluster_size:x})")
-    idx = cluster_index % h.refcount_block_entries
-    bits = h.refcount_bits
-    if bits >= 8:
-        return block_off + idx * (bits // 8), 0, bits // 8
-    return block_off + idx * bits // 8, (idx * bits) % 8, 1
-
-
-def set_refcount(img: Image, cluster_index: int, value: int) -> None:
-    """Set one refcount entry in place (its refcount block must exist)."""
-    bits = img.header.refcount_bits
-    if not 0 <= value < (1 << bits):
-        raise ValueError(f"refcount {value} does not fit in {bits} bits")
-    off, shift, nbytes = entry_location(img, cluster_index)
-    if bits >= 8:
-        img.pwrite(off, value.to_bytes(nbytes, "big"))
-        return
-    mask = ((1 << bits) - 1) << shift
-    old = img.pread(off, 1)[0]
-    img.pwrite(off, bytes([(old & ~mask) | (value << shift)]))

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import struct
-from typing import Callable, Final
+from typing import Callable, Final, Protocol
 
 from ..file.chain import Chain, RawFile
 from ..file.image import Image
@@ -25,12 +25,20 @@ from ..format.subclusters import (
     UNALLOCATED_PLAIN,
     subcluster_range_type,
 )
-from ..write.context import StepContext
+from .guest import invalid_entry
 
 RAW_DATA: Final = 7
 RAW_HOLE: Final = 8
 PAST_END: Final = 9
 Segment = tuple[int, int, int, int, int]  # guest start, end, kind, depth, host
+
+
+class TopEntries(Protocol):
+    """The top layer's L2 entries as a running write step sees them (its own changes included)."""
+
+    def entry(self, guest_cluster: int) -> tuple[int, int]: ...
+
+
 _QQ = struct.Struct(">QQ")
 _Q = struct.Struct(">Q")
 
@@ -79,11 +87,11 @@ def _layer_entry(img: Image, guest_cluster: int, g: _Geometry) -> tuple[int, int
     return _Q.unpack_from(img.mm, off)[0], 0
 
 
-def segments(chain: Chain, top: StepContext | None, start: int, end: int,
+def segments(chain: Chain, top: TopEntries | None, start: int, end: int,
              depth: int = 0, out: list[Segment] | None = None) -> list[Segment]:
     """[(start, end, kind, depth, host)] for the guest range; kind is a SubclusterType, RAW_DATA,
     RAW_HOLE (only when asked via raw_holes) or PAST_END. host: byte offset in that layer
-    (for COMPRESSED: the L2 descriptor). `top`: the step whose L2 entries the top layer has."""
+    (for COMPRESSED: the L2 descriptor). `top`: the running step, whose L2 entries the top layer has."""
     if out is None:
         out = []
     layers = chain.layers
@@ -186,5 +194,5 @@ def read(chain: Chain, segs: list[Segment], start: int, end: int, cache: dict[tu
             base = s & ~(img.cluster_size - 1)
             out[s - start:e - start] = data[s - base:e - base]
         elif kind == INVALID:
-            raise chain.invalid_entry_error(depth, s)
+            raise invalid_entry(chain, depth, s)
     return bytes(out)

@@ -13,8 +13,8 @@ from typing import Iterator
 
 import numpy as np
 
-from ..errors import InvalidEntry
 from ..format.subclusters import SubclusterType as T
+from .guest import invalid_entry
 from .status import _HOST_KINDS, DECISIVE, IS_DATA, IS_ZERO, QuietMap, resolve_layers
 
 DEFAULT_CHUNK = 1 << 32  # guest bytes resolved per step, at least
@@ -82,7 +82,7 @@ def map_extents(chain, start: int = 0, end: int | None = None, chunk: int | None
         p = resolve_layers(chain.layers, pos, stop, seek_holes=True)
         bad = np.flatnonzero(p.kind == T.INVALID)
         if len(bad):
-            raise chain.invalid_entry_error(int(p.depth[bad[0]]), int(p.start[bad[0]]))
+            raise invalid_entry(chain, int(p.depth[bad[0]]), int(p.start[bad[0]]))
         k = p.kind
         present = DECISIVE[k]
         e = Extents(p.start, p.end - p.start, p.depth, present, IS_ZERO[k] | ~present, IS_DATA[k],

@@ -8,7 +8,6 @@ from __future__ import annotations
 import struct
 from typing import Callable
 
-from ..errors import CorruptImage
 from ..file.chain import Chain
 from ..format import constants as C
 from ..format.subclusters import bitmap_string

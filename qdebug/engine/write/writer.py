@@ -22,6 +22,7 @@ import numpy as np
 from ..errors import CorruptImage, QcowError
 from ..file.chain import Chain
 from ..format import constants as C
+from ..read.guest import read_guest
 from .allocator import Allocator, AllocatorState
 from .compressed import hazard_for, write_compressed
 from .context import Geometry, StepContext, StepFailed
@@ -252,7 +253,7 @@ class WriteEngine:
         if cmd.op == "read":
             if cmd.pattern is None or self._simulating:
                 return None
-            data = self.chain.read(cmd.offset, cmd.length)
+            data = read_guest(self.chain, cmd.offset, cmd.length)
             bad = np.flatnonzero(np.frombuffer(data, dtype=np.uint8) != cmd.pattern)
             if len(bad):
                 return f"Pattern verification failed at offset {cmd.offset}, {cmd.length} bytes"

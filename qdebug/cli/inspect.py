@@ -1,45 +1,18 @@
-"""`qdebug` command line: thin views over engine objects, text or JSON, qemu-img-like exit codes.
-
-Every error a user can cause ends as one line on stderr and a non-zero exit; Textual is imported
-only by the commands that open the TUI, so the other commands start fast.
-"""
+"""`qdebug info | map | read`: seeing an image, as qemu-img info / map and qemu-io read show it."""
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import sys
 
-from .engine.errors import QcowError
-
-EXIT_ERROR = 1
-EXIT_INTERNAL = 70
-
-
-def _size(text: str) -> int:
-    from .trace.syntax import SyntaxProblem, parse_size
-
-    try:
-        return parse_size(text)
-    except SyntaxProblem as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
+from ..engine.errors import QcowError
+from .common import human_size, one_line, size_arg
+from .common import warn as _warn
 
 
-def human_size(n: int) -> str:
-    units = ["B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"]
-    v = float(n)
-    for u in units:
-        if v < 1024 or u == units[-1]:
-            return f"{n} B" if u == "B" else f"{v:.3g} {u}"
-        v /= 1024
-    return f"{n} B"
-
-
-# ---- info ---------------------------------------------------------------------------------------
 def cmd_info(args) -> int:
-    from .engine.file.chain import open_chain
-    from .engine.read.summary import info_record
+    from ..engine.file.chain import open_chain
+    from ..engine.read.summary import info_record
 
     with open_chain(args.image, no_backing=args.no_backing) as chain:
         rec = info_record(chain)
@@ -97,8 +70,8 @@ def cmd_info(args) -> int:
 
 # ---- map ------------------------------------------------------------------------------------------
 def cmd_map(args) -> int:
-    from .engine.file.chain import open_chain
-    from .engine.read.mapping import map_extents, write_json
+    from ..engine.file.chain import open_chain
+    from ..engine.read.mapping import map_extents, write_json
 
     out = sys.stdout
     with open_chain(args.image, no_backing=args.no_backing) as chain:
@@ -127,9 +100,9 @@ def _map_subclusters(chain, out, output: str) -> int:
     """Each allocated cluster's L2 entry and bitmap string, streamed."""
     import numpy as np
 
-    from .engine.format import constants as C
-    from .engine.format.subclusters import bitmap_strings, classify
-    from .engine.read.summary import iter_l2_batches
+    from ..engine.format import constants as C
+    from ..engine.format.subclusters import bitmap_strings, classify
+    from ..engine.read.summary import iter_l2_batches
 
     img = chain.top
     h = img.header
@@ -163,8 +136,8 @@ def _map_subclusters(chain, out, output: str) -> int:
 
 def _refuse_tables_past_eof(img) -> None:
     """The bitmap listing must not silently skip an L2 table it cannot read."""
-    from .engine.errors import CorruptImage
-    from .engine.read.summary import l2_table_offsets
+    from ..engine.errors import CorruptImage
+    from ..engine.read.summary import l2_table_offsets
 
     t = l2_table_offsets(img)
     h = img.header
@@ -176,7 +149,8 @@ def _refuse_tables_past_eof(img) -> None:
 
 # ---- read -------------------------------------------------------------------------------------------
 def cmd_read(args) -> int:
-    from .engine.file.chain import open_chain
+    from ..engine.file.chain import open_chain
+    from ..engine.read.guest import read_guest
 
     offset, length = args.offset, args.length
     with open_chain(args.image, no_backing=args.no_backing) as chain:
@@ -189,7 +163,7 @@ def cmd_read(args) -> int:
             pos = offset
             while pos < offset + length:
                 n = min(step, offset + length - pos)
-                sink.write(chain.read(pos, n))
+                sink.write(read_guest(chain, pos, n))
                 pos += n
         finally:
             if args.output:
@@ -199,23 +173,7 @@ def cmd_read(args) -> int:
     return 0
 
 
-def _warn(warnings) -> None:
-    for w in warnings:
-        print(f"qdebug: warning: {one_line(w)}", file=sys.stderr)
-
-
-def one_line(text: str) -> str:
-    """Messages quote names taken from the image (backing names may hold newlines or escapes):
-    keep the promise of one line per message, whatever the name."""
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
-
-
-# ---- parser ---------------------------------------------------------------------------------------
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="qdebug", description="Debugger for qcow2 images with subclusters.")
-    p.add_argument("--version", action="version", version=f"qdebug {__import__('qdebug').__version__}")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND")
-
+def register(sub) -> None:
     def common(sp):
         sp.add_argument("image", metavar="IMAGE")
         sp.add_argument("--no-backing", action="store_true", help="inspect this layer alone, ignoring its backing file")
@@ -233,68 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("read", help="guest bytes, raw, to stdout or a file")
     common(sp)
-    sp.add_argument("offset", type=_size, metavar="OFFSET")
-    sp.add_argument("length", type=_size, metavar="LENGTH")
+    sp.add_argument("offset", type=size_arg, metavar="OFFSET")
+    sp.add_argument("length", type=size_arg, metavar="LENGTH")
     sp.add_argument("-o", "--output", metavar="FILE", help="write to FILE instead of stdout")
     sp.set_defaults(func=cmd_read)
-
-    _register_more(sub)
-    return p
-
-
-def _register_more(sub) -> None:
-    """Subcommands from other modules (write side, check, TUI) register here."""
-    import importlib
-
-    for mod in ("qdebug.cli_write", "qdebug.cli_check", "qdebug.cli_tui"):
-        try:
-            m = importlib.import_module(mod)
-        except ModuleNotFoundError as e:
-            if e.name == mod:
-                continue
-            raise
-        m.register(sub)
-
-
-def main(argv: list[str] | None = None) -> int:
-    # numpy's OpenBLAS starts a busy thread per core at import (~0.1 s of CPU at start, and it
-    # competes with the one that works); qdebug does no linear algebra
-    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-    parser = build_parser()
-    exiting = argv is None  # called as the program (console script or -m), not from Python
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and os.path.isfile(argv[0]) and argv[0] not in parser._subparsers._group_actions[0].choices:
-        argv = ["tui", *argv]  # `qdebug IMAGE [--trace T]` opens the debugger
-    args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return 2
-    try:
-        return args.func(args)
-    except QcowError as e:
-        print(f"qdebug: error: {one_line(str(e))}", file=sys.stderr)
-        return EXIT_ERROR
-    except BrokenPipeError:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return EXIT_ERROR
-    except KeyboardInterrupt:
-        print("qdebug: interrupted", file=sys.stderr)
-        return 130
-    except MemoryError:
-        print("qdebug: error: out of memory", file=sys.stderr)
-        return EXIT_ERROR
-    except Exception as e:  # noqa: BLE001 - the promise is one line, never a traceback
-        if os.environ.get("QDEBUG_DEBUG"):
-            raise
-        print(f"qdebug: internal error: {type(e).__name__}: {e} (set QDEBUG_DEBUG=1 for a traceback)",
-              file=sys.stderr)
-        return EXIT_INTERNAL
-    finally:
-        if exiting:  # the interpreter's last collection would walk every object numpy made (~30 ms)
-            import gc
-
-            gc.freeze()
-
-
-if __name__ == "__main__":
-    sys.exit(main())

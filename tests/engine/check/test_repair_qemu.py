@@ -8,11 +8,12 @@ import os
 import shutil
 
 import pytest
+
 from qdebug.engine.check.checker import check_image
 from qdebug.engine.check.repair import plan_repair, repair_image
-
 from qdebug.engine.file.chain import open_chain
 from qdebug.engine.file.journal import undo
+from qdebug.engine.read.guest import read_guest
 from tests.engine.corruptions import SHAPES, corrupt, make_shape
 from tests.qemu import convert_raw, qemu_check, qemu_img, qemu_io
 
@@ -122,7 +123,7 @@ def test_policies_on_both_bits(shapes, tmp_path, policy, expect):
     assert plan2.to_json() == plan.to_json()
     assert after.exit_code == 0 and qemu_check(path)[0] == 0
     with open_chain(path) as chain:
-        got = chain.read(change.start, change.length)
+        got = read_guest(chain, change.start, change.length)
     if expect == "zero":
         assert got == bytes(change.length)
     elif expect == "backing":

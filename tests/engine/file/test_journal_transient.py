@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from qdebug.engine.file.image import open_image
 from qdebug.engine.file.journal import Journal, journal_path
-from tests.engine.test_journal import CS, digest, image  # noqa: F401  (image: a fixture)
+from tests.engine.file.test_journal import CS, digest, image  # noqa: F401  (image: a fixture)
 
 writes = st.lists(st.tuples(st.integers(4096, 8 * CS), st.integers(1, 2 * CS), st.integers(0, 255)),
                   min_size=1, max_size=5)

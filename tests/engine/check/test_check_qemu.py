@@ -9,8 +9,8 @@ import shutil
 import struct
 
 import pytest
-from qdebug.engine.check.checker import JSON_KEYS, check_image
 
+from qdebug.engine.check.checker import JSON_KEYS, check_image
 from qdebug.engine.file.image import open_image
 from tests.engine.corruptions import CORRUPTIONS, SHAPES, Layout, corrupt, make_shape
 from tests.qemu import qemu_check
@@ -128,6 +128,7 @@ def test_sparse_entries_are_the_non_zero_entries():
     """The sparse path's search (8 mask bytes at a time) finds exactly the entries with a non-zero
     word, with their words, for extended and standard L2 tables."""
     import numpy as np
+
     from qdebug.engine.check.checker import _sparse_entries
 
     class Ctx:  # the geometry _sparse_entries reads

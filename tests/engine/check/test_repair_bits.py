@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 from hypothesis import given
 from hypothesis import strategies as st
-from qdebug.engine.check.repair import POLICIES, repaired_bitmap
 
+from qdebug.engine.check.repair import POLICIES, repaired_bitmap
 from qdebug.engine.format import constants as C
 from qdebug.engine.format.subclusters import SubclusterType as T
 from qdebug.engine.format.subclusters import classify

@@ -13,7 +13,7 @@ import pytest
 from qdebug.engine.file.image import open_image
 from qdebug.engine.format import constants as C
 from tests.engine.harness import qdebug_process, qemu_process
-from tests.engine.test_vectors import _ALL, _make, _setup
+from tests.engine.write.test_vectors import _ALL, _make, _setup
 from tests.qemu import QEMU_IO
 
 pytestmark = pytest.mark.qemu

@@ -1,0 +1,37 @@
+"""What every `qdebug` command shares: number arguments, one-line messages, warnings on stderr."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def size_arg(text: str) -> int:
+    """An argparse type: qemu-io's number syntax (`4k`, `0x800`, `1M`)."""
+    from ..trace.syntax import SyntaxProblem, parse_size
+
+    try:
+        return parse_size(text)
+    except SyntaxProblem as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def human_size(n: int) -> str:
+    units = ["B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"]
+    v = float(n)
+    for u in units:
+        if v < 1024 or u == units[-1]:
+            return f"{n} B" if u == "B" else f"{v:.3g} {u}"
+        v /= 1024
+    return f"{n} B"
+
+
+def one_line(text: str) -> str:
+    """Messages quote names taken from the image (backing names may hold newlines or escapes):
+    keep the promise of one line per message, whatever the name."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def warn(warnings) -> None:
+    for w in warnings:
+        print(f"qdebug: warning: {one_line(w)}", file=sys.stderr)

@@ -1,0 +1,76 @@
+"""`qdebug tui IMAGE` and `qdebug demo`: the entry points of the Textual app.
+
+Textual is imported only here, inside the commands, so `qdebug info` and friends start fast.
+"""
+
+from __future__ import annotations
+
+import os
+
+from ..engine.errors import QcowError
+
+
+def cmd_tui(args) -> int:
+    if not os.path.exists(args.image):
+        raise QcowError(f"{args.image}: no such file")
+    if args.trace and not os.path.exists(args.trace):
+        raise QcowError(f"{args.trace}: no such trace file")
+    from ..tui.app import make_app
+
+    app = make_app(args.image, trace=args.trace, write=args.write, keymap=load_keymap(args.keymap))
+    app.run()
+    return app.return_code or 0
+
+
+def load_keymap(path: str | None) -> dict[str, str] | None:
+    """A keymap file: lines `binding-id = keys` (ids are listed by `?` in the app)."""
+    path = path or os.environ.get("QDEBUG_KEYMAP")
+    if not path:
+        return None
+    keymap = {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                line = line.split("#", 1)[0].strip()
+                if not line:
+                    continue
+                bid, sep, keys = line.partition("=")
+                if not sep or not bid.strip() or not keys.strip():
+                    raise QcowError(f"{path}:{n}: expected 'binding-id = keys'")
+                keymap[bid.strip()] = keys.strip()
+    except OSError as e:
+        raise QcowError(f"{path}: {e.strerror}") from None
+    return keymap
+
+
+def cmd_demo(args) -> int:
+    from ..demo import build_demo
+
+    if args.build_only:
+        paths = build_demo(args.build_only)
+        for key, value in paths.items():
+            print(f"{key}: {value}")
+        return 0
+    import tempfile
+
+    from ..tui.app import make_app
+
+    with tempfile.TemporaryDirectory(prefix="qdebug-demo-") as tmp:
+        paths = build_demo(tmp)
+        app = make_app(paths["image"], trace=paths["trace"], write=False, keymap=load_keymap(None))
+        app.run()
+        return app.return_code or 0
+
+
+def register(sub) -> None:
+    sp = sub.add_parser("tui", help="open the interactive debugger on an image (also: qdebug IMAGE)")
+    sp.add_argument("image", metavar="IMAGE")
+    sp.add_argument("--trace", metavar="TRACE", help="qemu-io command file to step through")
+    sp.add_argument("--write", action="store_true",
+                    help="step and repair the image itself (default: a scratch copy; the image stays untouched)")
+    sp.add_argument("--keymap", metavar="FILE", help="binding-id = keys lines (default: $QDEBUG_KEYMAP)")
+    sp.set_defaults(func=cmd_tui)
+
+    sp = sub.add_parser("demo", help="build a demo image, backing file and trace, and open the debugger on them")
+    sp.add_argument("--build-only", metavar="DIR", help="only build the demo files into DIR and print their paths")
+    sp.set_defaults(func=cmd_demo)
