@@ -50,9 +50,9 @@ def _run(image: str, lines: list[str]) -> None:
         engine = WriteEngine(chain)
         for n, line in enumerate(lines, 1):
             cmd = parse_line(line, n)
-            result = engine.execute(cmd)
-            if getattr(result, "error", None):
-                raise RuntimeError(f"demo: {line}: {result.error}")
+            rec = engine.run(cmd, n)
+            if rec.error:
+                raise RuntimeError(f"demo: {line}: {rec.error}")
 
 
 def poke_invalid(image: str, cluster: int, subcluster: int) -> None:

@@ -27,10 +27,11 @@ MANIFEST = OUT / "manifest.json"
 # (header, image, chain, check...) are dominated by numpy and system calls: compiling them gains
 # nothing. Compiled modules and pure ones must not mix (a compiled caller expects the compiled
 # class), so either all of these load compiled or none does.
-MODULES = ("engine.format.constants", "engine.format.subclusters", "engine.write.blocklayer", "trace.syntax",
-           "engine.write.ops", "trace.commands", "engine.write.plan", "engine.write.txn", "engine.write.allocator",
-           "engine.write.context", "engine.read.guestview", "engine.write.datapath", "engine.write.zeroes",
-           "engine.write.discard", "engine.write.compressed", "engine.write.writer")
+MODULES = ("engine.format.constants", "engine.format.subclusters", "engine.format.geometry", "engine.write.blocklayer",
+           "trace.syntax", "engine.write.ops", "trace.commands", "engine.write.plan", "engine.write.txn",
+           "engine.write.allocator", "engine.read.guestview", "engine.write.step", "engine.write.context",
+           "engine.write.datapath", "engine.write.zeroes", "engine.write.discard", "engine.write.compressed",
+           "engine.write.writer")
 GROUP = "qdebug_engine"
 
 _usable: bool | None = None  # the build matches the sources (checked once per process)

@@ -53,12 +53,11 @@ def _replay(tmp_path, name: str, image_src: str, trace: str, pure: bool, *extra:
         d.write(s.read())
     log = str(tmp_path / f"{name}.jsonl")
     env = {**os.environ, "QDEBUG_NATIVE": "0" if pure else "1"}
-    p = subprocess.run([sys.executable, "-m", "qdebug.cli", "replay", "--keep-going", "--log", log, *extra, image, trace],
+    p = subprocess.run([sys.executable, "-m", "qdebug.cli", "replay", "--keep-going", "--log", log, "--log-plans", *extra,
+                        image, trace],
                        capture_output=True, env=env)
     assert p.returncode in (0, 1), p.stderr.decode()[-2000:]
     steps = [json.loads(line) for line in open(log)]
-    for s in steps:
-        s.pop("seconds")
     with open(image, "rb") as f:
         return f.read(), steps
 

@@ -115,45 +115,17 @@ def _parse_command_arg(text: str, source: str):
     return cmd
 
 
-def _refuse_writes(offset: int, length: int) -> None:
-    raise QcowError(f"planning must not write (offset 0x{offset:x}); this is a bug in qdebug")
-
-
-def _open_for_planning(image: str):
-    """A reader's locks (like `qemu-io -r`) and a guard that refuses every write: planning writes nothing.
-
-    Adapter: WriteEngine wants its top image opened writable even to plan, so the file is opened
-    read-write, but only a reader's locks are taken and a write hook makes any write an error.
-    """
-    from ..engine.file.chain import open_chain
-    from ..engine.file.locking import lock_chain
-
-    chain = open_chain(image, writable=True)
-    try:
-        chain.top.write_hooks.append(_refuse_writes)
-        locks = lock_chain(chain, write=False)
-    except BaseException:
-        chain.close()
-        raise
-    return chain, locks
-
-
 def cmd_plan(args) -> int:
-    from ..engine.file.locking import release_all
-    from ..engine.write.writer import WriteEngine
-    from ..trace.session import to_jsonable
+    from ..trace.replay import Replay, ReplayMode
 
     cmd = _parse_command_arg(args.command, "plan")
-    if cmd.op not in ("write", "discard"):
+    if not cmd.changes_image:
         raise QcowError(f"plan: {cmd.op} does not change the image; plan a write or discard")
-    chain, locks = _open_for_planning(args.image)
-    try:
-        plan = WriteEngine(chain).plan(cmd)
-    finally:
-        release_all(locks)
-        chain.close()
+    with Replay(args.image, mode=ReplayMode.DRY_RUN) as replay:  # read-only, a reader's locks
+        plan = replay.preview(cmd)
+    assert plan is not None
     if args.output == "json":
-        print(json.dumps(to_jsonable(plan), indent=2))
+        print(json.dumps(plan.to_json(), indent=2))
     else:
         print(plan.to_text())
     return 0
@@ -207,93 +179,37 @@ def _trace_lines(path: str):
     return f, total
 
 
-WRITEBACK_LIMIT = 32 << 20  # metadata held back before a flush (QEMU's default L2 cache is 32 MiB)
-# before-images of overwritten data one window may journal (a trace of in-place rewrites holds no
-# metadata back, but each first overwrite of a byte in a window is journaled)
-WINDOW_JOURNAL_LIMIT = 256 << 20
-
-
-def _window_meta(source: str, index: int) -> dict:
-    """A write-back window's journal step: it starts before the command at `index`."""
-    return {"index": index, "command": f"replay {source}: commands from #{index} until the next flush"}
-
-
-def _end_window(engine, journal) -> None:
-    """Write the held-back metadata and close the window's journal step; if that fails, the
-    window is rolled back as a whole (the image as at the previous flush)."""
-    try:
-        engine.flush()
-        journal.commit()
-    except BaseException:
-        engine.abandon()  # no write may land after the rollback
-        journal.abort()
-        raise
-
-
-def _quiet_gc() -> None:
-    """A step makes a few hundred short-lived objects and no lasting cycles: the collector's
-    passes over everything loaded (numpy, the image's tables) were ~5% of a long replay. The
-    objects alive now are frozen out of its sight and it runs less often."""
-    import gc
-
-    gc.freeze()
-    gc.set_threshold(20000, 50, 1000)
-
-
 def cmd_replay(args) -> int:
-    from ..engine.file.chain import open_chain
-    from ..engine.file.journal import Journal, journal_steps
-    from ..engine.file.locking import check_chain_writable, lock_chain, release_all
-    from ..engine.write.writer import WriteEngine
     from ..trace.commands import parse_line
-    from ..trace.session import StepRecord, command_text, run_step
+    from ..trace.replay import Replay, ReplayMode, quiet_gc
     from ..trace.syntax import SyntaxProblem
 
     source = "<stdin>" if args.trace == "-" else args.trace
     lines, total = _trace_lines(args.trace)
     log = None
-    chain = None
-    locks: list = []
-    journal = None
     failures = 0
-    steps = 0
     progress = _Progress(total)
+    mode = ReplayMode.DRY_RUN if args.dry_run else ReplayMode.JOURNALED if args.journal else ReplayMode.WRITE_BACK
+
+    def fail(where: str, message: str) -> None:
+        nonlocal failures
+        failures += 1
+        if not args.keep_going:
+            raise QcowError(f"{where}: {message}")
+        print(f"qdebug: error: {where}: {message}", file=sys.stderr)
+
     try:
         if args.log:
             try:
                 log = open(args.log, "w", encoding="utf-8")
             except OSError as e:
                 raise QcowError(f"{args.log}: cannot write the step log: {e.strerror}") from None
-        if args.dry_run:
-            chain, locks = _open_for_planning(args.image)
-        else:
-            chain = open_chain(args.image, writable=True)
-            locks = lock_chain(chain, write=True)
-            check_chain_writable(chain)
-            earlier = any(s.committed for s in journal_steps(args.image))
-            if earlier and not args.journal:
-                print(f"qdebug: note: {args.image} has an undo journal; journaling this replay too",
-                      file=sys.stderr)
-            journal = Journal(chain.top, durable=args.journal, keep=args.journal or earlier)
-            if journal.recovered:
-                print(f"qdebug: note: {args.image}: rolled back a step an earlier run left unfinished",
-                      file=sys.stderr)
-        # Without per-step undo, metadata is held back and written in bulk (QEMU's writeback cache),
-        # one journal step per flush window: a crash rolls back to the last flush.
-        writeback = journal is not None and not journal.keep
-        engine = WriteEngine(chain, writeback=writeback)
-        _quiet_gc()
-
-        def fail(where: str, message: str) -> None:
-            nonlocal failures
-            failures += 1
-            if not args.keep_going:
-                raise QcowError(f"{where}: {message}")
-            print(f"qdebug: error: {where}: {message}", file=sys.stderr)
-
-        if writeback:
-            journal.begin(_window_meta(source, 0))
-        try:
+        with Replay(args.image, mode=mode, durable=args.journal, source=source, history=False,
+                    timing=args.log_timing) as replay:
+            for note in replay.notes:
+                print(f"qdebug: note: {note}", file=sys.stderr)
+            quiet_gc()
+            step = replay.step
             for lineno, line in enumerate(lines, 1):
                 try:
                     cmd = parse_line(line, lineno)
@@ -302,38 +218,19 @@ def cmd_replay(args) -> int:
                     continue
                 if cmd is None:
                     continue
-                if args.dry_run:  # the plan of this step after the earlier ones, the image untouched
-                    t0 = time.perf_counter()
-                    result = engine.simulate(cmd)
-                    if log:
-                        rec = StepRecord(steps, cmd, result, time.perf_counter() - t0, error=result.error)
-                else:
-                    rec = run_step(engine, None if writeback else journal, cmd, steps)
-                    result = rec.result
+                rec = step(cmd)
+                assert rec is not None
                 if log:
-                    log.write(json.dumps(rec.to_json()) + "\n")
-                for h in result.hazards:
-                    print(f"qdebug: {source}:{lineno}: {command_text(cmd)}: {hazard_text(h)}", file=sys.stderr)
-                steps += 1
-                if writeback and (cmd.op == "flush" or engine.dirty_bytes > WRITEBACK_LIMIT
-                                  or journal.step_bytes > WINDOW_JOURNAL_LIMIT):
-                    _end_window(engine, journal)
-                    journal.begin(_window_meta(source, steps))
-                if result.error:
-                    fail(f"{source}:{lineno}", f"{command_text(cmd)}: {result.error}")
-                progress.update(steps)
-            progress.update(steps, force=True)
-        finally:
-            if writeback and journal.in_step:
-                # Every step that finished is kept (a step that broke took itself back out).
-                _end_window(engine, journal)
+                    log.write(json.dumps(rec.to_json(plan=args.log_plans, timing=args.log_timing)) + "\n")
+                for h in rec.hazards:
+                    print(f"qdebug: {source}:{rec.command.lineno}: {rec.command.source_text}: {hazard_text(h)}",
+                          file=sys.stderr)
+                if rec.error:
+                    fail(f"{source}:{rec.command.lineno}", f"{rec.command.source_text}: {rec.error}")
+                progress.update(rec.index + 1)
+            progress.update(replay.steps_run, force=True)
     finally:
         progress.done()
-        if journal is not None:
-            journal.close()
-        release_all(locks)
-        if chain is not None:
-            chain.close()
         if log is not None:
             log.close()
         if lines is not sys.stdin:
@@ -392,7 +289,13 @@ def register(sub) -> None:
     sp = sub.add_parser("replay", help="apply a qemu-io trace exactly as QEMU 7.2 would")
     sp.add_argument("image", metavar="IMAGE")
     sp.add_argument("trace", metavar="TRACE", help="qemu-io commands, one per line ('-' reads stdin)")
-    sp.add_argument("--log", metavar="STEPS.jsonl", help="write one JSON object per step")
+    sp.add_argument("--log", metavar="STEPS.jsonl",
+                    help="write one JSON object per step (log-version 2: index, line, command, error, hazards, "
+                         "host-writes, clusters)")
+    sp.add_argument("--log-plans", action="store_true",
+                    help="log each step's whole plan (requests, L2Metas, COW sources...: the keys of "
+                         "`qdebug plan --output=json`); slower")
+    sp.add_argument("--log-timing", action="store_true", help="log each step's duration (seconds)")
     sp.add_argument("--dry-run", action="store_true",
                     help="plan every command as the replay would (each after the ones before); write nothing")
     sp.add_argument("--journal", action="store_true",

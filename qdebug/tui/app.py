@@ -20,18 +20,31 @@ from textual.css.query import NoMatches
 from textual.widgets import Footer, Header, ProgressBar, Static, TabbedContent, TabPane
 
 from ..engine.errors import QcowError
+from ..engine.write.plan import WritePlan
+from ..engine.write.step import StepRecord
 from .cluster_map import ClusterMap
 from .inspector import Inspector
 from .iolock import ImageIOLock
 from .lists import FindingsView, Timeline
-from .messages import CheckFinished, CountsReady, ImageOpened, Jumped, Progress, RepairApplied, RepairReady, StepChanged
+from .messages import (
+    CheckFinished,
+    CountsReady,
+    ImageOpened,
+    Jumped,
+    PlanPreviewed,
+    Progress,
+    RepairApplied,
+    RepairPlanned,
+    RepairReady,
+    StepChanged,
+)
 from .model import ImageModel
 from .palette import QDebugCommands
 from .panels import chain_content, counts_content, header_content
 from .plan_view import plan_clusters, plan_content
 from .rows import RowView
 from .screens import GotoScreen, HelpScreen, PathScreen
-from .workbench import Serial, Workbench
+from .workbench import RepairAction, Serial, StepAction, Workbench
 
 
 class QDebugApp(App):
@@ -122,11 +135,11 @@ class QDebugApp(App):
         if self.want_counts:
             self.set_timer(1.0, self.count_types)  # once the first screen is up: the scan competes for the GIL
         if self.bench.commands:
-            self.call_after_refresh(self.engine_job, self._open_session)  # so step 1's plan can be previewed
+            self.call_after_refresh(self.engine_job, self._open_replay)  # so step 1's plan can be previewed
 
-    def _open_session(self) -> None:
+    def _open_replay(self) -> None:
         try:
-            replaced = self.bench.ensure_session()
+            replaced = self.bench.ensure_replay()
         except QcowError as e:
             self.notify(str(e), severity="error")
             return
@@ -299,8 +312,8 @@ class QDebugApp(App):
             self.notify(str(e), severity="error")
             return
         self.query_one(Timeline).set_trace(self.bench.commands, self.bench.position)
+        self.engine_job(self._open_replay)
         self.show_plan()
-        self.engine_job(self._open_session)
         self.notify(f"{len(self.bench.commands)} commands from {os.path.basename(path)}: n steps, p undoes")
 
     def action_step(self, delta: int) -> None:
@@ -348,7 +361,7 @@ class QDebugApp(App):
                 if undone is None:
                     self.notify("nothing to undo")
                     return
-                changes = step_changes(undone.record, -1) if undone.kind == "step" else None
+                changes = step_changes(undone.record, -1) if isinstance(undone, StepAction) else None
             else:
                 what = f"replaying to step {position}"
                 self.post_message(Progress(what, 0.0))
@@ -357,7 +370,7 @@ class QDebugApp(App):
         except QcowError as e:
             self.post_message(Progress("", None))
             self.notify(str(e), severity="error")
-        if undone is not None and undone.kind == "repair":
+        if isinstance(undone, RepairAction):
             self.post_message(RepairApplied(undone.plan, undone=True))
             return
         self.post_message(StepChanged(bench.position, bench.last_record, changes))
@@ -370,7 +383,7 @@ class QDebugApp(App):
         target = clusters[0] if clusters and clusters[0] < self.model.nclusters else None
         self.image_changed(event.changes, show=target is None)
         errors = {a.record.index: a.record.error for a in self.bench.actions
-                  if a.kind == "step" and a.record.error}
+                  if isinstance(a, StepAction) and a.record.error}
         self.query_one(Timeline).set_position(event.position, errors)
         self.show_plan()
         rec = event.record
@@ -379,39 +392,48 @@ class QDebugApp(App):
         if target is not None:
             self.cluster_map.select(target)  # its SubclusterSelected refreshes the inspector
 
-    def bench_plan(self):
+    def bench_plan(self) -> WritePlan | None:
         """The plan the COW panel shows: the last applied step's (None at position 0)."""
         rec = self.bench.last_record
-        return getattr(getattr(rec, "result", None), "plan", None)
+        return rec.plan if rec is not None else None
 
-    def show_plan(self):
-        """The plan of the last applied step, or a preview of the next one at position 0."""
+    def show_plan(self) -> None:
+        """The plan of the last applied step; at position 0 a preview of the next one, planned by
+        an engine job (planning reads the image: never on the UI thread)."""
         bench = self.bench
         static = self.query_one("#plan", Static)
         if not bench.commands:
             static.update("no trace loaded (qdebug IMAGE --trace FILE, or o / ctrl+p: open trace)")
-            return None
+            return
         rec = bench.last_record
-        title = ""
         if rec is not None:
-            plan = getattr(rec.result, "plan", None)
             title = f"step {rec.index + 1} of {len(bench.commands)} (applied)"
-            if plan is None:
-                static.update(plan_content(None, 0, 1, title=f"{title}: {rec.command.text} (no writes)"))
-                return None
-        else:
-            try:
-                plan = bench.next_plan()
-            except QcowError as e:
-                static.update(str(e))
-                return None
-            title = "step 1, not applied yet (n applies it)"
-            if plan is None:
-                static.update(plan_content(None, 0, 1, title=title + ": its plan shows once the session is open"
-                                           if bench.session is None else title + ": no writes"))
-                return None
-        static.update(plan_content(plan, self.model.cluster_size, self.model.spc, title=title))
-        return plan
+            if not rec.changes_image:
+                title += f": {rec.command.source_text} (no writes)"
+            static.update(plan_content(rec.plan, self.model.cluster_size, self.model.spc, title=title))
+            return
+        static.update(plan_content(None, 0, 1, title="step 1, not applied yet: planning it…"))
+        self.engine_job(self._preview)
+
+    def _preview(self) -> None:
+        """Engine job: the next command's plan, posted as a frozen WritePlan."""
+        try:
+            plan = self.bench.next_plan()
+        except QcowError as e:
+            self.post_message(PlanPreviewed(None, str(e)))
+            return
+        self.post_message(PlanPreviewed(plan, None if self.bench.replay is not None else "the session is not open"))
+
+    @on(PlanPreviewed)
+    def _previewed(self, event: PlanPreviewed) -> None:
+        if self.bench.position:
+            return  # a step landed since: its plan is shown
+        static = self.query_one("#plan", Static)
+        title = "step 1, not applied yet (n applies it)"
+        if event.plan is None:
+            static.update(plan_content(None, 0, 1, title=f"{title}: {event.problem or 'no writes'}"))
+            return
+        static.update(plan_content(event.plan, self.model.cluster_size, self.model.spc, title=title))
 
     # ---- check and repair ------------------------------------------------------------------
     def action_check(self) -> None:
@@ -480,9 +502,9 @@ class QDebugApp(App):
         self.engine_job(self._prepare_repair, cluster)
 
     def _prepare_repair(self, cluster: int) -> None:
-        """Open the session (repairs are written to it), check, then ask the screen for a plan."""
-        self._open_session()
-        if self.bench.session is None:
+        """Open the replay (repairs are written to it), check, then ask the screen for a plan."""
+        self._open_replay()
+        if self.bench.replay is None:
             return
         try:
             report = self._check(keep_references=True)
@@ -491,7 +513,7 @@ class QDebugApp(App):
             return
         per = self.chain.top.header.l2_entries
         entry = divmod(cluster, per)
-        mine = [f for f in report.findings if (f.l1_index, f.l2_index) == entry and f.snapshot is None]
+        mine = self.bench.entry_findings(report, *entry)
         self.post_message(CheckFinished(report, quiet=True))
         self.post_message(RepairReady(report, [entry] if mine else None,
                                       f"cluster {cluster} (L1 {entry[0]}, L2 {entry[1]})"))
@@ -503,7 +525,21 @@ class QDebugApp(App):
         if not [f for f in event.report.findings if f.severity != "info"]:
             self.notify("check found nothing to repair")
             return
-        self.push_screen(RepairScreen(self.chain, event.report, event.entries, event.where), self.apply_repair)
+        self.push_screen(RepairScreen(event.report, event.entries, event.where, self.plan_repair), self.apply_repair)
+
+    def plan_repair(self, screen, report, policy, entries) -> None:
+        """The repair screen asks for a plan: made by an engine job (it reads the image), posted back."""
+        self.engine_job(self._plan_repair, screen, report, policy, entries)
+
+    def _plan_repair(self, screen, report, policy, entries) -> None:
+        from ..engine.check.repair import plan_repair
+
+        try:
+            plan = plan_repair(self.chain, report, policy=policy, entries=entries)
+        except QcowError as e:
+            self.notify(str(e), severity="error")
+            return
+        screen.post_message(RepairPlanned(plan, policy, entries))
 
     def apply_repair(self, plan) -> None:
         if plan is not None:
@@ -522,7 +558,7 @@ class QDebugApp(App):
         self.post_message(CheckFinished(self._check(), quiet=True))
 
     def action_undo_repair(self) -> None:
-        if not self.bench.actions or self.bench.actions[-1].kind != "repair":
+        if not self.bench.actions or not isinstance(self.bench.actions[-1], RepairAction):
             self.notify("the newest change is not a repair (p undoes steps)", severity="warning")
             return
         self.move(-1)
@@ -549,11 +585,10 @@ def throttled(fn, interval: float = 0.1):
     return call
 
 
-def step_changes(record, sign: int) -> list | None:
-    plan = getattr(getattr(record, "result", None), "plan", None)
+def step_changes(record: StepRecord | None, sign: int) -> list | None:
     if record is None:
         return None
-    return [(c, sign) for c in plan.clusters] if plan is not None else []
+    return [(c, sign) for c in record.plan.clusters]
 
 
 def make_app(image: str, *, trace: str | None = None, write: bool = False, **kw) -> QDebugApp:

@@ -4,6 +4,11 @@ from __future__ import annotations
 
 from textual.message import Message
 
+from ..engine.check.checker import CheckReport
+from ..engine.check.repair import RepairPlan
+from ..engine.write.plan import WritePlan
+from ..engine.write.step import StepRecord
+
 
 class ImageOpened(Message):
     def __init__(self, path: str, nclusters: int) -> None:
@@ -28,9 +33,9 @@ class Progress(Message):
 
 
 class StepChanged(Message):
-    """The session moved to `position` (0..N); `record` is the StepRecord of the last applied step."""
+    """The replay moved to `position` (0..N); `record` is the last applied step (None at 0)."""
 
-    def __init__(self, position: int, record, changes: list | None = None) -> None:
+    def __init__(self, position: int, record: StepRecord | None, changes: list | None = None) -> None:
         super().__init__()
         self.position = position
         self.record = record
@@ -38,8 +43,17 @@ class StepChanged(Message):
         self.changes = changes
 
 
+class PlanPreviewed(Message):
+    """The next command's plan (None: it writes nothing, or `problem` says why there is none)."""
+
+    def __init__(self, plan: WritePlan | None, problem: str | None) -> None:
+        super().__init__()
+        self.plan = plan
+        self.problem = problem
+
+
 class CheckFinished(Message):
-    def __init__(self, report, quiet: bool = False) -> None:
+    def __init__(self, report: CheckReport, quiet: bool = False) -> None:
         super().__init__()
         self.report = report
         self.quiet = quiet
@@ -48,15 +62,25 @@ class CheckFinished(Message):
 class RepairReady(Message):
     """A fresh CheckReport to plan a repair from; `entries` is the selected (L1, L2) entry or None (all)."""
 
-    def __init__(self, report, entries, where: str) -> None:
+    def __init__(self, report: CheckReport, entries: list[tuple[int, int]] | None, where: str) -> None:
         super().__init__()
         self.report = report
         self.entries = entries
         self.where = where
 
 
+class RepairPlanned(Message):
+    """A repair plan for the repair screen, made by an engine job for `policy` and `entries`."""
+
+    def __init__(self, plan: RepairPlan, policy: str, entries: list[tuple[int, int]] | None) -> None:
+        super().__init__()
+        self.plan = plan
+        self.policy = policy
+        self.entries = entries
+
+
 class RepairApplied(Message):
-    def __init__(self, plan, undone: bool = False) -> None:
+    def __init__(self, plan: RepairPlan, undone: bool = False) -> None:
         super().__init__()
         self.plan = plan
         self.undone = undone

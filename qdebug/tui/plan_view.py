@@ -10,20 +10,21 @@ from __future__ import annotations
 
 from textual.content import Content
 
-SOURCE_STYLE = {"old cluster": "$success", "zeros": "$text-muted", "decompressed": "#c678dd"}
-KIND_STYLE = {"write": "$success", "zero": "$primary", "zero-fallback": "$primary", "discard": "$warning",
-              "compressed": "#c678dd"}
+from ..engine.write.plan import CowPiece, CowSource, RequestKind, WritePlan
+
+SOURCE_STYLE = {CowSource.OLD_CLUSTER: "$success", CowSource.ZEROS: "$text-muted", CowSource.DECOMPRESSED: "#c678dd",
+                CowSource.BACKING: "$warning", CowSource.BACKING_DECOMPRESSED: "$warning"}
+KIND_STYLE = {RequestKind.WRITE: "$success", RequestKind.ZERO: "$primary", RequestKind.ZERO_FALLBACK: "$primary",
+              RequestKind.DISCARD: "$warning", RequestKind.COMPRESSED: "#c678dd"}
 CHAR_STYLE = {"N": "$success", "0": "$primary", "-": "$text-muted", "C": "#c678dd", "!": "bold $text on $error"}
 LABEL = 10
 
 
-def source_style(source: str) -> str:
-    if source.startswith("backing"):
-        return "$warning"
-    return SOURCE_STYLE.get(source, "$text")
+def source_style(piece: CowPiece) -> str:
+    return SOURCE_STYLE[piece.source]
 
 
-def plan_clusters(plan, cluster_size: int) -> list[int]:
+def plan_clusters(plan: WritePlan, cluster_size: int) -> list[int]:
     """Guest clusters the plan touches: changed entries and every cluster a request covers."""
     clusters = {c.guest_cluster for c in plan.clusters}
     for r in plan.requests:
@@ -90,14 +91,14 @@ def _line(label: str, row: list, label_style: str = "$text-muted") -> Content:
     return Content.assemble((f"{label:<{LABEL}}", label_style), *row)
 
 
-def plan_content(plan, cluster_size: int, spc: int, *, title: str = "", max_clusters: int = 4) -> Content:
+def plan_content(plan: WritePlan | None, cluster_size: int, spc: int, *, title: str = "", max_clusters: int = 4) -> Content:
     if plan is None:
         return Content.styled(title or "no plan: read and flush do not write", "$text-muted")
     lines: list[Content] = []
     if title:
         lines.append(Content.styled(title, "$text-muted"))
     lines.append(Content.assemble(("command   ", "$text-muted"), (plan.command, "bold"),
-                                  (f"   line {plan.lineno}" if plan.lineno else "", "$text-muted")))
+                                  (f"   line {plan.line}" if plan.line else "", "$text-muted")))
     clusters = plan_clusters(plan, cluster_size)
     shown = clusters[:max_clusters]
     if shown:
@@ -112,8 +113,7 @@ def plan_content(plan, cluster_size: int, spc: int, *, title: str = "", max_clus
         after = {c.guest_cluster: c.bitmap_after for c in plan.clusters}
         lines.append(_line("before", sk.bitmap(before, None)))
         for r in plan.requests:
-            lines.append(_line(r.kind, sk.bar(r.guest_offset, r.length, KIND_STYLE.get(r.kind, "$text")),
-                               KIND_STYLE.get(r.kind, "$text")))
+            lines.append(_line(r.kind.value, sk.bar(r.guest_offset, r.length, KIND_STYLE[r.kind]), KIND_STYLE[r.kind]))
             for m in r.metas:
                 for name, (off, length) in (("cow_start", m.cow_start), ("cow_end", m.cow_end)):
                     if not length:
@@ -124,14 +124,14 @@ def plan_content(plan, cluster_size: int, spc: int, *, title: str = "", max_clus
                         if s is None:
                             lines.append(_line(name, sk.bar(start, length, "$text")))
                         else:
-                            lines.append(_line(name, sk.bar(s.guest_offset, s.length, source_style(s.source))
-                                               + [(f" {s.source}", source_style(s.source))]))
+                            lines.append(_line(name, sk.bar(s.guest_offset, s.length, source_style(s))
+                                               + [(f" {s.label}", source_style(s))]))
         lines.append(_line("after", sk.bitmap(after, before)))
         if len(clusters) > len(shown):
             lines.append(Content.styled(f"… and {len(clusters) - len(shown)} more clusters", "$text-muted"))
     for r in plan.requests:
         host = f" -> host 0x{r.host_offset:x}" if r.host_offset is not None else ""
-        lines.append(Content.assemble((f"{r.kind} ", KIND_STYLE.get(r.kind, "$text")),
+        lines.append(Content.assemble((f"{r.kind.value} ", KIND_STYLE[r.kind]),
                                       f"guest 0x{r.guest_offset:x}+0x{r.length:x}{host}",
                                       (f"  {r.outcome}" if r.outcome else "", "$text-muted")))
         for m in r.metas:
@@ -141,11 +141,11 @@ def plan_content(plan, cluster_size: int, spc: int, *, title: str = "", max_clus
                                           ("  skip_cow: QEMU zero-fills" if m.skip_cow else "", "$warning")))
             for s in m.sources:
                 lines.append(Content.assemble(("    COW ", "$text-muted"), f"0x{s.guest_offset:x}+0x{s.length:x} from ",
-                                              (s.source, source_style(s.source))))
-    for off, length, what in plan.allocations:
-        lines.append(Content.styled(f"allocate {what} host 0x{off:x}+0x{length:x}", "$text-muted"))
-    for off, length in plan.frees:
-        lines.append(Content.styled(f"free host 0x{off:x}+0x{length:x}", "$text-muted"))
+                                              (s.label, source_style(s))))
+    for a in plan.allocations:
+        lines.append(Content.styled(f"allocate {a.what} host 0x{a.offset:x}+0x{a.length:x}", "$text-muted"))
+    for f in plan.frees:
+        lines.append(Content.styled(f"free host 0x{f.offset:x}+0x{f.length:x}", "$text-muted"))
     for n in plan.notes:
         lines.append(Content.styled(f"note: {n}", "$text-muted"))
     for h in plan.hazards:

@@ -1,11 +1,14 @@
 """The repair modal: the findings of the selected entry (or all), a policy, and the engine's plan.
 
-Every policy change asks `plan_repair` again (it is pure); what the screen shows is the plan's own
-items: the finding, the action, the byte patches, and each guest range's before/after preview.
-Apply dismisses with the plan; the app writes it through the session's journal.
+Every policy change asks for a plan again: the app makes it in an engine job (planning reads the
+image, never on the UI thread) and posts it back (`RepairPlanned`). What the screen shows is the
+plan's own items: the finding, the action, the byte patches, and each guest range's before/after
+preview. Apply dismisses with the plan; the app writes it through the replay's journal.
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 from textual.app import ComposeResult
 from textual.binding import Binding
@@ -14,7 +17,8 @@ from textual.content import Content
 from textual.screen import ModalScreen
 from textual.widgets import Button, Label, RadioButton, RadioSet, Static
 
-from ..engine.check.repair import POLICIES, RepairPlan, plan_repair
+from ..engine.check.repair import POLICIES, RepairPlan
+from .messages import RepairPlanned
 
 POLICY_HELP = {
     "keep-data": "subclusters marked both allocated and zero keep their data",
@@ -56,10 +60,11 @@ class RepairScreen(ModalScreen[RepairPlan | None]):
         Binding("a", "scope", "All / selected", id="repair.scope"),
     ]
 
-    def __init__(self, chain, report, entries: list[tuple[int, int]] | None, where: str):
+    def __init__(self, report, entries: list[tuple[int, int]] | None, where: str,
+                 request_plan: Callable[["RepairScreen", object, str, list | None], None]):
         super().__init__()
-        self.chain = chain
         self.report = report
+        self.request_plan = request_plan
         self.selected_entries = entries
         self.where = where
         self.all = entries is None
@@ -86,8 +91,16 @@ class RepairScreen(ModalScreen[RepairPlan | None]):
         self.replan()
 
     def replan(self) -> None:
-        entries = None if self.all else self.selected_entries
-        self.plan = plan_repair(self.chain, self.report, policy=self.policy, entries=entries)
+        """Ask for the plan of the current policy and scope; the view updates when it arrives."""
+        self.plan = None
+        self.query_one("#repair-apply", Button).disabled = True
+        self.query_one("#repair-plan", Static).update(Content.styled("planning…", "$text-muted"))
+        self.request_plan(self, self.report, self.policy, None if self.all else self.selected_entries)
+
+    def on_repair_planned(self, event: RepairPlanned) -> None:
+        if event.policy != self.policy or event.entries != (None if self.all else self.selected_entries):
+            return  # an answer to an earlier choice
+        self.plan = event.plan
         scope = "all findings" if self.all or self.selected_entries is None else self.where
         self.query_one("#repair-scope", Label).update(
             Content.assemble(("scope: ", "$text-muted"), (scope, "bold"),

@@ -1,9 +1,10 @@
-"""The app's engine side, without Textual: the open chain, a lazily made Session, and one undo stack.
+"""The app's engine side, without Textual: the open chain, a lazily opened `Replay`, one undo stack.
 
-Steps (Session.step) and repairs (apply_repair) both land in the session's journal, in the order
+Steps (Replay.step) and repairs (apply_repair) both land in the replay's journal, in the order
 the user made them. `undo()` always takes back the newest, whichever it is, so the journal and the
-Session's record list never disagree. Read-only until something needs to write; then the Session
-opens a scratch copy (or the image itself with `write=True`).
+replay's record list never disagree. Read-only until something needs to write; then the Replay
+opens a scratch copy (or the image itself with `write=True`). Every method here runs engine work:
+the app calls them from its engine jobs, never on the UI thread.
 """
 
 from __future__ import annotations
@@ -13,8 +14,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable
 
+from ..engine.check.checker import CheckReport, Finding
+from ..engine.check.repair import RepairPlan
 from ..engine.errors import QcowError
-from ..engine.file.chain import open_chain
+from ..engine.file.chain import Chain, open_chain
+from ..engine.write.ops import Command
+from ..engine.write.plan import WritePlan
+from ..engine.write.step import StepRecord
+from ..trace.replay import Replay, ReplayMode
 
 
 class Serial:
@@ -45,34 +52,42 @@ class Serial:
 
 
 @dataclass(frozen=True)
-class Action:
-    kind: str  # 'step' | 'repair'
-    record: object = None  # StepRecord of a step
-    plan: object = None  # RepairPlan of a repair
+class StepAction:
+    """A trace step the user made (undone with Replay.back)."""
+
+    record: StepRecord
+
+
+@dataclass(frozen=True)
+class RepairAction:
+    """A repair the user applied (undone with one journal step)."""
+
+    plan: RepairPlan
+
+
+Action = StepAction | RepairAction
 
 
 class Workbench:
-    def __init__(self, image: str, *, write: bool = False, commands: list | None = None,
+    def __init__(self, image: str, *, write: bool = False, commands: list[Command] | None = None,
                  trace_path: str | None = None):
         self.image_path = image
         self.write = write
-        self.commands = list(commands or [])
+        self.commands: list[Command] = list(commands or [])
         self.trace_path = trace_path
-        self.session = None
-        self.chain = open_chain(image)
+        self.replay: Replay | None = None
+        self.chain: Chain = open_chain(image)
         self.actions: list[Action] = []
 
-    # ---- session -------------------------------------------------------------------------
-    def ensure_session(self) -> bool:
-        """Open the Session (scratch copy unless write); True if the chain was replaced."""
-        if self.session is not None:
+    # ---- replay ------------------------------------------------------------------------------
+    def ensure_replay(self) -> bool:
+        """Open the Replay (scratch copy unless write); True if the chain was replaced."""
+        if self.replay is not None:
             return False
-        from ..trace.session import Session
-
-        session = Session(self.image_path, self.commands, scratch=not self.write)
+        replay = Replay(self.image_path, self.commands, mode=ReplayMode.JOURNALED, scratch=not self.write)
         # The read-only chain stays open until the UI has swapped to the new one (close_replaced).
-        self.session = session
-        self.chain = session.chain
+        self.replay = replay
+        self.chain = replay.chain  # type: ignore[assignment]
         return True
 
     def load_trace(self, path: str) -> None:
@@ -86,41 +101,39 @@ class Workbench:
             raise QcowError(f"{path}: {e.strerror}") from None
         except SyntaxProblem as e:
             raise QcowError(str(e)) from None
-        if self.session is not None:
+        if self.replay is not None:
             if self.actions:
                 raise QcowError("undo every step and repair (p) before opening another trace")
-            self.session.commands = list(commands)
+            self.replay.commands = list(commands)
         self.commands = commands
         self.trace_path = path
 
     @property
     def scratch_path(self) -> str | None:
-        if self.session is None or self.write:
+        if self.replay is None or self.write:
             return None
-        return self.session.path
+        return self.replay.path
 
     @property
     def position(self) -> int:
-        return self.session.position if self.session is not None else 0
+        return self.replay.position if self.replay is not None else 0
 
     @property
-    def last_record(self):
-        if self.session is None or not self.session.records:
-            return None
-        return self.session.records[-1]
+    def last_record(self) -> StepRecord | None:
+        return self.replay.last if self.replay is not None else None
 
-    def next_plan(self):
-        """The engine's plan of the next command (pure), for a preview before stepping."""
-        if self.session is None:
+    def next_plan(self) -> WritePlan | None:
+        """The engine's plan of the next command (nothing changes), for a preview before stepping."""
+        if self.replay is None:
             return None
-        return self.session.plan()
+        return self.replay.preview()
 
-    # ---- moves ---------------------------------------------------------------------------
-    def step(self):
-        self.ensure_session()
-        rec = self.session.step()
+    # ---- moves -------------------------------------------------------------------------------
+    def step(self) -> StepRecord | None:
+        self.ensure_replay()
+        rec = self.replay.step()  # type: ignore[union-attr]
         if rec is not None:
-            self.actions.append(Action("step", record=rec))
+            self.actions.append(StepAction(rec))
         return rec
 
     def undo(self) -> Action | None:
@@ -128,15 +141,16 @@ class Workbench:
         if not self.actions:
             return None
         act = self.actions.pop()
-        if act.kind == "step":
-            self.session.back()
+        assert self.replay is not None and self.replay.journal is not None
+        if isinstance(act, StepAction):
+            self.replay.back()
         else:
-            self.session.journal.undo(1)
+            self.replay.journal.undo(1)
         return act
 
     def seek(self, n: int, progress: Callable[[int, int], None] | None = None) -> int:
-        """Step or undo until the session is at step n (repairs on the way are undone too)."""
-        self.ensure_session()
+        """Step or undo until the replay is at step n (repairs on the way are undone too)."""
+        self.ensure_replay()
         n = max(0, min(n, len(self.commands)))
         total = abs(n - self.position) or 1
         done = 0
@@ -153,25 +167,26 @@ class Workbench:
                 progress(done, total)
         return self.position
 
-    def apply_repair(self, plan) -> None:
+    @staticmethod
+    def entry_findings(report: CheckReport, l1_index: int, l2_index: int) -> list[Finding]:
+        """The active image's findings about one L2 entry (what `r` on a cluster repairs)."""
+        return [f for f in report.findings if (f.l1_index, f.l2_index) == (l1_index, l2_index) and f.snapshot is None]
+
+    def apply_repair(self, plan: RepairPlan) -> None:
         from ..engine.check.repair import apply_repair
 
-        self.ensure_session()
-        apply_repair(self.chain, plan, journal=self.session.journal)
-        self.actions.append(Action("repair", plan=plan))
-
-    def undo_repair(self) -> Action | None:
-        if self.actions and self.actions[-1].kind == "repair":
-            return self.undo()
-        return None
+        self.ensure_replay()
+        assert self.replay is not None
+        apply_repair(self.chain, plan, journal=self.replay.journal)
+        self.actions.append(RepairAction(plan))
 
     @staticmethod
-    def close_replaced(chain) -> None:
+    def close_replaced(chain: Chain) -> None:
         chain.close()
 
     def close(self) -> None:
-        if self.session is not None:
-            self.session.close()
-            self.session = None
+        if self.replay is not None:
+            self.replay.close()
+            self.replay = None
         else:
             self.chain.close()

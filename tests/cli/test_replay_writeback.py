@@ -154,9 +154,9 @@ def test_failed_read_check_stops_with_the_image_as_of_the_line_before(tmp_path, 
 def test_tiny_write_back_bound_flushes_almost_every_step(tmp_path, qemu, monkeypatch, cluster_size, refcount_bits):
     """With the held-back bound at one page the windows end after nearly every command (header and
     refcount table rewritten and read back between steps while the refcount table grows)."""
-    import qdebug.cli.write as cli_write
+    import qdebug.trace.replay as replay_module
 
-    monkeypatch.setattr(cli_write, "WRITEBACK_LIMIT", 4096)
+    monkeypatch.setattr(replay_module, "WRITEBACK_LIMIT", 4096)
     cs = {"512": 512, "1k": 1024, "64k": 65536}[cluster_size]
     size = 8 << 20
     lines = strip_comments(random_trace(cs + refcount_bits, 150, size, cluster_size=cs,

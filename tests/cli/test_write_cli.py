@@ -186,12 +186,12 @@ def test_replay_matches_qemu_io(tmp_path, qemu, seed, backing):
 def test_replay_writes_metadata_back_in_bounded_windows(tmp_path, qemu, monkeypatch):
     """Held-back metadata is flushed whenever it passes the limit (memory stays bounded on long
     traces), and at `flush` lines; the image is the same as qemu-io's either way."""
-    import qdebug.cli.write as cli_write
+    import qdebug.trace.replay as replay_module
     from qdebug.engine.write.writer import WriteEngine
 
     flushes = []
     real_flush = WriteEngine.flush
-    monkeypatch.setattr(cli_write, "WRITEBACK_LIMIT", 4096)
+    monkeypatch.setattr(replay_module, "WRITEBACK_LIMIT", 4096)
     monkeypatch.setattr(WriteEngine, "flush", lambda self: (flushes.append(self.dirty_bytes), real_flush(self)))
     lines = strip_comments(random_trace(11, 150, SIZE, mix=(("write", 50), ("zero", 20), ("discard", 10),
                                                             ("multi", 20))))
@@ -212,12 +212,12 @@ def test_replay_writes_metadata_back_in_bounded_windows(tmp_path, qemu, monkeypa
 def test_replay_bounds_the_journal_of_a_window_of_in_place_rewrites(tmp_path, qemu, monkeypatch):
     """Rewriting allocated clusters holds no metadata back, but every first overwrite of a byte in a
     window is journaled (crash rollback): the window also ends when its journal passes a bound."""
-    import qdebug.cli.write as cli_write
+    import qdebug.trace.replay as replay_module
     from qdebug.engine.file.journal import Journal
 
     sizes = []
     real_commit = Journal.commit
-    monkeypatch.setattr(cli_write, "WINDOW_JOURNAL_LIMIT", 256 << 10)
+    monkeypatch.setattr(replay_module, "WINDOW_JOURNAL_LIMIT", 256 << 10)
     monkeypatch.setattr(Journal, "commit", lambda self: (sizes.append(self.step_bytes), real_commit(self)))
     image = create(str(tmp_path / "a.qcow2"), SIZE)
     ref = create(str(tmp_path / "ref.qcow2"), SIZE)
@@ -246,7 +246,7 @@ def test_replay_from_stdin_with_log(tmp_path, qemu):
     assert [s["line"] for s in steps] == [3, 4, 5, 6, 7]
     assert steps[0]["command"] == "write -P 0x22 8k 4k"
     w = steps[0]
-    assert w["plan"] and w["host-writes"] and w["bitmaps"]["0"]["before"] != w["bitmaps"]["0"]["after"]
+    assert w["host-writes"] and w["clusters"][0]["before"] != w["clusters"][0]["after"] and "requests" not in w
     assert w["hazards"] == [] and w["error"] is None
 
 
@@ -370,13 +370,13 @@ def test_dry_run_writes_nothing_and_logs_plans(tmp_path, qemu):
     before = digest(image)
     log = str(tmp_path / "plans.jsonl")
     trace = write_trace(tmp_path / "t.trace", ["write -P 0x22 8k 4k", "discard 0 64k", "read 0 4k"])
-    p = qdebug("replay", "--dry-run", image, trace, "--log", log)
+    p = qdebug("replay", "--dry-run", image, trace, "--log", log, "--log-plans")
     assert p.returncode == 0, p.stderr
     assert digest(image) == before and not os.path.exists(journal_path(image))
     with open(log) as f:
         steps = [json.loads(line) for line in f]
     assert [s["line"] for s in steps] == [1, 2, 3]
-    assert steps[0]["plan"]["requests"] and steps[1]["plan"]["requests"] and not steps[2]["plan"]["requests"]
+    assert steps[0]["requests"] and steps[1]["requests"] and not steps[2]["requests"]
 
 
 # ---- journal and undo ------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import numpy as np
 from qdebug.engine.file.chain import open_chain
 from qdebug.engine.file.image import open_image
 from qdebug.engine.format import constants as C
+from qdebug.engine.write.txn import WriteMode
 from qdebug.engine.write.writer import WriteEngine
 from qdebug.trace.commands import parse_line
 from tests.qemu import QEMU_IMG, QEMU_IO, require_qemu
@@ -21,12 +22,12 @@ MODE = {"writeback": False}
 
 
 def qdebug_process(path: str, cmds: list[str]):
-    """All `cmds` through one WriteEngine (one 'process'); returns the StepResults. In write-back
+    """All `cmds` through one WriteEngine (one 'process'); returns the StepRecords. In write-back
     mode the metadata reaches the file at the end, as a replay's last flush does."""
     chain = open_chain(path, writable=True)
     try:
-        eng = WriteEngine(chain, writeback=MODE["writeback"])
-        results = [eng.execute(parse_line(c)) for c in cmds]
+        eng = WriteEngine(chain, WriteMode.WRITE_BACK if MODE["writeback"] else WriteMode.EXECUTE)
+        results = [eng.run(parse_line(c), i) for i, c in enumerate(cmds)]
         eng.flush()
         return results
     finally:

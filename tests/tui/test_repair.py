@@ -48,7 +48,7 @@ async def test_repair_changes_the_bitmap_as_the_engine_says_and_undo_restores(de
         assert screen.selected_entries == [(0, INVALID_CLUSTER)]
         w0, bitmap = l2_patch(plan)
         assert bitmap == before.bitmap & ~(1 << (32 + INVALID_SUBCLUSTER))  # keep-data: the zero bit goes
-        scratch = app.bench.session.path
+        scratch = app.bench.replay.path
         pre = digest(scratch)
         await pilot.press("enter")
         await settle(app, pilot)
@@ -91,10 +91,10 @@ async def test_steps_and_repairs_share_one_undo_stack(demo):
         await open_repair(app, pilot)
         await pilot.press("enter")
         await settle(app, pilot)
-        assert [a.kind for a in app.bench.actions] == ["step", "repair"]
+        assert [type(a).__name__ for a in app.bench.actions] == ["StepAction", "RepairAction"]
         await pilot.press("p")  # undoes the newest change: the repair
         await settle(app, pilot)
-        assert [a.kind for a in app.bench.actions] == ["step"] and app.model.entry(INVALID_CLUSTER).invalid
+        assert [type(a).__name__ for a in app.bench.actions] == ["StepAction"] and app.model.entry(INVALID_CLUSTER).invalid
         await pilot.press("p")
         await settle(app, pilot)
         assert app.bench.position == 0 and not app.bench.actions

@@ -39,7 +39,7 @@ async def test_step_forward_then_back_restores_the_bytes(demo):
     async with app.run_test(size=(120, 40), message_hook=seen.append) as pilot:
         await pilot.press("n")
         await settle(app, pilot)
-        scratch = app.bench.session.path
+        scratch = app.bench.replay.path
         assert scratch != demo["image"]
         after_one = digest(scratch)
         guest_one = read_guest(app.chain, 0, 1 << 20)
@@ -65,7 +65,7 @@ async def test_plan_panel_shows_the_engines_plan_across_two_clusters(demo):
         await pilot.press("n", "n")
         await settle(app, pilot)
         rec = app.bench.last_record
-        plan = rec.result.plan
+        plan = rec.plan
         assert rec.command == commands[1]
         text = plan_text(app)
         assert {c.guest_cluster for c in plan.clusters} == {0, 1}
@@ -76,7 +76,7 @@ async def test_plan_panel_shows_the_engines_plan_across_two_clusters(demo):
             assert f"guest 0x{r.guest_offset:x}+0x{r.length:x}" in text
             for m in r.metas:
                 for s in m.sources:
-                    assert f"COW 0x{s.guest_offset:x}+0x{s.length:x} from {s.source}" in text
+                    assert f"COW 0x{s.guest_offset:x}+0x{s.length:x} from {s.label}" in text
         assert "cow_start" in text and "cow_end" in text
         assert app.query_one(ClusterMap).cursor == 0  # the map shows the first cluster of the plan
 
@@ -95,7 +95,7 @@ async def test_the_plan_matches_a_fresh_engine_run(demo, tmp_path):
     async with app.run_test(size=(120, 40)) as pilot:
         await pilot.press("n")
         await settle(app, pilot)
-        shown = app.bench.last_record.result.plan
+        shown = app.bench.last_record.plan
         assert shown.requests == expected.requests and shown.clusters == expected.clusters
         for c in expected.clusters:
             assert c.bitmap_after in plan_text(app)
@@ -133,7 +133,7 @@ async def test_write_mode_steps_the_image_itself_and_undo_restores_it(demo):
     async with app.run_test(size=(120, 40)) as pilot:
         await pilot.press("n")
         await settle(app, pilot)
-        assert app.bench.session.path == demo["image"]
+        assert app.bench.replay.path == demo["image"]
         assert digest(demo["image"]) != original
         await pilot.press("p")
         await settle(app, pilot)
@@ -183,14 +183,14 @@ async def test_open_trace_from_the_app(demo):
     async with app.run_test(size=(120, 40)) as pilot:
         await pilot.press("n")  # nothing to step yet
         await settle(app, pilot)
-        assert app.bench.session is None
+        assert app.bench.replay is None
         await pilot.press("o")
         await pilot.pause()
         app.screen.query_one("#path-input").value = demo["trace"]
         await pilot.press("enter")
         await settle(app, pilot)
         assert app.query_one(Timeline).row_count == 9
-        assert app.bench.session is not None  # opened for the preview of step 1
+        assert app.bench.replay is not None  # opened for the preview of step 1
         assert "step 1, not applied yet" in plan_text(app) and "write -P 0x5a 5k 3k" in plan_text(app)
         await pilot.press("n")
         await settle(app, pilot)

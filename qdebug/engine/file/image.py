@@ -16,6 +16,7 @@ import numpy as np
 
 from ..errors import CorruptImage, QcowError, UnsupportedFeature
 from ..format import constants as C
+from ..format.geometry import Geometry
 from ..format.header import Header, parse_header
 
 _SNAP = struct.Struct(">QIHHIIQII")
@@ -95,6 +96,10 @@ class Image:
             self._validate_supported(allow_unsupported)
             self._l1_cache: np.ndarray | None = None
             self._reftable_cache: np.ndarray | None = None
+            # the header's layout constants (an attribute: the write path reads it per COW region)
+            self.geometry = Geometry(self.header, self.size)
+            # L1 entries the guest view has read from this image as a (read-only) backing file
+            self.backing_l1: dict[int, int] = {}
             # Called as hook(offset, length) before any byte of the file changes, and as
             # hook(new_size, -1) before the file is truncated: the undo journal listens here.
             self.write_hooks: list = []
@@ -211,6 +216,8 @@ class Image:
         self.header = parse_header(head, self.file_size)
         self._l1_cache = None
         self._reftable_cache = None
+        self.geometry = Geometry(self.header, self.size)
+        self.backing_l1 = {}
 
     def u64_view(self, offset: int, count: int, what: str) -> np.ndarray:
         """A big-endian u64 view of `count` entries at `offset`, or a CorruptImage naming `what`."""

@@ -217,6 +217,41 @@ def bitmap_string(word0: int, bitmap: int, *, extended: bool = True) -> str:
     return bitmap_strings(t)[0]
 
 
+_BYTE_CHARS: dict[tuple[int, int], str] = {}
+
+
+def _byte_chars(a: int, z: int, allocated: bool) -> str:
+    """8 subcluster characters for one byte of the allocation and zero halves (memoised)."""
+    key = (a | z << 8, allocated)
+    s = _BYTE_CHARS.get(key)
+    if s is None:
+        s = _BYTE_CHARS[key] = "".join("0" if z >> i & 1 else "N" if a >> i & 1 else "-" for i in range(8))
+    return s
+
+
+_STRINGS: dict[tuple[int, bool], str] = {}
+
+
+def fast_bitmap_string(word0: int, bitmap: int, ext: bool) -> str:
+    """Same text as bitmap_string, without numpy (memoised per bitmap: most repeat). For the write
+    path, which formats the bitmaps of a few clusters per step."""
+    if not ext or word0 & C.QCOW_OFLAG_COMPRESSED:
+        return bitmap_string(word0, bitmap, extended=ext)
+    allocated = bool(word0 & C.L2E_OFFSET_MASK)
+    key = (bitmap, allocated)
+    s = _STRINGS.get(key)
+    if s is not None:
+        return s
+    a, z = bitmap & 0xFFFFFFFF, bitmap >> 32
+    if (a & z) if allocated else a:
+        return bitmap_string(word0, bitmap, extended=True)
+    s = "_".join([_byte_chars(a >> k & 0xFF, z >> k & 0xFF, allocated) for k in (0, 8, 16, 24)])
+    if len(_STRINGS) > 65536:
+        _STRINGS.clear()
+    _STRINGS[key] = s
+    return s
+
+
 def parse_bitmap_string(s: str) -> tuple[int, int]:
     """(alloc half, zero half) from a `--0-NN-0_...` string (C and ! are rejected): for tests and plans."""
     s = s.replace("_", "")

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import os
 import struct
-from typing import Callable, Final, Protocol
+from typing import Callable, Final
 
 from ..file.chain import Chain, RawFile
 from ..file.image import Image
 from ..format import constants as C
 from ..format.compression import decompress, descriptor_fields
+from ..format.geometry import Geometry
 from ..format.subclusters import (
     COMPRESSED,
     INVALID,
@@ -33,48 +34,25 @@ PAST_END: Final = 9
 Segment = tuple[int, int, int, int, int]  # guest start, end, kind, depth, host
 
 
-class TopEntries(Protocol):
-    """The top layer's L2 entries as a running write step sees them (its own changes included)."""
+class TopEntries:
+    """The top layer's L2 entries as a running write step sees them (its own changes included).
+    A base class the write layer's step context implements (compiled, a call through a base class
+    is a direct call; through a Protocol it is a generic Python method call)."""
 
-    def entry(self, guest_cluster: int) -> tuple[int, int]: ...
+    def entry(self, guest_cluster: int) -> tuple[int, int]:
+        raise NotImplementedError
 
 
 _QQ = struct.Struct(">QQ")
 _Q = struct.Struct(">Q")
 
 
-class _Geometry:
-    """One layer's constants as the guest view needs them, kept on the layer until its header
-    changes: this runs for every COW region and property reads add up."""
-
-    def __init__(self, layer: Image):
-        h = self.header = layer.header
-        self.cbits: int = h.cluster_bits
-        self.cs: int = h.cluster_size
-        self.ext: bool = h.extended_l2
-        self.scb: int = h.subcluster_bits
-        self.size: int = layer.size  # as the block layer sees it
-        self.l2_entries: int = h.l2_entries
-        self.l1_size: int = h.l1_size
-        self.l1_offset: int = h.l1_table_offset
-        self.esize: int = h.l2_entry_size
-        self.l1: dict[int, int] = {}  # L1 entries read so far (backing files are only read)
-
-
-def _geometry(layer: Image) -> _Geometry:
-    g: _Geometry | None = getattr(layer, "_guestview_geometry", None)
-    if g is None or g.header is not layer.header:
-        g = _Geometry(layer)
-        setattr(layer, "_guestview_geometry", g)
-    return g
-
-
-def _layer_entry(img: Image, guest_cluster: int, g: _Geometry) -> tuple[int, int]:
+def _layer_entry(img: Image, guest_cluster: int, g: Geometry) -> tuple[int, int]:
     """A backing file's L2 entry (backing files are only read: their L1 entries are kept)."""
     l1_index, idx = guest_cluster // g.l2_entries, guest_cluster % g.l2_entries
     if l1_index >= g.l1_size:
         return 0, 0
-    l1 = g.l1
+    l1 = img.backing_l1
     l2_off = l1.get(l1_index)
     if l2_off is None:
         l2_off = l1[l1_index] = _Q.unpack_from(img.mm, g.l1_offset + 8 * l1_index)[0] & C.L1E_OFFSET_MASK
@@ -109,7 +87,7 @@ def segments(chain: Chain, top: TopEntries | None, start: int, end: int,
         else:
             out.append((start, end, RAW_DATA, depth, start))
         return out
-    g = _geometry(layer)
+    g = layer.geometry
     # The top layer is read through its driver (its L2 entries cover the whole last cluster);
     # a backing file is read through the block layer, which zero-fills past its end.
     if depth:
@@ -121,7 +99,7 @@ def segments(chain: Chain, top: TopEntries | None, start: int, end: int,
             segments(chain, top, start, lsize, depth, out)
             out.append((lsize, end, PAST_END, depth, 0))
             return out
-    cbits, cs, ext, scb = g.cbits, g.cs, g.ext, g.scb
+    cbits, cs, ext, scb = g.cbits, g.cs, g.ext, g.sc_bits
     pos = start
     while pos < end:
         gc = pos >> cbits

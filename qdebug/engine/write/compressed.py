@@ -38,17 +38,17 @@ def _one_cluster(ctx: StepContext, offset: int, chunk: int, byte: int, owners) -
     g = ctx.g
     data = _compressed_fill(byte, chunk, g.cs, g.compression_type)
     if len(data) > g.cs - 1:
-        ctx.notes.append(f"guest 0x{offset:x}: compressed data does not fit in {g.cs - 1} bytes, written uncompressed")
+        ctx.trace.notes.append(f"guest 0x{offset:x}: compressed data does not fit in {g.cs - 1} bytes, written uncompressed")
         pwrite(ctx, offset, chunk, lambda o, n: bytes([byte]) * n, "write")
         return
     l2_off = ctx.get_cluster_table(offset)
     gc = offset >> g.cbits
     w0, _bm = ctx.entry(gc)
     if w0 & C.L2E_OFFSET_MASK:
-        ctx.request("compressed", offset, chunk, "EIO: the cluster is already allocated")
+        ctx.trace.request("compressed", offset, chunk, "EIO: the cluster is already allocated")
         raise StepFailed("Input/output error")
     host = ctx.alloc.alloc_bytes(len(data))
-    ctx.allocations.append((host, len(data), "compressed data"))
+    ctx.trace.allocations.append((host, len(data), "compressed data"))
     if ctx.alloc.stale_pack:
         meta = ctx.metadata_overlap(host, len(data))
         if meta:
@@ -59,10 +59,10 @@ def _one_cluster(ctx: StepContext, offset: int, chunk: int, byte: int, owners) -
             ctx.corruption(f"Preventing invalid write on metadata (overlaps with {meta})")
         hz = owners(host, len(data))
         if hz is not None:
-            ctx.hazards.append(hz)
+            ctx.trace.hazards.append(hz)
     ctx.set_entry(l2_off, gc, make_descriptor(host, len(data), g.cbits), 0)
     ctx.txn.write_data(host, len(data), "data", data)
-    ctx.request("compressed", offset, chunk, f"{len(data)} bytes packed", host)
+    ctx.trace.request("compressed", offset, chunk, f"{len(data)} bytes packed", host)
 
 
 def hazard_for(owner: str, guest_range: tuple[int, int] | None, host: int, length: int) -> Hazard:

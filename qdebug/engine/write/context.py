@@ -1,18 +1,18 @@
-"""`StepContext`: one command's view of the image: geometry, L1/L2 access through the Txn, and
-get_cluster_table (which allocates an L2 table, or copies one shared with a snapshot, exactly when
-QEMU does), plus the bookkeeping a WritePlan is made of (touched clusters, allocations, frees).
+"""`StepContext`: one command's view of the image while it runs: geometry, L1/L2 access through
+the Txn, and get_cluster_table (which allocates an L2 table, or copies one shared with a snapshot,
+exactly when QEMU does). What the step does is recorded in its `StepTrace` (`ctx.trace`).
 """
 
 from __future__ import annotations
 
 import struct
-from typing import Callable
 
 from ..file.chain import Chain
 from ..format import constants as C
-from ..format.subclusters import bitmap_string
+from ..format.geometry import Geometry
+from ..read.guestview import TopEntries
 from .allocator import Allocator
-from .plan import Request
+from .step import StepTrace
 from .txn import Txn
 
 _QQ = struct.Struct(">QQ")
@@ -22,53 +22,21 @@ class StepFailed(Exception):
     """The command fails the way QEMU fails it (message as qemu-io prints it after 'write failed: ')."""
 
 
-class Geometry:
-    """Per-image constants, computed once per engine (attribute access is the hot path)."""
-
-    def __init__(self, chain: Chain):
-        img = chain.top
-        h = img.header
-        self.cs = h.cluster_size
-        self.cbits = h.cluster_bits
-        self.ext = h.extended_l2
-        self.esize = h.l2_entry_size
-        self.l2_entries = h.l2_entries
-        self.nsc = h.subclusters_per_cluster
-        self.sc_size = h.subcluster_size
-        self.sc_bits = h.subcluster_bits
-        self.size = img.size
-        self.version = h.version
-        self.has_backing = len(chain.layers) > 1
-        self.compression_type = h.compression_type
-        self.l1_offset = h.l1_table_offset
-        self.l1_size = h.l1_size
-        # QEMU's L2 cache: whole tables when 32 MiB of cache covers the disk, else 4 KiB slices.
-        max_l2_cache = -(-(-(-self.size // self.cs) * self.esize) // self.cs) * self.cs
-        entry = self.cs if max_l2_cache <= 32 << 20 else min(self.cs, 4096)
-        self.slice_entries = entry // self.esize
-
-
-class StepContext:
-    def __init__(self, chain: Chain, geo: Geometry, txn: Txn, alloc: Allocator):
+class StepContext(TopEntries):
+    def __init__(self, chain: Chain, geo: Geometry, has_backing: bool, txn: Txn, alloc: Allocator,
+                 trace: StepTrace):
         self.chain = chain
         self.g = geo
+        self.has_backing = has_backing
         self.txn = txn
         self.alloc = alloc
-        # What makes each Request of the plan: its fields, or a callable (built when the plan is asked
-        # for: most steps of a replay never are, and a frozen dataclass costs microseconds to make)
-        self.requests: list[tuple | Callable[[], Request]] = []
+        self.trace = trace
+        self.before = trace.before  # guest cluster -> (word0, bitmap) before the step
         self.in_place: list[tuple[int, int]] = []  # (host offset, clusters) written in place (COPIED)
-        self.before: dict[int, tuple[int, int]] = {}  # guest cluster -> (word0, bitmap) before
-        self.allocations: list[tuple[int, int, str]] = []
-        self.notes: list[str] = []
-        self.hazards: list = []
+        self.marked_corrupt = False  # QEMU would set the corrupt bit: its driver is gone afterwards
         self.decompressed: dict = {}  # compressed clusters decompressed for COW in this step
-        self._entries: dict[int, tuple[int, int]] = {}
+        self.entries: dict[int, tuple[int, int]] = {}
         self._l1: dict[int, int] = {}  # L1 entries read this step (get_cluster_table keeps it current)
-
-    def request(self, kind: str, offset: int, length: int, outcome: str, host: int | None = None) -> None:
-        """Note a request the qcow2 driver sees (a Request of the plan)."""
-        self.requests.append((kind, offset, length, outcome, host))
 
     # ---- L1 / L2 ---------------------------------------------------------------------------------
     def l2_location(self, guest_cluster: int) -> tuple[int, int, int]:
@@ -85,12 +53,12 @@ class StepContext:
     def entry(self, guest_cluster: int) -> tuple[int, int]:
         """(word0, bitmap) of a guest cluster; (0, 0) where no L2 table exists. Cached for the
         step (every change goes through set_entry), as QEMU's L2 cache would hold it."""
-        e = self._entries.get(guest_cluster)
+        e = self.entries.get(guest_cluster)
         if e is not None:
             return e
         _l1e, l2_off, idx = self.l2_location(guest_cluster)
         if not l2_off:  # no L2 table: a table made later in the step starts zeroed, so (0, 0) holds
-            e = self._entries[guest_cluster] = (0, 0)
+            e = self.entries[guest_cluster] = (0, 0)
             return e
         off = l2_off + idx * self.g.esize
         if self.g.ext:
@@ -103,7 +71,7 @@ class StepContext:
                 e = (self.txn.u64(off), self.txn.u64(off + 8))
         else:
             e = (self.txn.u64(off), 0)
-        self._entries[guest_cluster] = e
+        self.entries[guest_cluster] = e
         return e
 
     def set_entry(self, l2_off: int, guest_cluster: int, word0: int, bitmap: int) -> None:
@@ -113,7 +81,7 @@ class StepContext:
             self.before[guest_cluster] = old
         idx = guest_cluster % self.g.l2_entries
         off = l2_off + idx * self.g.esize
-        self._entries[guest_cluster] = (word0, bitmap)
+        self.entries[guest_cluster] = (word0, bitmap)
         if self.g.ext:
             if old[0] == word0:
                 if old[1] != bitmap:
@@ -144,14 +112,14 @@ class StepContext:
         new = self.alloc.alloc_clusters(1)
         if new == 0:
             self.corruption("Preventing invalid allocation of L2 table at offset 0")
-        self.allocations.append((new, self.g.cs, "L2 table"))
+        self.trace.allocations.append((new, self.g.cs, "L2 table"))
         table = self.txn.pread(l2_off, self.g.cs) if l2_off else bytes(self.g.cs)
         self.txn.write_meta(new, table, "L2")
         self.txn.write_u64(self.g.l1_offset + 8 * l1_index, new | C.QCOW_OFLAG_COPIED, "L1")
         self._l1[l1_index] = new | C.QCOW_OFLAG_COPIED
         if l2_off:
             self.alloc.free_clusters(l2_off, self.g.cs)
-            self.notes.append(f"L2 table at 0x{l2_off:x} is shared (snapshot): copied to 0x{new:x}")
+            self.trace.notes.append(f"L2 table at 0x{l2_off:x} is shared (snapshot): copied to 0x{new:x}")
         return new
 
     def rewrite_whole_clusters(self, offset: int, nb: int, rule) -> None:
@@ -217,42 +185,6 @@ class StepContext:
         if h.version >= 3:
             incompat = self.txn.u64(72) | C.QCOW2_INCOMPAT_CORRUPT
             self.txn.write_u64(72, incompat, "header")
-        self.notes.append(f"QEMU marks the image corrupt: {message}")
+        self.marked_corrupt = True
+        self.trace.notes.append(f"QEMU marks the image corrupt: {message}")
         raise StepFailed(f"Input/output error ({message})")
-
-    def bitmap_str(self, word0: int, bitmap: int) -> str:
-        return fast_bitmap_string(word0, bitmap, self.g.ext)
-
-
-_BYTE_CHARS: dict[tuple[int, int], str] = {}
-
-
-def _byte_chars(a: int, z: int, allocated: bool) -> str:
-    """8 subcluster characters for one byte of the allocation and zero halves (memoised)."""
-    key = (a | z << 8, allocated)
-    s = _BYTE_CHARS.get(key)
-    if s is None:
-        s = _BYTE_CHARS[key] = "".join("0" if z >> i & 1 else "N" if a >> i & 1 else "-" for i in range(8))
-    return s
-
-
-_STRINGS: dict[tuple[int, bool], str] = {}
-
-
-def fast_bitmap_string(word0: int, bitmap: int, ext: bool) -> str:
-    """Same text as subclusters.bitmap_string, without numpy (memoised per bitmap: most repeat)."""
-    if not ext or word0 & C.QCOW_OFLAG_COMPRESSED:
-        return bitmap_string(word0, bitmap, extended=ext)
-    allocated = bool(word0 & C.L2E_OFFSET_MASK)
-    key = (bitmap, allocated)
-    s = _STRINGS.get(key)
-    if s is not None:
-        return s
-    a, z = bitmap & 0xFFFFFFFF, bitmap >> 32
-    if (a & z) if allocated else a:
-        return bitmap_string(word0, bitmap, extended=True)
-    s = "_".join([_byte_chars(a >> k & 0xFF, z >> k & 0xFF, allocated) for k in (0, 8, 16, 24)])
-    if len(_STRINGS) > 65536:
-        _STRINGS.clear()
-    _STRINGS[key] = s
-    return s

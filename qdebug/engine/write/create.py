@@ -16,7 +16,7 @@ from ..file.image import open_image
 from ..format import constants as C
 from ..format.header import build_header
 from .allocator import Allocator
-from .txn import Txn
+from .txn import Txn, WriteMode
 
 COMPRESSION_TYPES = {"zlib": C.QCOW2_COMPRESSION_TYPE_ZLIB, "zstd": C.QCOW2_COMPRESSION_TYPE_ZSTD}
 
@@ -74,7 +74,7 @@ def create_image(path: str, size: int, *, cluster_size: int = 65536, extended_l2
         os.close(fd)
     img = open_image(path, writable=True)
     try:
-        txn = Txn(img, apply=True)
+        txn = Txn(img, WriteMode.EXECUTE, {}, 0)
         alloc = Allocator(txn)
         alloc.alloc_clusters(3)
         l1_offset = 0

@@ -12,7 +12,7 @@ plan says skip_cow; the bytes are the same.
 
 from __future__ import annotations
 
-from typing import Callable, Final
+from typing import Final
 
 from ..format import constants as C
 from ..format.subclusters import (
@@ -29,24 +29,10 @@ from ..format.subclusters import (
 from ..read import guestview
 from ..read.guestview import Segment
 from .context import StepContext
-from .plan import CowSource, L2MetaPlan, Request
+from .step import L2Meta
 from .txn import Fill
 
 MAX_REQUEST: Final = (1 << 31) - 512  # BDRV_REQUEST_MAX_BYTES rounded down to a 512-byte multiple
-
-
-class Meta:
-    """A QCowL2Meta while the request runs (cow offsets relative to `offset`, a cluster start)."""
-
-    __slots__ = ("offset", "alloc", "nb", "keep_old", "cs_from", "cs_to", "ce_from", "ce_to", "l2_off", "skip", "segs")
-
-    def __init__(self, offset: int, alloc: int, nb: int, keep_old: bool, cs_from: int, cs_to: int,
-                 ce_from: int, ce_to: int, l2_off: int):
-        self.offset, self.alloc, self.nb, self.keep_old = offset, alloc, nb, keep_old
-        self.cs_from, self.cs_to, self.ce_from, self.ce_to = cs_from, cs_to, ce_from, ce_to
-        self.l2_off = l2_off
-        self.skip = False
-        self.segs: tuple[list[Segment], list[Segment]] = ([], [])
 
 
 def needs_new_alloc(word0: int, ext: bool) -> bool:
@@ -68,7 +54,7 @@ def _type(ctx: StepContext, w0: int, bm: int, sc: int) -> int:
 
 
 def calculate_l2_meta(ctx: StepContext, host: int, offset: int, nbytes: int, l2_off: int,
-                      keep_old: bool, metas: list[Meta]) -> None:
+                      keep_old: bool, metas: list[L2Meta]) -> None:
     g = ctx.g
     cs = g.cs
     w_start = offset & (cs - 1)
@@ -118,7 +104,7 @@ def calculate_l2_meta(ctx: StepContext, host: int, offset: int, nbytes: int, l2_
             ce_to = -(-w_end // g.sc_size) * g.sc_size
     else:
         ce_to = w_end if t == NORMAL else -(-w_end // g.sc_size) * g.sc_size
-    metas.insert(0, Meta(gc0 << g.cbits, host, nb, keep_old, cs_from, w_start, w_end, ce_to, l2_off))
+    metas.insert(0, L2Meta(gc0 << g.cbits, host, nb, keep_old, cs_from, w_start, w_end, ce_to, l2_off))
 
 
 def _count_single_write(ctx: StepContext, gc0: int, n: int, new_alloc: bool) -> int:
@@ -137,7 +123,7 @@ def _count_single_write(ctx: StepContext, gc0: int, n: int, new_alloc: bool) -> 
 
 
 def handle_copied(ctx: StepContext, start: int, need_host: int | None, nbytes: int,
-                  metas: list[Meta]) -> tuple[int, int, int]:
+                  metas: list[L2Meta]) -> tuple[int, int, int]:
     """(status, host offset, bytes): 1 = in-place piece; 0 with bytes 0 = stop; 0 = try handle_alloc."""
     g = ctx.g
     n = _nb_clusters(ctx, start, nbytes)
@@ -160,7 +146,7 @@ def handle_copied(ctx: StepContext, start: int, need_host: int | None, nbytes: i
 
 
 def handle_alloc(ctx: StepContext, start: int, need_host: int | None, nbytes: int,
-                 metas: list[Meta]) -> tuple[int, int, int]:
+                 metas: list[L2Meta]) -> tuple[int, int, int]:
     g = ctx.g
     n = _nb_clusters(ctx, start, nbytes)
     l2_off = ctx.get_cluster_table(start)
@@ -175,16 +161,16 @@ def handle_alloc(ctx: StepContext, start: int, need_host: int | None, nbytes: in
         n = ctx.alloc.alloc_clusters_at(alloc, n)
         if n == 0:
             return 0, -1, 0
-    ctx.allocations.append((alloc, n * g.cs, "data"))
+    ctx.trace.allocations.append((alloc, n * g.cs, "data"))
     in_cluster = start & (g.cs - 1)
     nbytes = min(nbytes, min(nbytes + in_cluster, n * g.cs) - in_cluster)
     calculate_l2_meta(ctx, alloc, start, nbytes, l2_off, False, metas)
     return 1, alloc + in_cluster, nbytes
 
 
-def alloc_host_offset(ctx: StepContext, offset: int, nbytes: int) -> tuple[int, int, list[Meta]]:
+def alloc_host_offset(ctx: StepContext, offset: int, nbytes: int) -> tuple[int, int, list[L2Meta]]:
     """qcow2_alloc_host_offset: (host offset, bytes of the host-contiguous prefix, L2Metas newest first)."""
-    metas: list[Meta] = []
+    metas: list[L2Meta] = []
     start, remaining = offset, nbytes
     need_host: int | None = None
     host_offset = -1
@@ -205,28 +191,8 @@ def alloc_host_offset(ctx: StepContext, offset: int, nbytes: int) -> tuple[int, 
 
 
 # ---- COW ---------------------------------------------------------------------------------------------
-_SOURCE: dict[int, str] = {NORMAL: "old cluster", COMPRESSED: "decompressed cluster"}
-
-
 def _segments(ctx: StepContext, offset: int, length: int) -> list[Segment]:
     return guestview.segments(ctx.chain, ctx, offset, offset + length) if length > 0 else []
-
-
-def cow_sources(segs: list[Segment]) -> list[CowSource]:
-    """Where each byte of a COW region comes from: old cluster, decompressed, backing depth d, zeros."""
-    out: list[CowSource] = []
-    for s, e, kind, depth, _h in segs:
-        if kind in (NORMAL, COMPRESSED, guestview.RAW_DATA):
-            src = _SOURCE.get(kind, "data") if depth == 0 else f"backing depth {depth}" + (
-                " (decompressed)" if kind == COMPRESSED else "")
-        else:
-            src = "zeros"
-        if out and out[-1].source == src:
-            last = out.pop()
-            out.append(CowSource(last.guest_offset, e - last.guest_offset, src))
-        else:
-            out.append(CowSource(s, e - s, src))
-    return out
 
 
 def _is_zero_fast(ctx: StepContext, offset: int, length: int, segs: list[Segment]) -> bool:
@@ -239,7 +205,7 @@ def _is_zero_fast(ctx: StepContext, offset: int, length: int, segs: list[Segment
     return guestview.reads_as_zero(ctx.chain, segs, exact=False)
 
 
-Piece = tuple[int, int, int, list[Meta]]  # guest offset, bytes, host offset, its L2Metas
+Piece = tuple[int, int, int, list[L2Meta]]  # guest offset, bytes, host offset, its L2Metas
 MAX_WORKERS: Final = 8  # QCOW2_MAX_WORKERS: pieces of one request in flight at once
 
 
@@ -289,50 +255,47 @@ def _finish(ctx: StepContext, piece: Piece, fill: Fill, kind: str) -> None:
             merged = m
             break
     txn = ctx.txn
-    if txn.data_through:
+    through = txn.data_through
+    if through:
         for m in metas:  # handle_alloc_space: the clusters are zeroed first, the COW is skipped
             if m.skip:
                 txn.zero_range(m.alloc + m.cs_from, m.ce_to - m.cs_from)
     if merged is None:
-        txn.write_data(host, cur, "data", (lambda o=offset, n=cur: fill(o, n)) if txn.data_through else None)
-    plans = [link_l2(ctx, m, merged is m, host, offset, cur, fill) for m in metas]
-    # Built when the plan is asked for (a replay without a step log never asks).
-    ctx.requests.append(lambda: Request(kind, offset, cur, "", host, tuple(p() for p in reversed(plans))))
+        txn.write_data(host, cur, "data", fill(offset, cur) if through else None)
+    for m in metas:
+        link_l2(ctx, m, merged is m, host, offset, cur, fill)
+    ctx.trace.requests.append((kind, offset, cur, "", host, metas[::-1]))
     for gc in range(offset >> g.cbits, (offset + cur - 1 >> g.cbits) + 1):
         ctx.touch(gc)
 
 
-def _cow(ctx: StepContext, m: Meta, at: int, region: tuple[int, int], segs: list[Segment]) -> None:
-    """One COW region to host offset `at`. A skip_cow meta's COW bytes are the zeros _finish put
-    there: recorded, not written again. (A function of its own, not a closure in link_l2: compiled,
-    a closure shares one environment with the plan maker link_l2 returns, and the step's context
-    would hold itself in a cycle only the garbage collector frees.)"""
-    if not region[1]:
+def _cow(ctx: StepContext, m: L2Meta, at: int, guest: int, length: int, segs: list[Segment]) -> None:
+    """One COW region (guest [guest, guest+length)) to host offset `at`. A skip_cow meta's COW
+    bytes are the zeros _finish put there: recorded, not written again."""
+    if not length:
         return
     txn = ctx.txn
     if m.skip:
-        txn.record(at, region[1], "cow")
+        txn.record(at, length, "cow")
     elif txn.data_through:
         top_pread = txn.pread if txn.pages and not txn.applying else None
-        txn.write_data(at, region[1], "cow", lambda: guestview.read(
-            ctx.chain, segs, region[0], region[0] + region[1], ctx.decompressed, top_pread))
+        data = guestview.read(ctx.chain, segs, guest, guest + length, ctx.decompressed, top_pread)
+        txn.write_data(at, length, "cow", data)
     else:
-        txn.write_data(at, region[1], "cow", None)
+        txn.write_data(at, length, "cow", None)
 
 
-def link_l2(ctx: StepContext, m: Meta, merged: bool, host: int, data_off: int, data_len: int,
-            fill: Fill) -> Callable[[], L2MetaPlan]:
-    """perform_cow + qcow2_alloc_cluster_link_l2 for one L2Meta; returns the maker of its plan."""
+def link_l2(ctx: StepContext, m: L2Meta, merged: bool, host: int, data_off: int, data_len: int,
+            fill: Fill) -> None:
+    """perform_cow + qcow2_alloc_cluster_link_l2 for one L2Meta."""
     g = ctx.g
-    head = (m.offset + m.cs_from, m.cs_to - m.cs_from)
-    tail = (m.offset + m.ce_from, m.ce_to - m.ce_from)
     hsegs, tsegs = m.segs
     txn = ctx.txn
 
-    _cow(ctx, m, m.alloc + m.cs_from, head, hsegs)
+    _cow(ctx, m, m.alloc + m.cs_from, m.offset + m.cs_from, m.cs_to - m.cs_from, hsegs)
     if merged:
-        txn.write_data(host, data_len, "data", (lambda: fill(data_off, data_len)) if txn.data_through else None)
-    _cow(ctx, m, m.alloc + m.ce_from, tail, tsegs)
+        txn.write_data(host, data_len, "data", fill(data_off, data_len) if txn.data_through else None)
+    _cow(ctx, m, m.alloc + m.ce_from, m.offset + m.ce_from, m.ce_to - m.ce_from, tsegs)
     gc0 = m.offset >> g.cbits
     old_entries = []
     written_from, written_to = m.cs_from, m.ce_to
@@ -355,6 +318,3 @@ def link_l2(ctx: StepContext, m: Meta, merged: bool, host: int, data_off: int, d
             ctx.alloc.free_any_cluster(w0)
     else:
         ctx.in_place.append((m.alloc, m.nb))
-    return lambda: L2MetaPlan(m.offset, m.nb, m.alloc, m.keep_old, (m.cs_from, m.cs_to - m.cs_from),
-                              (m.ce_from, m.ce_to - m.ce_from), m.skip,
-                              tuple(cow_sources(hsegs) + cow_sources(tsegs)))

@@ -20,11 +20,11 @@ def discard(ctx: StepContext, offset: int, nbytes: int) -> None:
         num = block_piece(offset, nbytes, align, tail)
         aligned = not (offset | num) % align
         if not aligned and not (offset % align == 0 and offset + num == g.size):
-            ctx.request("discard", offset, num, "ENOTSUP: not whole clusters, ignored")
-        elif g.version < 3 and g.has_backing:
-            ctx.request("discard", offset, num, "ENOTSUP: v2 image with a backing file, ignored")
+            ctx.trace.request("discard", offset, num, "ENOTSUP: not whole clusters, ignored")
+        elif g.version < 3 and ctx.has_backing:
+            ctx.trace.request("discard", offset, num, "ENOTSUP: v2 image with a backing file, ignored")
         else:
-            ctx.request("discard", offset, num, "discarded")
+            ctx.trace.request("discard", offset, num, "discarded")
             cluster_discard(ctx, offset, num)
         offset += num
         nbytes -= num
@@ -36,7 +36,7 @@ def cluster_discard(ctx: StepContext, offset: int, nbytes: int) -> None:
 
     def rule(w0: int, bm: int) -> tuple[int, int, bool]:
         allocated = bool(w0 & C.QCOW_OFLAG_COMPRESSED) or bool(w0 & C.L2E_OFFSET_MASK)
-        if not (g.has_backing or allocated):
+        if not (ctx.has_backing or allocated):
             return w0, bm, True
         if g.ext:
             return 0, C.BITMAP_ALL_ZEROES, True

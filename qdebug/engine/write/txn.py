@@ -1,19 +1,20 @@
-"""`Txn`: one step's host writes, either applied as they happen (execute) or only recorded (plan).
+"""`Txn`: one step's host writes, applied, held back or only recorded, by the engine's `WriteMode`.
 
-The write algorithms read metadata through the Txn and record every host write in order, so the
-planner and the writer are one code path. Executing applies each write at once through
+The write algorithms read metadata through the Txn and record every host write in order, so
+planning and writing are one code path. EXECUTE applies each write at once through
 `Image.pwrite` (the undo journal sees it; later reads of the same step, COW reads included, see
-the image exactly as QEMU's caches would). Planning keeps metadata changes in 4 KiB overlay pages
-that later reads of the same step see, and never builds data payloads. Write-back (a replay
+the image exactly as QEMU's caches would). PLAN keeps metadata changes in 4 KiB overlay pages
+that later reads of the same step see, and never builds data payloads; SIMULATE does the same
+with overlay pages that live across steps (a dry run of a whole trace). WRITE_BACK (a replay
 without undo, like QEMU's writeback cache) keeps metadata in overlay pages that live across steps
-and applies data at once; `saved` holds the pages as they were before this step, so a step that
+and writes data at once; `saved` holds the pages as they were before this step, so a step that
 breaks half-way can be taken back out of the overlay.
 """
 
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from enum import Enum
 from typing import Callable, Final, Union
 
 import numpy as np
@@ -28,20 +29,16 @@ UINT = {1: struct.Struct(">B"), 2: struct.Struct(">H"), 4: struct.Struct(">I"), 
 
 # Bytes to write: a buffer, or a list of buffers written with one pwritev (a long pattern write)
 Data = Union[bytes, bytearray, memoryview, list]
-Payload = Union[bytes, Callable[[], Data]]
 Fill = Callable[[int, int], Data]  # guest data of (offset, length)
 
 
-@dataclass(frozen=True)
-class HostWrite:
-    """One write to the image file: what = data | cow | zero | L1 | L2 | refblock | reftable | header."""
+class WriteMode(Enum):
+    """How a step's writes reach the file."""
 
-    offset: int
-    length: int
-    what: str
-
-    def to_json(self) -> dict:
-        return {"offset": self.offset, "length": self.length, "what": self.what}
+    PLAN = "plan"  # nothing is written: one command's plan (on top of what earlier steps hold back)
+    EXECUTE = "execute"  # every write applied at once (write-through; per-step undo by the journal)
+    SIMULATE = "simulate"  # nothing is written; metadata carried from step to step (a dry run)
+    WRITE_BACK = "write-back"  # data written at once, metadata held back until the engine flushes
 
 
 _ZEROS = bytes(1 << 21)
@@ -51,18 +48,28 @@ def _zeros(n: int):
     return memoryview(_ZEROS)[:n] if n <= len(_ZEROS) else bytes(n)
 
 
+# The members as module constants: compiled, `mode is EXECUTE` is then a pointer compare (an enum
+# member looked up on its class, or hashed into a dict, is a Python-level call every step).
+PLAN: Final = WriteMode.PLAN
+EXECUTE: Final = WriteMode.EXECUTE
+SIMULATE: Final = WriteMode.SIMULATE
+WRITE_BACK: Final = WriteMode.WRITE_BACK
+
+
 class Txn:
-    def __init__(self, img: Image, *, apply: bool = False, pages: dict[int, bytearray] | None = None,
-                 base: dict[int, bytearray] | None = None, file_size: int = 0, write_data: bool = False,
-                 undoable: bool = True):
+    def __init__(self, img: Image, mode: WriteMode, overlay: dict[int, bytearray], file_size: int):
+        """`overlay`: the metadata pages earlier steps hold back (SIMULATE / WRITE_BACK: this step
+        adds to them; PLAN: it reads them and copies a page before changing it); `file_size`:
+        the length those held-back writes reach."""
         self.img = img
-        self.applying = apply
-        self.data_through = apply or write_data  # data payloads are made and written now
-        self.pages: dict[int, bytearray] = {} if pages is None else pages
-        self.base = base or None  # pages of earlier simulated steps, copied before this step changes them
-        # pages shared with earlier steps (write-back, simulate): their content before this step
-        # (a dry run never takes a step back: its pages need no copies)
-        self.saved: dict[int, bytes | None] | None = {} if pages is not None and undoable else None
+        self.applying = mode is EXECUTE
+        self.data_through = self.applying or mode is WRITE_BACK  # data is made and written now
+        carry = mode is SIMULATE or mode is WRITE_BACK
+        self.pages: dict[int, bytearray] = overlay if carry else {}
+        self.base = overlay if mode is PLAN and overlay else None
+        # pages shared with earlier steps (write-back): their content before this step, so a step
+        # that breaks can be taken back out (a dry run never takes a step back: no copies)
+        self.saved: dict[int, bytes | None] | None = {} if mode is WRITE_BACK else None
         self.writes: list[tuple[int, int, str]] = []  # (offset, length, what) in order
         self.file_size = max(img.file_size, file_size)
 
@@ -195,12 +202,11 @@ class Txn:
                 saved[p] = bytes(page)
         return page
 
-    def write_data(self, off: int, length: int, what: str, payload: Payload | None) -> None:
-        """A data write (guest data, COW, compressed): bytes are only made (by calling `payload`,
-        which a plan may leave None) when data is written through."""
+    def write_data(self, off: int, length: int, what: str, data: Data | None) -> None:
+        """A data write (guest data, COW, compressed): the caller makes the bytes only when data is
+        written through (`data_through`); a plan passes None."""
         if self.data_through:
-            assert payload is not None, what  # only a plan leaves the bytes out
-            data = payload if isinstance(payload, (bytes, bytearray)) else payload()
+            assert data is not None, what  # only a plan leaves the bytes out
             if isinstance(data, list):  # a long pattern write: buffers written with one pwritev
                 data = data[0] if len(data) == 1 else data if len(data) <= 256 else b"".join(data)
             assert (sum(map(len, data)) if isinstance(data, list) else len(data)) == length, (what, off, length)
@@ -239,6 +245,3 @@ class Txn:
         inside = min(off + length, self.img.file_size) - off
         if inside > 0:
             self.img.punch_hole(off, inside)
-
-    def host_writes(self) -> list[HostWrite]:
-        return [HostWrite(off, length, what) for off, length, what in self.writes]

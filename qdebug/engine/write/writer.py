@@ -2,17 +2,13 @@
 
 One engine = one process: the allocator state (free cluster index, compressed packing offset)
 lives as long as the engine, and a fatal corruption makes every later command fail, as QEMU's
-block driver is gone. `plan()` runs a command without writing (the writes are only recorded);
-`execute()` runs the same code and writes. `simulate()` is a dry run of a whole trace: each command
-is planned on top of the metadata the earlier simulated commands would have written (kept in memory
-as overlay pages, with the allocator state carried on), so its plan is the one `execute()` would
-make at that point of the trace; the image is never written. `state` / `restore_state` let an undo
-journal put the allocator back so that redo reproduces QEMU exactly.
-
-`writeback=True` is QEMU's own writeback cache: `execute()` writes guest data at once but keeps the
-metadata (L1/L2 entries, refcounts) in the same overlay pages a simulation uses until `flush()`,
-which writes them in a few large writes. A replay that needs no per-step undo runs this way (one
-journal step per flush keeps it crash-safe); per-step undo needs the write-through mode.
+block driver is gone. The engine's `WriteMode` says what a step does to the file: EXECUTE writes
+through (each step can be undone by the journal), WRITE_BACK is QEMU's own writeback cache (guest
+data written at once, L1/L2 entries and refcounts held back in overlay pages until `flush()`),
+SIMULATE is a dry run of a whole trace (each command planned on top of the metadata the earlier
+ones would have written, the image never written). In any mode `plan(cmd)` shows what the next
+command would do without changing anything. `state` / `restore_state` let an undo journal put the
+allocator back so that redo reproduces QEMU exactly.
 """
 
 from __future__ import annotations
@@ -25,12 +21,13 @@ from ..format import constants as C
 from ..read.guest import read_guest
 from .allocator import Allocator, AllocatorState
 from .compressed import hazard_for, write_compressed
-from .context import Geometry, StepContext, StepFailed
+from .context import StepContext, StepFailed
 from .datapath import pwrite
 from .discard import discard
 from .ops import Command
-from .plan import ClusterChange, Hazard, Request, WritePlan
-from .txn import PAGE, HostWrite, Txn
+from .plan import Hazard, WritePlan
+from .step import StepRecord, StepTrace
+from .txn import EXECUTE, PAGE, PLAN, SIMULATE, WRITE_BACK, Txn, WriteMode
 from .zeroes import write_zeroes
 
 _FILLS: dict[int, memoryview] = {}  # pattern byte -> a 64 KiB run of it, never copied
@@ -67,55 +64,21 @@ class EngineState:
         return f"EngineState(allocator={self.allocator!r}, dead={self.dead})"
 
 
-class StepResult:
-    """One executed or simulated command: its hazards and error at once, its plan when asked for.
-
-    The plan (bitmap strings, host write records...) is built on first use: a replay without a
-    step log reads only the hazards and the error, and building every plan would cost it more
-    than running the command.
-    """
-
-    __slots__ = ("command", "hazards", "error", "_make", "_plan")
-
-    def __init__(self, command: Command, hazards: list[Hazard], error: str | None, make_plan):
-        self.command = command
-        self.hazards = hazards
-        self.error = error
-        self._make = make_plan
-        self._plan: WritePlan | None = None
-
-    @property
-    def plan(self) -> WritePlan:
-        if self._plan is None:
-            self._plan = self._make()
-            self._make = None
-        return self._plan
-
-    @property
-    def host_writes(self) -> list[HostWrite]:
-        return list(self.plan.host_writes)
-
-    @property
-    def clusters(self) -> dict[int, tuple[str, str]]:
-        return {c.guest_cluster: (c.bitmap_before, c.bitmap_after) for c in self.plan.clusters}
-
-
 class WriteEngine:
-    def __init__(self, chain: Chain, *, writeback: bool = False):
-        if not chain.top.writable:
-            raise QcowError(f"{chain.top.path}: opened read-only; the write engine needs it writable")
+    def __init__(self, chain: Chain, mode: WriteMode = EXECUTE):
+        if (mode is EXECUTE or mode is WRITE_BACK) and not chain.top.writable:
+            raise QcowError(f"{chain.top.path}: opened read-only; writing needs it writable")
         self.chain = chain
+        self.mode = mode
         self._top = chain.top  # (a chain's layers never change; the property is interpreted code)
-        self.geo = Geometry(chain)
-        self.writeback = writeback
+        self.geo = chain.top.geometry
+        self._has_backing = len(chain.layers) > 1
         self._state = EngineState()
         self._alloc: Allocator | None = None
-        # simulate() and write-back: metadata pages the earlier commands wrote (not yet in the file),
+        # SIMULATE and WRITE_BACK: metadata pages the earlier commands wrote (not yet in the file),
         # and the file length they reached
         self._overlay: dict[int, bytearray] = {}
         self._overlay_size = 0
-        self._simulating = False
-        self._simulated = False
         self._txn: Txn | None = None
 
     @property
@@ -129,19 +92,19 @@ class WriteEngine:
             self._alloc.drop_caches()
 
     def plan(self, cmd: Command) -> WritePlan:
-        """What `cmd` would do now (after the commands executed or simulated so far); changes nothing."""
-        return self._run(cmd, apply=False).plan
+        """What `cmd` would do now (after the commands run so far); changes nothing."""
+        return self._run(cmd, PLAN, 0).plan
 
-    def execute(self, cmd: Command) -> StepResult:
-        if self._simulated:
-            raise QcowError("this engine has simulated commands: it cannot execute any more")
-        if not self.writeback:
-            return self._run(cmd, apply=True)
+    def run(self, cmd: Command, index: int = 0) -> StepRecord:
+        """Run one command in the engine's mode; `index` is its place in the session."""
+        mode = self.mode
+        if mode is not WRITE_BACK:
+            return self._run(cmd, mode, index)
         if cmd.op == "read" and cmd.pattern is not None:
             self.flush()  # the check reads the file as a guest would
         state, size = self._state, self._overlay_size
         try:
-            return self._run(cmd, apply=False, carry=True, write_data=True)
+            return self._run(cmd, mode, index)
         except BaseException:
             # Take the step's metadata back out of the overlay (its data writes, if any, went to
             # clusters nothing references then, or in place, as a failed QEMU write leaves them).
@@ -160,9 +123,9 @@ class WriteEngine:
         return len(self._overlay) * PAGE
 
     def flush(self) -> None:
-        """Write the held-back metadata pages to the image, adjacent pages as one write, and give
-        the file the length the held-back writes reached."""
-        if self._simulated or not self.writeback:
+        """WRITE_BACK: write the held-back metadata pages to the image, adjacent pages as one write,
+        and give the file the length the held-back writes reached. Other modes: nothing to do."""
+        if self.mode is not WRITE_BACK:
             return
         img = self._top
         pages, size = self._overlay, max(self._overlay_size, img.file_size)
@@ -184,44 +147,29 @@ class WriteEngine:
         if header_dirty:
             img.reload_header()
 
-    def simulate(self, cmd: Command) -> StepResult:
-        """A dry-run step: the result `execute(cmd)` would give after the commands simulated before,
-        without writing the image (a `read -P` is not checked: the data is not materialised)."""
-        self._simulating = self._simulated = True
-        try:
-            return self._run(cmd, apply=False, carry=True)
-        finally:
-            self._simulating = False
-
     # ---- one command ----------------------------------------------------------------------------
-    def _run(self, cmd: Command, *, apply: bool, carry: bool = False, write_data: bool = False):
+    def _run(self, cmd: Command, mode: WriteMode, index: int) -> StepRecord:
         img = self._top
-        if apply:
-            txn = Txn(img, apply=True)
-        elif carry:  # simulate / write-back: this step's metadata writes extend the overlay in place
-            txn = Txn(img, pages=self._overlay, file_size=self._overlay_size, write_data=write_data,
-                      undoable=not self._simulating)
-        else:
-            txn = Txn(img, base=self._overlay, file_size=self._overlay_size)
-        self._txn = txn
+        txn = self._txn = Txn(img, mode, self._overlay, self._overlay_size)
+        carry = mode is SIMULATE or mode is WRITE_BACK
         alloc = self._alloc
         if alloc is None:
             alloc = self._alloc = Allocator(txn)
-        alloc.begin(txn, keep_cache=apply or carry)
-        alloc.restore_state(self._state.allocator)
-        ctx = StepContext(self.chain, self.geo, txn, alloc)
-        size_before = txn.file_size
-        error = None
-        dead = self._state.dead
+        alloc.begin(txn, keep_cache=mode is not PLAN)
+        state = self._state
+        alloc.restore_state(state.allocator)
+        trace = StepTrace(cmd, self.geo.ext, txn.writes, txn.file_size)
+        ctx = StepContext(self.chain, self.geo, self._has_backing, txn, alloc, trace)
+        dead = state.dead
         try:
-            error = self._dispatch(ctx, cmd)
+            self._dispatch(ctx, cmd, mode)
         except StepFailed as e:
-            error = f"{cmd.op} failed: {e}"
-            if any(n.startswith("QEMU marks the image corrupt") for n in ctx.notes):
+            trace.error = f"{cmd.op} failed: {e}"
+            if ctx.marked_corrupt:
                 dead = True
         except CorruptImage as bad:  # (a name of its own: compiled, `e` has the type of the first clause)
-            error = f"{cmd.op} failed: Input/output error ({bad})"
-        if apply:
+            trace.error = f"{cmd.op} failed: Input/output error ({bad})"
+        if mode is EXECUTE:
             if txn.writes and any(w[2] == "header" for w in txn.writes):
                 img.reload_header()
             self._state = EngineState(alloc.state, dead)
@@ -229,35 +177,29 @@ class WriteEngine:
             self._state = EngineState(alloc.state, dead)
             self._overlay_size = txn.file_size
         self._check_in_place(ctx)
-        freed, size_after = alloc.freed, max(txn.file_size, size_before)
+        trace.frees = alloc.freed
+        trace.file_size_after = max(txn.file_size, trace.file_size_before)
+        trace.after = ctx.entries  # the step's cache of L2 entries: as it left them
+        return StepRecord(index, cmd, trace, state)
 
-        def make_plan() -> WritePlan:
-            return WritePlan(
-                command=cmd.text or cmd.to_qemu_io(), lineno=cmd.lineno,
-                requests=tuple(Request(*r) if isinstance(r, tuple) else r() for r in ctx.requests),
-                clusters=tuple(self._changes(ctx)), host_writes=tuple(txn.host_writes()),
-                allocations=tuple(ctx.allocations), frees=tuple(freed), hazards=tuple(ctx.hazards),
-                error=error, file_size_before=size_before, file_size_after=size_after, notes=tuple(ctx.notes))
-        return StepResult(cmd, ctx.hazards, error, make_plan)
-
-    def _dispatch(self, ctx: StepContext, cmd: Command) -> str | None:
+    def _dispatch(self, ctx: StepContext, cmd: Command, mode: WriteMode) -> None:
         g = self.geo
         if cmd.op == "flush":
-            return None
+            return
         if self._state.dead:
             raise StepFailed("No medium found")
         if cmd.offset + cmd.length > g.size:
             raise StepFailed("Input/output error")
         if cmd.length == 0:
-            return None
+            return
         if cmd.op == "read":
-            if cmd.pattern is None or self._simulating:
-                return None
+            if cmd.pattern is None or mode is SIMULATE or mode is PLAN:
+                return
             data = read_guest(self.chain, cmd.offset, cmd.length)
             bad = np.flatnonzero(np.frombuffer(data, dtype=np.uint8) != cmd.pattern)
             if len(bad):
-                return f"Pattern verification failed at offset {cmd.offset}, {cmd.length} bytes"
-            return None
+                ctx.trace.error = f"Pattern verification failed at offset {cmd.offset}, {cmd.length} bytes"
+            return
         if cmd.op == "discard":
             discard(ctx, cmd.offset, cmd.length)
         elif cmd.zero:
@@ -266,15 +208,6 @@ class WriteEngine:
             write_compressed(ctx, cmd.offset, cmd.length, cmd.fill, self._owner_hazard)
         else:
             pwrite(ctx, cmd.offset, cmd.length, _pattern(cmd.fill), "write")
-        return None
-
-    def _changes(self, ctx: StepContext) -> list[ClusterChange]:
-        out = []
-        for gc in sorted(ctx.before):
-            w0b, bmb = ctx.before[gc]
-            w0a, bma = ctx.entry(gc)  # the step's cache: as the step left it
-            out.append(ClusterChange(gc, ctx.bitmap_str(w0b, bmb), ctx.bitmap_str(w0a, bma), w0b, w0a, bmb, bma))
-        return out
 
     # ---- hazards --------------------------------------------------------------------------------
     def _check_in_place(self, ctx: StepContext) -> None:
@@ -284,7 +217,7 @@ class WriteEngine:
                 host = alloc + i * self.geo.cs
                 rc = ctx.alloc.get_refcount(host >> self.geo.cbits)
                 if rc != 1:
-                    ctx.hazards.append(Hazard(host, self.geo.cs, f"{rc} references", None,
+                    ctx.trace.hazards.append(Hazard(host, self.geo.cs, f"{rc} references", None,
                                               f"hazard: in-place write to host cluster 0x{host:x} whose refcount is "
                                               f"{rc} (COPIED set on a shared cluster): other users see the new data"))
 

@@ -38,10 +38,10 @@ def write_zeroes(ctx: StepContext, offset: int, nbytes: int, unmap: bool) -> Non
         num = min(block_piece(offset, nbytes, align, tail), max_zero)
         try:
             pwrite_zeroes(ctx, offset, num, unmap)
-            ctx.request("zero", offset, num, "zeroed in the L2 table")
+            ctx.trace.request("zero", offset, num, "zeroed in the L2 table")
         except _NotSup as e:
             num = min(num, MAX_BOUNCE)
-            ctx.request("zero", offset, num, f"ENOTSUP ({e.why}): real zeros written")
+            ctx.trace.request("zero", offset, num, f"ENOTSUP ({e.why}): real zeros written")
             pwrite(ctx, offset, num, _zeros, "zero-fallback")
         offset += num
         nbytes -= num
@@ -82,7 +82,7 @@ def subcluster_zeroize(ctx: StepContext, offset: int, nbytes: int, unmap: bool) 
     g = ctx.g
     end = offset + nbytes
     if g.version < 3:
-        if not g.has_backing:
+        if not ctx.has_backing:
             from .discard import cluster_discard
             cluster_discard(ctx, offset, nbytes)
             return

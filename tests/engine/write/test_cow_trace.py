@@ -94,13 +94,13 @@ def test_cow_host_ranges_match_qemu_trace(qemu, tmp_path, vec):
     qemu_writes, skips = qemu_host_writes(ref, vec["cmd"])
     with open_image(ref) as img:
         cb = img.cluster_bits
-    meta = _metadata_clusters(ref) | {w.offset >> cb for w in result.host_writes if w.what not in ("data", "cow")}
+    meta = _metadata_clusters(ref) | {w.offset >> cb for w in result.plan.host_writes if w.what not in ("data", "cow")}
 
     def is_meta(s: int, e: int) -> bool:
         return all(c in meta for c in range(s >> cb, ((e - 1) >> cb) + 1))
 
     theirs = _union((s, e) for s, e in qemu_writes if not is_meta(s, e))
-    mine = _union((w.offset, w.offset + w.length) for w in result.host_writes if w.what in ("data", "cow"))
+    mine = _union((w.offset, w.offset + w.length) for w in result.plan.host_writes if w.what in ("data", "cow"))
     assert mine == theirs, f"{vec['cmd']}: qdebug {[(hex(s), hex(e)) for s, e in mine]} vs QEMU {[(hex(s), hex(e)) for s, e in theirs]}"
     planned_skips = sum(m.skip_cow for r in result.plan.requests for m in r.metas)
     assert planned_skips == skips, f"{vec['cmd']}: plan says skip_cow {planned_skips}x, QEMU traced {skips}"

@@ -1,4 +1,4 @@
-"""WriteEngine.simulate (the dry run's engine) and plan() on top of simulated commands."""
+"""WriteEngine in SIMULATE mode (the dry run's engine) and plan() on top of simulated commands."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import pytest
 
 from qdebug.engine.errors import QcowError
 from qdebug.engine.file.chain import open_chain
+from qdebug.engine.write.txn import WriteMode
 from qdebug.engine.write.writer import WriteEngine
 from qdebug.trace.commands import parse_line
 from tests.qemu import create
@@ -20,17 +21,17 @@ def test_plan_after_simulated_steps_is_pure_and_matches_simulate(tmp_path, qemu)
     cmds = [parse_line(line, i) for i, line in enumerate(lines, 1)]
     with open(image, "rb") as f:
         original = f.read()
-    with open_chain(image, writable=True) as chain:
-        engine = WriteEngine(chain)
+    with open_chain(image) as chain:  # read-only: a dry run never needs to write
+        engine = WriteEngine(chain, WriteMode.SIMULATE)
         for cmd in cmds[:-1]:
-            engine.simulate(cmd)
+            engine.run(cmd)
         before = {k: bytes(v) for k, v in engine._overlay.items()}
         state = engine.state
         planned = engine.plan(cmds[-1])
         planned_again = engine.plan(cmds[-1])
         assert {k: bytes(v) for k, v in engine._overlay.items()} == before and engine.state == state
-        assert planned == planned_again == engine.simulate(cmds[-1]).plan
-        with pytest.raises(QcowError, match="simulated"):
-            engine.execute(cmds[-1])
+        assert planned == planned_again == engine.run(cmds[-1]).plan
+        with pytest.raises(QcowError, match="read-only"):
+            WriteEngine(chain, WriteMode.EXECUTE)
     with open(image, "rb") as f:
         assert f.read() == original

@@ -105,9 +105,9 @@ def test_plan_is_pure_and_matches_execute(tmp_path):
     for c in cmds:
         plan = eng.plan(c)
         assert open(img, "rb").read() == before, "plan() changed the file"
-        res = eng.execute(c)
+        res = eng.run(c)
         assert res.plan == plan
-        assert [(w.offset, w.length, w.what) for w in res.host_writes] == [
+        assert [(w.offset, w.length, w.what) for w in res.plan.host_writes] == [
             (w.offset, w.length, w.what) for w in plan.host_writes]
         before = open(img, "rb").read()
         assert json.loads(json.dumps(plan.to_json()))["command"] == c.text
@@ -122,7 +122,7 @@ def test_restore_state_reproduces_allocation(tmp_path):
     create_image(img, 4 << 20)
     chain = open_chain(img, writable=True)
     eng = WriteEngine(chain)
-    eng.execute(parse_line("write -c -P 1 0 64k"))
+    eng.run(parse_line("write -c -P 1 0 64k"))
     packed = eng.state
     nxt = parse_line("write -c -P 2 64k 64k")
     p_packed = eng.plan(nxt)
