@@ -8,6 +8,10 @@ import sys
 
 from ..engine.errors import QcowError
 
+# The repair policies (engine.check.repair.RepairPolicy), spelled here so that `--help` does not
+# load the repair code; tests/cli/test_check_cli.py holds the two to each other.
+POLICY_NAMES = ("keep-data", "zero", "unallocate")
+
 
 def _human_summary(counts: dict, out) -> None:
     """qemu-img's dump_human_image_check."""
@@ -34,8 +38,10 @@ def _human_summary(counts: dict, out) -> None:
 
 
 def _messages(report, out) -> None:
+    from ..engine.check.checker import Severity
+
     for f in report.findings:
-        if f.severity == "info":
+        if f.severity is Severity.INFO:
             continue
         place = f.place()
         out.write(f"{f.message}" + (f"  [{place}]" if place else "") + "\n")
@@ -148,7 +154,7 @@ def register(sub) -> None:
     sp = sub.add_parser("repair", help="repair every finding, invalid subclusters included, with a preview "
                                        "(undo with `qdebug undo IMAGE`)")
     sp.add_argument("image", metavar="IMAGE")
-    sp.add_argument("--policy", choices=("keep-data", "zero", "unallocate"), default="keep-data",
+    sp.add_argument("--policy", choices=POLICY_NAMES, default=POLICY_NAMES[0],
                     help="for subclusters both allocated and zero: keep the data (default), read zeros, "
                          "or unallocate (backing file)")
     sp.add_argument("--entry", type=_entry, action="append", metavar="L2_INDEX",

@@ -19,6 +19,7 @@ from textual.containers import Horizontal, ScrollableContainer, Vertical
 from textual.css.query import NoMatches
 from textual.widgets import Footer, Header, ProgressBar, Static, TabbedContent, TabPane
 
+from ..engine.check.checker import Severity
 from ..engine.errors import QcowError
 from ..engine.write.plan import WritePlan
 from ..engine.write.step import StepRecord
@@ -485,7 +486,7 @@ class QDebugApp(App):
                        if r.exit_code else "check: no errors were found on the image")
             self.notify(summary, severity="error" if r.exit_code in (1, 2) else "information")
             findings = self.query_one(FindingsView)
-            if findings.findings and findings.findings[0].severity == "error":
+            if findings.findings and findings.findings[0].severity is Severity.ERROR:
                 self._finding(FindingsView.FindingSelected(findings.findings[0]))
 
     @on(FindingsView.FindingSelected)
@@ -522,7 +523,7 @@ class QDebugApp(App):
     def _repair_ready(self, event: RepairReady) -> None:
         from .repair_screen import RepairScreen
 
-        if not [f for f in event.report.findings if f.severity != "info"]:
+        if not [f for f in event.report.findings if f.severity is not Severity.INFO]:
             self.notify("check found nothing to repair")
             return
         self.push_screen(RepairScreen(event.report, event.entries, event.where, self.plan_repair), self.apply_repair)

@@ -100,7 +100,7 @@ class FindingsView(RowView):
     def render_row(self, index: int, cursor: bool) -> Strip:
         f = self.findings[index]
         cur = self.style_of("findings--cursor") if cursor else Style()
-        sev = self.style_of(f"findings--{f.severity}") if f.severity in ("error", "leak", "info") else Style()
+        sev = self.style_of(f"findings--{f.severity.value}")
         return Strip(segments([(f"{f.severity:<6}", sev + cur), (f"{f.message}", cur),
                                (f"  {f.place()}", self.style_of("findings--place") + cur)]))
 

@@ -17,14 +17,10 @@ from textual.content import Content
 from textual.screen import ModalScreen
 from textual.widgets import Button, Label, RadioButton, RadioSet, Static
 
-from ..engine.check.repair import POLICIES, RepairPlan
+from ..engine.check.repair import RepairPlan, RepairPolicy
 from .messages import RepairPlanned
 
-POLICY_HELP = {
-    "keep-data": "subclusters marked both allocated and zero keep their data",
-    "zero": "subclusters marked both allocated and zero read as zeros",
-    "unallocate": "broken subclusters fall through to the backing file",
-}
+POLICIES = list(RepairPolicy)
 
 
 def plan_content(plan: RepairPlan) -> Content:
@@ -79,7 +75,7 @@ class RepairScreen(ModalScreen[RepairPlan | None]):
             with Horizontal(id="repair-top"):
                 with RadioSet(id="repair-policy"):
                     for i, p in enumerate(POLICIES):
-                        yield RadioButton(p, value=i == 0, id=f"policy-{p}")
+                        yield RadioButton(p.value, value=i == 0, id=f"policy-{p.value}")
                 yield Static("", id="repair-policy-help")
             with VerticalScroll(id="repair-plan-scroll"):
                 yield Static(id="repair-plan")
@@ -104,8 +100,8 @@ class RepairScreen(ModalScreen[RepairPlan | None]):
         scope = "all findings" if self.all or self.selected_entries is None else self.where
         self.query_one("#repair-scope", Label).update(
             Content.assemble(("scope: ", "$text-muted"), (scope, "bold"),
-                             ("   policy: ", "$text-muted"), (self.policy, "bold")))
-        self.query_one("#repair-policy-help", Static).update(Content.styled(POLICY_HELP[self.policy], "$text-muted"))
+                             ("   policy: ", "$text-muted"), (self.policy.value, "bold")))
+        self.query_one("#repair-policy-help", Static).update(Content.styled(self.policy.effect, "$text-muted"))
         self.query_one("#repair-plan", Static).update(plan_content(self.plan))
         self.query_one("#repair-apply", Button).disabled = not self.plan.items
 

@@ -200,3 +200,10 @@ def test_repair_overlay_with_missing_backing(tmp_path):
     with open(str(tmp_path / "ext64k-backing-base.raw"), "wb") as f:
         f.write(b"\xee" * (4 << 20))
     assert qemu_check(path)[0] == 0
+
+
+def test_cli_policy_names_are_the_engines():
+    from qdebug.cli.check import POLICY_NAMES
+    from qdebug.engine.check.repair import RepairPolicy
+
+    assert POLICY_NAMES == tuple(p.value for p in RepairPolicy)

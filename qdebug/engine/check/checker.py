@@ -16,6 +16,7 @@ import os
 import struct
 import sys
 from dataclasses import dataclass, field
+from enum import Enum
 
 import numpy as np
 
@@ -38,12 +39,52 @@ BME_TABLE_ENTRY_OFFSET_MASK = 0x00FFFFFFFFFFFE00
 BME_TABLE_ENTRY_FLAG_ALL_ONES = 1
 
 
+class FindingKind(str, Enum):
+    """The stable machine name of each kind of finding (`kind` in JSON)."""
+
+    BITMAP_DIRECTORY = "bitmap-directory"
+    BITMAP_TABLE_ENTRY = "bitmap-table-entry"
+    CHECK_FAILED = "check-failed"
+    COMPRESSED_BITMAP = "compressed-bitmap"
+    COMPRESSED_COPIED = "compressed-copied"
+    COPIED_DATA = "copied-data"
+    COPIED_L1 = "copied-l1"
+    CORRUPT_BIT = "corrupt-bit"
+    DATA_CLUSTER_UNALIGNED = "data-cluster-unaligned"
+    DIRTY_BIT = "dirty-bit"
+    INVALID_BITMAP_ALLOCATED = "invalid-bitmap-allocated"
+    INVALID_BITMAP_UNALLOCATED = "invalid-bitmap-unallocated"
+    L1_RESERVED_BITS = "l1-reserved-bits"
+    L2_RESERVED_BITS = "l2-reserved-bits"
+    L2_TABLE_UNALIGNED = "l2-table-unaligned"
+    LEAK = "leak"
+    PREALLOC_CLUSTER_UNALIGNED = "prealloc-cluster-unaligned"
+    REFBLOCK_OUTSIDE_IMAGE = "refblock-outside-image"
+    REFBLOCK_REFCOUNT = "refblock-refcount"
+    REFBLOCK_UNALIGNED = "refblock-unaligned"
+    REFCOUNT_OVERFLOW = "refcount-overflow"
+    REFCOUNT_TOO_LOW = "refcount-too-low"
+    REFCOUNT_UNREADABLE = "refcount-unreadable"
+    REFCOUNT_ZERO = "refcount-zero"
+    REFTABLE_RESERVED_BITS = "reftable-reserved-bits"
+    REGION_PAST_EOF = "region-past-eof"
+    SNAPSHOT_L1_TOO_LARGE = "snapshot-l1-too-large"
+    SNAPSHOT_L1_UNALIGNED = "snapshot-l1-unaligned"
+    TRUNCATED = "truncated"
+
+
+class Severity(str, Enum):
+    ERROR = "error"  # a corruption (qemu-img check counts it under "corruptions")
+    LEAK = "leak"  # a leaked cluster (counted under "leaks")
+    INFO = "info"  # worth knowing, not counted (the dirty bit...)
+
+
 @dataclass(frozen=True)
 class Finding:
     """One problem, located. `kind` is a stable machine name; `message` is QEMU's text."""
 
-    kind: str
-    severity: str  # 'error' | 'leak' | 'info'
+    kind: FindingKind
+    severity: Severity
     message: str
     l1_index: int | None = None
     l2_index: int | None = None
@@ -60,7 +101,7 @@ class Finding:
     reference: int | None = None
 
     def to_json(self) -> dict:
-        out = {"kind": self.kind, "severity": self.severity, "message": self.message}
+        out = {"kind": self.kind.value, "severity": self.severity.value, "message": self.message}
         for k in ("l1_index", "l2_index", "guest_offset", "host_offset", "snapshot", "entry", "bitmap",
                   "l2_offset", "cluster", "refcount", "reference"):
             v = getattr(self, k)
@@ -152,7 +193,7 @@ class _Ctx:
         self.refs = np.zeros(self.nb, dtype=np.int64)
         self.findings: list[Finding] = []
         self.copied: list[Finding] = []
-        self.kind_counts: dict[str, int] = {}
+        self.kind_counts: dict[FindingKind, int] = {}
         self.corruptions = 0
         self.check_errors = 0
         self.allocated = self.fragmented = self.compressed = 0
@@ -187,7 +228,7 @@ class _Ctx:
         if past.any():
             for o, s in zip(offsets[past].tolist(), sizes[past].tolist()):
                 self.corruptions += 1
-                self.add(Finding("region-past-eof", "error",
+                self.add(Finding(FindingKind.REGION_PAST_EOF, Severity.ERROR,
                                  "ERROR: counting reference for region exceeding the end of the file by one "
                                  f"cluster or more: offset 0x{o:x} size 0x{s:x}", host_offset=o))
             keep &= ~past
@@ -292,14 +333,14 @@ def _walk_l1(ctx: _Ctx, l1_offset: int, l1_size: int, *, active: bool, snapshot:
     for i in np.flatnonzero(bad).tolist():
         e = int(entries[i])
         ctx.corruptions += 1
-        ctx.add(Finding("l1-reserved-bits", "error", f"ERROR found L1 entry with reserved bits set: {e:x}",
+        ctx.add(Finding(FindingKind.L1_RESERVED_BITS, Severity.ERROR, f"ERROR found L1 entry with reserved bits set: {e:x}",
                         l1_index=int(used[i]), host_offset=e & C.L1E_OFFSET_MASK, snapshot=snapshot, entry=e))
     l2_offsets = (entries & _U64(C.L1E_OFFSET_MASK)).astype(np.int64)
     ctx.inc(l2_offsets, cs, "L2 table")
     for i in np.flatnonzero(l2_offsets % cs).tolist():
         o = int(l2_offsets[i])
         ctx.corruptions += 1
-        ctx.add(Finding("l2-table-unaligned", "error",
+        ctx.add(Finding(FindingKind.L2_TABLE_UNALIGNED, Severity.ERROR,
                         f"ERROR l2_offset={o:x}: Table is not cluster aligned; L1 entry corrupted",
                         l1_index=int(used[i]), host_offset=o, snapshot=snapshot, entry=int(entries[i])))
     if active:
@@ -323,7 +364,7 @@ def _copied_l1(ctx: _Ctx, l1_indices, entries, l2_offsets) -> None:
     for i in np.flatnonzero(wrong).tolist():
         e, r = int(entries[i]), int(rc[i])
         ctx.corruptions += 1
-        ctx.add(Finding("copied-l1", "error",
+        ctx.add(Finding(FindingKind.COPIED_L1, Severity.ERROR,
                         f"ERROR OFLAG_COPIED L2 cluster: l1_index={int(l1_indices[i])} l1_entry={e:x} refcount={r}",
                         l1_index=int(l1_indices[i]), host_offset=int(l2_offsets[i]), entry=e, refcount=r,
                         repairable_by_qemu=True), copied=True)
@@ -557,20 +598,20 @@ def _full_l2_batch(ctx: _Ctx, l1_indices, l2_offsets, w0, bm, *, active: bool, s
     # reserved bits of standard descriptors
     for t, i in loc.where(~comp & ((w0 & _U64(C.L2E_STD_RESERVED_MASK)) != 0)):
         ctx.corruptions += 1
-        ctx.add(loc.finding(t, i, "l2-reserved-bits", f"ERROR found l2 entry with reserved bits set: {loc.w(t, i):x}"))
+        ctx.add(loc.finding(t, i, FindingKind.L2_RESERVED_BITS, f"ERROR found l2 entry with reserved bits set: {loc.w(t, i):x}"))
     # compressed clusters
     x = 62 - (cb - 8)
     for t, i in loc.where(comp & ((w0 & _U64(C.QCOW_OFLAG_COPIED)) != 0)):
         ctx.corruptions += 1
         co = loc.w(t, i) & ((1 << x) - 1)
-        ctx.add(loc.finding(t, i, "compressed-copied",
+        ctx.add(loc.finding(t, i, FindingKind.COMPRESSED_COPIED,
                             f"ERROR: coffset=0x{co:x}: copied flag must never be set for compressed clusters",
                             host=co))
     comp_bad = comp & (bm != 0)
     for t, i in loc.where(comp_bad):
         ctx.corruptions += 1
         w = loc.w(t, i) & ~C.QCOW_OFLAG_COPIED
-        ctx.add(loc.finding(t, i, "compressed-bitmap",
+        ctx.add(loc.finding(t, i, FindingKind.COMPRESSED_BITMAP,
                             f"ERROR compressed cluster {i} with non-zero subcluster allocation bitmap, entry=0x{w:x}",
                             host=loc.w(t, i) & ((1 << x) - 1), subclusters=_bits(loc.b(t, i))))
     comp_ok = comp & (bm == 0)
@@ -583,7 +624,7 @@ def _full_l2_batch(ctx: _Ctx, l1_indices, l2_offsets, w0, bm, *, active: bool, s
     both = has_off & ((alloc & zero) != 0)
     for t, i in loc.where(both):
         ctx.corruptions += 1
-        ctx.add(loc.finding(t, i, "invalid-bitmap-allocated", f"ERROR offset={loc.off(t, i):x}: Allocated cluster has "
+        ctx.add(loc.finding(t, i, FindingKind.INVALID_BITMAP_ALLOCATED, f"ERROR offset={loc.off(t, i):x}: Allocated cluster has "
                             "corrupted subcluster allocation bitmap", subclusters=_bits(loc.b(t, i) & (loc.b(t, i) >> 32))))
     unaligned = has_off & ((off & _U64(cs - 1)) != 0)
     if unaligned.any():
@@ -591,16 +632,16 @@ def _full_l2_batch(ctx: _Ctx, l1_indices, l2_offsets, w0, bm, *, active: bool, s
         for t, i in loc.where(unaligned):
             ctx.corruptions += 1
             if data[t, i]:
-                ctx.add(loc.finding(t, i, "data-cluster-unaligned", f"ERROR offset={loc.off(t, i):x}: Data cluster is "
+                ctx.add(loc.finding(t, i, FindingKind.DATA_CLUSTER_UNALIGNED, f"ERROR offset={loc.off(t, i):x}: Data cluster is "
                                     "not properly aligned; L2 entry corrupted."))
             else:
-                ctx.add(loc.finding(t, i, "prealloc-cluster-unaligned", f"ERROR offset={loc.off(t, i):x}: Preallocated "
+                ctx.add(loc.finding(t, i, FindingKind.PREALLOC_CLUSTER_UNALIGNED, f"ERROR offset={loc.off(t, i):x}: Preallocated "
                                     "cluster is not properly aligned; L2 entry corrupted.", repairable=True))
     ctx.inc(off[has_off].astype(np.int64), cs, "data cluster")
     if ext:
         for t, i in loc.where(~comp & (off == 0) & (alloc != 0)):
             ctx.corruptions += 1
-            ctx.add(loc.finding(t, i, "invalid-bitmap-unallocated",
+            ctx.add(loc.finding(t, i, FindingKind.INVALID_BITMAP_UNALLOCATED,
                                 "ERROR: Unallocated cluster has non-zero subcluster allocation map",
                                 subclusters=_bits(loc.b(t, i) & 0xFFFFFFFF)))
     if not active:
@@ -628,7 +669,7 @@ def _copied_data(ctx: _Ctx, loc, w0, off, has_off, l2_offsets) -> None:
         for k in np.flatnonzero(wrong).tolist():
             t, i, r = int(rows[k]), int(cols[k]), int(rc[k])
             ctx.corruptions += 1
-            ctx.add(loc.finding(t, i, "copied-data", f"ERROR OFLAG_COPIED data cluster: l2_entry={loc.w(t, i):x} "
+            ctx.add(loc.finding(t, i, FindingKind.COPIED_DATA, f"ERROR OFLAG_COPIED data cluster: l2_entry={loc.w(t, i):x} "
                                 f"refcount={r}", repairable=True, refcount=r), copied=True)
 
 
@@ -661,7 +702,7 @@ class _Locator:
     def finding(self, t, i, kind, message, *, host=None, subclusters=(), repairable=False, refcount=None):
         h = self.ctx.h
         l1 = int(self.l1i[t])
-        return Finding(kind, "error", message, l1_index=l1, l2_index=i,
+        return Finding(kind, Severity.ERROR, message, l1_index=l1, l2_index=i,
                        guest_offset=(l1 * h.l2_entries + i) << h.cluster_bits,
                        host_offset=self.off(t, i) if host is None else host, subclusters=tuple(subclusters),
                        repairable_by_qemu=repairable, snapshot=self.snapshot, entry=self.w(t, i),
@@ -677,14 +718,14 @@ def _snapshots(ctx: _Ctx) -> None:
     for sn in snaps:
         if sn.l1_table_offset % ctx.cs:
             ctx.corruptions += 1
-            ctx.add(Finding("snapshot-l1-unaligned", "error",
+            ctx.add(Finding(FindingKind.SNAPSHOT_L1_UNALIGNED, Severity.ERROR,
                             f"ERROR snapshot {sn.id} ({sn.name}) l1_offset={sn.l1_table_offset:#x}: L1 table is not "
                             "cluster aligned; snapshot table entry corrupted", host_offset=sn.l1_table_offset,
                             snapshot=sn.id))
             continue
         if sn.l1_size > C.QCOW_MAX_L1_SIZE // 8:
             ctx.corruptions += 1
-            ctx.add(Finding("snapshot-l1-too-large", "error",
+            ctx.add(Finding(FindingKind.SNAPSHOT_L1_TOO_LARGE, Severity.ERROR,
                             f"ERROR snapshot {sn.id} ({sn.name}) l1_size={sn.l1_size:#x}: L1 table is too large; "
                             "snapshot table entry corrupted", snapshot=sn.id))
             continue
@@ -710,7 +751,7 @@ def _bitmaps(ctx: _Ctx) -> None:
     for _ in range(nb):
         if p + 24 > len(raw):
             ctx.corruptions += 1
-            ctx.add(Finding("bitmap-directory", "error", "ERROR bitmap directory is truncated", host_offset=dir_off))
+            ctx.add(Finding(FindingKind.BITMAP_DIRECTORY, Severity.ERROR, "ERROR bitmap directory is truncated", host_offset=dir_off))
             return
         t_off, t_size, flags, typ, gran, name_size, extra = struct.unpack_from(">QIIBBHI", raw, p)
         name = raw[p + 24 + extra:p + 24 + extra + name_size].decode("utf-8", "replace")
@@ -725,7 +766,7 @@ def _bitmaps(ctx: _Ctx) -> None:
             (offs != 0) & (((table & _U64(BME_TABLE_ENTRY_FLAG_ALL_ONES)) != 0) | ((offs % _U64(ctx.cs)) != 0)))
         for i in np.flatnonzero(bad).tolist():
             ctx.corruptions += 1
-            ctx.add(Finding("bitmap-table-entry", "error", f"ERROR bitmap table entry {i} is invalid: "
+            ctx.add(Finding(FindingKind.BITMAP_TABLE_ENTRY, Severity.ERROR, f"ERROR bitmap table entry {i} is invalid: "
                             f"{int(table[i]):x}", host_offset=int(offs[i])))
         good = ~bad & (offs != 0)
         ctx.inc(offs[good].astype(np.int64), ctx.cs, "bitmap data")
@@ -744,12 +785,12 @@ def _refblocks(ctx: _Ctx) -> None:
     for i in np.flatnonzero(reserved).tolist():
         ctx.corruptions += 1
         ctx.rebuild = True
-        ctx.add(Finding("reftable-reserved-bits", "error", f"ERROR refcount table entry {i} has reserved bits set",
+        ctx.add(Finding(FindingKind.REFTABLE_RESERVED_BITS, Severity.ERROR, f"ERROR refcount table entry {i} has reserved bits set",
                         host_offset=int(offs[i]), entry=int(rt[i])))
     for i in np.flatnonzero(unaligned).tolist():
         ctx.corruptions += 1
         ctx.rebuild = True
-        ctx.add(Finding("refblock-unaligned", "error",
+        ctx.add(Finding(FindingKind.REFBLOCK_UNALIGNED, Severity.ERROR,
                         f"ERROR refcount block {i} is not cluster aligned; refcount table entry corrupted",
                         host_offset=int(offs[i]), entry=int(rt[i])))
     ok = ~reserved & ~unaligned
@@ -757,7 +798,7 @@ def _refblocks(ctx: _Ctx) -> None:
     outside = ok & ((offs < 0) | (clusters >= len(ctx.refs)))  # HX: bit 63 set reads as negative int64
     for i in np.flatnonzero(outside).tolist():
         ctx.corruptions += 1
-        ctx.add(Finding("refblock-outside-image", "error", f"ERROR refcount block {i} is outside image",
+        ctx.add(Finding(FindingKind.REFBLOCK_OUTSIDE_IMAGE, Severity.ERROR, f"ERROR refcount block {i} is outside image",
                         host_offset=int(offs[i]), repairable_by_qemu=True))
     sel = np.flatnonzero(ok & ~outside & (offs != 0))
     if sel.size == 0:
@@ -777,7 +818,7 @@ def _refblocks(ctx: _Ctx) -> None:
         ctx.corruptions += 1
         ctx.rebuild = True
         i = int(sel[k])
-        ctx.add(Finding("refblock-refcount", "error", f"ERROR refcount block {i} refcount={int(value[k])}",
+        ctx.add(Finding(FindingKind.REFBLOCK_REFCOUNT, Severity.ERROR, f"ERROR refcount block {i} refcount={int(value[k])}",
                         host_offset=int(offs[i]), cluster=int(cl[k]), reference=int(value[k])))
 
 
@@ -790,7 +831,7 @@ def _overflow(ctx: _Ctx) -> None:
         extra = int(ctx.refs[c]) - ctx.refmax
         ctx.corruptions += extra
         for _ in range(min(extra, 10)):
-            ctx.add(Finding("refcount-overflow", "error", f"ERROR: overflow cluster offset=0x{c * ctx.cs:x}",
+            ctx.add(Finding(FindingKind.REFCOUNT_OVERFLOW, Severity.ERROR, f"ERROR: overflow cluster offset=0x{c * ctx.cs:x}",
                             host_offset=c * ctx.cs, cluster=c))
     if over.size:
         np.minimum(ctx.refs, ctx.refmax, out=ctx.refs)
@@ -810,7 +851,7 @@ def _compare(ctx: _Ctx) -> tuple[int, int]:
         used[lo:hi] = False
         ctx.check_errors += max(0, hi - lo)
         for c in range(lo, hi):
-            ctx.add(Finding("refcount-unreadable", "error", f"Can't get refcount for cluster {c}: Input/output error",
+            ctx.add(Finding(FindingKind.REFCOUNT_UNREADABLE, Severity.ERROR, f"Can't get refcount for cluster {c}: Input/output error",
                             cluster=c, host_offset=c * ctx.cs))
     if not readable.all():
         diff = diff[readable[diff // per]]
@@ -840,12 +881,12 @@ def _mismatches(ctx: _Ctx, clusters: np.ndarray, have: np.ndarray, want: np.ndar
             ctx.rebuild = True
         if r1 < r2:
             ctx.corruptions += 1
-            ctx.add(Finding("refcount-too-low" if r1 else "refcount-zero", "error",
+            ctx.add(Finding(FindingKind.REFCOUNT_TOO_LOW if r1 else FindingKind.REFCOUNT_ZERO, Severity.ERROR,
                             f"ERROR cluster {c} refcount={r1} reference={r2}", cluster=c, host_offset=c * ctx.cs,
                             refcount=r1, reference=r2, repairable_by_qemu=True))
         else:
             leaks += 1
-            ctx.add(Finding("leak", "leak", f"Leaked cluster {c} refcount={r1} reference={r2}", cluster=c,
+            ctx.add(Finding(FindingKind.LEAK, Severity.LEAK, f"Leaked cluster {c} refcount={r1} reference={r2}", cluster=c,
                             host_offset=c * ctx.cs, refcount=r1, reference=r2, repairable_by_qemu=True))
     return leaks
 
@@ -856,9 +897,9 @@ def check_image(img: Image, *, progress=None) -> CheckReport:
     h = ctx.h
     info: list[Finding] = []
     if h.is_dirty:
-        info.append(Finding("dirty-bit", "info", "the dirty bit is set: refcounts may be stale (lazy refcounts)"))
+        info.append(Finding(FindingKind.DIRTY_BIT, Severity.INFO, "the dirty bit is set: refcounts may be stale (lazy refcounts)"))
     if h.is_corrupt:
-        info.append(Finding("corrupt-bit", "info", "the corrupt bit is set: QEMU refuses to open the image "
+        info.append(Finding(FindingKind.CORRUPT_BIT, Severity.INFO, "the corrupt bit is set: QEMU refuses to open the image "
                             "read-write until a repair clears it"))
     try:
         ctx.inc(np.array([0]), ctx.cs, "header")
@@ -869,7 +910,7 @@ def check_image(img: Image, *, progress=None) -> CheckReport:
         _refblocks(ctx)
     except QcowError as e:
         ctx.check_errors += 1
-        ctx.add(Finding("check-failed", "error", f"check could not complete: {e}"))
+        ctx.add(Finding(FindingKind.CHECK_FAILED, Severity.ERROR, f"check could not complete: {e}"))
         return _report(ctx, info, leaks=0, highest=-1)
     _overflow(ctx)
     leaks, highest = _compare(ctx)
@@ -881,7 +922,7 @@ def _report(ctx: _Ctx, info: list[Finding], *, leaks: int, highest: int) -> Chec
     findings = info + ctx.findings + ctx.copied
     for kind, n in ctx.kind_counts.items():
         if n > MAX_FINDINGS_PER_KIND:
-            findings.append(Finding("truncated", "info", f"... {n - MAX_FINDINGS_PER_KIND} more '{kind}' findings "
+            findings.append(Finding(FindingKind.TRUNCATED, Severity.INFO, f"... {n - MAX_FINDINGS_PER_KIND} more '{kind.value}' findings "
                                     "not listed"))
     return CheckReport(
         filename=ctx.img.path, check_errors=ctx.check_errors, corruptions=ctx.corruptions, leaks=leaks,

@@ -16,15 +16,45 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from enum import Enum
 
 import numpy as np
 
 from ..errors import QcowError
 from ..format import constants as C
+from ..format.header import FIELD
 from ..format.refcounts import pack_refcounts
-from .checker import CheckReport, Finding, _Ctx, check_image
 
-POLICIES = ("keep-data", "zero", "unallocate")
+_INCOMPAT = FIELD["incompatible_features"]
+from .checker import CheckReport, Finding, FindingKind, Severity, _Ctx, check_image
+
+
+class RepairPolicy(str, Enum):
+    """What a repair makes of subclusters marked both allocated and zero (QEMU 7.2 only reports them)."""
+
+    KEEP_DATA = "keep-data"
+    ZERO = "zero"
+    UNALLOCATE = "unallocate"
+
+    @property
+    def effect(self) -> str:
+        """The policy's effect on the guest, in words (help texts and the TUI's repair dialog)."""
+        return {RepairPolicy.KEEP_DATA: "subclusters marked both allocated and zero keep their data (the zero bit "
+                                        "is cleared)",
+                RepairPolicy.ZERO: "subclusters marked both allocated and zero read as zeros (the allocation bit "
+                                   "is cleared)",
+                RepairPolicy.UNALLOCATE: "broken subclusters become unallocated: they read from the backing file, "
+                                         "or zeros without one"}[self]
+
+
+POLICIES = tuple(p.value for p in RepairPolicy)
+
+
+def repair_policy(name: str) -> RepairPolicy:
+    try:
+        return RepairPolicy(name)
+    except ValueError:
+        raise QcowError(f"unknown repair policy {name!r} (use {', '.join(POLICIES)})") from None
 _U64 = np.uint64
 _LOW = 0xFFFFFFFF
 
@@ -112,8 +142,7 @@ class RepairPlan:
 # ---- planning --------------------------------------------------------------------------------------
 class _Planner:
     def __init__(self, chain, report: CheckReport, policy: str):
-        if policy not in POLICIES:
-            raise QcowError(f"unknown repair policy {policy!r} (use {', '.join(POLICIES)})")
+        policy = repair_policy(policy)
         self.chain = chain
         self.img = chain.top
         self.h = self.img.header
@@ -188,22 +217,22 @@ class _Planner:
         off, w0, bm = self.entry(f)
         host = w0 & C.L2E_OFFSET_MASK
         new, scs = repaired_bitmap(w0, bm, self.policy)
-        if f.kind == "invalid-bitmap-allocated":
-            if self.policy == "keep-data":
+        if f.kind is FindingKind.INVALID_BITMAP_ALLOCATED:
+            if self.policy is RepairPolicy.KEEP_DATA:
                 action = "keep the data: clear the zero bit of subclusters " + _list(scs)
-            elif self.policy == "zero":
+            elif self.policy is RepairPolicy.ZERO:
                 action = "read as zero: clear the allocation bit of subclusters " + _list(scs)
             else:
                 what = "the backing file" if len(self.chain.layers) > 1 else "zeros (no backing file)"
                 action = f"unallocate subclusters {_list(scs)}: they read from {what}"
             patches = self.set_entry(off, w0, new)
             self.items.append(RepairItem(f, action, tuple(patches), tuple(self.preview(f, host, bm, new, scs))))
-        elif f.kind == "invalid-bitmap-unallocated":
+        elif f.kind is FindingKind.INVALID_BITMAP_UNALLOCATED:
             action = ("the cluster has no host offset: clear the allocation bits of subclusters " + _list(scs)
                       + " (zero bits kept)")
             patches = self.set_entry(off, w0, new)
             self.items.append(RepairItem(f, action, tuple(patches), tuple(self.preview(f, 0, bm, new, scs))))
-        elif f.kind == "compressed-bitmap":
+        elif f.kind is FindingKind.COMPRESSED_BITMAP:
             patches = self.set_entry(off, w0, 0)
             self._compressed_refs(w0, +1)
             self.items.append(RepairItem(f, "clear the bitmap of the compressed cluster; its data is kept (and its "
@@ -224,16 +253,16 @@ class _Planner:
 
     # -- other entry-level repairs
     def fix_entry_bits(self, f: Finding) -> None:
-        if f.kind == "l2-reserved-bits":
+        if f.kind is FindingKind.L2_RESERVED_BITS:
             off, w0, bm = self.entry(f)
             new = w0 & ~C.L2E_STD_RESERVED_MASK
             self.items.append(RepairItem(f, "clear the reserved bits of the L2 entry (I/O ignores them: no guest "
                                          "byte changes)", tuple(self.set_entry(off, new, bm))))
-        elif f.kind == "compressed-copied":
+        elif f.kind is FindingKind.COMPRESSED_COPIED:
             off, w0, bm = self.entry(f)
             self.items.append(RepairItem(f, "clear the COPIED flag of the compressed cluster",
                                          tuple(self.set_entry(off, w0 & ~C.QCOW_OFLAG_COPIED, bm))))
-        elif f.kind == "l1-reserved-bits" and f.snapshot is None:
+        elif f.kind is FindingKind.L1_RESERVED_BITS and f.snapshot is None:
             off = self.h.l1_table_offset + 8 * f.l1_index
             new = f.entry & ~C.L1E_RESERVED_MASK
             self.items.append(RepairItem(f, "clear the reserved bits of the L1 entry",
@@ -246,24 +275,24 @@ class _Planner:
     def fix_unaligned(self, f: Finding) -> None:
         """QEMU's fix_l2_entry_by_zero for preallocated entries; data clusters only by policy."""
         off, w0, bm = self.entry(f)
-        if f.kind == "data-cluster-unaligned" and self.policy == "keep-data":
+        if f.kind is FindingKind.DATA_CLUSTER_UNALIGNED and self.policy is RepairPolicy.KEEP_DATA:
             self.unfixed += 1
             self.unsupported.append(f"{f.message} [{f.place()}]: the data's real location is unknown; "
                                     "use --policy zero or unallocate to drop the mapping")
             return
         if self.h.extended_l2:
             alloc = bm & _LOW
-            new = (bm | (alloc << 32)) & 0xFFFFFFFF00000000 if self.policy != "unallocate" else bm & ~_LOW
+            new = (bm | (alloc << 32)) & 0xFFFFFFFF00000000 if self.policy is not RepairPolicy.UNALLOCATE else bm & ~_LOW
             patches = self.set_entry(off, 0, new)
         else:
-            patches = self.set_entry(off, C.QCOW_OFLAG_ZERO if self.policy != "unallocate" else 0, 0)
+            patches = self.set_entry(off, C.QCOW_OFLAG_ZERO if self.policy is not RepairPolicy.UNALLOCATE else 0, 0)
         self._region_refs(f.host_offset, self.cs, -1)
         self.entry_fixes += 1
-        after = "zeros" if self.policy != "unallocate" else "the backing file (or zeros)"
+        after = "zeros" if self.policy is not RepairPolicy.UNALLOCATE else "the backing file (or zeros)"
         change = GuestChange(f.guest_offset, self.cs, "EIO for allocated subclusters (QEMU: unaligned cluster "
                              "offset); the others as their bits say", after) if f.snapshot is None else None
         self.items.append(RepairItem(f, "drop the unaligned host offset: the cluster's allocated subclusters "
-                                     + ("read as zero" if self.policy != "unallocate" else "fall through"),
+                                     + ("read as zero" if self.policy is not RepairPolicy.UNALLOCATE else "fall through"),
                                      tuple(patches), (change,) if change else ()))
 
 
@@ -280,14 +309,13 @@ def repaired_bitmap(word0: int, bitmap: int, policy: str) -> tuple[int, list[int
         alloc = bitmap & _LOW
         return bitmap & ~alloc, [i for i in range(32) if alloc >> i & 1]
     both = bitmap & (bitmap >> 32) & _LOW
-    if policy == "keep-data":
+    policy = repair_policy(policy)
+    if policy is RepairPolicy.KEEP_DATA:
         new = bitmap & ~(both << 32)
-    elif policy == "zero":
+    elif policy is RepairPolicy.ZERO:
         new = bitmap & ~both
-    elif policy == "unallocate":
-        new = bitmap & ~both & ~(both << 32)
     else:
-        raise QcowError(f"unknown repair policy {policy!r} (use {', '.join(POLICIES)})")
+        new = bitmap & ~both & ~(both << 32)
     return new, [i for i in range(32) if both >> i & 1]
 
 
@@ -310,13 +338,13 @@ def plan_repair(chain, report: CheckReport, *, policy: str = "keep-data", entrie
     if flags_only.size:
         raise QcowError(f"L1 entry {int(flags_only[0])} has flags but no L2 table offset (0x{int(l1[flags_only[0]]):x}): "
                         "QEMU counts the header as an L2 table there; qdebug cannot plan a safe repair")
-    sub = ("invalid-bitmap-allocated", "invalid-bitmap-unallocated", "compressed-bitmap")
+    sub = (FindingKind.INVALID_BITMAP_ALLOCATED, FindingKind.INVALID_BITMAP_UNALLOCATED, FindingKind.COMPRESSED_BITMAP)
     want = None if entries is None else {e if isinstance(e, tuple) else (None, int(e)) for e in entries}
 
     def selected(f: Finding) -> bool:
         return want is None or (f.l1_index, f.l2_index) in want or (None, f.l2_index) in want
 
-    findings = [f for f in report.findings if f.severity != "info"]
+    findings = [f for f in report.findings if f.severity is not Severity.INFO]
     seen_entries: set[tuple] = set()
     for f in findings:
         key = (f.kind, f.l2_offset, f.l2_index)
@@ -331,20 +359,18 @@ def plan_repair(chain, report: CheckReport, *, policy: str = "keep-data", entrie
                 p.fix_subclusters(f)
             else:
                 p.unfixed += 1
-                if f.kind == "compressed-bitmap":
+                if f.kind is FindingKind.COMPRESSED_BITMAP:
                     p._compressed_refs(f.entry, +1)  # never free its data as a "leak"
                     p.unsupported.append(f"{f.message} [{f.place()}]: kept as it is; its data is not freed")
         elif want is not None:
             continue
-        elif f.kind == "prealloc-cluster-unaligned" and mode in ("all", "qdebug"):
+        elif f.kind is FindingKind.PREALLOC_CLUSTER_UNALIGNED and mode in ("all", "qdebug"):
             p.fix_unaligned(f)
-        elif f.kind == "data-cluster-unaligned" and mode == "qdebug":
+        elif f.kind is FindingKind.DATA_CLUSTER_UNALIGNED and mode == "qdebug":
             p.fix_unaligned(f)
-        elif f.kind in ("l2-reserved-bits", "compressed-copied", "l1-reserved-bits") and mode == "qdebug":
+        elif f.kind in (FindingKind.L2_RESERVED_BITS, FindingKind.COMPRESSED_COPIED, FindingKind.L1_RESERVED_BITS) and mode == "qdebug":
             p.fix_entry_bits(f)
-        elif f.kind in ("leak", "refcount-too-low", "refcount-zero", "copied-l1", "copied-data",
-                        "refblock-refcount", "refblock-unaligned", "reftable-reserved-bits",
-                        "refblock-outside-image", "refcount-unreadable"):
+        elif f.kind in (FindingKind.LEAK, FindingKind.REFCOUNT_TOO_LOW, FindingKind.REFCOUNT_ZERO, FindingKind.COPIED_L1, FindingKind.COPIED_DATA, FindingKind.REFBLOCK_REFCOUNT, FindingKind.REFBLOCK_UNALIGNED, FindingKind.REFTABLE_RESERVED_BITS, FindingKind.REFBLOCK_OUTSIDE_IMAGE, FindingKind.REFCOUNT_UNREADABLE):
             continue  # handled below from the reference counts
         else:
             p.unfixed += 1
@@ -353,7 +379,7 @@ def plan_repair(chain, report: CheckReport, *, policy: str = "keep-data", entrie
     new_size = None
     if want is None and mode in ("leaks", "all", "qdebug"):
         leaks_fixed, corruptions_fixed, new_size = _plan_refcounts(p, mode)
-        n_copied = sum(1 for f in report.findings if f.kind in ("copied-l1", "copied-data"))
+        n_copied = sum(1 for f in report.findings if f.kind in (FindingKind.COPIED_L1, FindingKind.COPIED_DATA))
         if mode != "leaks" or (not report.check_errors and report.corruptions == n_copied):
             corruptions_fixed += _plan_copied(p, mode)
     if mode == "all":
@@ -368,13 +394,13 @@ def plan_repair(chain, report: CheckReport, *, policy: str = "keep-data", entrie
         p.items.append(RepairItem(None, "clear the " + " and ".join(
             n for n, on in (("corrupt bit", clear_corrupt), ("dirty bit", clear_dirty)) if on)
             + " (nothing broken is left)",
-            (Patch(72, struct.pack(">Q", feats), "header"),)))
+            (Patch(_INCOMPAT.offset, _INCOMPAT.pack(feats), "header"),)))
     return RepairPlan(p.img.path, policy, tuple(p.items), tuple(p.unsupported), clear_corrupt, clear_dirty,
                       leaks_fixed, corruptions_fixed, new_size)
 
 
 def _only_selected_broken(report: CheckReport, selected) -> bool:
-    return all(f.severity == "info" or (f.l2_index is not None and selected(f)) for f in report.findings)
+    return all(f.severity is Severity.INFO or (f.l2_index is not None and selected(f)) for f in report.findings)
 
 
 def _plan_refcounts(p: _Planner, mode: str) -> tuple[int, int, int | None]:

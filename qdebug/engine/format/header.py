@@ -1,7 +1,10 @@
 """qcow2 header and header extensions (qcow2.txt "Header" and "Header extensions").
 
-Parsing validates what QEMU validates at open time, so that an image QEMU refuses is refused here
-too, with the field named. Unknown extensions are kept byte for byte so a rewrite preserves them.
+`HEADER_FIELDS` is the header as one self-describing table (name, offset, width, how to show it,
+the version that has it): it parses, packs, names a field's place in error messages, and tells
+writers where a field lives (`FIELD["incompatible_features"].offset`), so no offset is spelled
+twice. Parsing validates what QEMU validates at open time, so that an image QEMU refuses is
+refused here too, with the field named. Unknown extensions are kept byte for byte.
 """
 
 from __future__ import annotations
@@ -12,8 +15,60 @@ from dataclasses import dataclass, field, replace
 from ..errors import CorruptImage, NotQcow2, UnsupportedFeature
 from . import constants as C
 
-_V2 = struct.Struct(">IIQIIQIIQQIIQ")  # up to and including snapshots_offset: 72 bytes
-_V3 = struct.Struct(">QQQII")  # features, refcount_order, header_length: 32 bytes
+
+@dataclass(frozen=True)
+class HeaderField:
+    """One field of the fixed header: big-endian, `width` bytes at `offset`."""
+
+    name: str
+    offset: int
+    width: int  # bytes: 1, 4 or 8
+    show: str  # "dec", "hex" or "flags": how dumps display it
+    version: int = 2  # the first version that has it
+
+    @property
+    def where(self) -> str:
+        """The field's place, as error messages name it."""
+        return f"{self.name} at offset {self.offset}"
+
+    def read(self, buf: bytes) -> int:
+        return int.from_bytes(buf[self.offset:self.offset + self.width], "big")
+
+    def pack(self, value: int) -> bytes:
+        return value.to_bytes(self.width, "big")
+
+    def display(self, value: int) -> str:
+        return f"0x{value:x}" if self.show in ("hex", "flags") else str(value)
+
+
+HEADER_FIELDS: tuple[HeaderField, ...] = (
+    HeaderField("magic", 0, 4, "hex"),
+    HeaderField("version", 4, 4, "dec"),
+    HeaderField("backing_file_offset", 8, 8, "hex"),
+    HeaderField("backing_file_size", 16, 4, "dec"),
+    HeaderField("cluster_bits", 20, 4, "dec"),
+    HeaderField("size", 24, 8, "dec"),
+    HeaderField("crypt_method", 32, 4, "dec"),
+    HeaderField("l1_size", 36, 4, "dec"),
+    HeaderField("l1_table_offset", 40, 8, "hex"),
+    HeaderField("refcount_table_offset", 48, 8, "hex"),
+    HeaderField("refcount_table_clusters", 56, 4, "dec"),
+    HeaderField("nb_snapshots", 60, 4, "dec"),
+    HeaderField("snapshots_offset", 64, 8, "hex"),
+    HeaderField("incompatible_features", 72, 8, "flags", 3),
+    HeaderField("compatible_features", 80, 8, "flags", 3),
+    HeaderField("autoclear_features", 88, 8, "flags", 3),
+    HeaderField("refcount_order", 96, 4, "dec", 3),
+    HeaderField("header_length", 100, 4, "dec", 3),
+    HeaderField("compression_type", 104, 1, "dec", 3),  # only when header_length > 104
+)
+FIELD = {f.name: f for f in HEADER_FIELDS}
+V2_HEADER_LENGTH = FIELD["incompatible_features"].offset  # 72: a v2 header ends where v3's features start
+V3_HEADER_MIN = FIELD["compression_type"].offset  # 104: header_length's lower bound
+
+
+def _at(name: str) -> str:
+    return f"(offset {FIELD[name].offset})"
 
 
 @dataclass(frozen=True)
@@ -159,39 +214,43 @@ def parse_header(buf: bytes, file_size: int) -> Header:
     """Parse and validate the header in `buf` (cluster 0, or as much of it as the file has)."""
     if len(buf) < 4 or struct.unpack_from(">I", buf, 0)[0] != C.QCOW_MAGIC:
         raise NotQcow2("not a qcow2 image (bad magic at offset 0)")
-    if len(buf) < 72:
-        raise CorruptImage(f"header truncated: file is {len(buf)} bytes, a qcow2 header needs 72")
+    if len(buf) < V2_HEADER_LENGTH:
+        raise CorruptImage(f"header truncated: file is {len(buf)} bytes, a qcow2 header needs {V2_HEADER_LENGTH}")
+    v = {f.name: f.read(buf) for f in HEADER_FIELDS if f.version == 2}
     (magic, version, bfo, bfs, cluster_bits, size, crypt, l1_size, l1_off, rt_off, rt_clusters,
-     nb_snap, snap_off) = _V2.unpack_from(buf, 0)
+     nb_snap, snap_off) = v.values()
     if version not in (2, 3):
-        raise UnsupportedFeature(f"unsupported qcow2 version {version} (header field version at offset 4)")
+        raise UnsupportedFeature(f"unsupported qcow2 version {version} ({FIELD['version'].where})")
     if not C.MIN_CLUSTER_BITS <= cluster_bits <= C.MAX_CLUSTER_BITS:
         raise CorruptImage(
-            f"unsupported cluster size: cluster_bits={cluster_bits} (offset 20), QEMU accepts 9..21"
+            f"unsupported cluster size: cluster_bits={cluster_bits} {_at('cluster_bits')}, QEMU accepts 9..21"
         )
     cluster_size = 1 << cluster_bits
     incompat = compat = autoclear = 0
-    refcount_order, header_length, compression_type = 4, 72, 0
+    refcount_order, header_length, compression_type = 4, V2_HEADER_LENGTH, 0
     if version == 3:
-        if len(buf) < 104:
-            raise CorruptImage(f"v3 header truncated: file is {len(buf)} bytes, need 104")
-        incompat, compat, autoclear, refcount_order, header_length = _V3.unpack_from(buf, 72)
-        _check(header_length >= 104, f"header_length {header_length} (offset 100) is below 104")
-        _check(header_length % 8 == 0, f"header_length {header_length} (offset 100) is not a multiple of 8")
+        if len(buf) < V3_HEADER_MIN:
+            raise CorruptImage(f"v3 header truncated: file is {len(buf)} bytes, need {V3_HEADER_MIN}")
+        incompat, compat, autoclear, refcount_order, header_length = (
+            FIELD[n].read(buf) for n in ("incompatible_features", "compatible_features", "autoclear_features",
+                                         "refcount_order", "header_length"))
+        _check(header_length >= V3_HEADER_MIN,
+               f"header_length {header_length} {_at('header_length')} is below {V3_HEADER_MIN}")
+        _check(header_length % 8 == 0, f"header_length {header_length} {_at('header_length')} is not a multiple of 8")
         _check(header_length <= cluster_size,
-               f"header_length {header_length} (offset 100) exceeds the cluster size {cluster_size}")
+               f"header_length {header_length} {_at('header_length')} exceeds the cluster size {cluster_size}")
         _check(header_length <= len(buf), f"header_length {header_length} runs past the end of the file")
-        if header_length > 104:
-            compression_type = buf[104]
+        if header_length > V3_HEADER_MIN:
+            compression_type = FIELD["compression_type"].read(buf)
     if refcount_order > C.MAX_REFCOUNT_ORDER:
-        raise CorruptImage(f"refcount_order {refcount_order} (offset 96) is above 6")
+        raise CorruptImage(f"refcount_order {refcount_order} {_at('refcount_order')} is above 6")
     # Unknown incompatible bits: refuse like QEMU ("Unsupported qcow2 feature(s)").
     unknown = incompat & ~C.QCOW2_INCOMPAT_MASK
     # Extensions (v3 only place them after header_length; v2 after byte 72).
     ext_start = header_length
     ext_end = cluster_size
     if bfo:
-        _check(bfo <= cluster_size, f"invalid backing file offset 0x{bfo:x} (offset 8): past cluster 0")
+        _check(bfo <= cluster_size, f"invalid backing file offset 0x{bfo:x} {_at('backing_file_offset')}: past cluster 0")
         ext_end = bfo
     extensions, names = _parse_extensions(
         buf, ext_start, ext_end, "the backing file name" if bfo else "cluster 0")
@@ -203,18 +262,18 @@ def parse_header(buf: bytes, file_size: int) -> Header:
     backing = None
     if bfo:
         _check(bfs <= C.BACKING_FILE_NAME_MAX,
-               f"backing file name too long: {bfs} bytes (offset 16), QEMU allows 1023")
+               f"backing file name too long: {bfs} bytes {_at('backing_file_size')}, QEMU allows 1023")
         _check(bfo + bfs <= min(cluster_size, len(buf)),
                f"backing file name at 0x{bfo:x}+{bfs} runs past cluster 0 or the end of the file")
         # QEMU reads the name into a C string: it ends at the first NUL byte.
         backing = bytes(buf[bfo:bfo + bfs]).split(b"\0", 1)[0].decode("utf-8", "replace")
-    _check(l1_off % cluster_size == 0, f"L1 table offset 0x{l1_off:x} (offset 40) is not cluster aligned")
+    _check(l1_off % cluster_size == 0, f"L1 table offset 0x{l1_off:x} {_at('l1_table_offset')} is not cluster aligned")
     _check(rt_off % cluster_size == 0,
-           f"refcount table offset 0x{rt_off:x} (offset 48) is not cluster aligned")
-    _check(rt_clusters > 0, "refcount_table_clusters (offset 56) is 0")
+           f"refcount table offset 0x{rt_off:x} {_at('refcount_table_offset')} is not cluster aligned")
+    _check(rt_clusters > 0, f"refcount_table_clusters {_at('refcount_table_clusters')} is 0")
     _check(rt_clusters * cluster_size <= C.QCOW_MAX_REFTABLE_SIZE,
-           f"refcount table too large: {rt_clusters} clusters (offset 56)")
-    _check(l1_size * 8 <= C.QCOW_MAX_L1_SIZE, f"active L1 table too large: l1_size={l1_size} (offset 36)")
+           f"refcount table too large: {rt_clusters} clusters {_at('refcount_table_clusters')}")
+    _check(l1_size * 8 <= C.QCOW_MAX_L1_SIZE, f"active L1 table too large: l1_size={l1_size} {_at('l1_size')}")
     hdr = Header(magic, version, bfo, bfs, cluster_bits, size, crypt, l1_size, l1_off, rt_off,
                  rt_clusters, nb_snap, snap_off, incompat, compat, autoclear, refcount_order,
                  header_length, compression_type, tuple(extensions), backing, tuple(names))
@@ -222,11 +281,11 @@ def parse_header(buf: bytes, file_size: int) -> Header:
         _check(version == 3, "extended L2 entries need a v3 image")
         _check(hdr.subcluster_size >= 512, f"unsupported subcluster size: {hdr.subcluster_size}")
     _check(l1_size >= hdr.l1_entries_needed,
-           f"L1 table is too small: l1_size={l1_size} (offset 36), size needs {hdr.l1_entries_needed}")
+           f"L1 table is too small: l1_size={l1_size} {_at('l1_size')}, size needs {hdr.l1_entries_needed}")
     if hdr.compression_type not in (0, 1):
-        raise UnsupportedFeature(f"unknown compression type {compression_type} (offset 104)")
+        raise UnsupportedFeature(f"unknown compression type {compression_type} {_at('compression_type')}")
     if (compression_type != 0) != bool(incompat & C.QCOW2_INCOMPAT_COMPRESSION):
-        raise CorruptImage("compression type (offset 104) and incompatible bit 3 disagree")
+        raise CorruptImage(f"compression type {_at('compression_type')} and incompatible bit 3 disagree")
     if l1_size:
         _check(l1_off != 0 and l1_off + l1_size * 8 <= file_size,
                f"L1 table at 0x{l1_off:x} ({l1_size} entries) runs past the end of the file ({file_size})")
@@ -291,15 +350,21 @@ def _parse_extensions(buf: bytes, start: int, end: int, limit: str) -> tuple[lis
 
 
 def pack_header_fields(hdr: Header) -> bytes:
-    """The fixed header (72 or 104+ bytes) of `hdr`; extensions and backing name are not touched."""
-    out = _V2.pack(hdr.magic, hdr.version, hdr.backing_file_offset, hdr.backing_file_size,
-                   hdr.cluster_bits, hdr.size, hdr.crypt_method, hdr.l1_size, hdr.l1_table_offset,
-                   hdr.refcount_table_offset, hdr.refcount_table_clusters, hdr.nb_snapshots,
-                   hdr.snapshots_offset)
-    if hdr.version >= 3:
-        out += _V3.pack(hdr.incompatible_features, hdr.compatible_features, hdr.autoclear_features,
-                        hdr.refcount_order, hdr.header_length)
-    return out
+    """The fixed header of `hdr` (72 bytes for v2; v3 up to header_length, the compression type
+    byte included when the header has it); extensions and the backing name are not touched."""
+    out = bytearray()
+    for f in HEADER_FIELDS:
+        if f.version > hdr.version or (f.name == "compression_type" and hdr.header_length <= f.offset):
+            continue
+        out += f.pack(getattr(hdr, f.name))
+    return bytes(out)
+
+
+def header_dump(hdr: Header) -> list[tuple[HeaderField, int, str]]:
+    """(field, value, display text) of every field the header has: for dumps and inspectors."""
+    return [(f, v, f.display(v)) for f in HEADER_FIELDS
+            if f.version <= hdr.version and not (f.name == "compression_type" and hdr.header_length <= f.offset)
+            for v in (getattr(hdr, f.name),)]
 
 
 def build_header(*, cluster_bits: int, size: int, l1_size: int, l1_table_offset: int,
@@ -325,7 +390,7 @@ def build_header(*, cluster_bits: int, size: int, l1_size: int, l1_table_offset:
     hdr = Header(C.QCOW_MAGIC, 3, bfo, bfs, cluster_bits, size, 0, l1_size, l1_table_offset,
                  refcount_table_offset, refcount_table_clusters, 0, 0, incompat, 0, 0,
                  refcount_order, header_length, compression_type)
-    fixed = pack_header_fields(hdr) + bytes([compression_type]) + bytes(7)
+    fixed = pack_header_fields(hdr) + bytes(header_length - V3_HEADER_MIN - 1)
     out = fixed + bytes(body) + name
     if len(out) > (1 << cluster_bits):
         raise ValueError("header does not fit in cluster 0")

@@ -9,7 +9,8 @@ from ..file.chain import Chain
 from ..file.image import Image
 from ..format.compression import decompress, descriptor_fields
 from ..format.subclusters import SubclusterType as T
-from .status import RAW_DATA, Resolved, layer_runs, resolve
+from .kinds import RAW_DATA
+from .status import Resolved, layer_runs, resolve
 
 
 def resolve_chain(chain: Chain, start: int, end: int, *, for_map: bool = False) -> Resolved:

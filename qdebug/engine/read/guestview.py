@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import struct
-from typing import Callable, Final
+from typing import Callable
 
 from ..file.chain import Chain, RawFile
 from ..file.image import Image
@@ -27,10 +27,8 @@ from ..format.subclusters import (
     subcluster_range_type,
 )
 from .guest import invalid_entry
+from .kinds import PAST_END, RAW_DATA
 
-RAW_DATA: Final = 7
-RAW_HOLE: Final = 8
-PAST_END: Final = 9
 Segment = tuple[int, int, int, int, int]  # guest start, end, kind, depth, host
 
 
@@ -67,8 +65,8 @@ def _layer_entry(img: Image, guest_cluster: int, g: Geometry) -> tuple[int, int]
 
 def segments(chain: Chain, top: TopEntries | None, start: int, end: int,
              depth: int = 0, out: list[Segment] | None = None) -> list[Segment]:
-    """[(start, end, kind, depth, host)] for the guest range; kind is a SubclusterType, RAW_DATA,
-    RAW_HOLE (only when asked via raw_holes) or PAST_END. host: byte offset in that layer
+    """[(start, end, kind, depth, host)] for the guest range; kind is a SubclusterType, RAW_DATA
+    or PAST_END (read.kinds). host: byte offset in that layer
     (for COMPRESSED: the L2 descriptor). `top`: the running step, whose L2 entries the top layer has."""
     if out is None:
         out = []

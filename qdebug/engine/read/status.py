@@ -19,24 +19,18 @@ import numpy as np
 from ..errors import QcowError
 from ..format import constants as C
 from ..format.subclusters import SubclusterType as T
-
-# Raw-file kinds, numbered after QEMU's subcluster types.
-RAW_DATA = 7
-RAW_HOLE = 8
-# A NORMAL range whose host bytes are a hole in the image file, in an image QEMU takes for metadata
-# preallocated: its block status then recurses into the file (BDRV_BLOCK_RECURSE) and adds ZERO.
-NORMAL_HOLE = 9
+from .kinds import NKINDS, NORMAL_HOLE, RAW_DATA, RAW_HOLE
 
 _U64 = np.uint64
 _FULL = _U64(0xFFFFFFFF)
 # Kinds whose host offset is meaningful and contiguous within a run.
 _HOST_KINDS = np.array([k in (T.NORMAL, T.ZERO_ALLOC, T.UNALLOCATED_ALLOC, RAW_DATA, RAW_HOLE, NORMAL_HOLE)
-                        for k in range(10)])
+                        for k in range(NKINDS)])
 # Kinds that answer for the range (QEMU: BDRV_BLOCK_DATA or BDRV_BLOCK_ZERO from the driver).
 DECISIVE = np.array([k in (T.ZERO_PLAIN, T.ZERO_ALLOC, T.NORMAL, T.COMPRESSED, T.INVALID, RAW_DATA, RAW_HOLE,
-                          NORMAL_HOLE) for k in range(10)])
-IS_DATA = np.array([k in (T.NORMAL, T.COMPRESSED, RAW_DATA, NORMAL_HOLE) for k in range(10)])
-IS_ZERO = np.array([k in (T.ZERO_PLAIN, T.ZERO_ALLOC, RAW_HOLE, NORMAL_HOLE) for k in range(10)])
+                          NORMAL_HOLE) for k in range(NKINDS)])
+IS_DATA = np.array([k in (T.NORMAL, T.COMPRESSED, RAW_DATA, NORMAL_HOLE) for k in range(NKINDS)])
+IS_ZERO = np.array([k in (T.ZERO_PLAIN, T.ZERO_ALLOC, RAW_HOLE, NORMAL_HOLE) for k in range(NKINDS)])
 
 
 @dataclass

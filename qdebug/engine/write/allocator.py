@@ -16,9 +16,13 @@ import numpy as np
 from ..errors import CorruptImage
 from ..format import constants as C
 from ..format.compression import descriptor_fields
+from ..format.header import FIELD
 from ..format.refcounts import pack_refcounts, unpack_refcounts
 from .txn import UINT, Txn
 
+_REFTABLE_FIELD = FIELD["refcount_table_offset"]
+_REFTABLE_CLUSTERS = FIELD["refcount_table_clusters"]
+assert _REFTABLE_CLUSTERS.offset == _REFTABLE_FIELD.offset + _REFTABLE_FIELD.width
 
 class RefcountTableTooBig(CorruptImage):
     """QEMU's -EFBIG from alloc_refcount_block: the host offset is beyond any refcount table."""
@@ -330,7 +334,9 @@ class Allocator:
             elif first < end_offset:
                 self._write_entries(off, j0, vals[j0:j1])
         self.txn.write_meta(table_offset, b"".join(v.to_bytes(8, "big") for v in new_table), "reftable")
-        self.txn.write_meta(48, table_offset.to_bytes(8, "big") + table_clusters.to_bytes(4, "big"), "header")
+        # refcount_table_offset and refcount_table_clusters are adjacent: one header write, as QEMU's
+        self.txn.write_meta(_REFTABLE_FIELD.offset, _REFTABLE_FIELD.pack(table_offset) + _REFTABLE_CLUSTERS.pack(
+            table_clusters), "header")
         old_offset, old_len = self.reftable_offset, self.reftable_len
         self.reftable_offset, self.reftable_len = table_offset, table_size
         self._boff = {}

@@ -6,16 +6,19 @@ exactly when QEMU does). What the step does is recorded in its `StepTrace` (`ctx
 from __future__ import annotations
 
 import struct
+from typing import Final
 
 from ..file.chain import Chain
 from ..format import constants as C
 from ..format.geometry import Geometry
+from ..format.header import FIELD
 from ..read.guestview import TopEntries
 from .allocator import Allocator
 from .step import StepTrace
 from .txn import Txn
 
 _QQ = struct.Struct(">QQ")
+_INCOMPAT: Final = FIELD["incompatible_features"].offset
 
 
 class StepFailed(Exception):
@@ -183,8 +186,8 @@ class StepContext(TopEntries):
         """qcow2_signal_corruption(fatal): set the corrupt bit and fail the request with EIO."""
         h = self.txn.img.header
         if h.version >= 3:
-            incompat = self.txn.u64(72) | C.QCOW2_INCOMPAT_CORRUPT
-            self.txn.write_u64(72, incompat, "header")
+            incompat = self.txn.u64(_INCOMPAT) | C.QCOW2_INCOMPAT_CORRUPT
+            self.txn.write_u64(_INCOMPAT, incompat, "header")
         self.marked_corrupt = True
         self.trace.notes.append(f"QEMU marks the image corrupt: {message}")
         raise StepFailed(f"Input/output error ({message})")

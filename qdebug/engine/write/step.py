@@ -14,7 +14,8 @@ from __future__ import annotations
 from typing import Callable
 
 from ..format.subclusters import COMPRESSED, NORMAL, fast_bitmap_string
-from ..read.guestview import RAW_DATA, Segment
+from ..read.guestview import Segment
+from ..read.kinds import RAW_DATA
 from .ops import Command
 from .plan import (
     Allocation,
