@@ -24,7 +24,8 @@ def cmd_trace_import(args) -> int:
     else:
         _write_whole(args.output, text)
         report = sys.stdout
-    counts = ", ".join(f"{n} {what}{'s' if n != 1 else ''}" for what, n in sorted(trace.counts().items()))
+    counts = ", ".join(f"{n} {what}{('es' if what.endswith('sh') else 's') if n != 1 else ''}"
+                       for what, n in sorted(trace.counts().items()))
     print(f"{args.output if args.output != '-' else '<stdout>'}: {len(trace.commands)} commands from "
           f"{trace.selected} ({counts or 'none'}); needs a virtual size of at least {trace.size_needed} bytes "
           f"({human_size(trace.size_needed)})", file=report)
