@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: install qemu test demo bench fuzz lint clean screenshots
+.PHONY: install qemu fio test demo bench fuzz lint clean screenshots
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -40,9 +40,25 @@ qemu:
 	  echo "CI=true and qemu-img is missing: refusing to skip the differential tests"; exit 1; fi
 	@command -v qemu-img >/dev/null 2>&1 && qemu-img --version | head -1 || true
 
+# fio makes the real workloads (iologs) the trace-import tests replay; installed like QEMU, and in
+# CI a missing fio fails the run.
+fio:
+	@if ! command -v fio >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing fio with apt-get"; \
+	    DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fio >/dev/null; \
+	  else \
+	    echo "fio not found: install Debian's fio (sudo apt-get install fio); the fio import tests will be skipped outside CI"; \
+	  fi; \
+	fi
+	@if [ "$$CI" = "true" ] && ! command -v fio >/dev/null 2>&1; then \
+	  echo "CI=true and fio is missing: refusing to skip the fio import tests"; exit 1; fi
+	@command -v fio >/dev/null 2>&1 && fio --version || true
+
 # lint-imports: the layering contracts in pyproject.toml (engine below trace below tui/cli, and
 # inside the engine format < file < read < write < check).
-test: install qemu
+test: install qemu fio
 	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -n 2 $(PYTEST_ARGS)
 
