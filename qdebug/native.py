@@ -28,7 +28,7 @@ MANIFEST = OUT / "manifest.json"
 # nothing. Compiled modules and pure ones must not mix (a compiled caller expects the compiled
 # class), so either all of these load compiled or none does.
 MODULES = ("engine.format.constants", "engine.format.subclusters", "engine.format.geometry", "engine.write.blocklayer",
-           "trace.syntax", "engine.write.ops", "trace.commands", "engine.write.plan", "engine.write.txn",
+           "trace.syntax", "engine.write.ops", "trace.qemuio", "trace.commands", "engine.write.plan", "engine.write.txn",
            "engine.write.allocator", "engine.read.guestview", "engine.write.step", "engine.write.context",
            "engine.write.datapath", "engine.write.zeroes", "engine.write.discard", "engine.write.compressed",
            "engine.write.writer")
