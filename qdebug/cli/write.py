@@ -166,17 +166,35 @@ def hazard_text(h) -> str:
 
 
 def _trace_lines(path: str):
+    """The trace as lines exactly as qemu-io reads them: only "\n" ends a line (a "\r" stays
+    in the line, where qemu-io rejects it too)."""
     if path == "-":
-        return sys.stdin, None
+        return sys.stdin
     try:
-        f = open(path, encoding="utf-8", errors="surrogateescape")
+        return open(path, encoding="utf-8", errors="surrogateescape", newline="\n")
     except OSError as e:
         raise QcowError(f"{path}: cannot read the trace: {e.strerror}") from None
-    total = None
-    if sys.stderr.isatty():
-        total = sum(1 for line in f if line.split("#", 1)[0].strip())
-        f.seek(0)
-    return f, total
+
+
+def _checked_trace(lines, source: str, keep_going: bool):
+    """Every line through the parser before anything is written: a line qdebug cannot run
+    (Unsupported: qemu-io would run it) is always refused, a line qemu-io rejects too unless
+    --keep-going (which reports it in its place and goes on, as qemu-io does). Returns the
+    lines to run (stdin is read whole) and the number of commands."""
+    from ..trace.commands import check_trace
+    from ..trace.syntax import Unsupported
+
+    if lines is sys.stdin:
+        lines = list(lines)
+    count, problems = check_trace(lines, source)
+    refused = [str(e) for _n, e in problems if isinstance(e, Unsupported) or not keep_going]
+    if refused:
+        for message in refused[:-1]:
+            print(f"qdebug: error: {message}", file=sys.stderr)
+        raise QcowError(f"{refused[-1]} (nothing was written: {len(refused)} line(s) refused)")
+    if not isinstance(lines, list):
+        lines.seek(0)
+    return lines, count
 
 
 def cmd_replay(args) -> int:
@@ -185,10 +203,10 @@ def cmd_replay(args) -> int:
     from ..trace.syntax import SyntaxProblem
 
     source = "<stdin>" if args.trace == "-" else args.trace
-    lines, total = _trace_lines(args.trace)
+    lines = _trace_lines(args.trace)
+    progress = None
     log = None
     failures = 0
-    progress = _Progress(total)
     mode = ReplayMode.DRY_RUN if args.dry_run else ReplayMode.JOURNALED if args.journal else ReplayMode.WRITE_BACK
 
     def fail(where: str, message: str) -> None:
@@ -204,8 +222,13 @@ def cmd_replay(args) -> int:
                 log = open(args.log, "w", encoding="utf-8")
             except OSError as e:
                 raise QcowError(f"{args.log}: cannot write the step log: {e.strerror}") from None
+        if lines is not sys.stdin:  # refused before the image is even opened
+            lines, total = _checked_trace(lines, source, args.keep_going)
         with Replay(args.image, mode=mode, durable=args.journal, source=source, history=False,
                     timing=args.log_timing) as replay:
+            if lines is sys.stdin:  # after the locks: a trace piped in may be written while qdebug holds the image
+                lines, total = _checked_trace(lines, source, args.keep_going)
+            progress = _Progress(total)
             for note in replay.notes:
                 print(f"qdebug: note: {note}", file=sys.stderr)
             quiet_gc()
@@ -218,6 +241,8 @@ def cmd_replay(args) -> int:
                     continue
                 if cmd is None:
                     continue
+                if cmd.op == "quit":  # qemu-io reads no further
+                    break
                 rec = step(cmd)
                 assert rec is not None
                 if log:
@@ -225,15 +250,19 @@ def cmd_replay(args) -> int:
                 for h in rec.hazards:
                     print(f"qdebug: {source}:{rec.command.lineno}: {rec.command.source_text}: {hazard_text(h)}",
                           file=sys.stderr)
-                if rec.error:
+                if rec.error and cmd.asynchronous:  # qemu-io prints it; the command succeeded
+                    print(f"qdebug: {source}:{lineno}: {cmd.source_text}: {rec.error} "
+                          f"(reported, as qemu-io does for {cmd.verb})", file=sys.stderr)
+                elif rec.error:
                     fail(f"{source}:{rec.command.lineno}", f"{rec.command.source_text}: {rec.error}")
                 progress.update(rec.index + 1)
             progress.update(replay.steps_run, force=True)
     finally:
-        progress.done()
+        if progress is not None:
+            progress.done()
         if log is not None:
             log.close()
-        if lines is not sys.stdin:
+        if lines is not sys.stdin and not isinstance(lines, list):
             lines.close()
     if failures:
         print(f"qdebug: replay: {failures} command(s) failed", file=sys.stderr)
