@@ -133,7 +133,7 @@ def test_line_means_what_it_means_to_qemu_io(base, tmp_path, monkeypatch, qemu, 
     if cmd is not None and cmd.op != "quit":
         chain = open_chain(mine, writable=True)
         try:
-            error = WriteEngine(chain).execute(cmd).error
+            error = WriteEngine(chain).run(cmd).error
         finally:
             chain.close()
     assert (error is not None) == runtime_failure, f"{line!r}: qemu-io {out.strip()!r}, qdebug {error!r}"
