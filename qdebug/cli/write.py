@@ -103,7 +103,9 @@ def _parse_command_arg(text: str, source: str):
     except SyntaxProblem as e:
         raise QcowError(f"{source}: {e}") from None
     if cmd is None:
-        raise QcowError(f"{source}: no command given")
+        words = text.split("#", 1)[0].split()
+        raise QcowError(f"{source}: {words[0]} changes and checks nothing (qemu-io only prints for it)" if words
+                        else f"{source}: no command given")
     return cmd
 
 

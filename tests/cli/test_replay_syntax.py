@@ -169,3 +169,17 @@ def test_stdin_trace_is_checked_whole_before_it_runs(tmp_path, qemu):
     p = qdebug("replay", image, "-", stdin=b"write -P 1 0 4k\nreopen -r\n")
     assert p.returncode == 1 and "<stdin>:2: reopen is not supported" in p.stderr.decode()
     assert digest(image) == before
+
+
+@pytest.mark.parametrize("command,message", [
+    ("writev -P 0x22 8k 1k 3k", None), ("aio_write -z 0 64k", None),
+    ("map", "plan: map changes and checks nothing"), ("read -P 0 0 4k", "plan: read does not change the image"),
+    ("truncate 8M", "plan: truncate is not supported"),
+])
+def test_plan_takes_the_full_syntax(tmp_path, qemu, command, message):
+    image = create(str(tmp_path / "a.qcow2"), SIZE)
+    p = qdebug("plan", image, command)
+    if message is None:
+        assert p.returncode == 0 and p.stdout.decode().startswith(command)
+    else:
+        assert p.returncode == 1 and p.stderr.decode().startswith(f"qdebug: error: {message}")
