@@ -5,14 +5,15 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: install qemu fio test demo bench fuzz lint clean screenshots
+.PHONY: install qemu fio test test-packaging demo bench fuzz lint clean screenshots
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-$(STAMP): $(BIN)/python pyproject.toml
+# (setuptools' notice about an editable install of a flat layout is silenced: qdebug/ is the package)
+$(STAMP): $(BIN)/python pyproject.toml build_hooks/backend.py build_hooks/native_build.py
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test,native]'
+	PYTHONWARNINGS="ignore:Editable installation" $(BIN)/python -m pip install --quiet -e '.[test,native]'
 	touch $(STAMP)
 
 # Bytecode compiled ahead, as pip does for an installed package: where PYTHONDONTWRITEBYTECODE
@@ -61,6 +62,11 @@ fio:
 test: install qemu fio
 	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -n 2 $(PYTEST_ARGS)
+
+# pip users: the wheel carries the compiled engine; a fresh venv installs and runs it (~2 minutes,
+# also part of `make test` when CI=true).
+test-packaging: install
+	QDEBUG_PACKAGING_TEST=1 $(BIN)/python -m pytest -p no:xdist tests/test_packaging.py $(PYTEST_ARGS)
 
 demo: install
 	$(BIN)/qdebug demo

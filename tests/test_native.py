@@ -86,3 +86,23 @@ def test_compiled_and_pure_engines_agree(tmp_path, qemu, backing, mode):
     assert len(pure[1]) == len(lines) + 1
     assert compiled[1] == pure[1]
     assert compiled[0] == pure[0]
+
+
+def test_the_build_says_what_it_is_doing_on_one_line(capsys, monkeypatch):
+    """Not a silent minute: one line when it starts, finished with the outcome (on a terminal the
+    same line shows the phase and the C files compiled so far)."""
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
+    meter = native._Meter(True)
+    meter.step("C 3/18")
+    meter.end("done")
+    err = capsys.readouterr().err
+    assert err.startswith("qdebug: compiling the write engine (about a minute, once)\u2026 done (")
+    assert err.count("\n") == 1
+
+
+def test_version_says_which_engine_runs():
+    out = subprocess.run([sys.executable, "-m", "qdebug.cli", "--version"], capture_output=True, text=True,
+                         env={**os.environ, "QDEBUG_NATIVE": "0"}).stdout
+    assert out.startswith("qdebug ") and out.strip().endswith("pure Python engine (QDEBUG_NATIVE=0)")
+    out = subprocess.run([sys.executable, "-m", "qdebug.cli", "--version"], capture_output=True, text=True).stdout
+    assert ("compiled engine (mypyc)" in out) == native.up_to_date()

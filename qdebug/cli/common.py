@@ -17,13 +17,12 @@ def size_arg(text: str) -> int:
 
 
 def human_size(n: int) -> str:
-    units = ["B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"]
-    v = float(n)
-    for u in units:
-        if v < 1024 or u == units[-1]:
-            return f"{n} B" if u == "B" else f"{v:.3g} {u}"
-        v /= 1024
-    return f"{n} B"
+    """QEMU's size_to_str: three significant digits, switching unit from 1000 of the smaller one."""
+    import math
+
+    i = (math.frexp(n / (1000.0 / 1024.0))[1] - 1) // 10 if n else 0
+    i = max(0, min(i, 6))
+    return f"{n / (1 << (10 * i)):0.3g} {['', 'Ki', 'Mi', 'Gi', 'Ti', 'Pi', 'Ei'][i]}B"
 
 
 def one_line(text: str) -> str:

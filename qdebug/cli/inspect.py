@@ -18,7 +18,7 @@ def cmd_info(args) -> int:
         rec = info_record(chain)
     _warn(rec["qdebug"]["warnings"])
     if args.output == "json":
-        print(json.dumps(rec, indent=4))
+        print(json.dumps(qdict_order(rec), indent=4))
         return 0
     q = rec["qdebug"]
     g = q["geometry"]
@@ -30,15 +30,17 @@ def cmd_info(args) -> int:
         f"disk size: {human_size(rec['actual-size'])}",
         f"cluster_size: {rec['cluster-size']}",
     ]
+    if rec["dirty-flag"]:
+        lines.append("cleanly shut down: no")
     if "backing-filename" in rec:
-        lines.append(f"backing file: {rec['backing-filename']}")
-        if "backing-filename-format" in rec:
-            lines.append(f"backing file format: {rec['backing-filename-format']}")
+        full = rec["full-backing-filename"]
+        actual = f" (actual path: {full})" if full != rec["backing-filename"] else ""
+        lines.append(f"backing file: {rec['backing-filename']}{actual}")
+    if "backing-filename-format" in rec:
+        lines.append(f"backing file format: {rec['backing-filename-format']}")
     if "snapshots" in rec:
         lines.append("Snapshot list:")
-        lines.append(f"{'ID':<8}{'TAG':<17}{'VM SIZE':>10}  DATE")
-        for s in rec["snapshots"]:
-            lines.append(f"{s['id']:<8}{s['name']:<17}{s['vm-state-size']:>10}  {s['date-sec']}")
+        lines += snapshot_table(rec["snapshots"])
     lines.append("Format specific information:")
     lines.append(f"    compat: {fs['compat']}")
     lines.append(f"    compression type: {fs['compression-type']}")
@@ -66,6 +68,42 @@ def cmd_info(args) -> int:
     lines.append("    subclusters by type: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
     print("\n".join(one_line(ln) for ln in lines))  # names from the image: no terminal escapes
     return 0
+
+
+def snapshot_table(snapshots: list[dict]) -> list[str]:
+    """qemu-img info's snapshot list (bdrv_snapshot_dump): dates in local time, the VM clock as
+    hh:mm:ss.mmm, sizes as size_to_str, ICOUNT blank where the snapshot recorded none."""
+    import time
+
+    rows = [f"{'ID':<10}{'TAG':<17}{'VM SIZE':>8}{'DATE':>20}{'VM CLOCK':>13}{'ICOUNT':>11}"]
+    for s in snapshots:
+        secs = s["vm-clock-sec"]
+        clock = f"{secs // 3600:02d}:{secs // 60 % 60:02d}:{secs % 60:02d}.{s['vm-clock-nsec'] // 10**6 % 1000:03d}"
+        date = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s["date-sec"]))
+        icount = str(s["icount"]) if "icount" in s else ""
+        rows.append(f"{s['id']:<9} {s['name']:<16} {human_size(s['vm-state-size']):>8}{date:>20}{clock:>13}{icount:>11}")
+    return rows
+
+
+def _qdict_bucket(key: str) -> int:
+    """QEMU's QDict bucket for a key (tdb_hash modulo 512): the order qemu-img's JSON lists keys in."""
+    value = (0x238F13AF * len(key)) & 0xFFFFFFFF
+    for i, c in enumerate(key.encode()):
+        value = (value + (c << (i * 5 % 24))) & 0xFFFFFFFF
+    return ((1103515243 * value + 12345) & 0xFFFFFFFF) % 512
+
+
+def qdict_order(value):
+    """A JSON value with every object's keys in qemu-img's order (qdebug's own `qdebug` key last)."""
+    if isinstance(value, list):
+        return [qdict_order(v) for v in value]
+    if not isinstance(value, dict):
+        return value
+    keys = sorted((k for k in value if k != "qdebug"), key=_qdict_bucket)
+    out = {k: (qdict_order(value[k]) if k != "qdebug" else value[k]) for k in keys}
+    if "qdebug" in value:
+        out["qdebug"] = value["qdebug"]
+    return out
 
 
 # ---- map ------------------------------------------------------------------------------------------

@@ -19,11 +19,22 @@ EXIT_INTERNAL = 70
 COMMAND_MODULES = ("inspect", "write", "check", "trace_import", "tui")
 
 
+class _Version(argparse.Action):
+    """`qdebug --version`: the version and the engine this install runs (compiled or pure Python),
+    worked out only when asked (it imports the engine)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from .. import __version__, native
+
+        print(f"qdebug {__version__}: {native.describe()}")
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     import importlib
 
     p = argparse.ArgumentParser(prog="qdebug", description="Debugger for qcow2 images with subclusters.")
-    p.add_argument("--version", action="version", version=f"qdebug {__import__('qdebug').__version__}")
+    p.add_argument("--version", action=_Version, nargs=0, help="show the version and which engine runs")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     for mod in COMMAND_MODULES:
         importlib.import_module(f"{__package__}.{mod}").register(sub)

@@ -17,37 +17,11 @@ from ..engine.errors import QcowError
 from .common import size_arg
 
 # ---- create ---------------------------------------------------------------------------------------
-_CREATE_OPTS = ("cluster_size", "extended_l2", "refcount_bits", "compression_type")
+def parse_create_options(texts):
+    """`-o cluster_size=64k,extended_l2=on,...` as qemu-img spells it (see create_options.py)."""
+    from .create_options import parse_create_options as parse
 
-
-def parse_create_options(text: str | None) -> dict:
-    """`-o cluster_size=64k,extended_l2=on,...` as qemu-img spells it -> create_image keywords."""
-    from ..trace.syntax import SyntaxProblem, parse_size
-
-    out: dict = {}
-    for item in (text or "").split(","):
-        if not item:
-            continue
-        key, sep, value = item.partition("=")
-        key = key.strip()
-        if key not in _CREATE_OPTS:
-            raise QcowError(f"-o {item}: unknown option {key!r} (known: {', '.join(_CREATE_OPTS)})")
-        if not sep:
-            raise QcowError(f"-o {item}: option {key!r} needs a value")
-        try:
-            if key == "cluster_size":
-                out[key] = parse_size(value)
-            elif key == "extended_l2":
-                if value not in ("on", "off"):
-                    raise QcowError(f"-o {item}: extended_l2 must be on or off")
-                out[key] = value == "on"
-            elif key == "refcount_bits":
-                out[key] = int(value, 10)
-            else:
-                out[key] = value
-        except (SyntaxProblem, ValueError):
-            raise QcowError(f"-o {item}: invalid value {value!r}") from None
-    return out
+    return parse(texts)
 
 
 def _refuse_if_in_use(path: str) -> None:
@@ -78,26 +52,44 @@ def _backing_size(path: str, backing: str, fmt: str | None) -> int:
 
 def cmd_create(args) -> int:
     from ..engine.write.create import create_image
+    from .create_options import compat_version, formatting_line, options_help, refuse_unsupported
 
+    if any(t in ("help", "?") for t in args.options or []):
+        print(options_help())
+        return 0
     opts = parse_create_options(args.options)
-    if args.backing_format and not args.backing:
-        raise QcowError("-F needs -b BACKING")
-    size = args.size
+    if args.backing:
+        opts.text["backing_file"] = opts.values["backing_file"] = args.backing
+    if args.backing_format:
+        opts.text["backing_fmt"] = opts.values["backing_fmt"] = args.backing_format
+    refuse_unsupported(opts)
+    backing, backing_fmt = opts.get("backing_file"), opts.get("backing_fmt")
+    if backing and not backing_fmt:
+        raise QcowError("Backing file specified without backing format (give it with -F or backing_fmt=)")
+    if backing_fmt is not None and backing_fmt not in ("qcow2", "raw"):
+        raise QcowError(f"backing format {backing_fmt!r}: qdebug reads qcow2 and raw backing files")
+    if "size" in opts.values and args.size is not None:
+        raise QcowError("The image size must be specified only once")
+    size = opts.get("size", args.size)
     if size is None:
-        if not args.backing:
-            raise QcowError("create: SIZE is required unless a backing file (-b) gives it")
-        size = _backing_size(args.image, args.backing, args.backing_format)
+        if not backing:
+            raise QcowError("Image creation needs a size parameter")
+        size = _backing_size(args.image, backing, backing_fmt)
+    opts.values["size"] = size
+    version = compat_version(opts) if opts.text.get("compat") in ("0.10", "v2") else 3
+    if "extended_l2" not in opts.values and version == 3:  # qdebug's default (qemu-img's is off)
+        opts.text["extended_l2"], opts.values["extended_l2"] = "on", True
     _refuse_if_in_use(args.image)
-    create_image(args.image, size, backing=args.backing, backing_format=args.backing_format, **opts)
-    if not args.quiet:  # the line qemu-img create prints, with the options in effect
-        o = {"cluster_size": 65536, "extended_l2": True, "compression_type": "zlib", "refcount_bits": 16, **opts}
-        words = [f"cluster_size={o['cluster_size']}", f"extended_l2={'on' if o['extended_l2'] else 'off'}",
-                 f"compression_type={o['compression_type']}", f"size={size}"]
-        if args.backing:
-            words += [f"backing_file={args.backing}"] + ([f"backing_fmt={args.backing_format}"]
-                                                         if args.backing_format else [])
-        words += ["lazy_refcounts=off", f"refcount_bits={o['refcount_bits']}"]
-        print(f"Formatting '{args.image}', fmt=qcow2 " + " ".join(words))
+    if not args.quiet:  # printed before the image is made, as qemu-img does (and before its errors)
+        print(formatting_line(args.image, opts), flush=True)
+    warnings = create_image(
+        args.image, size, cluster_size=opts.get("cluster_size", 65536), extended_l2=bool(opts.get("extended_l2", False)),
+        refcount_bits=opts.get("refcount_bits", 16), compression_type=opts.get("compression_type", "zlib"),
+        backing=backing, backing_format=backing_fmt, version=compat_version(opts),
+        lazy_refcounts=bool(opts.get("lazy_refcounts", False)), preallocation=opts.get("preallocation", "off"),
+        nocow=bool(opts.get("nocow", False)), extent_size_hint=opts.get("extent_size_hint"))
+    for w in warnings:
+        print(f"qdebug: warning: {w}", file=sys.stderr)
     return 0
 
 
@@ -111,7 +103,9 @@ def _parse_command_arg(text: str, source: str):
     except SyntaxProblem as e:
         raise QcowError(f"{source}: {e}") from None
     if cmd is None:
-        raise QcowError(f"{source}: no command given")
+        words = text.split("#", 1)[0].split()
+        raise QcowError(f"{source}: {words[0]} changes and checks nothing (qemu-io only prints for it)" if words
+                        else f"{source}: no command given")
     return cmd
 
 
@@ -166,17 +160,35 @@ def hazard_text(h) -> str:
 
 
 def _trace_lines(path: str):
+    """The trace as lines exactly as qemu-io reads them: only "\n" ends a line (a "\r" stays
+    in the line, where qemu-io rejects it too)."""
     if path == "-":
-        return sys.stdin, None
+        return sys.stdin
     try:
-        f = open(path, encoding="utf-8", errors="surrogateescape")
+        return open(path, encoding="utf-8", errors="surrogateescape", newline="\n")
     except OSError as e:
         raise QcowError(f"{path}: cannot read the trace: {e.strerror}") from None
-    total = None
-    if sys.stderr.isatty():
-        total = sum(1 for line in f if line.split("#", 1)[0].strip())
-        f.seek(0)
-    return f, total
+
+
+def _checked_trace(lines, source: str, keep_going: bool):
+    """Every line through the parser before anything is written: a line qdebug cannot run
+    (Unsupported: qemu-io would run it) is always refused, a line qemu-io rejects too unless
+    --keep-going (which reports it in its place and goes on, as qemu-io does). Returns the
+    lines to run (stdin is read whole) and the number of commands."""
+    from ..trace.commands import check_trace
+    from ..trace.syntax import Unsupported
+
+    if lines is sys.stdin:
+        lines = list(lines)
+    count, problems = check_trace(lines, source)
+    refused = [str(e) for _n, e in problems if isinstance(e, Unsupported) or not keep_going]
+    if refused:
+        for message in refused[:-1]:
+            print(f"qdebug: error: {message}", file=sys.stderr)
+        raise QcowError(f"{refused[-1]} (nothing was written: {len(refused)} line(s) refused)")
+    if not isinstance(lines, list):
+        lines.seek(0)
+    return lines, count
 
 
 def cmd_replay(args) -> int:
@@ -185,10 +197,10 @@ def cmd_replay(args) -> int:
     from ..trace.syntax import SyntaxProblem
 
     source = "<stdin>" if args.trace == "-" else args.trace
-    lines, total = _trace_lines(args.trace)
+    lines = _trace_lines(args.trace)
+    progress = None
     log = None
     failures = 0
-    progress = _Progress(total)
     mode = ReplayMode.DRY_RUN if args.dry_run else ReplayMode.JOURNALED if args.journal else ReplayMode.WRITE_BACK
 
     def fail(where: str, message: str) -> None:
@@ -204,8 +216,13 @@ def cmd_replay(args) -> int:
                 log = open(args.log, "w", encoding="utf-8")
             except OSError as e:
                 raise QcowError(f"{args.log}: cannot write the step log: {e.strerror}") from None
+        if lines is not sys.stdin:  # refused before the image is even opened
+            lines, total = _checked_trace(lines, source, args.keep_going)
         with Replay(args.image, mode=mode, durable=args.journal, source=source, history=False,
                     timing=args.log_timing) as replay:
+            if lines is sys.stdin:  # after the locks: a trace piped in may be written while qdebug holds the image
+                lines, total = _checked_trace(lines, source, args.keep_going)
+            progress = _Progress(total)
             for note in replay.notes:
                 print(f"qdebug: note: {note}", file=sys.stderr)
             quiet_gc()
@@ -218,6 +235,8 @@ def cmd_replay(args) -> int:
                     continue
                 if cmd is None:
                     continue
+                if cmd.op == "quit":  # qemu-io reads no further
+                    break
                 rec = step(cmd)
                 assert rec is not None
                 if log:
@@ -225,15 +244,19 @@ def cmd_replay(args) -> int:
                 for h in rec.hazards:
                     print(f"qdebug: {source}:{rec.command.lineno}: {rec.command.source_text}: {hazard_text(h)}",
                           file=sys.stderr)
-                if rec.error:
+                if rec.error and cmd.asynchronous:  # qemu-io prints it; the command succeeded
+                    print(f"qdebug: {source}:{lineno}: {cmd.source_text}: {rec.error} "
+                          f"(reported, as qemu-io does for {cmd.verb})", file=sys.stderr)
+                elif rec.error:
                     fail(f"{source}:{rec.command.lineno}", f"{rec.command.source_text}: {rec.error}")
                 progress.update(rec.index + 1)
             progress.update(replay.steps_run, force=True)
     finally:
-        progress.done()
+        if progress is not None:
+            progress.done()
         if log is not None:
             log.close()
-        if lines is not sys.stdin:
+        if lines is not sys.stdin and not isinstance(lines, list):
             lines.close()
     if failures:
         print(f"qdebug: replay: {failures} command(s) failed", file=sys.stderr)
@@ -273,8 +296,9 @@ def register(sub) -> None:
     sp.add_argument("image", metavar="IMAGE")
     sp.add_argument("size", metavar="SIZE", type=size_arg, nargs="?", help="virtual size (optional with -b)")
     sp.add_argument("-f", dest="format", choices=("qcow2",), default="qcow2", help="image format (qcow2)")
-    sp.add_argument("-o", dest="options", metavar="OPTIONS",
-                    help="cluster_size=64k,extended_l2=on,refcount_bits=16,compression_type=zlib")
+    sp.add_argument("-o", dest="options", metavar="OPTIONS", action="append",
+                    help="qemu-img's qcow2 options: cluster_size=64k,extended_l2=on,preallocation=metadata,"
+                         "lazy_refcounts=on,compat=0.10,refcount_bits=16,compression_type=zstd,... ('-o help')")
     sp.add_argument("-b", dest="backing", metavar="BACKING", help="backing file (relative to IMAGE's directory)")
     sp.add_argument("-F", dest="backing_format", choices=("qcow2", "raw"), help="backing file format")
     sp.add_argument("-q", "--quiet", action="store_true")

@@ -183,7 +183,7 @@ class Replay:
             rec.seconds = time.perf_counter() - t0
         self.steps_run += 1
         if self.mode is ReplayMode.WRITE_BACK and (
-                cmd.op == "flush" or self.engine.dirty_bytes > WRITEBACK_LIMIT
+                cmd.flushes or self.engine.dirty_bytes > WRITEBACK_LIMIT
                 or self.journal.step_bytes > WINDOW_JOURNAL_LIMIT):  # type: ignore[union-attr]
             self._end_window()
             self.journal.begin(self._window_meta())  # type: ignore[union-attr]

@@ -38,6 +38,7 @@ class Snapshot:
     vm_state_size: int
     disk_size: int | None
     entry_size: int
+    icount: int = -1  # instruction count at the snapshot (extra data >= 24 bytes); -1: not recorded
 
 
 def _dtype_for_refcount_order(order: int) -> np.dtype | None:
@@ -331,14 +332,19 @@ class Image:
             if end > self.file_size:
                 raise CorruptImage(f"snapshot {i} at 0x{off:x} runs past the end of the file")
             ex = bytes(self.mm[off + _SNAP.size: off + _SNAP.size + extra])
+            if extra >= 8:  # vm_state_size_large replaces the 32-bit field, as QEMU reads it
+                vmsize = struct.unpack_from(">Q", ex, 0)[0]
             disk_size = struct.unpack_from(">Q", ex, 8)[0] if extra >= 16 else None
+            icount = struct.unpack_from(">Q", ex, 16)[0] if extra >= 24 else -1
+            if icount == (1 << 64) - 1:
+                icount = -1
             p = off + _SNAP.size + extra
             sid = bytes(self.mm[p:p + id_len]).decode("utf-8", "replace")
             name = bytes(self.mm[p + id_len:p + id_len + name_len]).decode("utf-8", "replace")
             size = end - off
             size += -size % 8
             out.append(Snapshot(i, off, l1_off, l1_size, sid, name, dsec, dnsec, vmclock, vmsize,
-                                disk_size, size))
+                                disk_size, size, icount))
             off += size
         return out
 

@@ -216,14 +216,13 @@ def info_record(chain, *, counts: bool = True) -> dict:
         rec["backing-filename"] = h.backing_file
         if h.backing_format:
             rec["backing-filename-format"] = h.backing_format
-        if len(chain.layers) > 1:
-            rec["full-backing-filename"] = chain.layers[1].path
+        rec["full-backing-filename"] = path_combine(img.path, h.backing_file)
     snaps = img.snapshots()
     if snaps:
         rec["snapshots"] = [
             {"id": s.id, "name": s.name, "vm-state-size": s.vm_state_size, "date-sec": s.date_sec,
              "date-nsec": s.date_nsec, "vm-clock-sec": s.vm_clock_nsec // 10**9,
-             "vm-clock-nsec": s.vm_clock_nsec % 10**9, "icount": None}
+             "vm-clock-nsec": s.vm_clock_nsec % 10**9, **({"icount": s.icount} if s.icount >= 0 else {})}
             for s in snaps]
     data = {"compat": "1.1" if h.version >= 3 else "0.10", "compression-type": h.compression_name}
     if h.version >= 3:
@@ -264,6 +263,14 @@ def info_record(chain, *, counts: bool = True) -> dict:
     if counts:
         rec["qdebug"]["subclusters"] = subcluster_counts(img)
     return rec
+
+
+def path_combine(base: str, name: str) -> str:
+    """QEMU's path_combine: where a relative backing file name points from its image (the image's
+    directory as written, up to its last '/'), as qemu-img info reports full-backing-filename."""
+    if name.startswith("/"):
+        return name
+    return base[:base.rfind("/") + 1] + name
 
 
 def unreadable_tables(img: Image, limit: int = 3) -> list[str]:

@@ -280,11 +280,10 @@ class Allocator:
         self._refcount_area(blocks_used * self.per_block * self.cs, block, new_block)
         raise _Again()
 
-    def _metadata_blocks(self, clusters: int) -> int:
-        """qcow2_refcount_metadata_size with a generous (1.5x) table: the refcount block count."""
+    def _metadata_blocks(self, clusters: int, generous: bool = True) -> int:
+        """qcow2_refcount_metadata_size (generous: room for a 1.5x table): the refcount block count."""
         per_table = self.cs // 8
         table = blocks = n = 0
-        generous = True
         while True:
             last = n
             blocks = -(-(clusters + table + blocks) // self.per_block)
@@ -297,20 +296,29 @@ class Allocator:
             if n == last:
                 return blocks
 
-    def _refcount_area(self, start: int, new_index: int, new_block: int) -> None:
+    def refcount_area(self, start: int, additional: int) -> int:
+        """qcow2_refcount_area sized exactly for the clusters below `start` plus `additional` more
+        (preallocation reserves them up front); the end of the new refcount structures."""
+        return self._refcount_area(start, 0, 0, additional, exact=True)
+
+    def _refcount_area(self, start: int, new_index: int, new_block: int, additional: int = 0,
+                       exact: bool = False) -> int:
         """qcow2_refcount_area: a bigger refcount table plus self-describing refcount blocks at `start`."""
         cs = self.cs
-        total = self._metadata_blocks(start // cs)
+        total = self._metadata_blocks(start // cs + additional, not exact)
+        if total > C.QCOW_MAX_REFTABLE_SIZE:
+            raise RefcountTableTooBig(f"a refcount table of {total} entries is more than QEMU's limit: EFBIG")
         area_index = (start // cs) // self.per_block
-        table_size = total + -(-total // 2)
+        table_size = total if exact else total + -(-total // 2)
         table_size = -(-table_size // (cs // 8)) * (cs // 8)
         table_clusters = table_size * 8 // cs
         new_table = [0] * table_size
         for i in range(min(self.reftable_len, table_size)):
             new_table[i] = self.txn.u64(self.reftable_offset + 8 * i) & C.REFT_OFFSET_MASK
-        new_table[new_index] = new_block
-        additional = sum(1 for i in range(area_index, total) if not new_table[i])
-        table_offset = start + additional * cs
+        if new_block:
+            new_table[new_index] = new_block
+        new_blocks = sum(1 for i in range(area_index, total) if not new_table[i])
+        table_offset = start + new_blocks * cs
         end_offset = table_offset + table_clusters * cs
         block_offset = start
         for i in range(area_index, total):
@@ -341,6 +349,7 @@ class Allocator:
         self.reftable_offset, self.reftable_len = table_offset, table_size
         self._boff = {}
         self.free_clusters(old_offset, old_len * 8)
+        return end_offset
 
     # ---- allocation ----------------------------------------------------------------------------
     def alloc_clusters_noref(self, n: int) -> int:

@@ -14,6 +14,7 @@ from ..format.compression import compress, make_descriptor
 from .context import StepContext, StepFailed
 from .datapath import pwrite
 from .plan import Hazard
+from .txn import Data, Fill
 
 
 @lru_cache(maxsize=64)
@@ -21,7 +22,8 @@ def _compressed_fill(byte: int, length: int, cluster_size: int, ctype: int) -> b
     return compress(bytes([byte]) * length + bytes(cluster_size - length), ctype)
 
 
-def write_compressed(ctx: StepContext, offset: int, nbytes: int, byte: int, owners) -> None:
+def write_compressed(ctx: StepContext, offset: int, nbytes: int, byte: int, owners, data: Fill | None = None) -> None:
+    """`data` gives the guest bytes when they are not all `byte` (qemu-io write -c -s FILE)."""
     g = ctx.g
     if offset & (g.cs - 1):
         raise StepFailed("Invalid argument")
@@ -29,17 +31,21 @@ def write_compressed(ctx: StepContext, offset: int, nbytes: int, byte: int, owne
         raise StepFailed("Invalid argument")
     while nbytes:
         chunk = min(nbytes, g.cs)
-        _one_cluster(ctx, offset, chunk, byte, owners)
+        _one_cluster(ctx, offset, chunk, byte, owners, data)
         offset += chunk
         nbytes -= chunk
 
 
-def _one_cluster(ctx: StepContext, offset: int, chunk: int, byte: int, owners) -> None:
+def _one_cluster(ctx: StepContext, offset: int, chunk: int, byte: int, owners, plain: Fill | None) -> None:
     g = ctx.g
-    data = _compressed_fill(byte, chunk, g.cs, g.compression_type)
+    if plain is None:
+        data = _compressed_fill(byte, chunk, g.cs, g.compression_type)
+        plain = _byte_fill(byte)
+    else:  # the last cluster of an image whose size is not a multiple of it: zero-padded, as QEMU does
+        data = compress(_joined(plain(offset, chunk)) + bytes(g.cs - chunk), g.compression_type)
     if len(data) > g.cs - 1:
         ctx.trace.notes.append(f"guest 0x{offset:x}: compressed data does not fit in {g.cs - 1} bytes, written uncompressed")
-        pwrite(ctx, offset, chunk, lambda o, n: bytes([byte]) * n, "write")
+        pwrite(ctx, offset, chunk, plain, "write")
         return
     l2_off = ctx.get_cluster_table(offset)
     gc = offset >> g.cbits
@@ -63,6 +69,14 @@ def _one_cluster(ctx: StepContext, offset: int, chunk: int, byte: int, owners) -
     ctx.set_entry(l2_off, gc, make_descriptor(host, len(data), g.cbits), 0)
     ctx.txn.write_data(host, len(data), "data", data)
     ctx.trace.request("compressed", offset, chunk, f"{len(data)} bytes packed", host)
+
+
+def _byte_fill(byte: int) -> Fill:
+    return lambda _o, n: bytes([byte]) * n
+
+
+def _joined(data: Data) -> bytes:
+    return b"".join(bytes(p) for p in data) if isinstance(data, list) else bytes(data)
 
 
 def hazard_for(owner: str, guest_range: tuple[int, int] | None, host: int, length: int) -> Hazard:

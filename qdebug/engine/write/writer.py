@@ -164,11 +164,11 @@ class WriteEngine:
         try:
             self._dispatch(ctx, cmd, mode)
         except StepFailed as e:
-            trace.error = f"{cmd.op} failed: {e}"
+            trace.error = f"{cmd.failure_name} failed: {e}"
             if ctx.marked_corrupt:
                 dead = True
         except CorruptImage as bad:  # (a name of its own: compiled, `e` has the type of the first clause)
-            trace.error = f"{cmd.op} failed: Input/output error ({bad})"
+            trace.error = f"{cmd.failure_name} failed: Input/output error ({bad})"
         if mode is EXECUTE:
             if txn.writes and any(w[2] == "header" for w in txn.writes):
                 img.reload_header()
@@ -184,7 +184,7 @@ class WriteEngine:
 
     def _dispatch(self, ctx: StepContext, cmd: Command, mode: WriteMode) -> None:
         g = self.geo
-        if cmd.op == "flush":
+        if cmd.op == "flush" or cmd.op == "quit":
             return
         if self._state.dead:
             raise StepFailed("No medium found")
@@ -195,19 +195,20 @@ class WriteEngine:
         if cmd.op == "read":
             if cmd.pattern is None or mode is SIMULATE or mode is PLAN:
                 return
-            data = read_guest(self.chain, cmd.offset, cmd.length)
+            data = read_guest(self.chain, cmd.check_offset, cmd.check_length)
             bad = np.flatnonzero(np.frombuffer(data, dtype=np.uint8) != cmd.pattern)
             if len(bad):
-                ctx.trace.error = f"Pattern verification failed at offset {cmd.offset}, {cmd.length} bytes"
+                ctx.trace.error = f"Pattern verification failed at offset {cmd.check_offset}, {cmd.check_length} bytes"
             return
         if cmd.op == "discard":
             discard(ctx, cmd.offset, cmd.length)
         elif cmd.zero:
-            write_zeroes(ctx, cmd.offset, cmd.length, cmd.unmap)
+            write_zeroes(ctx, cmd.offset, cmd.length, cmd.unmap, cmd.no_fallback)
         elif cmd.compressed:
-            write_compressed(ctx, cmd.offset, cmd.length, cmd.fill, self._owner_hazard)
+            write_compressed(ctx, cmd.offset, cmd.length, cmd.fill, self._owner_hazard,
+                             None if cmd.source is None else cmd.payload)
         else:
-            pwrite(ctx, cmd.offset, cmd.length, _pattern(cmd.fill), "write")
+            pwrite(ctx, cmd.offset, cmd.length, _pattern(cmd.fill) if cmd.source is None else cmd.payload, "write")
 
     # ---- hazards --------------------------------------------------------------------------------
     def _check_in_place(self, ctx: StepContext) -> None:

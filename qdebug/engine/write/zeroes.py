@@ -12,7 +12,7 @@ from ..format.subclusters import INVALID, UNALLOCATED_ALLOC, UNALLOCATED_PLAIN, 
 from ..format.subclusters import SubclusterType as T
 from ..read import guestview
 from .blocklayer import block_piece
-from .context import StepContext
+from .context import StepContext, StepFailed
 from .datapath import pwrite
 
 MAX_BOUNCE = 32768 << 9  # MAX_BOUNCE_BUFFER: the fallback writes at most 16 MiB at a time
@@ -28,9 +28,15 @@ def _zeros(_off: int, n: int) -> bytes:
     return bytes(n)
 
 
-def write_zeroes(ctx: StepContext, offset: int, nbytes: int, unmap: bool) -> None:
-    """bdrv_co_do_pwrite_zeroes with qcow2's pwrite_zeroes_alignment = subcluster size."""
+def write_zeroes(ctx: StepContext, offset: int, nbytes: int, unmap: bool, no_fallback: bool = False) -> None:
+    """bdrv_co_do_pwrite_zeroes with qcow2's pwrite_zeroes_alignment = subcluster size.
+
+    `no_fallback` (qemu-io write -z -n, BDRV_REQ_NO_FALLBACK): a piece QEMU cannot zero in the
+    L2 table fails the request with ENOTSUP (the pieces before it stay zeroed); v2 images do not
+    offer the flag at all."""
     g = ctx.g
+    if no_fallback and g.version < 3:
+        raise StepFailed("Operation not supported")
     align = g.sc_size
     tail = (offset + nbytes) % align
     max_zero = ((1 << 31) - 1) // align * align
@@ -40,6 +46,9 @@ def write_zeroes(ctx: StepContext, offset: int, nbytes: int, unmap: bool) -> Non
             pwrite_zeroes(ctx, offset, num, unmap)
             ctx.trace.request("zero", offset, num, "zeroed in the L2 table")
         except _NotSup as e:
+            if no_fallback:
+                ctx.trace.request("zero", offset, num, f"ENOTSUP ({e.why}): -n allows no fallback")
+                raise StepFailed("Operation not supported") from None
             num = min(num, MAX_BOUNCE)
             ctx.trace.request("zero", offset, num, f"ENOTSUP ({e.why}): real zeros written")
             pwrite(ctx, offset, num, _zeros, "zero-fallback")

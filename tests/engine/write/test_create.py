@@ -74,8 +74,8 @@ def test_with_backing_file_same_bytes_and_usable(qemu, tmp_path, fmt):
 @pytest.mark.parametrize("kwargs,msg", [
     (dict(cluster_size=8192, extended_l2=True), "at least 16384"),
     (dict(cluster_size=3000), "power of two"),
-    (dict(refcount_bits=3), "refcount_bits"),
-    (dict(compression_type="lzo"), "compression_type"),
+    (dict(refcount_bits=3), "Refcount width must be a power of two"),
+    (dict(compression_type="lzo"), "compression-type.*lzo"),
     (dict(backing="nope.qcow2", backing_format="qcow2"), "not found"),
 ])
 def test_bad_options_are_one_line_errors(tmp_path, kwargs, msg):
