@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import CorruptImage, QcowError, UnsupportedFeature
+from ..errors import CorruptImage, FatalCorruption, QcowError, UnsupportedFeature
 from ..format import constants as C
 from ..format.geometry import Geometry
 from ..format.header import Header, parse_header
@@ -261,8 +261,8 @@ class Image:
     def l2_table(self, l2_offset: int, l1_index: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
         """(word0, bitmap) views of the L2 table at `l2_offset`; bitmap is None for standard L2."""
         where = f"L2 table (L1 index {l1_index})" if l1_index is not None else "L2 table"
-        if l2_offset % self.cluster_size:
-            raise CorruptImage(f"{where} offset 0x{l2_offset:x} is not cluster aligned")
+        if l2_offset % self.cluster_size:  # QEMU: "L2 table offset ... unaligned", the image marked corrupt
+            raise FatalCorruption(f"{where} offset 0x{l2_offset:x} is not cluster aligned", self.path)
         n = self.header.l2_entries
         if self.extended_l2:
             both = self.u64_view(l2_offset, 2 * n, where).reshape(n, 2)

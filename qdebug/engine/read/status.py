@@ -96,9 +96,12 @@ def cluster_units(word0: np.ndarray, bitmap: np.ndarray | None, first_cluster: i
                            dtype=np.int64)
     else:
         cstart = np.asarray(clusters, dtype=np.int64) * cluster_size
+    # QEMU's reads fail on an allocated cluster whose host offset is not cluster aligned, whatever
+    # its subclusters say ("Cluster allocation offset ... unaligned"): such a cluster reads as INVALID
+    misaligned = (al != 0) & ((off & (cluster_size - 1)) != 0)
     if not extended or bitmap is None:
         # standard L2: the v3 zero flag plays the zero bit, "allocated" the alloc bit
-        code = (comp << 3) | (al * 6) | (w0 & _U64(1)).astype(np.uint8)
+        code = (comp << 3) | (al * 6) | (w0 & _U64(1)).astype(np.uint8) | (misaligned.view(np.uint8) << 4)
         kind = _KIND_LUT[code]
         host = np.where(_HOST_KINDS[kind], off, -1)
         host = np.where(comp.view(bool), w0.view(np.int64), host)
@@ -107,7 +110,7 @@ def cluster_units(word0: np.ndarray, bitmap: np.ndarray | None, first_cluster: i
     a = bm & _FULL
     z = bm >> _U64(32)
     # INVALID: alloc and zero bit together in an allocated cluster, any alloc bit in an unallocated one
-    bad = (a & (z | (al.astype(np.uint64) - _U64(1)))) != 0
+    bad = ((a & (z | (al.astype(np.uint64) - _U64(1)))) != 0) | misaligned
     special = (comp << 3) | ((bad.view(np.uint8) & (comp ^ 1)) << 4)
     heads = ((a ^ (a << _U64(1))) | (z ^ (z << _U64(1)))) & _U64(0xFFFFFFFE)
     heads[special != 0] = 0
