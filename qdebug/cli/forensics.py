@@ -46,6 +46,56 @@ def cmd_layout(args) -> int:
     return 0
 
 
+def _policy(args, confine: bool):
+    from ..engine.file.chain import BackingPolicy
+
+    env = BackingPolicy.from_env(confine=confine)
+    return BackingPolicy(env.confine, env.dirs + tuple(args.backing_dir or ()), env.allow + tuple(args.allow_backing or ()))
+
+
+def cmd_salvage(args) -> int:
+    import json
+
+    from ..engine.forensics.salvage_run import salvage
+
+    res = salvage(args.image, args.output, out_format=args.output_format, orphans_dir=args.orphans,
+                  force_share=args.force_share, policy=_policy(args, confine=True))
+    if args.report:
+        with open(args.report, "w") as f:
+            json.dump(res.to_json(), f, indent=1)
+            f.write("\n")
+    t = res.totals()
+    out = sys.stdout
+    size = res.virtual_size
+
+    def pct(n: int) -> str:
+        return f"{100.0 * n / size:.2f}%" if size else "-"
+
+    out.write(f"{res.image}: {human_size(size)} guest disk salvaged"
+              + (f" to {res.output} ({res.output_format})" if res.output else " (analysis only: no -o)") + "\n")
+    out.write(f"    recovered {t['recovered']:>16} bytes ({pct(t['recovered'])})\n")
+    for k, v in t["recovered-by-source"].items():
+        out.write(f"        {v:>20}  from {one_line(k)}\n")
+    out.write(f"    zero      {t['zero']:>16} bytes ({pct(t['zero'])}), by the image's own metadata\n")
+    for k, v in t["zero-by-why"].items():
+        out.write(f"        {v:>20}  {k}\n")
+    out.write(f"    lost      {t['lost']:>16} bytes ({pct(t['lost'])})" + (" (zeros in the output)" if t["lost"] else "")
+              + "\n")
+    for k, v in sorted(t["lost-by-reason"].items(), key=lambda kv: -kv[1]):
+        out.write(f"        {v:>20}  {one_line(k)}\n")
+    if res.evidence:
+        out.write(f"    orphaned guest data: {res.evidence} cluster(s) no table maps any more (their guest offsets are "
+                  "unknown)" + (f": saved in {args.orphans}" if args.orphans else "; save them with --orphans DIR")
+                  + "\n")
+    elif res.orphans and args.orphans:
+        out.write(f"    {len(res.orphans)} unreferenced cluster(s) with content saved in {args.orphans}\n")
+    if res.files:
+        out.write("    data came from: " + ", ".join(one_line(f) for f in res.files) + "\n")
+    for n in res.notes:
+        out.write(f"    note: {one_line(n)}\n")
+    return res.exit_code
+
+
 def register(sub) -> None:
     sp = sub.add_parser("layout", help="who owns every host cluster: metadata, data, leaked, free, overlaps")
     sp.add_argument("image", metavar="IMAGE")
@@ -53,3 +103,22 @@ def register(sub) -> None:
     sp.add_argument("--no-guess", action="store_true",
                     help="do not read unreferenced clusters to guess their content")
     sp.set_defaults(func=cmd_layout)
+
+    sp = sub.add_parser("salvage", help="get the guest disk out of a broken image; say what is recovered, zero, lost "
+                                        "(exit 0: nothing lost, 1: something lost, 2: error)")
+    sp.add_argument("image", metavar="IMAGE")
+    sp.add_argument("-o", dest="output", metavar="OUT", help="write the guest disk there (lost ranges as zeros)")
+    sp.add_argument("-O", dest="output_format", choices=("raw", "qcow2"), default="raw")
+    sp.add_argument("--report", metavar="REPORT.json", help="every guest range with its status and origin, as JSON")
+    sp.add_argument("--orphans", metavar="DIR", help="save every unreferenced cluster holding something there")
+    sp.add_argument("-U", "--force-share", action="store_true", help="open the image even if another process "
+                                                                     "(a running QEMU) holds it")
+    _backing_options(sp)
+    sp.set_defaults(func=cmd_salvage, error_exit=2)
+
+
+def _backing_options(sp) -> None:
+    sp.add_argument("--backing-dir", action="append", metavar="DIR",
+                    help="also follow backing files inside DIR (default: only inside the image's directory)")
+    sp.add_argument("--allow-backing", action="append", metavar="PATH",
+                    help="follow this backing file, whatever and wherever it is")

@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except QcowError as e:
         print(f"qdebug: error: {one_line(str(e))}", file=sys.stderr)
-        return EXIT_ERROR
+        return getattr(args, "error_exit", EXIT_ERROR)  # salvage: 1 means "something lost", errors are 2
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_ERROR

@@ -16,11 +16,14 @@ A cluster that `bundle` emptied carries a marker and is reported as the guest da
 
 from __future__ import annotations
 
+import os
 from enum import IntEnum
 
 import numpy as np
 
+
 from ..format import constants as C
+from .source import ImageFile
 
 _U64 = np.uint64
 BUNDLE_MARKER = b"qdebug bundle: guest data removed\n"  # first bytes of a cluster `bundle` emptied
@@ -37,6 +40,7 @@ class Guess(IntEnum):
 
 GUESS_NAMES = ("", "zeros", "l1-table", "l2-table", "refcount-block", "data")
 MAX_SMALL_REFCOUNT = 64
+_GUESS_BATCH_BYTES = 8 << 20
 
 
 def guess_rows(rows: np.ndarray, *, extended: bool, cluster_bits: int, file_size: int,
@@ -117,3 +121,47 @@ def _looks_refblock(rows: np.ndarray, w: np.ndarray, order: int) -> np.ndarray:
     nzb = rows != 0
     last = rows.shape[1] - 1 - np.argmax(nzb[:, ::-1], axis=1)
     return last < rows.shape[1] * 7 // 8
+
+
+def with_data(fd: int, clusters: np.ndarray, cs: int) -> np.ndarray:
+    """The clusters (sorted indices) that are not wholly a hole in the file: per run of consecutive
+    clusters one SEEK_DATA / SEEK_HOLE pair, so holes cost nothing to guess."""
+    if clusters.size == 0:
+        return clusters
+    brk = np.flatnonzero(np.diff(clusters) != 1) + 1
+    keep = np.zeros(clusters.size, dtype=bool)
+    for a, b in zip(np.r_[0, brk].tolist(), np.r_[brk, clusters.size].tolist()):
+        pos, end = int(clusters[a]) * cs, (int(clusters[b - 1]) + 1) * cs
+        while pos < end:
+            try:
+                start = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError:  # ENXIO: only a hole is left
+                break
+            if start >= end:
+                break
+            try:
+                stop = min(os.lseek(fd, start, os.SEEK_HOLE), end)
+            except OSError:
+                stop = end
+            lo, hi = start // cs - int(clusters[a]), -(-stop // cs) - int(clusters[a])
+            keep[a + lo:a + hi] = True
+            pos = max(stop, start + 1)
+    return clusters[keep]
+
+
+def guess_clusters(f: ImageFile, clusters: np.ndarray) -> np.ndarray:
+    """Content guesses of host clusters `clusters` (sorted, inside the file): uint8 Guess array."""
+    fl, cs = f.header, f.cluster_size
+    out = np.zeros(len(clusters), dtype=np.uint8)
+    per = max(1, _GUESS_BATCH_BYTES // cs)
+    buf = np.empty((min(per, len(clusters)) or 1, cs), dtype=np.uint8)
+    for b in range(0, len(clusters), per):
+        sel = clusters[b:b + per]
+        rows = buf[:len(sel)]
+        # consecutive clusters in one read
+        brk = np.flatnonzero(np.diff(sel) != 1) + 1
+        for s, e in zip(np.r_[0, brk].tolist(), np.r_[brk, len(sel)].tolist()):
+            f.read_into(rows[s:e], int(sel[s]) * cs)
+        out[b:b + len(sel)] = guess_rows(rows, extended=fl.extended_l2, cluster_bits=fl.cluster_bits,
+                                         file_size=f.file_size, refcount_order=fl.refcount_order)
+    return out

@@ -17,7 +17,6 @@ Stable API (the fleet scan builds on it): `host_layout(image) -> HostLayout`; `H
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Iterator
@@ -30,13 +29,12 @@ from ..format import constants as C
 from ..format.bitmaps import BME_TABLE_ENTRY_OFFSET_MASK, bitmaps_extension, directory_entries
 from ..format.refcounts import unpack_refcounts
 from ..read.status import fadvise_tables
-from .guess import GUESS_NAMES, Guess, guess_rows
+from .guess import GUESS_NAMES, Guess, guess_clusters, with_data
 from .source import ImageFile, native, open_file
 
 _U64 = np.uint64
 _BATCH_TABLES = 64
 _RUN_CHUNK = 1 << 20  # clusters per pass when cutting runs (bounded temporaries)
-_GUESS_BATCH_BYTES = 8 << 20
 
 
 class HostKind(IntEnum):
@@ -631,50 +629,6 @@ class _Walk:
             self.c.claim(t[ok] >> self.cb, HostKind.BITMAP_DATA, e.index, -1)
 
 
-def _with_data(fd: int, clusters: np.ndarray, cs: int) -> np.ndarray:
-    """The clusters (sorted indices) that are not wholly a hole in the file: per run of consecutive
-    clusters one SEEK_DATA / SEEK_HOLE pair, so holes cost nothing to guess."""
-    if clusters.size == 0:
-        return clusters
-    brk = np.flatnonzero(np.diff(clusters) != 1) + 1
-    keep = np.zeros(clusters.size, dtype=bool)
-    for a, b in zip(np.r_[0, brk].tolist(), np.r_[brk, clusters.size].tolist()):
-        pos, end = int(clusters[a]) * cs, (int(clusters[b - 1]) + 1) * cs
-        while pos < end:
-            try:
-                start = os.lseek(fd, pos, os.SEEK_DATA)
-            except OSError:  # ENXIO: only a hole is left
-                break
-            if start >= end:
-                break
-            try:
-                stop = min(os.lseek(fd, start, os.SEEK_HOLE), end)
-            except OSError:
-                stop = end
-            lo, hi = start // cs - int(clusters[a]), -(-stop // cs) - int(clusters[a])
-            keep[a + lo:a + hi] = True
-            pos = max(stop, start + 1)
-    return clusters[keep]
-
-
-def guess_clusters(f: ImageFile, clusters: np.ndarray) -> np.ndarray:
-    """Content guesses of host clusters `clusters` (sorted, inside the file): uint8 Guess array."""
-    fl, cs = f.header, f.cluster_size
-    out = np.zeros(len(clusters), dtype=np.uint8)
-    per = max(1, _GUESS_BATCH_BYTES // cs)
-    buf = np.empty((min(per, len(clusters)) or 1, cs), dtype=np.uint8)
-    for b in range(0, len(clusters), per):
-        sel = clusters[b:b + per]
-        rows = buf[:len(sel)]
-        # consecutive clusters in one read
-        brk = np.flatnonzero(np.diff(sel) != 1) + 1
-        for s, e in zip(np.r_[0, brk].tolist(), np.r_[brk, len(sel)].tolist()):
-            f.read_into(rows[s:e], int(sel[s]) * cs)
-        out[b:b + len(sel)] = guess_rows(rows, extended=fl.extended_l2, cluster_bits=fl.cluster_bits,
-                                         file_size=f.file_size, refcount_order=fl.refcount_order)
-    return out
-
-
 def _cut_runs(kind: np.ndarray, owner: np.ndarray, snap: np.ndarray | None, guess: np.ndarray) -> Runs:
     """Runs over the dense per-cluster arrays, chunk by chunk (bounded temporaries)."""
     nb = len(kind)
@@ -717,7 +671,7 @@ def host_layout(image, *, guesses: bool = True) -> HostLayout:
         del nonzero, used
         guess = np.zeros(len(kind), dtype=np.uint8)
         if guesses and len(kind):
-            cand = _with_data(f.fd, np.flatnonzero((kind == HostKind.FREE) | (kind == HostKind.LEAKED)), w.cs)
+            cand = with_data(f.fd, np.flatnonzero((kind == HostKind.FREE) | (kind == HostKind.LEAKED)), w.cs)
             guess[cand] = guess_clusters(f, cand)
             # a guess of zeros is no finding on a free cluster: only leaked ones keep it
             guess[(guess == Guess.ZEROS) & (kind == HostKind.FREE)] = Guess.NONE
