@@ -7,6 +7,7 @@ import json
 import sys
 
 from ..engine.errors import QcowError
+from .common import one_line
 
 
 # `check -r all` where qemu-img would rebuild the refcount structure (a referenced cluster with
@@ -85,6 +86,9 @@ def cmd_check(args) -> int:
             for u in plan.unsupported:
                 if "its data is not freed" in u:
                     print(f"qdebug: kept: {u}", file=sys.stderr)
+    for f in report.findings:
+        if f.kind == "backing-outside-directory":
+            print(f"qdebug: warning: {one_line(f.message)}", file=sys.stderr)
     if args.output == "json":
         out = final.to_json()
         if fixed is not None:

@@ -46,11 +46,10 @@ def cmd_layout(args) -> int:
     return 0
 
 
-def _policy(args, confine: bool):
+def _policy(confine: bool):
     from ..engine.file.chain import BackingPolicy
 
-    env = BackingPolicy.from_env(confine=confine)
-    return BackingPolicy(env.confine, env.dirs + tuple(args.backing_dir or ()), env.allow + tuple(args.allow_backing or ()))
+    return BackingPolicy.from_env(confine=confine)  # with --backing-dir / --allow-backing (cli.main sets them)
 
 
 def cmd_salvage(args) -> int:
@@ -59,7 +58,7 @@ def cmd_salvage(args) -> int:
     from ..engine.forensics.salvage_run import salvage
 
     res = salvage(args.image, args.output, out_format=args.output_format, orphans_dir=args.orphans,
-                  force_share=args.force_share, policy=_policy(args, confine=True))
+                  force_share=args.force_share, policy=_policy(confine=True))
     if args.report:
         with open(args.report, "w") as f:
             json.dump(res.to_json(), f, indent=1)
@@ -113,12 +112,4 @@ def register(sub) -> None:
     sp.add_argument("--orphans", metavar="DIR", help="save every unreferenced cluster holding something there")
     sp.add_argument("-U", "--force-share", action="store_true", help="open the image even if another process "
                                                                      "(a running QEMU) holds it")
-    _backing_options(sp)
     sp.set_defaults(func=cmd_salvage, error_exit=2)
-
-
-def _backing_options(sp) -> None:
-    sp.add_argument("--backing-dir", action="append", metavar="DIR",
-                    help="also follow backing files inside DIR (default: only inside the image's directory)")
-    sp.add_argument("--allow-backing", action="append", metavar="PATH",
-                    help="follow this backing file, whatever and wherever it is")

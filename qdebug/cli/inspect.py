@@ -14,8 +14,13 @@ def cmd_info(args) -> int:
     from ..engine.file.chain import open_chain
     from ..engine.read.summary import info_record
 
+    from ..engine.file.chain import backing_warning
+
     with open_chain(args.image, no_backing=args.no_backing) as chain:
         rec = info_record(chain)
+        outside = backing_warning(args.image, chain.top.header.backing_file)
+    if outside:
+        rec["qdebug"]["warnings"].append(outside)
     _warn(rec["qdebug"]["warnings"])
     if args.output == "json":
         print(json.dumps(rec, indent=4))

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import CorruptImage, QcowError
+from ..file.chain import backing_warning
 from ..file.image import Image
 from ..format import constants as C
 from ..format.bitmaps import (BME_TABLE_ENTRY_FLAG_ALL_ONES, BME_TABLE_ENTRY_OFFSET_MASK,
@@ -853,6 +854,9 @@ def check_image(img: Image, *, progress=None) -> CheckReport:
     if h.is_corrupt:
         info.append(Finding("corrupt-bit", "info", "the corrupt bit is set: QEMU refuses to open the image "
                             "read-write until a repair clears it"))
+    outside = backing_warning(img.path, h.backing_file)
+    if outside:
+        info.append(Finding("backing-outside-directory", "info", outside))
     try:
         ctx.inc(np.array([0]), ctx.cs, "header")
         _walk_l1(ctx, h.l1_table_offset, h.l1_size, active=True, snapshot=None)

@@ -60,25 +60,25 @@ class BackingPolicy:
         real = os.path.realpath(path)
         if real in {os.path.realpath(a) for a in self.allow}:
             return real
-        hint = f"(--allow-backing {show_name(real)} opens it anyway)"
+        hint = f"(--allow-backing {show_name(real, 400)} opens it anyway)"
         try:
             st = os.stat(real)
         except OSError:
             st = None
         if _under(real, _PSEUDO):
-            raise BackingRefused(f"backing file {show_name(path)} is {show_name(real)}, a kernel pseudo-file; "
+            raise BackingRefused(f"backing file {show_name(path, 400)} is {show_name(real, 400)}, a kernel pseudo-file; "
                                  f"refusing to read it {hint}", real)
         if st is not None and not stat.S_ISREG(st.st_mode):
             what = ("a block device" if stat.S_ISBLK(st.st_mode) else "a character device" if stat.S_ISCHR(st.st_mode)
                     else "a FIFO" if stat.S_ISFIFO(st.st_mode) else "a socket" if stat.S_ISSOCK(st.st_mode)
-                    else "not a regular file")
-            raise BackingRefused(f"backing file {show_name(path)} is {what} ({show_name(real)}); refusing to read "
-                                 f"it {hint}", real)
+                    else "something else")
+            raise BackingRefused(f"backing file {show_name(path, 400)} is {what}, not a regular file ({show_name(real, 400)}); "
+                                 f"refusing to read it {hint}", real)
         if self.confine:
             home = os.path.dirname(os.path.realpath(top_path))
             if not _under(real, (home, *map(os.path.realpath, self.dirs))):
-                raise BackingRefused(f"backing file {show_name(path)} resolves to {show_name(real)}, outside the "
-                                     f"image's directory {show_name(home)}; not followed for an untrusted image "
+                raise BackingRefused(f"backing file {show_name(path, 400)} resolves to {show_name(real, 400)}, outside the "
+                                     f"image's directory {show_name(home, 400)}; not followed for an untrusted image "
                                      f"(--backing-dir DIR or {hint[1:-1]})", real)
         return real
 
@@ -96,6 +96,15 @@ def leaves_directory(top_path: str, name: str) -> str | None:
         return name
     home = os.path.dirname(os.path.realpath(top_path))
     return None if _under(real, (home,)) else real
+
+
+def backing_warning(top_path: str, name: str | None) -> str | None:
+    """The warning for a backing name that leaves the image's directory (None: it does not)."""
+    where = leaves_directory(top_path, name) if name else None
+    if where is None:
+        return None
+    return (f"{top_path}: backing file {show_name(name)} resolves to {show_name(where, 400)}, outside the image's "
+            "directory: for an image from elsewhere, open it with --untrusted (salvage and bundle do not follow it)")
 
 
 class RawFile:

@@ -24,6 +24,7 @@ from typing import Iterator
 import numpy as np
 
 from ..errors import QcowError
+from ..file.chain import backing_warning
 from ..file.image import read_snapshot_table
 from ..format import constants as C
 from ..format.bitmaps import BME_TABLE_ENTRY_OFFSET_MASK, bitmaps_extension, directory_entries
@@ -469,6 +470,9 @@ class _Walk:
         if len(self.snaps) < fl.nb_snapshots:
             self.notes.append(f"snapshot table: only {len(self.snaps)} of {fl.nb_snapshots} entries could be read")
         self.c = _Claimer(self.nb, bool(self.snaps))
+        outside = backing_warning(f.path, fl.backing_file)
+        if outside:
+            self.notes.append(outside)
         self._seen_tables: set[tuple[int, int]] = set()
 
     def run(self) -> None:
