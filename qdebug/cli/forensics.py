@@ -95,6 +95,22 @@ def cmd_salvage(args) -> int:
     return res.exit_code
 
 
+def cmd_bundle(args) -> int:
+    from ..engine.forensics.bundle import make_bundle
+
+    res = make_bundle(args.image, args.output)
+    rm = res.info["removed"]
+    print(f"{res.path}: metadata-only bundle of {args.image}: {human_size(res.metadata_bytes)} of metadata kept byte "
+          f"for byte; removed {rm['data-clusters']} data cluster(s), {rm['compressed-clusters']} compressed "
+          f"cluster(s) (zeroed in place), {rm['unreferenced-clusters']} unreferenced cluster(s) of guest data; "
+          f"kept {res.kept_unreferenced_clusters} unreferenced cluster(s) that look like metadata")
+    print(f"    marked as a bundle in: {one_line(res.marker)} (`qdebug info` shows it)")
+    if res.info["metadata-preallocated"] and res.info["data-holes"]:
+        print("    note: the original is metadata-preallocated: `map` on the bundle cannot tell its never-written "
+              "clusters (holes, reported as zero) from data, and reports them as data")
+    return 0
+
+
 def register(sub) -> None:
     sp = sub.add_parser("layout", help="who owns every host cluster: metadata, data, leaked, free, overlaps")
     sp.add_argument("image", metavar="IMAGE")
@@ -113,3 +129,8 @@ def register(sub) -> None:
     sp.add_argument("-U", "--force-share", action="store_true", help="open the image even if another process "
                                                                      "(a running QEMU) holds it")
     sp.set_defaults(func=cmd_salvage, error_exit=2)
+
+    sp = sub.add_parser("bundle", help="a metadata-only copy of an image (no guest data) to hand over for debugging")
+    sp.add_argument("image", metavar="IMAGE")
+    sp.add_argument("-o", dest="output", metavar="OUT.qcow2", required=True)
+    sp.set_defaults(func=cmd_bundle)

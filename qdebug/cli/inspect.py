@@ -21,6 +21,11 @@ def cmd_info(args) -> int:
         outside = backing_warning(args.image, chain.top.header.backing_file)
     if outside:
         rec["qdebug"]["warnings"].append(outside)
+    from ..engine.forensics.bundle import bundle_info
+
+    bundle = bundle_info(chain.top.header)
+    if bundle is not None:
+        rec["qdebug"]["bundle"] = bundle
     _warn(rec["qdebug"]["warnings"])
     if args.output == "json":
         print(json.dumps(rec, indent=4))
@@ -52,6 +57,10 @@ def cmd_info(args) -> int:
             val = fs[key]
             lines.append(f"    {key.replace('-', ' ')}: {str(val).lower() if isinstance(val, bool) else val}")
     lines.append("qdebug:")
+    if "bundle" in q:
+        b = q["bundle"]
+        lines.append(f"    BUNDLE: a metadata-only copy of {b.get('source')!r} made by {b.get('made-by')} on "
+                     f"{b.get('date')}: guest data removed ({json.dumps(b.get('removed'))}); reads return zeros")
     lines.append(f"    version: {q['version']}, header length: {q['header-length']}")
     feats = ", ".join(f"{f['name']} ({f['type']} bit {f['bit']})" for f in q["features"]) or "none"
     lines.append(f"    feature bits: {feats}")

@@ -677,6 +677,7 @@ def host_layout(image, *, guesses: bool = True) -> HostLayout:
         if guesses and len(kind):
             cand = with_data(f.fd, np.flatnonzero((kind == HostKind.FREE) | (kind == HostKind.LEAKED)), w.cs)
             guess[cand] = guess_clusters(f, cand)
+            guess[(kind == HostKind.LEAKED) & (guess == Guess.NONE)] = Guess.ZEROS  # a hole reads as zeros
             # a guess of zeros is no finding on a free cluster: only leaked ones keep it
             guess[(guess == Guess.ZEROS) & (kind == HostKind.FREE)] = Guess.NONE
         overlaps = c.overlaps()

@@ -329,6 +329,9 @@ def metadata_preallocated(img) -> bool:
     at least max(real * 10/9, real + 2) of the clusters in the file have a non-zero refcount, real
     being the clusters' worth of bytes the file really occupies. Errors reading refcounts make it
     False, as in QEMU. Cached per image state (size, blocks, mtime), as QEMU checks once per open."""
+    rec = _bundle_record(img)
+    if rec is not None:  # a qdebug bundle: the original's verdict (its holes are removed data)
+        return bool(rec.get("metadata-preallocated"))
     st = os.fstat(img.fd)
     key = (st.st_size, st.st_blocks, st.st_mtime_ns)
     hit = _PREALLOC_CACHE.get(img)
@@ -357,15 +360,40 @@ def metadata_preallocated(img) -> bool:
     return result
 
 
+def _bundle_record(img) -> dict | None:
+    """The record of a metadata-only bundle (forensics/bundle.py), None for other images."""
+    for e in img.header.extensions:
+        if e.type == C.QDEBUG_EXT_MAGIC_BUNDLE:
+            import json
+
+            try:
+                rec = json.loads(e.data.rstrip(b"\0").decode())
+            except ValueError:
+                return {}
+            return rec if isinstance(rec, dict) else {}
+    return None
+
+
 def _split_normal_holes(img, runs: Runs) -> Runs:
     """Cut NORMAL runs where their host range is a hole in the image file (or past its end): those
-    parts become NORMAL_HOLE. One SEEK_HOLE per run finds the common all-data case."""
+    parts become NORMAL_HOLE. One SEEK_HOLE per run finds the common all-data case. In a bundle
+    the holes are removed data: only the part past the end of the file counts."""
     sel = np.flatnonzero(runs.kind == T.NORMAL)
     cut: list[tuple[int, Runs]] = []
     fd, lseek, seek_hole = img.fd, os.lseek, os.SEEK_HOLE
     hosts = runs.host[sel]
+    bundle = _bundle_record(img) is not None
+    size = img.file_size
     for i, s, h, h_end in zip(sel.tolist(), runs.start[sel].tolist(), hosts.tolist(),
                               (hosts + runs.end[sel] - runs.start[sel]).tolist()):
+        if bundle:
+            if h_end > size:
+                m = max(h, size)
+                st = np.array([s, s + m - h][m == h:], dtype=np.int64)
+                en = np.array([s + m - h, s + h_end - h][m == h:], dtype=np.int64)
+                kd = np.array([T.NORMAL, NORMAL_HOLE][m == h:], dtype=np.uint8)
+                cut.append((i, Runs(st, en, kd, np.array([h, m][m == h:], dtype=np.int64))))
+            continue
         try:
             if lseek(fd, h, seek_hole) >= h_end:
                 continue
