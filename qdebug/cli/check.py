@@ -21,6 +21,18 @@ QEMU_REBUILDS = (
     "data are the same; the file layout and size differ.")
 
 
+def _warn_guest_data(img, report, image: str) -> None:
+    """Before leaked clusters are freed: say which look like guest data, and how to keep them."""
+    from ..engine.check.repair import leaked_guest_data
+
+    offs = leaked_guest_data(img, report)
+    if offs:
+        shown = ", ".join(f"0x{o:x}" for o in offs[:8]) + (" ..." if len(offs) > 8 else "")
+        print(f"qdebug: warning: {len(offs)} leaked cluster(s) to be freed look like guest data (host {shown}): "
+              f"a table may have lost its entries; save them first with `qdebug salvage {one_line(image)} "
+              "--orphans DIR`", file=sys.stderr)
+
+
 def _human_summary(counts: dict, out) -> None:
     """qemu-img's dump_human_image_check."""
     c = counts
@@ -70,6 +82,7 @@ def cmd_check(args) -> int:
 
         with open_chain(args.image, writable=True, no_backing=True) as chain:
             report = replace(check_image(chain.top), filename=args.image)
+            _warn_guest_data(chain.top, report, args.image)
             try:
                 report, plan, final = check_repair(chain, args.repair, filename=args.image, before=report)
             except QcowError as e:
@@ -128,6 +141,8 @@ def cmd_repair(args) -> int:
         if failed:  # HX: references are incomplete, so any refcount plan would be wrong
             raise QcowError(f"{args.image}: {failed[0].message}; nothing is repaired until the check completes")
         plan = plan_repair(chain, before, policy=args.policy, entries=args.entry)
+        if plan.leaks_fixed:
+            _warn_guest_data(chain.top, before, args.image)
         if args.output == "json":
             out = {"plan": plan.to_json(), "before": before.counts()}
         else:

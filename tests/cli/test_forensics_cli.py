@@ -155,3 +155,18 @@ def test_salvage_orphans_are_saved_before_a_leak_repair_frees_them(qemu, tmp_pat
     saved = json.load(open(odir / "orphans.json"))
     assert [(o["host-offset"], o["guess"], o["leaked"]) for o in saved] == [(0x60000, "data", True)]
     assert open(odir / saved[0]["saved-as"], "rb").read() == b"\x22" * 65536
+
+
+def test_repair_warns_before_freeing_leaked_guest_data(qemu, tmp_path):
+    """An L1 entry zeroed: its L2 table and data are "leaked"; freeing them destroys the guest's
+    data, so check -r and repair say so first and name salvage --orphans."""
+    path = create(str(tmp_path / "g.qcow2"), "4M", cluster_size="16k")
+    qemu_io(path, "write -q -P 0x11 0 64k")
+    _poke(path, 0xC000, bytes(8))
+    r = qd("repair", "--dry-run", path)
+    assert "4 leaked cluster(s) to be freed look like guest data (host 0x14000, 0x18000" in r.stderr
+    assert "--orphans DIR" in r.stderr
+    r = qd("check", "-r", "leaks", path)
+    assert "look like guest data" in r.stderr
+    clean = create(str(tmp_path / "c.qcow2"), "4M")
+    assert "guest data" not in qd("check", "-r", "leaks", clean).stderr
