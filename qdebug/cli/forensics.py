@@ -105,9 +105,9 @@ def cmd_bundle(args) -> int:
           f"cluster(s) (zeroed in place), {rm['unreferenced-clusters']} unreferenced cluster(s) of guest data; "
           f"kept {res.kept_unreferenced_clusters} unreferenced cluster(s) that look like metadata")
     print(f"    marked as a bundle in: {one_line(res.marker)} (`qdebug info` shows it)")
-    if res.info["metadata-preallocated"] and res.info["data-holes"]:
-        print("    note: the original is metadata-preallocated: `map` on the bundle cannot tell its never-written "
-              "clusters (holes, reported as zero) from data, and reports them as data")
+    if res.info["metadata-preallocated"] and res.info["data-holes"] is None:
+        print("    note: the original's data clusters have too many holes to record: `map` on the bundle reports "
+              "them as data where qemu-img map on the original reports zeros")
     return 0
 
 

@@ -23,9 +23,9 @@ def cmd_info(args) -> int:
         rec["qdebug"]["warnings"].append(outside)
     from ..engine.forensics.bundle import bundle_info
 
-    bundle = bundle_info(chain.top.header)
-    if bundle is not None:
-        rec["qdebug"]["bundle"] = bundle
+    bundle = bundle_info(chain.top.header, args.image)
+    if bundle is not None:  # (the holes of the original's data clusters are for `map`, not for reading)
+        rec["qdebug"]["bundle"] = {k: v for k, v in bundle.items() if k != "data-holes"}
     _warn(rec["qdebug"]["warnings"])
     if args.output == "json":
         print(json.dumps(rec, indent=4))

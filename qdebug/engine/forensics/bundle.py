@@ -35,6 +35,7 @@ from .layout import METADATA_KINDS, HostKind, host_layout
 from .source import ImageFile
 
 _CHUNK = 8 << 20
+SIDE_SUFFIX = ".qdebug-bundle.json"
 _KEEP_GUESSES = (Guess.L1_TABLE, Guess.L2_TABLE, Guess.REFCOUNT_BLOCK)
 
 
@@ -50,15 +51,12 @@ class BundleResult:
     info: dict
 
 
-def bundle_info(header) -> dict | None:
-    """The bundle record of an image's header (None: not a bundle)."""
-    for e in header.extensions:
-        if e.type == C.QDEBUG_EXT_MAGIC_BUNDLE:
-            try:
-                return json.loads(e.data.rstrip(b"\0").decode())
-            except ValueError:
-                return {"bundle": "unreadable record"}
-    return None
+def bundle_info(header, path: str | None = None) -> dict | None:
+    """The bundle record of an image (None: not a bundle): its header extension, or the side
+    file beside `path`."""
+    from ..read.status import bundle_record
+
+    return bundle_record(header, path)
 
 
 def _prealloc(path: str) -> bool:
@@ -69,17 +67,37 @@ def _prealloc(path: str) -> bool:
         return False
 
 
-def _data_holes(src: ImageFile, r, cs: int) -> bool:
-    """Whether any data cluster of the original is (partly) a hole: only then can `map` on the
-    original (when QEMU takes it for metadata-preallocated) report zeros the bundle cannot."""
+_MAX_HOLES = 100_000
+
+
+def _data_holes(src: ImageFile, r, cs: int) -> list[list[int]] | None:
+    """[start, end) host ranges inside the original's data clusters that are holes in its file:
+    where QEMU takes the image for metadata-preallocated, `map` reports them as zeros, so the
+    bundle (whose data clusters are all holes) must remember them. None: too many to keep."""
+    out: list[list[int]] = []
     for i in np.flatnonzero(r.kind == HostKind.DATA).tolist():
         a, b = int(r.start[i]) * cs, min(src.file_size, int(r.start[i] + r.count[i]) * cs)
-        try:
-            if os.lseek(src.fd, a, os.SEEK_HOLE) < b:
-                return True
-        except OSError:
-            return True
-    return False
+        pos = a
+        while pos < b:
+            try:
+                hole = os.lseek(src.fd, pos, os.SEEK_HOLE)
+            except OSError:
+                break
+            if hole >= b:
+                break
+            try:
+                data = os.lseek(src.fd, hole, os.SEEK_DATA)
+            except OSError:
+                data = b
+            end = min(data, b)
+            if out and out[-1][1] == hole:
+                out[-1][1] = end
+            else:
+                out.append([hole, end])
+            if len(out) > _MAX_HOLES:
+                return None
+            pos = end
+    return out
 
 
 def make_bundle(image: str, output: str) -> BundleResult:
@@ -129,7 +147,7 @@ def make_bundle(image: str, output: str) -> BundleResult:
         os.close(fd)
         fd = -1
         os.replace(tmp, output)
-        side = output + ".qdebug-bundle.json"
+        side = output + SIDE_SUFFIX
         if where == "side file":
             with open(side, "w") as f:
                 json.dump(info, f, indent=1)

@@ -383,8 +383,9 @@ class _Layer:
                 i = int(np.flatnonzero(v.impossible)[0]) if v.impossible.any() else -1
                 example = f"entry {i}: {REASON_TEXT[Reason(int(v.reason[i]))]}" if i >= 0 else \
                     "host clusters mapped several times"
-                self.note(f"L2 table of L1 index {slot} at 0x{off:x} rejected: {bad} of {int(v.used.sum())} used "
-                          f"entries impossible ({example})")
+                self.note(f"L2 table of L1 index {slot} at 0x{off:x} rejected: {int(v.impossible.sum())} impossible "
+                          f"entries and {int(v.dup_excess.sum())} repeated host clusters among {int(v.used.sum())} "
+                          f"used entries ({example})")
                 reasons[slot] = Reason.TABLE_REJECTED
                 continue
             accepted[slot] = off

@@ -360,18 +360,59 @@ def metadata_preallocated(img) -> bool:
     return result
 
 
-def _bundle_record(img) -> dict | None:
-    """The record of a metadata-only bundle (forensics/bundle.py), None for other images."""
-    for e in img.header.extensions:
-        if e.type == C.QDEBUG_EXT_MAGIC_BUNDLE:
-            import json
+def bundle_record(header, path: str | None = None) -> dict | None:
+    """The record of a metadata-only bundle (forensics/bundle.py): the qdebug header extension,
+    or the side file `PATH.qdebug-bundle.json`; None for other images."""
+    import json
 
-            try:
-                rec = json.loads(e.data.rstrip(b"\0").decode())
-            except ValueError:
-                return {}
-            return rec if isinstance(rec, dict) else {}
-    return None
+    raw = next((e.data for e in header.extensions if e.type == C.QDEBUG_EXT_MAGIC_BUNDLE), None)
+    if raw is None and path is not None:
+        try:
+            with open(path + ".qdebug-bundle.json", "rb") as f:
+                raw = f.read(64 << 20)
+        except OSError:
+            return None
+    if raw is None:
+        return None
+    try:
+        rec = json.loads(raw.rstrip(b"\0").decode())
+    except ValueError:
+        return {}
+    return rec if isinstance(rec, dict) else {}
+
+
+def _bundle_record(img) -> dict | None:
+    return bundle_record(img.header, getattr(img, "path", None))
+
+
+def _bundle_holes(rec: dict, size: int):
+    """(starts, ends) of the hole ranges a bundle's original had in its data clusters, plus
+    everything past the end of the file."""
+    holes = [h for h in rec.get("data-holes") or () if isinstance(h, list) and len(h) == 2]
+    starts = np.array([h[0] for h in holes] + [size], dtype=np.int64)
+    ends = np.array([h[1] for h in holes] + [1 << 62], dtype=np.int64)
+    order = np.argsort(starts)
+    return starts[order], ends[order]
+
+
+def _cut_by_holes(s: int, h: int, h_end: int, starts: np.ndarray, ends: np.ndarray) -> Runs | None:
+    """NORMAL run at guest s, host [h, h_end), cut where it meets the holes (None: it meets none)."""
+    k = int(np.searchsorted(ends, h, side="right"))
+    pos, st, en, kd, ho = h, [], [], [], []
+    while k < len(starts) and starts[k] < h_end:
+        a, b = max(int(starts[k]), h), min(int(ends[k]), h_end)
+        if a > pos:
+            st.append(pos), en.append(a), kd.append(T.NORMAL), ho.append(pos)
+        st.append(a), en.append(b), kd.append(NORMAL_HOLE), ho.append(a)
+        pos = b
+        k += 1
+    if not kd:
+        return None
+    if pos < h_end:
+        st.append(pos), en.append(h_end), kd.append(T.NORMAL), ho.append(pos)
+    st_a = np.array(st, dtype=np.int64)
+    return Runs(st_a - h + s, np.array(en, dtype=np.int64) - h + s, np.array(kd, dtype=np.uint8),
+                np.array(ho, dtype=np.int64))
 
 
 def _split_normal_holes(img, runs: Runs) -> Runs:
@@ -382,17 +423,14 @@ def _split_normal_holes(img, runs: Runs) -> Runs:
     cut: list[tuple[int, Runs]] = []
     fd, lseek, seek_hole = img.fd, os.lseek, os.SEEK_HOLE
     hosts = runs.host[sel]
-    bundle = _bundle_record(img) is not None
-    size = img.file_size
+    rec = _bundle_record(img)
+    holes = _bundle_holes(rec, img.file_size) if rec is not None else None
     for i, s, h, h_end in zip(sel.tolist(), runs.start[sel].tolist(), hosts.tolist(),
                               (hosts + runs.end[sel] - runs.start[sel]).tolist()):
-        if bundle:
-            if h_end > size:
-                m = max(h, size)
-                st = np.array([s, s + m - h][m == h:], dtype=np.int64)
-                en = np.array([s + m - h, s + h_end - h][m == h:], dtype=np.int64)
-                kd = np.array([T.NORMAL, NORMAL_HOLE][m == h:], dtype=np.uint8)
-                cut.append((i, Runs(st, en, kd, np.array([h, m][m == h:], dtype=np.int64))))
+        if holes is not None:  # a bundle: the original's holes, not the bundle's
+            piece = _cut_by_holes(s, h, h_end, *holes)
+            if piece is not None:
+                cut.append((i, piece))
             continue
         try:
             if lseek(fd, h, seek_hole) >= h_end:

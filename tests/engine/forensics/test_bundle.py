@@ -106,3 +106,19 @@ def test_bundle_without_room_in_cluster_0_writes_a_side_file(qemu, tmp_path):
     assert json.load(open(res.marker))["source"] == "s.qcow2"
     r = qd("bundle", path, "-o", path)
     assert r.returncode == 1 and "refusing" in r.stderr
+
+
+def test_map_on_a_bundle_of_an_image_with_holes_in_its_data_clusters(qemu, tmp_path):
+    """Small images with partly written clusters look metadata-preallocated to QEMU, whose map then
+    reports the holes of data clusters as zeros: the bundle remembers those holes."""
+    from tests.qemu import create, qemu_img, qemu_io
+
+    path = create(str(tmp_path / "h.qcow2"), "8M", cluster_size="2M")  # 64 KiB subclusters: a 1 KiB write
+    qemu_io(path, "write -q -P 1 0 1k", "write -q -P 2 100k 1k", "write -q -P 3 3M 16k", "write -q -P 4 5M 41k")
+    bun = str(tmp_path / "b.qcow2")
+    res = make_bundle(path, bun)
+    assert res.info["metadata-preallocated"] and res.info["data-holes"]
+    theirs = qemu_img("map", "--output=json", path).stdout.decode()
+    assert qd("map", "--output=json", bun).stdout == theirs == qd("map", "--output=json", path).stdout
+    assert "zero\": true, \"data\": true" in theirs  # the case that needs the holes
+    _same_findings(path, bun)
