@@ -263,7 +263,8 @@ def l2_runs(w0: np.ndarray, bm: np.ndarray | None, c0: int, c1: int, cs: int, ex
     plain = (w0 & _COMP_BIT) == 0
     d = off[1:] - off[:-1]
     allocated_next = (off[1:] != 0) & plain[1:]
-    same = (flags[1:] == flags[:-1]) & ((allocated_next & (d == _U64(cs)) & (off[:-1] != 0))
+    aligned = (off[:-1] & _U64(cs - 1)) == 0  # (an unaligned cluster reads as INVALID: one run each)
+    same = (flags[1:] == flags[:-1]) & ((allocated_next & (d == _U64(cs)) & (off[:-1] != 0) & aligned)
                                         | ((off[1:] == 0) & (off[:-1] == 0) & plain[1:]))
     if bm is not None:
         b = bm[1:]

@@ -81,3 +81,20 @@ def test_damage(built, tmp_path, shape, name):
     before = open(path, "rb").read()
     check_salvage(path, want, allowed, tmp_path)
     assert open(path, "rb").read() == before, "salvage never writes the image"
+
+
+def test_a_single_zeroed_entry_is_reported_as_orphaned_data(qemu, tmp_path):
+    """The documented limit: one L2 entry set to zero leaves no trace but its leaked cluster. The
+    range reads as unallocated (the metadata says so), but the cluster counts as orphaned guest
+    data, the exit code is 1 and --orphans keeps it."""
+    from tests.qemu import create, qemu_io
+
+    path = create(str(tmp_path / "z.qcow2"), "1M")
+    qemu_io(path, "write -q -P 0x11 0 64k", "write -q -P 0x22 64k 64k")
+    with open(path, "r+b") as f:
+        f.seek(0x40010)
+        f.write(bytes(16))
+    res = salvage(path, str(tmp_path / "o.raw"), orphans_dir=str(tmp_path / "orph"))
+    assert res.evidence == 1 and res.exit_code == 1
+    assert [(o["host-offset"], o["guess"]) for o in res.orphans] == [(0x60000, "data")]
+    assert open(tmp_path / "orph" / "0x60000-data.bin", "rb").read() == b"\x22" * 65536
