@@ -196,6 +196,10 @@ class HostLayout:
             raise IndexError(f"host cluster {cluster} is outside the file ({self.nb_clusters} clusters)")
         return i
 
+    def cluster_kind(self, cluster: int) -> int:
+        """HostKind of host cluster `cluster`."""
+        return int(self.runs.kind[self._run_of(cluster)])
+
     def kind_of(self, cluster: int) -> str:
         return KIND_NAMES[int(self.runs.kind[self._run_of(cluster)])]
 
