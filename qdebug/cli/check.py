@@ -7,6 +7,29 @@ import json
 import sys
 
 from ..engine.errors import QcowError
+from .common import one_line
+
+# `check -r all` where qemu-img would rebuild the refcount structure (a referenced cluster with
+# refcount 0, a broken refcount block...; 271's unaligned data cluster is one): the same counts,
+# written differently. Deliberate, so said every time.
+QEMU_REBUILDS = (
+    "qdebug: note: this repair differs from qemu-img check -r all: qemu-img rebuilds the whole refcount "
+    "structure here (a new refcount table and new blocks at the end of the file, the old ones left as free "
+    "space); qdebug writes the same refcounts into the existing blocks (new blocks only where one is missing "
+    "or broken), so the change is small, journaled and undoable (`qdebug undo`). The refcounts and the guest "
+    "data are the same; the file layout and size differ.")
+
+
+def _warn_guest_data(img, report, image: str) -> None:
+    """Before leaked clusters are freed: say which look like guest data, and how to keep them."""
+    from ..engine.check.repair import leaked_guest_data
+
+    offs = leaked_guest_data(img, report)
+    if offs:
+        shown = ", ".join(f"0x{o:x}" for o in offs[:8]) + (" ..." if len(offs) > 8 else "")
+        print(f"qdebug: warning: {len(offs)} leaked cluster(s) to be freed look like guest data (host {shown}): "
+              f"a table may have lost its entries; save them first with `qdebug salvage {one_line(image)} "
+              "--orphans DIR`", file=sys.stderr)
 
 # The repair policies (engine.check.repair.RepairPolicy), spelled here so that `--help` does not
 # load the repair code; tests/cli/test_check_cli.py holds the two to each other.
@@ -64,6 +87,7 @@ def cmd_check(args) -> int:
 
         with open_chain(args.image, writable=True, no_backing=True) as chain:
             report = replace(check_image(chain.top), filename=args.image)
+            _warn_guest_data(chain.top, report, args.image)
             try:
                 report, plan, final = check_repair(chain, args.repair, filename=args.image, before=report)
             except QcowError as e:
@@ -75,9 +99,14 @@ def cmd_check(args) -> int:
                 return 1
             if plan.leaks_fixed or plan.corruptions_fixed:
                 fixed = plan
+            if report.rebuild_needed and plan.items:
+                print(QEMU_REBUILDS, file=sys.stderr)
             for u in plan.unsupported:
                 if "its data is not freed" in u:
                     print(f"qdebug: kept: {u}", file=sys.stderr)
+    for f in report.findings:
+        if f.kind.value == "backing-outside-directory":
+            print(f"qdebug: warning: {one_line(f.message)}", file=sys.stderr)
     if args.output == "json":
         out = final.to_json()
         if fixed is not None:
@@ -113,10 +142,12 @@ def cmd_repair(args) -> int:
 
     with open_chain(args.image, writable=not args.dry_run, no_backing=args.no_backing) as chain:
         before = check_image(chain.top)
-        failed = [f for f in before.findings if f.kind == "check-failed"]
+        failed = [f for f in before.findings if f.kind.value == "check-failed"]
         if failed:  # HX: references are incomplete, so any refcount plan would be wrong
             raise QcowError(f"{args.image}: {failed[0].message}; nothing is repaired until the check completes")
         plan = plan_repair(chain, before, policy=args.policy, entries=args.entry)
+        if plan.leaks_fixed:
+            _warn_guest_data(chain.top, before, args.image)
         if args.output == "json":
             out = {"plan": plan.to_json(), "before": before.counts()}
         else:
@@ -126,6 +157,12 @@ def cmd_repair(args) -> int:
         if args.dry_run or not plan.items:
             if args.output == "json":
                 print(json.dumps(out, indent=4))
+            if plan.unsupported or (not plan.items and before.exit_code):
+                # findings the plan leaves broken (or nothing to do about them): not a success
+                if args.output != "json":
+                    print(f"{len(plan.unsupported) or before.corruptions + before.leaks} finding(s) "
+                          f"{'would remain' if plan.items else 'remain'} unrepaired.", file=sys.stderr)
+                return before.exit_code or 2
             return 0
         step = apply_repair(chain, plan)
         after = check_image(chain.top)

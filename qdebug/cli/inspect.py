@@ -11,11 +11,19 @@ from .common import warn as _warn
 
 
 def cmd_info(args) -> int:
-    from ..engine.file.chain import open_chain
+    from ..engine.file.chain import backing_warning, open_chain
     from ..engine.read.summary import info_record
 
     with open_chain(args.image, no_backing=args.no_backing) as chain:
         rec = info_record(chain)
+        outside = backing_warning(args.image, chain.top.header.backing_file)
+    if outside:
+        rec["qdebug"]["warnings"].append(outside)
+    from ..engine.forensics.bundle import bundle_info
+
+    bundle = bundle_info(chain.top.header, args.image)
+    if bundle is not None:  # (the holes of the original's data clusters are for `map`, not for reading)
+        rec["qdebug"]["bundle"] = {k: v for k, v in bundle.items() if k != "data-holes"}
     _warn(rec["qdebug"]["warnings"])
     if args.output == "json":
         print(json.dumps(qdict_order(rec), indent=4))
@@ -49,6 +57,10 @@ def cmd_info(args) -> int:
             val = fs[key]
             lines.append(f"    {key.replace('-', ' ')}: {str(val).lower() if isinstance(val, bool) else val}")
     lines.append("qdebug:")
+    if "bundle" in q:
+        b = q["bundle"]
+        lines.append(f"    BUNDLE: a metadata-only copy of {b.get('source')!r} made by {b.get('made-by')} on "
+                     f"{b.get('date')}: guest data removed ({json.dumps(b.get('removed'))}); reads return zeros")
     lines.append(f"    version: {q['version']}, header length: {q['header-length']}")
     feats = ", ".join(f"{f['name']} ({f['type']} bit {f['bit']})" for f in q["features"]) or "none"
     lines.append(f"    feature bits: {feats}")
@@ -129,9 +141,32 @@ def cmd_map(args) -> int:
                 status = ("compressed" if comp else "data") if da else ("zero" if pr else "unallocated")
                 mapped = f"{off:#x}" if ho else "-"
                 fname = one_line(chain.layers[d].path) if ho else "-"
+                if ho and da:
+                    fname += _past_eof(chain.layers[d], off, ln)
                 rows.append(f"{s:<#16x}{ln:<#16x}{d:<6}{status:<12}{mapped:<16}{fname}\n")
             out.write("".join(rows))
     return 0
+
+
+def _past_eof(layer, host: int, length: int) -> str:
+    """A note for data whose host bytes lie past the end of the image file (QEMU reads zeros)."""
+    size = layer.file_size
+    if host + length <= size or getattr(layer, "format", "qcow2") == "raw":
+        return ""
+    if host >= size:
+        return f"  [past the end of the file (0x{size:x}): reads as zeros]"
+    return f"  [partly past the end of the file (0x{size:x}): the rest reads as zeros]"
+
+
+def _data_bytes(h, cluster: int, bitmap: int) -> int:
+    """How far into its host cluster a guest cluster's data reaches (its last allocated subcluster;
+    the end of the disk for a last partial cluster)."""
+    cs = h.cluster_size
+    n = min(cs, h.size - cluster * cs)
+    if h.extended_l2:
+        alloc = bitmap & 0xFFFFFFFF
+        n = min(n, alloc.bit_length() * (cs // 32))
+    return n
 
 
 def _map_subclusters(chain, out, output: str) -> int:
@@ -160,13 +195,18 @@ def _map_subclusters(chain, out, output: str) -> int:
             g = int(gcs[i])
             word0 = int(w0[i])
             host = word0 & C.L2E_OFFSET_MASK if not word0 & C.QCOW_OFLAG_COMPRESSED else None
+            past = host is not None and host != 0 and host + _data_bytes(h, g, int(bmu[i])) > img.file_size
             if output == "json":
-                rows.append(json.dumps({
-                    "cluster": g, "start": g * cs, "l1-index": g // h.l2_entries, "l2-index": g % h.l2_entries,
-                    "entry": f"0x{word0:016x}", "bitmap": f"0x{int(bmu[i]):016x}",
-                    "host-offset": host, "copied": bool(word0 >> 63), "subclusters": strings[k]}) + "\n")
+                row = {"cluster": g, "start": g * cs, "l1-index": g // h.l2_entries, "l2-index": g % h.l2_entries,
+                       "entry": f"0x{word0:016x}", "bitmap": f"0x{int(bmu[i]):016x}",
+                       "host-offset": host, "copied": bool(word0 >> 63), "subclusters": strings[k]}
+                if past:
+                    row["past-eof"] = True
+                rows.append(json.dumps(row) + "\n")
             else:
                 hs = f"{host:#x}" if host is not None else "compressed"
+                if past:
+                    hs += _past_eof(img, host, _data_bytes(h, g, int(bmu[i])))
                 rows.append(f"{g * cs:<#16x}cluster {g:<10} {strings[k]}  {hs}\n")
         out.write("".join(rows))
     return 0

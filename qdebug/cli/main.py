@@ -16,7 +16,7 @@ from .common import one_line
 
 EXIT_ERROR = 1
 EXIT_INTERNAL = 70
-COMMAND_MODULES = ("inspect", "write", "check", "trace_import", "tui")
+COMMAND_MODULES = ("inspect", "write", "check", "forensics", "trace_import", "tui")
 
 
 class _Version(argparse.Action):
@@ -38,7 +38,41 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     for mod in COMMAND_MODULES:
         importlib.import_module(f"{__package__}.{mod}").register(sub)
+    for sp in sub.choices.values():  # every command: what backing files it may follow
+        _untrusted_options(sp)
     return p
+
+
+# --untrusted / --backing-dir / --allow-backing: the environment variables of the same meaning
+# (engine.file.chain.BackingPolicy.from_env reads them), set for the one command.
+_POLICY_ENV = (("untrusted", "QDEBUG_UNTRUSTED"), ("backing_dir", "QDEBUG_BACKING_DIR"),
+               ("allow_backing", "QDEBUG_ALLOW_BACKING"))
+
+
+def _untrusted_options(sp) -> None:
+    have = sp._option_string_actions
+    if "--untrusted" not in have:
+        sp.add_argument("--untrusted", action="store_true", default=None,
+                        help="the image comes from elsewhere: follow backing files only inside its directory "
+                             "(also QDEBUG_UNTRUSTED=1)")
+    if "--backing-dir" not in have:
+        sp.add_argument("--backing-dir", action="append", metavar="DIR",
+                        help="with --untrusted: also follow backing files inside DIR")
+    if "--allow-backing" not in have:
+        sp.add_argument("--allow-backing", action="append", metavar="PATH",
+                        help="follow this backing file, whatever and wherever it is (a device, outside the tree)")
+
+
+def _policy_env(args) -> dict:
+    """Set the policy variables the options ask for; returns the old values to restore."""
+    old = {}
+    for attr, var in _POLICY_ENV:
+        v = getattr(args, attr, None)
+        if not v:
+            continue
+        old[var] = os.environ.get(var)
+        os.environ[var] = "1" if v is True else os.pathsep.join([*filter(None, [os.environ.get(var)]), *v])
+    return old
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,11 +88,12 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    saved = _policy_env(args)
     try:
         return args.func(args)
     except QcowError as e:
         print(f"qdebug: error: {one_line(str(e))}", file=sys.stderr)
-        return EXIT_ERROR
+        return getattr(args, "error_exit", EXIT_ERROR)  # salvage: 1 means "something lost", errors are 2
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_ERROR
@@ -75,6 +110,11 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return EXIT_INTERNAL
     finally:
+        for var, v in saved.items():
+            if v is None:
+                os.environ.pop(var, None)
+            else:
+                os.environ[var] = v
         if exiting:  # the interpreter's last collection would walk every object numpy made (~30 ms)
             import gc
 

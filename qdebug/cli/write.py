@@ -16,6 +16,7 @@ import time
 from ..engine.errors import QcowError
 from .common import size_arg
 
+
 # ---- create ---------------------------------------------------------------------------------------
 def parse_create_options(texts):
     """`-o cluster_size=64k,extended_l2=on,...` as qemu-img spells it (see create_options.py)."""

@@ -19,11 +19,21 @@ class CorruptImage(QcowError):
     """Metadata QEMU would also reject or flag as corruption."""
 
 
-class InvalidEntry(CorruptImage):
-    """An L2 entry whose subcluster bitmap is invalid (QEMU returns EIO)."""
+class FatalCorruption(CorruptImage):
+    """What QEMU reports through qcow2_signal_corruption(fatal): the request fails with EIO and,
+    on an image open read-write, the corrupt bit is set and the image is unusable until reopened
+    (a read-only image, such as a backing file, only fails the request). `image`: the file."""
 
-    def __init__(self, message: str, l2_offset: int, l2_index: int):
+    def __init__(self, message: str, image: str | None = None):
         super().__init__(message)
+        self.image = image
+
+
+class InvalidEntry(FatalCorruption):
+    """An L2 entry QEMU's reads refuse: an invalid subcluster bitmap or an unaligned host offset."""
+
+    def __init__(self, message: str, l2_offset: int, l2_index: int, image: str | None = None):
+        super().__init__(message, image)
         self.l2_offset = l2_offset
         self.l2_index = l2_index
 

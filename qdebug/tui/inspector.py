@@ -74,8 +74,10 @@ def entry_content(info: EntryInfo, selected: int) -> Content:
     if info.host_offset is not None:
         what = f"  {info.compressed_bytes} bytes compressed" if info.compressed else ""
         rc = "?" if info.refcount is None else str(info.refcount)
+        past = (f"  past the end of the file (0x{info.file_size:x}): reads as zeros", "bold $text on $error") \
+            if info.host_past_eof else ""
         lines.append(Content.assemble(("host   ", "$text-muted"), f"0x{info.host_offset:x}{what}",
-                                      ("  refcount ", "$text-muted"), (rc, "bold")))
+                                      ("  refcount ", "$text-muted"), (rc, "bold"), past))
     else:
         lines.append(Content.styled("host   none (no cluster allocated in this image)", "$text-muted"))
     lines.append(Content.assemble(("subclusters ", "$text-muted"), bitmap_content(info, selected)))

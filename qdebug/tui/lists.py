@@ -89,8 +89,8 @@ class FindingsView(RowView):
         self.findings: list = []
 
     def set_findings(self, findings) -> None:
-        order = {"error": 0, "leak": 1, "info": 2}
-        self.findings = sorted(findings, key=lambda f: order.get(f.severity, 3))
+        order = {"error": 0, "leak": 1, "info": 2}  # (a Severity hashes by its name: key on the value)
+        self.findings = sorted(findings, key=lambda f: order.get(f.severity.value, 3))
         self.set_rows(len(self.findings), max([len(f.message) + len(f.place()) for f in self.findings] + [20]) + 12,
                       keep_cursor=False)
 

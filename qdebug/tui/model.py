@@ -66,6 +66,12 @@ class EntryInfo:
     reads: tuple[int, ...]
     bitmap_string: str
     error: str | None = None
+    file_size: int = 0  # of the image file: data at or past it reads as zeros (QEMU pads)
+
+    @property
+    def host_past_eof(self) -> bool:
+        """The entry's host bytes (data cluster or compressed stream) start at or past the end of the file."""
+        return self.host_offset is not None and self.host_offset >= self.file_size > 0
 
     @property
     def invalid(self) -> bool:
@@ -224,7 +230,7 @@ class ImageModel:
             host_offset=host, compressed_bytes=comp_bytes, refcount=refcount,
             types=tuple(int(t) for t in types), depth=tuple(int(d) for d in blk.depth[i]),
             reads=tuple(int(r) for r in blk.reads[i]),
-            bitmap_string=bitmap_string(w0, bm, extended=h.extended_l2), error=blk.error)
+            bitmap_string=bitmap_string(w0, bm, extended=h.extended_l2), error=blk.error, file_size=img.file_size)
 
     @reads_image
     def subcluster_bytes(self, cluster: int, sc: int) -> SubclusterBytes:
@@ -249,6 +255,8 @@ class ImageModel:
             if IS_DATA[kind]:
                 what = {T.COMPRESSED: "compressed cluster", RAW_DATA: "raw data"}.get(kind, "data")
                 at = f" @ host 0x{host:x}" if kind != T.COMPRESSED else ""
+                if kind == T.NORMAL and host + (e - s) > chain.layers[d].file_size:
+                    at += " (past the end of the file: reads as zeros)"
                 label = f"{where}: {what}{at}"
                 reads = READS_DATA
             elif kind in (T.ZERO_PLAIN, T.ZERO_ALLOC, RAW_HOLE):

@@ -9,7 +9,7 @@ import subprocess
 import pytest
 
 from tests.engine.corruptions import CORRUPTIONS, corrupt, make_shape
-from tests.qemu import QEMU_IMG, qemu_check
+from tests.qemu import QEMU_IMG, create, qemu_check, qemu_io
 
 pytestmark = pytest.mark.qemu
 
@@ -153,7 +153,8 @@ def test_repair_entry_option_and_bad_input(shapes, tmp_path):
     shutil.copy(shapes["ext64k"], path)
     corrupt(path, "both_bits")
     o = qdebug("repair", "--entry", "0:99", "--dry-run", path)
-    assert o.returncode == 0 and b"nothing to repair" in o.stdout
+    # nothing selected, the image still broken: non-zero, like a repair that leaves findings behind
+    assert o.returncode == 2 and b"nothing to repair" in o.stdout and b"remain unrepaired" in o.stderr
     o = qdebug("repair", "--entry", "x", path)
     assert o.returncode == 2 and b"bad entry" in o.stderr
     o = qdebug("repair", "--no-backing", "--dry-run", path)
@@ -207,3 +208,39 @@ def test_cli_policy_names_are_the_engines():
     from qdebug.engine.check.repair import RepairPolicy
 
     assert POLICY_NAMES == tuple(p.value for p in RepairPolicy)
+
+
+def test_repair_exit_code_when_findings_remain(qemu, tmp_path):
+    """A finding no policy keep-data repair can fix (data at an unaligned offset): the dry run and
+    the repair both exit non-zero and say so; with --policy zero it is repaired and exits 0."""
+    path = create(str(tmp_path / "u.qcow2"), "1M")
+    qemu_io(path, "write -q -P 1 4k 2k")
+    with open(path, "r+b") as f:
+        f.seek(0x40006)
+        f.write(b"\x02")
+    o = qdebug("repair", "--dry-run", path)
+    assert o.returncode == 2 and b"would remain unrepaired" in o.stderr
+    o = qdebug("repair", path)
+    assert o.returncode == 2 and b"remain" in o.stdout
+    o = qdebug("repair", "--policy", "zero", path)
+    assert o.returncode == 0, o.stdout + o.stderr
+
+
+def test_check_r_all_says_where_it_differs_from_qemu(qemu, tmp_path):
+    """iotest 271's unaligned data cluster: qemu-img rebuilds the refcount structure, qdebug fixes
+    the refcounts in place and says so; the counts after the repair are qemu-img's."""
+    base = tmp_path / "base.raw"
+    base.write_bytes(b"\xff" * (128 << 10))
+    paths = []
+    for n in ("q", "d"):
+        p = create(str(tmp_path / f"{n}.qcow2"), "128k", backing=str(base), backing_fmt="raw")
+        qemu_io(p, "write -q -P 1 4k 2k")
+        with open(p, "r+b") as f:
+            f.seek(0x40006)
+            f.write(b"\x02")
+        paths.append(p)
+    q = qimg("check", "-r", "all", paths[0])
+    o = qdebug("check", "-r", "all", paths[1])
+    assert o.returncode == q.returncode == 2
+    assert b"differs from qemu-img check -r all" in o.stderr and b"rebuilds the whole refcount structure" in o.stderr
+    assert qemu_check(paths[1])[1].get("corruptions") == qemu_check(paths[0])[1].get("corruptions") == 1

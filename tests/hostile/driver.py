@@ -97,7 +97,7 @@ def violations(res: dict, timeout: float = COMMAND_TIMEOUT) -> list[str]:
     if "internal error" in err:
         bad.append("internal error: " + err.strip().splitlines()[-1])
     lines = [ln for ln in err.splitlines() if ln.strip()]
-    if res["argv"][0] in ("check", "replay"):  # reports on stderr (findings, hazards), qemu-like codes
+    if res["argv"][0] in ("check", "replay", "repair"):  # reports on stderr (findings, hazards), qemu-like codes
         return bad + _check_violations(res, rc, lines)
     if rc == 0:
         extra = [ln for ln in lines if not _WARNING_LINE.match(ln)]

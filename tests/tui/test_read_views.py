@@ -125,3 +125,24 @@ async def test_bindings_are_remappable_by_id(layered):
         assert app.query_one(ClusterMap).cursor == 40
         rows = {bid: keys for keys, _desc, bid in app.help_rows()}
         assert rows["next.invalid"] == "x" and rows["step.next"] == "n/]" and rows["help"] == "?/f1"
+
+
+async def test_inspector_shows_data_past_the_end_of_the_file(tmp_path):
+    """Cluster 2 points at 0x7770000 in a 512 KiB file: not ordinary data, the inspector says so."""
+    from tests.qemu import create, qemu_io
+
+    path = create(str(tmp_path / "p.qcow2"), "512k")
+    qemu_io(path, "write -q -P 7 0 192k")
+    with open(path, "r+b") as f:
+        f.seek(0x40020)
+        f.write((0x8000000007770000).to_bytes(8, "big"))
+    from qdebug.tui.inspector import entry_content
+
+    app = make_app(path, counts=False)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await pilot.pause()
+        info = app.model.entry(2)
+        assert info.host_past_eof and not app.model.entry(1).host_past_eof
+        assert "past the end of the file (0x80000): reads as zeros" in entry_content(info, 0).plain
+        sb = app.model.subcluster_bytes(2, 0)
+        assert sb.data == bytes(2048) and "past the end of the file" in sb.sources[0].label

@@ -21,8 +21,16 @@ from enum import Enum
 import numpy as np
 
 from ..errors import CorruptImage, QcowError
+from ..file.chain import backing_warning
 from ..file.image import Image
 from ..format import constants as C
+from ..format.bitmaps import (
+    BME_TABLE_ENTRY_FLAG_ALL_ONES,
+    BME_TABLE_ENTRY_OFFSET_MASK,
+    BME_TABLE_ENTRY_RESERVED_MASK,
+    bitmaps_extension,
+    directory_entries,
+)
 from ..format.refcounts import unpack_refcounts
 
 # Keys in the order qemu-img prints them (its QDict bucket order), "findings" last.
@@ -34,9 +42,6 @@ MAX_FINDINGS_PER_KIND = 10000
 _U64 = np.uint64
 _BATCH_TABLES = 64
 _MERGE_BATCHES = 16  # sparse batches checked as one (only their non-zero entries are kept)
-BME_TABLE_ENTRY_RESERVED_MASK = 0xFF000000000001FE
-BME_TABLE_ENTRY_OFFSET_MASK = 0x00FFFFFFFFFFFE00
-BME_TABLE_ENTRY_FLAG_ALL_ONES = 1
 
 
 class FindingKind(str, Enum):
@@ -71,6 +76,7 @@ class FindingKind(str, Enum):
     SNAPSHOT_L1_TOO_LARGE = "snapshot-l1-too-large"
     SNAPSHOT_L1_UNALIGNED = "snapshot-l1-unaligned"
     TRUNCATED = "truncated"
+    BACKING_OUTSIDE_DIRECTORY = "backing-outside-directory"
 
 
 class Severity(str, Enum):
@@ -739,28 +745,21 @@ def _snapshots(ctx: _Ctx) -> None:
 
 def _bitmaps(ctx: _Ctx) -> None:
     """qcow2_check_bitmaps_refcounts: directory, bitmap tables and their data clusters."""
-    ext = next((e for e in ctx.h.extensions if e.type == C.QCOW2_EXT_MAGIC_BITMAPS), None)
-    if ext is None or len(ext.data) < 24 or not ctx.h.autoclear_features & C.QCOW2_AUTOCLEAR_BITMAPS:
+    ext = bitmaps_extension(ctx.h)
+    if ext is None:
         return  # HX: QEMU ignores the extension without the autoclear bit (its sizes are unchecked)
-    nb, _res, dir_size, dir_off = struct.unpack_from(">IIQQ", ext.data)
+    nb, dir_size, dir_off = ext
     if nb == 0:
         return
     ctx.inc(np.array([dir_off]), dir_size, "bitmap directory")
-    raw = ctx.img.pread(dir_off, dir_size)
-    p = 0
-    for _ in range(nb):
-        if p + 24 > len(raw):
-            ctx.corruptions += 1
-            ctx.add(Finding(FindingKind.BITMAP_DIRECTORY, Severity.ERROR, "ERROR bitmap directory is truncated", host_offset=dir_off))
-            return
-        t_off, t_size, flags, typ, gran, name_size, extra = struct.unpack_from(">QIIBBHI", raw, p)
-        name = raw[p + 24 + extra:p + 24 + extra + name_size].decode("utf-8", "replace")
+    entries, truncated = directory_entries(ctx.img.pread(dir_off, dir_size), nb)
+    for e in entries:
         # QEMU refuses to open the image (so to check it) when a directory entry breaks these
-        if typ != 1 or not 9 <= gran <= 31 or flags & ~0x3 or name_size == 0 or t_off % ctx.cs or (
-                t_size and not t_off):
-            raise CorruptImage(f"Bitmap '{name}' doesn't satisfy the constraints (bitmap directory at 0x{dir_off:x})")
-        ctx.inc(np.array([t_off]), t_size * 8, "bitmap table")
-        table = ctx.u64s(t_off, t_size).astype(np.uint64) if t_size else np.zeros(0, np.uint64)
+        if e.type != 1 or not 9 <= e.granularity_bits <= 31 or e.flags & ~0x3 or not e.name_size or \
+                e.table_offset % ctx.cs or (e.table_size and not e.table_offset):
+            raise CorruptImage(f"Bitmap '{e.name}' doesn't satisfy the constraints (bitmap directory at 0x{dir_off:x})")
+        ctx.inc(np.array([e.table_offset]), e.table_size * 8, "bitmap table")
+        table = ctx.u64s(e.table_offset, e.table_size).astype(np.uint64) if e.table_size else np.zeros(0, np.uint64)
         offs = table & _U64(BME_TABLE_ENTRY_OFFSET_MASK)
         bad = ((table & _U64(BME_TABLE_ENTRY_RESERVED_MASK)) != 0) | (
             (offs != 0) & (((table & _U64(BME_TABLE_ENTRY_FLAG_ALL_ONES)) != 0) | ((offs % _U64(ctx.cs)) != 0)))
@@ -770,8 +769,10 @@ def _bitmaps(ctx: _Ctx) -> None:
                             f"{int(table[i]):x}", host_offset=int(offs[i])))
         good = ~bad & (offs != 0)
         ctx.inc(offs[good].astype(np.int64), ctx.cs, "bitmap data")
-        size = 24 + extra + name_size
-        p += size + (-size % 8)
+    if truncated:
+        ctx.corruptions += 1
+        ctx.add(Finding(FindingKind.BITMAP_DIRECTORY, Severity.ERROR, "ERROR bitmap directory is truncated",
+                        host_offset=dir_off))
 
 
 # ---- refcount structure -----------------------------------------------------------------------
@@ -901,6 +902,9 @@ def check_image(img: Image, *, progress=None) -> CheckReport:
     if h.is_corrupt:
         info.append(Finding(FindingKind.CORRUPT_BIT, Severity.INFO, "the corrupt bit is set: QEMU refuses to open the image "
                             "read-write until a repair clears it"))
+    outside = backing_warning(img.path, h.backing_file)
+    if outside:
+        info.append(Finding(FindingKind.BACKING_OUTSIDE_DIRECTORY, Severity.INFO, outside))
     try:
         ctx.inc(np.array([0]), ctx.cs, "header")
         _walk_l1(ctx, h.l1_table_offset, h.l1_size, active=True, snapshot=None)

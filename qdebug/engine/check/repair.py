@@ -679,6 +679,21 @@ def check_repair(chain, fix: str, *, filename: str | None = None, before: CheckR
     return before, plan, final
 
 
+def leaked_guest_data(img, report: CheckReport) -> list[int]:
+    """Host offsets of the leaked clusters (refcount > 0, no reference) a leak repair would free
+    whose content looks like guest data: a lost table's data, for `salvage --orphans` to save."""
+    from ..forensics.guess import Guess, guess_clusters
+    from ..forensics.source import ImageFile
+
+    leaked = np.array(sorted({f.cluster for f in report.findings if f.kind is FindingKind.LEAK and not f.reference
+                              and f.cluster is not None}), dtype=np.int64)
+    leaked = leaked[leaked * img.cluster_size < img.file_size]
+    if not len(leaked):
+        return []
+    g = guess_clusters(ImageFile.of(img), leaked)
+    return [int(c) * img.cluster_size for c in leaked[g == Guess.DATA]]
+
+
 def repair_image(chain, *, policy: str = "keep-data", entries=None, mode: str = "qdebug", dry_run: bool = False):
     """Check, plan, (apply), check again: (plan, report before, report after or None)."""
     before = check_image(chain.top)

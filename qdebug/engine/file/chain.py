@@ -4,6 +4,13 @@ Relative backing names are resolved against the overlay's directory (QEMU's path
 missing format is probed as QEMU 7.2 does (qcow2 magic, else raw) and reported in `warnings`.
 `json:` and protocol-prefixed names are refused: following them from an untrusted image would let
 the image choose what qdebug opens.
+
+An image names its backing file, so it can name any file of the host (the OpenStack advisories
+CVE-2024-32498, CVE-2026-24708: a converted upload turned a host file into "guest data"). Always,
+after symlinks are resolved: no device, FIFO, socket, or file under /proc or /sys as a backing
+file unless `--allow-backing PATH` names it. For images from elsewhere (`salvage`, `bundle`, and
+every command with `--untrusted` / QDEBUG_UNTRUSTED=1) a `BackingPolicy` also confines backing
+files to the top image's directory tree (or `--backing-dir DIR`).
 """
 
 from __future__ import annotations
@@ -19,6 +26,85 @@ from .image import Image, open_image
 
 MAX_CHAIN_DEPTH = 64
 _PROTOCOL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
+_PSEUDO = ("/proc", "/sys")
+
+
+class BackingRefused(BackingError):
+    """A backing file the policy does not let qdebug open; `path` is the resolved file."""
+
+    def __init__(self, message: str, path: str):
+        super().__init__(message)
+        self.path = path
+
+
+@dataclass(frozen=True)
+class BackingPolicy:
+    """Which files may serve as backing files. `confine`: only inside the top image's directory
+    tree or one of `dirs`; `allow`: files allowed whatever they are and wherever they are."""
+
+    confine: bool = False
+    dirs: tuple[str, ...] = ()
+    allow: tuple[str, ...] = ()
+
+    @staticmethod
+    def from_env(confine: bool = False) -> "BackingPolicy":
+        """QDEBUG_UNTRUSTED=1 confines; QDEBUG_BACKING_DIR / QDEBUG_ALLOW_BACKING (os.pathsep
+        separated) widen (the command line's --untrusted, --backing-dir, --allow-backing set them)."""
+        env = os.environ
+        split = lambda v: tuple(p for p in v.split(os.pathsep) if p) if v else ()  # noqa: E731
+        return BackingPolicy(confine or env.get("QDEBUG_UNTRUSTED", "") not in ("", "0"),
+                             split(env.get("QDEBUG_BACKING_DIR")), split(env.get("QDEBUG_ALLOW_BACKING")))
+
+    def check(self, top_path: str, path: str) -> str:
+        """The real path of backing file `path` of the chain of `top_path`, or BackingRefused."""
+        real = os.path.realpath(path)
+        if real in {os.path.realpath(a) for a in self.allow}:
+            return real
+        hint = f"(--allow-backing {show_name(real, 400)} opens it anyway)"
+        try:
+            st = os.stat(real)
+        except OSError:
+            st = None
+        if _under(real, _PSEUDO):
+            raise BackingRefused(f"backing file {show_name(path, 400)} is {show_name(real, 400)}, a kernel pseudo-file; "
+                                 f"refusing to read it {hint}", real)
+        if st is not None and not stat.S_ISREG(st.st_mode):
+            what = ("a block device" if stat.S_ISBLK(st.st_mode) else "a character device" if stat.S_ISCHR(st.st_mode)
+                    else "a FIFO" if stat.S_ISFIFO(st.st_mode) else "a socket" if stat.S_ISSOCK(st.st_mode)
+                    else "something else")
+            raise BackingRefused(f"backing file {show_name(path, 400)} is {what}, not a regular file ({show_name(real, 400)}); "
+                                 f"refusing to read it {hint}", real)
+        if self.confine:
+            home = os.path.dirname(os.path.realpath(top_path))
+            if not _under(real, (home, *map(os.path.realpath, self.dirs))):
+                raise BackingRefused(f"backing file {show_name(path, 400)} resolves to {show_name(real, 400)}, outside the "
+                                     f"image's directory {show_name(home, 400)}; not followed for an untrusted image "
+                                     f"(--backing-dir DIR or {hint[1:-1]})", real)
+        return real
+
+
+def _under(path: str, roots) -> bool:
+    return any(path == r or path.startswith(r.rstrip("/") + "/") for r in roots)
+
+
+def leaves_directory(top_path: str, name: str) -> str | None:
+    """Where backing name `name` of `top_path` resolves when that is outside the image's
+    directory tree (symlinks resolved), else None: `info`, `layout` and `check` flag it."""
+    try:
+        real = os.path.realpath(resolve_backing_path(top_path, name))
+    except BackingError:
+        return name
+    home = os.path.dirname(os.path.realpath(top_path))
+    return None if _under(real, (home,)) else real
+
+
+def backing_warning(top_path: str, name: str | None) -> str | None:
+    """The warning for a backing name that leaves the image's directory (None: it does not)."""
+    where = leaves_directory(top_path, name) if name else None
+    if where is None:
+        return None
+    return (f"{top_path}: backing file {show_name(name)} resolves to {show_name(where, 400)}, outside the image's "
+            "directory: for an image from elsewhere, open it with --untrusted (salvage and bundle do not follow it)")
 
 
 class RawFile:
@@ -116,8 +202,10 @@ def probe_format(path: str) -> str:
 
 
 def open_chain(path: str, *, writable: bool = False, no_backing: bool = False,
-               max_depth: int = MAX_CHAIN_DEPTH) -> Chain:
-    """Open `path` and its backing chain (read-only below the top)."""
+               max_depth: int = MAX_CHAIN_DEPTH, policy: BackingPolicy | None = None) -> Chain:
+    """Open `path` and its backing chain (read-only below the top); `policy` (default: from the
+    environment, see BackingPolicy.from_env) says which backing files may be opened."""
+    policy = BackingPolicy.from_env() if policy is None else policy
     top = open_image(path, writable=writable)
     chain = Chain([top])
     seen = {os.path.realpath(path)}
@@ -135,6 +223,7 @@ def open_chain(path: str, *, writable: bool = False, no_backing: bool = False,
             if not os.path.exists(bpath):
                 raise BackingError(f"{cur.path}: backing file {show_name(bpath)} not found "
                                    "(use --no-backing to inspect this layer alone)")
+            policy.check(path, bpath)
             check_regular(bpath)
             fmt = cur.header.backing_format
             if fmt is None:

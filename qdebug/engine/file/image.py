@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import CorruptImage, QcowError, UnsupportedFeature
+from ..errors import CorruptImage, FatalCorruption, QcowError, UnsupportedFeature
 from ..format import constants as C
 from ..format.geometry import Geometry
 from ..format.header import Header, parse_header
@@ -262,8 +262,8 @@ class Image:
     def l2_table(self, l2_offset: int, l1_index: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
         """(word0, bitmap) views of the L2 table at `l2_offset`; bitmap is None for standard L2."""
         where = f"L2 table (L1 index {l1_index})" if l1_index is not None else "L2 table"
-        if l2_offset % self.cluster_size:
-            raise CorruptImage(f"{where} offset 0x{l2_offset:x} is not cluster aligned")
+        if l2_offset % self.cluster_size:  # QEMU: "L2 table offset ... unaligned", the image marked corrupt
+            raise FatalCorruption(f"{where} offset 0x{l2_offset:x} is not cluster aligned", self.path)
         n = self.header.l2_entries
         if self.extended_l2:
             both = self.u64_view(l2_offset, 2 * n, where).reshape(n, 2)
@@ -319,34 +319,45 @@ class Image:
     # ---- snapshots -----------------------------------------------------------------------------
     def snapshots(self) -> list[Snapshot]:
         h = self.header
-        out: list[Snapshot] = []
-        off = h.snapshots_offset
-        if h.nb_snapshots > C.QCOW_MAX_SNAPSHOTS:
-            raise CorruptImage(f"too many snapshots: nb_snapshots={h.nb_snapshots} (offset 60)")
-        for i in range(h.nb_snapshots):
-            if off + _SNAP.size > self.file_size:
+        return read_snapshot_table(self.pread, self.file_size, h.snapshots_offset, h.nb_snapshots)
+
+
+def read_snapshot_table(pread, file_size: int, offset: int, count: int, *, tolerant: bool = False) -> list[Snapshot]:
+    """The snapshot table's entries (qcow2.txt "Snapshot table"), read with `pread(offset, n)`.
+
+    A broken entry raises CorruptImage naming it; with `tolerant` the entries before it are
+    returned instead (forensics reads what is left of a damaged table)."""
+    out: list[Snapshot] = []
+    off = offset
+    try:
+        if count > C.QCOW_MAX_SNAPSHOTS:
+            raise CorruptImage(f"too many snapshots: nb_snapshots={count} (offset 60)")
+        for i in range(count):
+            if off + _SNAP.size > file_size:
                 raise CorruptImage(f"snapshot {i} at 0x{off:x} runs past the end of the file")
             (l1_off, l1_size, id_len, name_len, dsec, dnsec, vmclock, vmsize,
-             extra) = _SNAP.unpack_from(self.mm, off)
+             extra) = _SNAP.unpack(pread(off, _SNAP.size))
             end = off + _SNAP.size + extra + id_len + name_len
-            if end > self.file_size:
+            if end > file_size:
                 raise CorruptImage(f"snapshot {i} at 0x{off:x} runs past the end of the file")
-            ex = bytes(self.mm[off + _SNAP.size: off + _SNAP.size + extra])
+            rest = pread(off + _SNAP.size, extra + id_len + name_len)
             if extra >= 8:  # vm_state_size_large replaces the 32-bit field, as QEMU reads it
-                vmsize = struct.unpack_from(">Q", ex, 0)[0]
-            disk_size = struct.unpack_from(">Q", ex, 8)[0] if extra >= 16 else None
-            icount = struct.unpack_from(">Q", ex, 16)[0] if extra >= 24 else -1
+                vmsize = struct.unpack_from(">Q", rest, 0)[0]
+            disk_size = struct.unpack_from(">Q", rest, 8)[0] if extra >= 16 else None
+            icount = struct.unpack_from(">Q", rest, 16)[0] if extra >= 24 else -1
             if icount == (1 << 64) - 1:
                 icount = -1
-            p = off + _SNAP.size + extra
-            sid = bytes(self.mm[p:p + id_len]).decode("utf-8", "replace")
-            name = bytes(self.mm[p + id_len:p + id_len + name_len]).decode("utf-8", "replace")
+            sid = rest[extra:extra + id_len].decode("utf-8", "replace")
+            name = rest[extra + id_len:].decode("utf-8", "replace")
             size = end - off
             size += -size % 8
             out.append(Snapshot(i, off, l1_off, l1_size, sid, name, dsec, dnsec, vmclock, vmsize,
                                 disk_size, size, icount))
             off += size
-        return out
+    except CorruptImage:
+        if not tolerant:
+            raise
+    return out
 
 
 def open_image(path: str, *, writable: bool = False, allow_unsupported: bool = False) -> Image:

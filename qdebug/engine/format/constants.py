@@ -13,6 +13,8 @@ QCOW2_EXT_MAGIC_FEATURE_TABLE: Final = 0x6803F857
 QCOW2_EXT_MAGIC_BITMAPS: Final = 0x23852875
 QCOW2_EXT_MAGIC_CRYPTO_HEADER: Final = 0x0537BE77
 QCOW2_EXT_MAGIC_DATA_FILE: Final = 0x44415441
+# qdebug's own (QEMU ignores unknown extensions): "this file is a metadata-only bundle" (JSON).
+QDEBUG_EXT_MAGIC_BUNDLE: Final = 0x71646231  # "qdb1"
 
 EXTENSION_NAMES = {
     QCOW2_EXT_MAGIC_BACKING_FORMAT: "backing format",
@@ -20,6 +22,7 @@ EXTENSION_NAMES = {
     QCOW2_EXT_MAGIC_BITMAPS: "bitmaps",
     QCOW2_EXT_MAGIC_CRYPTO_HEADER: "full disk encryption header pointer",
     QCOW2_EXT_MAGIC_DATA_FILE: "external data file",
+    QDEBUG_EXT_MAGIC_BUNDLE: "qdebug bundle",
 }
 
 # Incompatible feature bits.

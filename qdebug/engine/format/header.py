@@ -67,6 +67,20 @@ V2_HEADER_LENGTH = FIELD["incompatible_features"].offset  # 72: a v2 header ends
 V3_HEADER_MIN = FIELD["compression_type"].offset  # 104: header_length's lower bound
 
 
+def read_fields(buf: bytes) -> dict[str, int]:
+    """The raw field values `buf` holds, unvalidated: the v2 fields (`buf` has at least 72 bytes),
+    the v3 ones when the version says 3 and they are there, defaults for the rest (as QEMU
+    reads a v2 header: refcount_order 4, header_length 72, no compression type)."""
+    out = {f.name: f.read(buf) for f in HEADER_FIELDS if f.version == 2}
+    out.update(incompatible_features=0, compatible_features=0, autoclear_features=0, refcount_order=4,
+               header_length=V2_HEADER_LENGTH, compression_type=0)
+    if out["version"] >= 3 and len(buf) >= V3_HEADER_MIN:
+        out.update({f.name: f.read(buf) for f in HEADER_FIELDS if f.version == 3 and f.name != "compression_type"})
+        if V3_HEADER_MIN < out["header_length"] <= len(buf):
+            out["compression_type"] = FIELD["compression_type"].read(buf)
+    return out
+
+
 def _at(name: str) -> str:
     return f"(offset {FIELD[name].offset})"
 
@@ -216,9 +230,12 @@ def parse_header(buf: bytes, file_size: int) -> Header:
         raise NotQcow2("not a qcow2 image (bad magic at offset 0)")
     if len(buf) < V2_HEADER_LENGTH:
         raise CorruptImage(f"header truncated: file is {len(buf)} bytes, a qcow2 header needs {V2_HEADER_LENGTH}")
-    v = {f.name: f.read(buf) for f in HEADER_FIELDS if f.version == 2}
-    (magic, version, bfo, bfs, cluster_bits, size, crypt, l1_size, l1_off, rt_off, rt_clusters,
-     nb_snap, snap_off) = v.values()
+    v = read_fields(buf)
+    magic, version, bfo, bfs, cluster_bits = (v[n] for n in ("magic", "version", "backing_file_offset",
+                                                             "backing_file_size", "cluster_bits"))
+    size, crypt, l1_size, l1_off, rt_off, rt_clusters, nb_snap, snap_off = (v[n] for n in (
+        "size", "crypt_method", "l1_size", "l1_table_offset", "refcount_table_offset", "refcount_table_clusters",
+        "nb_snapshots", "snapshots_offset"))
     if version not in (2, 3):
         raise UnsupportedFeature(f"unsupported qcow2 version {version} ({FIELD['version'].where})")
     if not C.MIN_CLUSTER_BITS <= cluster_bits <= C.MAX_CLUSTER_BITS:

@@ -4,9 +4,12 @@ layer stacked top-down (`status.resolve`), then each piece read from the layer t
 
 from __future__ import annotations
 
+import numpy as np
+
 from ..errors import CorruptImage, InvalidEntry
 from ..file.chain import Chain
 from ..file.image import Image
+from ..format import constants as C
 from ..format.compression import decompress, descriptor_fields
 from ..format.subclusters import SubclusterType as T
 from .kinds import RAW_DATA
@@ -41,6 +44,26 @@ def read_guest(chain: Chain, offset: int, length: int) -> bytes:
     return bytes(out)
 
 
+CHECK_STEP = 1 << 30  # guest bytes resolved at a time by check_read
+
+
+def check_read(chain: Chain, offset: int, length: int) -> None:
+    """Fail as QEMU's read of [offset, offset+length) fails, without keeping its data: an invalid
+    or misaligned L2 entry (or L2 table) in any layer the read reaches, a compressed cluster that
+    does not decompress. A qemu-io `read` without -P is this."""
+    end = min(offset + length, chain.size)
+    pos = offset
+    while pos < end:
+        stop = min(end, pos + CHECK_STEP)
+        p = resolve_chain(chain, pos, stop)
+        bad = np.flatnonzero(p.kind == T.INVALID)
+        if len(bad):
+            raise invalid_entry(chain, int(p.depth[bad[0]]), int(p.start[bad[0]]))
+        for i in np.flatnonzero(p.kind == T.COMPRESSED).tolist():
+            read_compressed(chain, int(p.depth[i]), int(p.host[i]), int(p.start[i]))
+        pos = stop
+
+
 def read_compressed(chain: Chain, depth: int, word0: int, guest_offset: int) -> bytes:
     """The whole guest cluster a compressed L2 descriptor (word 0) holds."""
     img: Image = chain.layers[depth]  # type: ignore[assignment]
@@ -57,8 +80,13 @@ def invalid_entry(chain: Chain, depth: int, guest_offset: int) -> InvalidEntry:
     """The error QEMU's read fails with on an invalid L2 entry, naming the table and index."""
     img: Image = chain.layers[depth]  # type: ignore[assignment]
     cluster = guest_offset >> img.cluster_bits
-    _w0, _bm, l2_off, l2_index = img.l2_entry(cluster)
+    w0, _bm, l2_off, l2_index = img.l2_entry(cluster)
+    host = w0 & C.L2E_OFFSET_MASK
+    if not w0 & C.QCOW_OFLAG_COMPRESSED and host % img.cluster_size:
+        what = f"cluster allocation offset 0x{host:x} unaligned"
+    else:
+        what = "invalid cluster entry found"
     return InvalidEntry(
-        f"{img.path}: invalid cluster entry found (L2 offset: 0x{l2_off:x}, L2 index: 0x{l2_index:x}) "
+        f"{img.path}: {what} (L2 offset: 0x{l2_off:x}, L2 index: 0x{l2_index:x}) "
         f"at guest offset 0x{cluster << img.cluster_bits:x}",
-        l2_off, l2_index)
+        l2_off, l2_index, img.path)

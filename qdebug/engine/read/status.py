@@ -90,9 +90,12 @@ def cluster_units(word0: np.ndarray, bitmap: np.ndarray | None, first_cluster: i
                            dtype=np.int64)
     else:
         cstart = np.asarray(clusters, dtype=np.int64) * cluster_size
+    # QEMU's reads fail on an allocated cluster whose host offset is not cluster aligned, whatever
+    # its subclusters say ("Cluster allocation offset ... unaligned"): such a cluster reads as INVALID
+    misaligned = (al != 0) & ((off & (cluster_size - 1)) != 0)
     if not extended or bitmap is None:
         # standard L2: the v3 zero flag plays the zero bit, "allocated" the alloc bit
-        code = (comp << 3) | (al * 6) | (w0 & _U64(1)).astype(np.uint8)
+        code = (comp << 3) | (al * 6) | (w0 & _U64(1)).astype(np.uint8) | (misaligned.view(np.uint8) << 4)
         kind = _KIND_LUT[code]
         host = np.where(_HOST_KINDS[kind], off, -1)
         host = np.where(comp.view(bool), w0.view(np.int64), host)
@@ -101,7 +104,7 @@ def cluster_units(word0: np.ndarray, bitmap: np.ndarray | None, first_cluster: i
     a = bm & _FULL
     z = bm >> _U64(32)
     # INVALID: alloc and zero bit together in an allocated cluster, any alloc bit in an unallocated one
-    bad = (a & (z | (al.astype(np.uint64) - _U64(1)))) != 0
+    bad = ((a & (z | (al.astype(np.uint64) - _U64(1)))) != 0) | misaligned
     special = (comp << 3) | ((bad.view(np.uint8) & (comp ^ 1)) << 4)
     heads = ((a ^ (a << _U64(1))) | (z ^ (z << _U64(1)))) & _U64(0xFFFFFFFE)
     heads[special != 0] = 0
@@ -254,7 +257,8 @@ def l2_runs(w0: np.ndarray, bm: np.ndarray | None, c0: int, c1: int, cs: int, ex
     plain = (w0 & _COMP_BIT) == 0
     d = off[1:] - off[:-1]
     allocated_next = (off[1:] != 0) & plain[1:]
-    same = (flags[1:] == flags[:-1]) & ((allocated_next & (d == _U64(cs)) & (off[:-1] != 0))
+    aligned = (off[:-1] & _U64(cs - 1)) == 0  # (an unaligned cluster reads as INVALID: one run each)
+    same = (flags[1:] == flags[:-1]) & ((allocated_next & (d == _U64(cs)) & (off[:-1] != 0) & aligned)
                                         | ((off[1:] == 0) & (off[:-1] == 0) & plain[1:]))
     if bm is not None:
         b = bm[1:]
@@ -320,6 +324,9 @@ def metadata_preallocated(img) -> bool:
     at least max(real * 10/9, real + 2) of the clusters in the file have a non-zero refcount, real
     being the clusters' worth of bytes the file really occupies. Errors reading refcounts make it
     False, as in QEMU. Cached per image state (size, blocks, mtime), as QEMU checks once per open."""
+    rec = _bundle_record(img)
+    if rec is not None:  # a qdebug bundle: the original's verdict (its holes are removed data)
+        return bool(rec.get("metadata-preallocated"))
     st = os.fstat(img.fd)
     key = (st.st_size, st.st_blocks, st.st_mtime_ns)
     hit = _PREALLOC_CACHE.get(img)
@@ -348,15 +355,78 @@ def metadata_preallocated(img) -> bool:
     return result
 
 
+def bundle_record(header, path: str | None = None) -> dict | None:
+    """The record of a metadata-only bundle (forensics/bundle.py): the qdebug header extension,
+    or the side file `PATH.qdebug-bundle.json`; None for other images."""
+    import json
+
+    raw = next((e.data for e in header.extensions if e.type == C.QDEBUG_EXT_MAGIC_BUNDLE), None)
+    if raw is None and path is not None:
+        try:
+            with open(path + ".qdebug-bundle.json", "rb") as f:
+                raw = f.read(64 << 20)
+        except OSError:
+            return None
+    if raw is None:
+        return None
+    try:
+        rec = json.loads(raw.rstrip(b"\0").decode())
+    except ValueError:
+        return {}
+    return rec if isinstance(rec, dict) else {}
+
+
+def _bundle_record(img) -> dict | None:
+    return bundle_record(img.header, getattr(img, "path", None))
+
+
+def _bundle_holes(rec: dict, size: int):
+    """(starts, ends) of the hole ranges a bundle's original had in its data clusters, plus
+    everything past the end of the file."""
+    holes = [h for h in rec.get("data-holes") or () if isinstance(h, list) and len(h) == 2]
+    starts = np.array([h[0] for h in holes] + [size], dtype=np.int64)
+    ends = np.array([h[1] for h in holes] + [1 << 62], dtype=np.int64)
+    order = np.argsort(starts)
+    return starts[order], ends[order]
+
+
+def _cut_by_holes(s: int, h: int, h_end: int, starts: np.ndarray, ends: np.ndarray) -> Runs | None:
+    """NORMAL run at guest s, host [h, h_end), cut where it meets the holes (None: it meets none)."""
+    k = int(np.searchsorted(ends, h, side="right"))
+    pos, st, en, kd, ho = h, [], [], [], []
+    while k < len(starts) and starts[k] < h_end:
+        a, b = max(int(starts[k]), h), min(int(ends[k]), h_end)
+        if a > pos:
+            st.append(pos), en.append(a), kd.append(T.NORMAL), ho.append(pos)
+        st.append(a), en.append(b), kd.append(NORMAL_HOLE), ho.append(a)
+        pos = b
+        k += 1
+    if not kd:
+        return None
+    if pos < h_end:
+        st.append(pos), en.append(h_end), kd.append(T.NORMAL), ho.append(pos)
+    st_a = np.array(st, dtype=np.int64)
+    return Runs(st_a - h + s, np.array(en, dtype=np.int64) - h + s, np.array(kd, dtype=np.uint8),
+                np.array(ho, dtype=np.int64))
+
+
 def _split_normal_holes(img, runs: Runs) -> Runs:
     """Cut NORMAL runs where their host range is a hole in the image file (or past its end): those
-    parts become NORMAL_HOLE. One SEEK_HOLE per run finds the common all-data case."""
+    parts become NORMAL_HOLE. One SEEK_HOLE per run finds the common all-data case. In a bundle
+    the holes are removed data: only the part past the end of the file counts."""
     sel = np.flatnonzero(runs.kind == T.NORMAL)
     cut: list[tuple[int, Runs]] = []
     fd, lseek, seek_hole = img.fd, os.lseek, os.SEEK_HOLE
     hosts = runs.host[sel]
+    rec = _bundle_record(img)
+    holes = _bundle_holes(rec, img.file_size) if rec is not None else None
     for i, s, h, h_end in zip(sel.tolist(), runs.start[sel].tolist(), hosts.tolist(),
                               (hosts + runs.end[sel] - runs.start[sel]).tolist()):
+        if holes is not None:  # a bundle: the original's holes, not the bundle's
+            piece = _cut_by_holes(s, h, h_end, *holes)
+            if piece is not None:
+                cut.append((i, piece))
+            continue
         try:
             if lseek(fd, h, seek_hole) >= h_end:
                 continue

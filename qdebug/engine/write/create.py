@@ -28,9 +28,9 @@ import struct
 from ..errors import QcowError
 from ..file.chain import open_chain
 from ..format import constants as C
-from ..format.header import build_header
-from .allocator import Allocator
 from ..format.geometry import Geometry
+from ..format.header import FIELD, V2_HEADER_LENGTH, Header, build_header, pack_header_fields
+from .allocator import Allocator
 from .context import StepContext
 from .datapath import alloc_host_offset
 from .ops import Command
@@ -41,7 +41,6 @@ COMPRESSION_TYPES = {"zlib": C.QCOW2_COMPRESSION_TYPE_ZLIB, "zstd": C.QCOW2_COMP
 PREALLOCATION = ("off", "metadata", "falloc", "full")
 _INT_MAX = (1 << 31) - 1
 _LAZY_REFCOUNTS = 1  # compatible feature bit 0
-_V2_HEADER = struct.Struct(">IIQIIQIIQQIIQ")  # the 72 bytes of a version 2 header
 
 
 def _validate(size: int, cluster_size: int, extended_l2: bool, refcount_bits: int, compression_type: str,
@@ -95,13 +94,15 @@ def _header(*, version: int, cluster_bits: int, size: int, l1_size: int, l1_offs
                                      refcount_order=order, extended_l2=extended_l2, compression_type=ctype,
                                      backing_file=backing, backing_format=backing_format))
         if lazy_refcounts:
-            struct.pack_into(">Q", out, 80, _LAZY_REFCOUNTS)
+            compat = FIELD["compatible_features"]
+            out[compat.offset:compat.offset + compat.width] = compat.pack(_LAZY_REFCOUNTS)
         return bytes(out)
     body = (_ext(C.QCOW2_EXT_MAGIC_BACKING_FORMAT, backing_format.encode()) if backing_format else b"") + bytes(8)
     name = backing.encode() if backing else b""
-    bfo = _V2_HEADER.size + len(body) if name else 0
-    return _V2_HEADER.pack(C.QCOW_MAGIC, 2, bfo, len(name), cluster_bits, size, 0, l1_size, l1_offset,
-                           reftable[0], reftable[1], 0, 0) + body + name
+    bfo = V2_HEADER_LENGTH + len(body) if name else 0
+    hdr = Header(C.QCOW_MAGIC, 2, bfo, len(name), cluster_bits, size, 0, l1_size, l1_offset, reftable[0], reftable[1],
+                 0, 0)
+    return pack_header_fields(hdr) + body + name
 
 
 def _file_hints(fd: int, nocow: bool, extent_size_hint: int | None) -> str | None:

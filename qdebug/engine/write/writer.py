@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..errors import CorruptImage, QcowError
+from ..errors import CorruptImage, FatalCorruption, QcowError
 from ..file.chain import Chain
 from ..format import constants as C
-from ..read.guest import read_guest
+from ..read.guest import check_read, read_guest
 from .allocator import Allocator, AllocatorState
 from .compressed import hazard_for, write_compressed
 from .context import StepContext, StepFailed
@@ -100,8 +100,8 @@ class WriteEngine:
         mode = self.mode
         if mode is not WRITE_BACK:
             return self._run(cmd, mode, index)
-        if cmd.op == "read" and cmd.pattern is not None:
-            self.flush()  # the check reads the file as a guest would
+        if cmd.op == "read":
+            self.flush()  # a read goes through the file as a guest's would (its metadata written first)
         state, size = self._state, self._overlay_size
         try:
             return self._run(cmd, mode, index)
@@ -193,9 +193,18 @@ class WriteEngine:
         if cmd.length == 0:
             return
         if cmd.op == "read":
-            if cmd.pattern is None or mode is SIMULATE or mode is PLAN:
+            if mode is SIMULATE or mode is PLAN:
                 return
-            data = read_guest(self.chain, cmd.check_offset, cmd.check_length)
+            try:  # QEMU's read fails where the entries it meets are broken (with or without -P)
+                if cmd.pattern is None or (cmd.check_offset, cmd.check_length) != (cmd.offset, cmd.length):
+                    check_read(self.chain, cmd.offset, cmd.length)  # the whole request is read
+                if cmd.pattern is None:
+                    return
+                data = read_guest(self.chain, cmd.check_offset, cmd.check_length)  # -s/-l: a part is checked
+            except FatalCorruption as bad_entry:
+                if bad_entry.image != self._top.path:
+                    raise  # a backing file is read-only: QEMU only fails the read
+                ctx.corruption(str(bad_entry))  # the image is marked corrupt, the process's driver gone
             bad = np.flatnonzero(np.frombuffer(data, dtype=np.uint8) != cmd.pattern)
             if len(bad):
                 ctx.trace.error = f"Pattern verification failed at offset {cmd.check_offset}, {cmd.check_length} bytes"

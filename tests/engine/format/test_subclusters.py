@@ -191,7 +191,10 @@ def test_cluster_units_against_reference(es, gap, first, extended, cs):
     scs = cs // 32
     ref = []
     for w, b in es:
-        for sc, t in enumerate(ref_types(w, b, extended) * (1 if extended else 32)):
+        types = ref_types(w, b, extended) * (1 if extended else 32)
+        if not w & (1 << 62) and (w & OFFSET_MASK) % cs:  # QEMU's reads fail on an unaligned cluster
+            types = [T.INVALID] * 32
+        for sc, t in enumerate(types):
             host = ((w & OFFSET_MASK) + sc * scs if t in (T.NORMAL, T.ZERO_ALLOC, T.UNALLOCATED_ALLOC)
                     else w if t == T.COMPRESSED else -1)
             ref.append((int(t), host if host < 2**63 else host - 2**64))
