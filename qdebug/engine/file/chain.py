@@ -8,13 +8,13 @@ the image choose what qdebug opens.
 
 from __future__ import annotations
 
-import mmap
 import os
 import re
 import stat
 from dataclasses import dataclass, field
 
 from ..errors import BackingError, QcowError
+from .filemap import FileMap
 from .image import Image, open_image
 
 MAX_CHAIN_DEPTH = 64
@@ -35,7 +35,11 @@ class RawFile:
         self.file_size = os.fstat(self.fd).st_size
         # The block layer sees whole sectors: the tail of the last one reads as zeros (a hole).
         self.size = -(-self.file_size // 512) * 512
-        self.mm = mmap.mmap(self.fd, self.file_size, access=mmap.ACCESS_READ) if self.file_size else b""
+        try:
+            self.mm = FileMap(self.fd, self.file_size, path).mapping
+        except BaseException:
+            os.close(self.fd)
+            raise
 
     def pread(self, offset: int, length: int) -> bytes:
         data = bytes(self.mm[offset:offset + length]) if offset < self.file_size else b""
