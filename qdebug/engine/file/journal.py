@@ -52,6 +52,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import QcowError
+from .blockcrc import BLOCK, after_crcs, block_crcs
 from .fileio import ftruncate, fsync, pwrite_all, storage_error, zero_range
 from .filemap import data_extents
 from .intervals import Intervals
@@ -59,7 +60,6 @@ from .intervals import Intervals
 JOURNAL_SUFFIX = ".qdebug-journal"
 _MAGIC = b"QDBGJRNL"
 _VERSION = 2
-BLOCK = 4096  # the unit of the after-state checksums (a page: a kill tears a write only between pages)
 _FILE_HEADER = struct.Struct(">8sII")
 _BODY = struct.Struct(">4sIQQQQI")  # kind, step, offset, length, size, payload length, payload CRC
 _HDR = struct.Struct(">4sIQQQQII")  # ... and the CRC of everything before it
@@ -68,8 +68,8 @@ STEP, BFOR, HOLE, WRIT, TRNC, CMIT = b"STEP", b"BFOR", b"HOLE", b"WRIT", b"TRNC"
 _KINDS = (STEP, BFOR, HOLE, WRIT, TRNC, CMIT)
 _CHUNK = 4 << 20  # before-images are streamed in chunks of this size, never held whole
 GRACE_NS = 2_000_000_000  # an interrupted write lands this soon after its record, or it was not ours
-_ZERO_BLOCK = bytes(BLOCK)
 _KEY_MUL = np.uint64(0x9E3779B97F4A7C15)
+_LITTLE = struct.pack("=I", 1) == struct.pack("<I", 1)
 
 
 class JournalError(QcowError):
@@ -330,12 +330,6 @@ def _keys(blocks: np.ndarray, crcs: np.ndarray) -> np.ndarray:
     return blocks.astype(np.uint64) * _KEY_MUL + crcs.astype(np.uint64)
 
 
-def _block_crcs(buf: bytes) -> np.ndarray:
-    mv = memoryview(buf)
-    return np.fromiter((zlib.crc32(mv[i:i + BLOCK]) for i in range(0, len(buf), BLOCK)), np.uint32,
-                       count=len(buf) // BLOCK)
-
-
 def _read_blocks(fd: int, first: int, count: int) -> bytes:
     """`count` blocks from block `first`, zeros past the end of the file (as the rollback sees them)."""
     buf = _pread(fd, count * BLOCK, first * BLOCK)
@@ -403,7 +397,7 @@ def _prove(jfd: int, img_fd: int, step: StepInfo, records: list[Record]) -> str 
     for first, n in _runs(blocks):
         buf = _read_blocks(img_fd, first, n)
         nums = np.arange(first, first + n, dtype=np.int64)
-        keys = _keys(nums, _block_crcs(buf))
+        keys = _keys(nums, np.frombuffer(block_crcs(buf), dtype=np.uint32))
         ok = np.isin(keys, allowed) if allowed.size else np.zeros(n, bool)
         for i in np.flatnonzero(~ok).tolist():
             b = first + i
@@ -606,28 +600,12 @@ class Journal:
                 parts.append(_pack(HOLE, number, pos, e - pos, 0))
             self._covered.add(s, e)
 
-    def _after_crcs(self, offset: int, length: int, data, size: int) -> bytes:
-        """The CRC32 of each block [offset, +length) touches, as it will be once `data` (None: zeros)
-        is there: the blocks' other bytes as they are now, zeros past the end of the file."""
-        first, last = offset // BLOCK, (offset + length - 1) // BLOCK
-        lo, hi = first * BLOCK, (last + 1) * BLOCK
-        head = self.img.pread(lo, offset - lo) if offset > lo else b""
-        tail_at = offset + length
-        tail = self.img.pread(tail_at, hi - tail_at) if tail_at < hi and tail_at < size else bytes(hi - tail_at)
-        out = array("I")
-        crc, fill = 0, 0
-        for piece in _blocks_of([head, data, tail], length):
-            if piece is None:  # a whole block of zeros
-                out.append(_ZERO_CRC)
-                continue
-            crc = zlib.crc32(piece, crc)
-            fill += len(piece)
-            if fill == BLOCK:
-                out.append(crc)
-                crc, fill = 0, 0
+    def _after_crcs(self, offset: int, length: int, data) -> bytes:
+        """Block checksums of [offset, +length) as `data` (None: zeros) will leave it (big-endian)."""
+        crcs = after_crcs(self.img.pread, offset, length, data)
         if _LITTLE:
-            out.byteswap()
-        return out.tobytes()
+            crcs.byteswap()
+        return crcs.tobytes()
 
     def _hook(self, offset: int, length: int, data=None) -> None:
         cur = self._current
@@ -640,7 +618,7 @@ class Journal:
         if length < 0:  # a truncate to `offset`
             if offset < size:  # a shrink: the cut bytes below the starting length are saved
                 self._before_images(offset, min(size, cur.size_before), parts, streams)
-                crcs = self._after_crcs(offset, size - offset, None, size)
+                crcs = self._after_crcs(offset, size - offset, None)
             else:
                 crcs = b""
             parts.append(_pack(TRNC, number, offset, 0, size, crcs) + crcs)
@@ -648,7 +626,7 @@ class Journal:
             end = min(offset + length, size, cur.size_before)
             if offset < end:
                 self._before_images(offset, end, parts, streams)
-            crcs = self._after_crcs(offset, length, data, size)
+            crcs = self._after_crcs(offset, length, data)
             parts.append(_pack(WRIT, number, offset, length, size, crcs) + crcs)
         else:
             return
@@ -790,38 +768,6 @@ class Journal:
 
 
 # ---- helpers ---------------------------------------------------------------------------------------
-_ZERO_CRC = zlib.crc32(_ZERO_BLOCK)
-_LITTLE = struct.pack("=I", 1) == struct.pack("<I", 1)
-
-
-def _blocks_of(pieces: list, length: int):
-    """Split head + data (bytes-like, a list of them, or None: `length` zeros) + tail into pieces
-    that never cross a block boundary; a whole block of zeros comes as None."""
-    pos = 0  # position inside the current block
-    for piece in pieces:
-        if piece is None:  # zeros: whole blocks as None, the rest as bytes
-            left = length
-            if pos:
-                k = min(BLOCK - pos, left)
-                yield _ZERO_BLOCK[:k]
-                pos, left = (pos + k) % BLOCK, left - k
-            while left >= BLOCK:
-                yield None
-                left -= BLOCK
-            if left:
-                yield _ZERO_BLOCK[:left]
-                pos = left
-            continue
-        for buf in (piece if isinstance(piece, list) else (piece,)):
-            mv = memoryview(buf).cast("B") if not isinstance(buf, (bytes, bytearray)) else memoryview(buf)
-            i = 0
-            while i < len(mv):
-                k = min(BLOCK - pos, len(mv) - i)
-                yield mv[i:i + k]
-                i += k
-                pos = (pos + k) % BLOCK
-
-
 def _extents_or_all(fd: int, start: int, end: int):
     """Data runs of [start, end); all of it where the file system cannot say."""
     try:
