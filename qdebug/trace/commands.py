@@ -12,7 +12,7 @@ import re
 from typing import Iterable
 
 from ..engine.write.ops import Command
-from .syntax import SyntaxProblem, is_plain_decimal, parse_size
+from .syntax import SyntaxProblem, is_plain_decimal, parse_size, shown
 
 _OPS = ("write", "read", "discard", "flush")
 _ALIASES = {"w": "write", "r": "read"}
@@ -30,10 +30,12 @@ def parse_pattern(text: str) -> int:
     if value is not None:
         return value
     if not _PATTERN.match(text):
-        raise SyntaxProblem(f"{text!r} is not a valid pattern byte")
+        raise SyntaxProblem(f"{shown(text)} is not a valid pattern byte")
+    if len((text[2:] if text[:2].lower() == "0x" else text).lstrip("0")) > 3:  # before int(): any length
+        raise SyntaxProblem(f"{shown(text)} is not a valid pattern byte (0..255)")
     value = int(text, 16) if text[:2].lower() == "0x" else int(text, 8) if text.startswith("0") else int(text)
     if value > 0xFF:
-        raise SyntaxProblem(f"{text!r} is not a valid pattern byte (0..255)")
+        raise SyntaxProblem(f"{shown(text)} is not a valid pattern byte (0..255)")
     return value
 
 

@@ -23,10 +23,20 @@ def parse_size(text: str) -> int:
         return int(text)
     m = _NUM.match(text.strip())
     if not m:
-        raise SyntaxProblem(f"invalid number {text!r}")
+        raise SyntaxProblem(f"invalid number {shown(text)}")
     digits, suffix = m.groups()
-    value = int(digits, 16) if digits[:2].lower() == "0x" else int(digits, 10)
+    hexa = digits[:2].lower() == "0x"
+    # A number of thousands of digits is out of range: refused before int() reads it (Python
+    # refuses past 4300 digits, and reading it is quadratic anyway). qemu-io: "argument too large".
+    if len((digits[2:] if hexa else digits).lstrip("0")) > (16 if hexa else 19):
+        raise SyntaxProblem(f"number {shown(text)} is out of range")
+    value = int(digits, 16) if hexa else int(digits, 10)
     value *= _SUFFIX[suffix.lower()]
     if value >= 1 << 63:
-        raise SyntaxProblem(f"number {text!r} is out of range")
+        raise SyntaxProblem(f"number {shown(text)} is out of range")
     return value
+
+
+def shown(text: str, limit: int = 40) -> str:
+    """A number as messages quote it: a runaway one cut short (the message stays one line)."""
+    return repr(text) if len(text) <= limit else repr(text[:limit]) + f"... ({len(text)} characters)"

@@ -515,7 +515,8 @@ def test_write_commands_fail_in_one_line(tmp_path, qemu, args, message):
     img = create(str(tmp_path / "a.qcow2"), SIZE)
     p = qdebug(*(a.format(img=img, tmp=tmp_path) for a in args), stdin=b"")
     assert p.returncode != 0
-    lines = [line for line in p.stderr.decode().splitlines() if not line.startswith("usage:")]  # argparse's usage
+    lines = [line for line in p.stderr.decode().splitlines()
+             if not line.startswith(("usage:", " "))]  # argparse's usage (wrapped: indented lines)
     assert len(lines) == 1 and message in lines[0] and "Traceback" not in lines[0]
 
 

@@ -8,6 +8,7 @@ the image choose what qdebug opens.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import stat
@@ -99,6 +100,19 @@ def resolve_backing_path(overlay_path: str, name: str) -> str:
     return os.path.join(os.path.dirname(overlay_path), name)
 
 
+def unreachable(path: str) -> str | None:
+    """Why `path` cannot be opened, in words ("not found", "is a loop of symbolic links"), or None."""
+    try:
+        os.stat(path)
+    except FileNotFoundError:
+        return "not found" if not os.path.islink(path) else "is a symbolic link to nowhere"
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "is a loop of symbolic links"
+        return f"cannot be opened: {e.strerror}"
+    return None
+
+
 def check_regular(path: str) -> None:
     """Refuse FIFOs, sockets, ttys...: opening or reading them could block forever."""
     try:
@@ -136,8 +150,9 @@ def open_chain(path: str, *, writable: bool = False, no_backing: bool = False,
             if real in seen:
                 raise BackingError(f"{cur.path}: backing file {show_name(name)} makes a loop in the backing chain")
             seen.add(real)
-            if not os.path.exists(bpath):
-                raise BackingError(f"{cur.path}: backing file {show_name(bpath)} not found "
+            problem = unreachable(bpath)
+            if problem:
+                raise BackingError(f"{cur.path}: backing file {show_name(bpath)} {problem} "
                                    "(use --no-backing to inspect this layer alone)")
             check_regular(bpath)
             fmt = cur.header.backing_format

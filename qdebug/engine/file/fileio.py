@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
+from contextlib import contextmanager
 
 from ..errors import StorageError
 
@@ -97,3 +98,20 @@ def zero_range(fd: int, offset: int, length: int, path: str, what: str = "zero")
     except OSError as e:
         raise storage_error(e, path, f"cannot {what} {length} bytes at offset 0x{offset:x}") from None
     pwrite_all(fd, bytes(length), offset, path, what)
+
+
+@contextmanager
+def signals_deferred():
+    """SIGINT, SIGTERM and SIGHUP wait while a rollback runs: a rollback cut short would leave the
+    image half-restored. They arrive (and stop the command) right after it."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)

@@ -53,7 +53,7 @@ import numpy as np
 
 from ..errors import QcowError
 from .blockcrc import BLOCK, after_crcs, block_crcs
-from .fileio import ftruncate, fsync, pwrite_all, storage_error, zero_range
+from .fileio import ftruncate, fsync, pwrite_all, signals_deferred, storage_error, zero_range
 from .filemap import data_extents
 from .intervals import Intervals
 
@@ -431,13 +431,14 @@ def _recover(jfd: int, jpath: str, img_fd: int, image: str, step: StepInfo) -> N
     if reason:
         raise _refusal(image, step, reason)
     _touch(jfd)  # the rollback's own writes come after this: a rollback cut short can be proved again
-    try:
-        _restore(jfd, img_fd, image, step, records)
-        fsync(img_fd, image)
-    except BaseException:
-        _touch(jfd)
-        raise
-    _set_mtime(img_fd, step.mtime_before)
+    with signals_deferred():
+        try:
+            _restore(jfd, img_fd, image, step, records)
+            fsync(img_fd, image)
+        except BaseException:
+            _touch(jfd)
+            raise
+        _set_mtime(img_fd, step.mtime_before)
 
 
 # ---- the live journal ------------------------------------------------------------------------------
@@ -679,20 +680,21 @@ class Journal:
         else:
             records = [r for r in (_read_record(self.fd, p, self.end) for p in self._records) if r is not None]
             _touch(self.fd)
-            try:
-                _restore(self.fd, self.img.fd, self.img.path, cur, records)
-                if self.durable:
-                    fsync(self.img.fd, self.img.path, data_only=True)
-                _set_mtime(self.img.fd, cur.mtime_before)
-                self._truncate_to(cur.start)
-            except QcowError as e:
-                _touch(self.fd)
-                self._current = None
-                self.broken = (f"{self.img.path}: rolling back a failed step failed too ({e}); the undo journal "
-                               f"{self.path} is kept: `qdebug undo {self.img.path}` finishes the rollback")
-                self._after_restore(quiet=True)
-                raise QcowError(self.broken) from None
-            self._after_restore()
+            with signals_deferred():
+                try:
+                    _restore(self.fd, self.img.fd, self.img.path, cur, records)
+                    if self.durable:
+                        fsync(self.img.fd, self.img.path, data_only=True)
+                    _set_mtime(self.img.fd, cur.mtime_before)
+                    self._truncate_to(cur.start)
+                except QcowError as e:
+                    _touch(self.fd)
+                    self._current = None
+                    self.broken = (f"{self.img.path}: rolling back a failed step failed too ({e}); the undo "
+                                   f"journal {self.path} is kept: `qdebug undo {self.img.path}` finishes the rollback")
+                    self._after_restore(quiet=True)
+                    raise QcowError(self.broken) from None
+                self._after_restore()
         self._current = None
         self._covered = Intervals()
         self._records = []
@@ -705,6 +707,11 @@ class Journal:
         if self.broken:
             raise QcowError(self.broken)
         n = len(self.starts) if steps is None else min(steps, len(self.starts))
+        with signals_deferred():
+            self._undo(n)
+        return n
+
+    def _undo(self, n: int) -> None:
         try:
             for _ in range(n):
                 start = self.starts[-1]
@@ -722,7 +729,6 @@ class Journal:
         finally:
             if n:
                 self._after_restore()
-        return n
 
     def _truncate_to(self, pos: int) -> None:
         ftruncate(self.fd, pos, self.path)
@@ -845,16 +851,17 @@ def undo(image_path: str, steps: int | None = 1, *, lock: bool = True, discard: 
             undone = []
             if n:
                 _check_unchanged(all_steps, img_fd, image_path)
-            for _ in range(n):
-                st = all_steps[-1]
-                _restore(jfd, img_fd, image_path, st, _step_records(jfd, st, end, complete=True))
-                all_steps.pop()
-                _set_mtime(img_fd, st.mtime_before)
-                end = st.start
-                undone.append(st.meta)
-            fsync(img_fd, image_path)
-            ftruncate(jfd, max(end, _FILE_HEADER.size) if all_steps else end, jpath)
-            fsync(jfd, jpath)
+            with signals_deferred():
+                for _ in range(n):
+                    st = all_steps[-1]
+                    _restore(jfd, img_fd, image_path, st, _step_records(jfd, st, end, complete=True))
+                    all_steps.pop()
+                    _set_mtime(img_fd, st.mtime_before)
+                    end = st.start
+                    undone.append(st.meta)
+                    ftruncate(jfd, end, jpath)  # each step undone leaves the journal without it
+                fsync(img_fd, image_path)
+                fsync(jfd, jpath)
         finally:
             os.close(jfd)
         if not all_steps:
