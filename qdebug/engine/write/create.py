@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 
 from ..errors import QcowError
+from ..file.fileio import pwrite_all
 from ..file.image import open_image
 from ..format import constants as C
 from ..format.header import build_header
@@ -69,7 +70,7 @@ def create_image(path: str, size: int, *, cluster_size: int = 65536, extended_l2
     try:
         cluster0 = header(0, 0, False).ljust(cluster_size, b"\0")
         reftable = (2 * cluster_size).to_bytes(8, "big").ljust(cluster_size, b"\0")
-        os.pwrite(fd, cluster0 + reftable + bytes(cluster_size), 0)
+        pwrite_all(fd, cluster0 + reftable + bytes(cluster_size), 0, path)
     finally:
         os.close(fd)
     img = open_image(path, writable=True)
