@@ -136,8 +136,8 @@ def _repair_rounds(chain, plan, before, args, steps: list) -> object:
     for _ in range(MAX_ROUNDS):
         steps.append(apply_repair(chain, plan))
         after = check_image(chain.top)
-        if not after.unlisted or after.corruptions + after.leaks >= before.corruptions + before.leaks:
-            return after  # nothing past the cap, or no progress: what is left is said to the user
+        if not before.unlisted or after.corruptions + after.leaks >= before.corruptions + before.leaks:
+            return after  # the plan saw every finding, or no progress: what is left is said to the user
         before = after
         plan = plan_repair(chain, after, policy=args.policy, entries=args.entry)
         if not plan.items:
