@@ -25,11 +25,11 @@ QDEBUG = [sys.executable, "-m", "qdebug.cli"]
 def test_a_signal_during_replay_stops_it_cleanly(tmp_path, qemu, sig, journal):
     img = create(str(tmp_path / "a.qcow2"), SIZE)
     start = raw(img, str(tmp_path / "s.raw"))
-    trace = make_trace(random.Random(int(sig) * 7 + journal), 4000)
+    trace = make_trace(random.Random(int(sig) * 7 + journal), 4000 if journal else 20000)
     (tmp_path / "t.trace").write_text(trace_text(trace))
     proc = subprocess.Popen([*QDEBUG, "replay", *(["--journal"] if journal else []), img, str(tmp_path / "t.trace")],
                             stderr=subprocess.PIPE)
-    time.sleep(0.8)
+    time.sleep(0.7)
     proc.send_signal(sig)
     _, err = proc.communicate()
     if proc.returncode == 0:

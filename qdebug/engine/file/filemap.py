@@ -19,6 +19,7 @@ import ctypes
 import errno
 import mmap
 import os
+from typing import Any
 
 from ..errors import QcowError
 
@@ -86,6 +87,8 @@ class FileMap:
         self.guarded = FORCE_GUARD if FORCE_GUARD is not None else on_tmpfs(fd)
         self.anon = None
         self.reserve = size
+        # (typed loosely: compiled callers must accept an mmap and b"" alike)
+        self.mapping: Any = b""
         if not size:
             self.mapping = b""
         elif not self.guarded:

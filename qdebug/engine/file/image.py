@@ -12,6 +12,7 @@ import os
 import stat
 import struct
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -57,6 +58,7 @@ class Image:
         self.path = path
         self.writable = writable
         self._fmap: FileMap | None = None
+        self.mapping: Any = b""  # an mmap (or b""): typed loosely for the compiled engine's sake
         # O_NONBLOCK: a FIFO named as the image must not hang the open (refused just below).
         flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_NONBLOCK
         try:
@@ -85,8 +87,8 @@ class Image:
             self.geometry = Geometry(self.header, self.size)
             # L1 entries the guest view has read from this image as a (read-only) backing file
             self.backing_l1: dict[int, int] = {}
-            # Called as hook(offset, length) before any byte of the file changes, and as
-            # hook(new_size, -1) before the file is truncated: the undo journal listens here.
+            # Called as hook(offset, length, data) before any byte of the file changes, and as
+            # hook(new_size, -1, None) before the file is truncated: the undo journal listens here.
             self.write_hooks: list = []
         except BaseException:
             self.close()

@@ -675,8 +675,9 @@ class Journal:
         cur = self._current
         if cur is None:
             return
-        if self._pending:  # the image was never touched in this step
-            self._pending = False
+        if self._pending:  # the image was never touched in this step (an append cut short may
+            self._pending = False  # have left records past `end`: they go)
+            self._cut_tail(cur.start)
         else:
             records = [r for r in (_read_record(self.fd, p, self.end) for p in self._records) if r is not None]
             _touch(self.fd)
@@ -730,6 +731,12 @@ class Journal:
             if n:
                 self._after_restore()
 
+    def _cut_tail(self, pos: int) -> None:
+        """Drop what an append that did not finish (a signal, a full disk) left past `pos`."""
+        if os.fstat(self.fd).st_size > pos:
+            ftruncate(self.fd, pos, self.path)
+        self.end = pos
+
     def _truncate_to(self, pos: int) -> None:
         ftruncate(self.fd, pos, self.path)
         self.end = pos
@@ -756,11 +763,13 @@ class Journal:
             if self._hook in self.img.write_hooks:
                 self.img.write_hooks.remove(self._hook)
             empty = not self.starts and not self.broken
-            if empty:  # an empty journal goes; where the directory refuses that, an empty file stays
-                try:
+            try:  # an empty journal goes (where the directory refuses that, an empty file stays);
+                if empty:  # a kept one loses what an append cut short left past its end
                     ftruncate(self.fd, 0, self.path)
-                except QcowError:
-                    pass
+                elif not self.broken:
+                    self._cut_tail(self.end)
+            except QcowError:
+                pass
             os.close(self.fd)
             self.fd = -1
             if empty:
