@@ -21,6 +21,7 @@ _RUN_MAX = 2 << 20
 _PIN_MAX = 32 << 20  # bytes of viewed objects kept alive in _RUNS (256 pattern runs: 16 MiB)
 _pinned = 0
 _NUMPY_MIN = 32  # blocks: below it numpy's fixed costs outweigh what it saves
+_table = None  # numpy: the CRC of a block of each byte
 _NUMPY_CHUNK = 1024  # blocks per numpy pass: bounded temporaries for any write
 
 
@@ -67,18 +68,21 @@ def block_crcs(buf, byte: int = -1) -> array:
     # one byte at memory speed; zlib does the others.
     import numpy as np
 
-    out = array("I", bytes(4 * n))
+    global _table
+    if _table is None:
+        _table = np.array([_byte_crc(b) for b in range(256)], dtype=np.uint32)
+    out = np.empty(n, dtype=np.uint32)
     for c in range(0, n, _NUMPY_CHUNK):
         k = min(_NUMPY_CHUNK, n - c)
         words = np.frombuffer(mv, dtype=np.uint64, count=k * (BLOCK // 8), offset=c * BLOCK).reshape(k, -1)
         first = words[:, 0]
         low = first & np.uint64(0xFF)
         one = (first == low * np.uint64(0x0101010101010101)) & (words == first[:, None]).all(axis=1)
-        lows = low.tolist()
-        for i, same in enumerate(one.tolist()):
+        out[c:c + k] = _table[low.astype(np.intp)]
+        for i in np.flatnonzero(~one).tolist():
             at = (c + i) * BLOCK
-            out[c + i] = _byte_crc(lows[i]) if same else zlib.crc32(mv[at:at + BLOCK])
-    return out
+            out[c + i] = zlib.crc32(mv[at:at + BLOCK])
+    return array("I", out.tobytes())
 
 
 def _piece(data, i: int, j: int):

@@ -48,3 +48,14 @@ def test_after_crcs_are_the_crcs_of_the_blocks_after_the_write(case):
     first, last = offset // BLOCK, (offset + length - 1) // BLOCK
     want = [zlib.crc32(bytes(after[b * BLOCK:(b + 1) * BLOCK]).ljust(BLOCK, b"\0")) for b in range(first, last + 1)]
     assert after_crcs(read, offset, length, data).tolist() == want
+
+
+@settings(max_examples=200, deadline=None)
+@given(blocks=st.lists(st.one_of(st.integers(0, 255).map(lambda b: bytes([b]) * BLOCK),
+                                 st.binary(min_size=BLOCK, max_size=BLOCK),
+                                 st.integers(0, 255).map(lambda b: bytes([b]) * 8 + bytes([b ^ 1]) * (BLOCK - 8))),
+                       min_size=1, max_size=70))
+def test_block_crcs_of_long_buffers_match_zlib(blocks):
+    from qdebug.engine.file.blockcrc import block_crcs
+
+    assert block_crcs(b"".join(blocks)).tolist() == [zlib.crc32(b) for b in blocks]
