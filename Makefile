@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: install qemu fio test test-packaging demo bench fuzz lint clean screenshots
+.PHONY: install qemu fio test test-packaging demo bench fuzz faults lint clean screenshots
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -80,6 +80,11 @@ bench: install qemu
 
 fuzz: install
 	QDEBUG_FUZZ_EXAMPLES=10000 $(BIN)/python -m pytest -n 2 -m slow tests/test_fuzz.py $(PYTEST_ARGS)
+
+# The long kill campaign: `qdebug replay` killed at random points (QDEBUG_FAULTS_ROUNDS, 300 by
+# default), a foreign qemu-io write, recovery; prints "N kills: N consistent, 0 lost".
+faults: install qemu
+	QDEBUG_FAULTS_ROUNDS=$${QDEBUG_FAULTS_ROUNDS:-300} $(BIN)/python -m tests.faults.campaign
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis .benchmarks qdebug/_native

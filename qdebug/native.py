@@ -44,9 +44,15 @@ def _source(module: str, package: Path = PACKAGE) -> Path:
     return package.joinpath(*module.split(".")).with_suffix(".py")
 
 
+# Pure modules whose classes the compiled ones use: mypyc builds their attribute types into the
+# extension (Image.mapping's type is checked at run time), so a change there needs a new build too.
+TYPED_BY = ("engine.file.image", "engine.file.filemap", "engine.file.chain", "engine.format.header")
+
+
 def _fingerprint(package: Path = PACKAGE) -> dict:
     return {"python": sys.implementation.cache_tag, "abi": sys.abiflags,
-            "sources": {m: hashlib.sha256(_source(m, package).read_bytes()).hexdigest() for m in MODULES}}
+            "sources": {m: hashlib.sha256(_source(m, package).read_bytes()).hexdigest()
+                        for m in (*MODULES, *TYPED_BY)}}
 
 
 def up_to_date() -> bool:

@@ -84,11 +84,14 @@ def cmd_check(args) -> int:
     else:
         from ..engine.check.repair import check_repair
         from ..engine.file.chain import open_chain
+        from ..engine.file.locking import lock_chain, release_all
 
+        _recover_first(args.image)
         with open_chain(args.image, writable=True, no_backing=True) as chain:
-            report = replace(check_image(chain.top), filename=args.image)
-            _warn_guest_data(chain.top, report, args.image)
+            locks = lock_chain(chain, write=True)  # nobody writes between the check and the repair
             try:
+                report = replace(check_image(chain.top), filename=args.image)
+                _warn_guest_data(chain.top, report, args.image)
                 report, plan, final = check_repair(chain, args.repair, filename=args.image, before=report)
             except QcowError as e:
                 if not str(e).startswith("ERROR need to rebuild"):
@@ -97,6 +100,8 @@ def cmd_check(args) -> int:
                 sys.stderr.write(f"{e}\n")
                 print("qdebug: error: Check failed: Input/output error", file=sys.stderr)
                 return 1
+            finally:
+                release_all(locks)
             if plan.leaks_fixed or plan.corruptions_fixed:
                 fixed = plan
             if report.rebuild_needed and plan.items:
@@ -135,49 +140,116 @@ def _entry(text: str):
         raise argparse.ArgumentTypeError(f"bad entry {text!r}: use L2_INDEX or L1_INDEX:L2_INDEX") from None
 
 
-def cmd_repair(args) -> int:
+MAX_ROUNDS = 1000  # repair rounds (each a journal step) past the findings a check lists per kind
+
+
+def _recover_first(image: str) -> None:
+    """A step an interrupted run left unfinished is rolled back (under the image's lock) before
+    anything is checked or planned: a plan made on the torn image would be wrong once it is."""
+    from ..engine.file.journal import recover
+
+    if recover(image):
+        print(f"qdebug: note: {image}: rolled back a step an interrupted run left unfinished", file=sys.stderr)
+
+
+def _note_unfinished(image: str) -> None:
+    from ..engine.file.journal import journal_steps
+
+    steps = journal_steps(image)
+    if steps and not steps[-1].committed:
+        print(f"qdebug: warning: {image}: an interrupted run left a journal step unfinished (`qdebug undo {image}` "
+              "rolls it back); this plan is of the image as that run left it", file=sys.stderr)
+
+
+def _repair_rounds(chain, plan, before, args, steps: list) -> object:
+    """Apply `plan`, check again, and go on while findings past the per-kind cap of the check
+    remain (each round one journal step); returns the last check. `steps` collects the steps."""
     from ..engine.check.checker import check_image
     from ..engine.check.repair import apply_repair, plan_repair
-    from ..engine.file.chain import open_chain
 
-    with open_chain(args.image, writable=not args.dry_run, no_backing=args.no_backing) as chain:
-        before = check_image(chain.top)
-        failed = [f for f in before.findings if f.kind.value == "check-failed"]
-        if failed:  # HX: references are incomplete, so any refcount plan would be wrong
-            raise QcowError(f"{args.image}: {failed[0].message}; nothing is repaired until the check completes")
-        plan = plan_repair(chain, before, policy=args.policy, entries=args.entry)
-        if plan.leaks_fixed:
-            _warn_guest_data(chain.top, before, args.image)
-        if args.output == "json":
-            out = {"plan": plan.to_json(), "before": before.counts()}
-        else:
-            print(f"{args.image}: {before.corruptions} errors, {before.leaks} leaks; repair plan "
-                  f"(policy {args.policy}{', dry run' if args.dry_run else ''}):")
-            print(plan.to_text())
-        if args.dry_run or not plan.items:
-            if args.output == "json":
-                print(json.dumps(out, indent=4))
-            if plan.unsupported or (not plan.items and before.exit_code):
-                # findings the plan leaves broken (or nothing to do about them): not a success
-                if args.output != "json":
-                    print(f"{len(plan.unsupported) or before.corruptions + before.leaks} finding(s) "
-                          f"{'would remain' if plan.items else 'remain'} unrepaired.", file=sys.stderr)
-                return before.exit_code or 2
-            return 0
-        step = apply_repair(chain, plan)
+    after = before
+    for _ in range(MAX_ROUNDS):
+        steps.append(apply_repair(chain, plan))
         after = check_image(chain.top)
+        if not before.unlisted or after.corruptions + after.leaks >= before.corruptions + before.leaks:
+            return after  # the plan saw every finding, or no progress: what is left is said to the user
+        before = after
+        plan = plan_repair(chain, after, policy=args.policy, entries=args.entry)
+        if not plan.items:
+            return after
+    return after
+
+
+def cmd_repair(args) -> int:
+    from ..engine.check.checker import MAX_FINDINGS_PER_KIND, check_image
+    from ..engine.check.repair import plan_repair
+    from ..engine.file.chain import open_chain
+    from ..engine.file.locking import lock_chain, release_all
+
+    if not args.dry_run:
+        _recover_first(args.image)
+    else:
+        _note_unfinished(args.image)
+    steps: list[int] = []
+    with open_chain(args.image, writable=not args.dry_run, no_backing=args.no_backing) as chain:
+        locks = lock_chain(chain, write=not args.dry_run)  # nobody writes between the check and the repair
+        try:
+            before = check_image(chain.top)
+            failed = [f for f in before.findings if f.kind.value == "check-failed"]
+            if failed:  # HX: references are incomplete, so any refcount plan would be wrong
+                raise QcowError(f"{args.image}: {failed[0].message}; nothing is repaired until the check completes")
+            plan = plan_repair(chain, before, policy=args.policy, entries=args.entry)
+            if plan.leaks_fixed:
+                _warn_guest_data(chain.top, before, args.image)
+            if args.output == "json":
+                out = {"plan": plan.to_json(), "before": before.counts()}
+            else:
+                print(f"{args.image}: {before.corruptions} errors, {before.leaks} leaks; repair plan "
+                      f"(policy {args.policy}{', dry run' if args.dry_run else ''}):")
+                print(plan.to_text())
+                if before.unlisted:
+                    print(f"... and {before.unlisted} more findings past the first {MAX_FINDINGS_PER_KIND} of their "
+                          "kind: the repair goes on in rounds (one journal step each) until none is left")
+            if args.dry_run or not plan.items:
+                if args.output == "json":
+                    print(json.dumps(out, indent=4))
+                if plan.unsupported or (not plan.items and before.exit_code):
+                    # findings the plan leaves broken (or nothing to do about them): not a success
+                    if args.output != "json":
+                        print(f"{len(plan.unsupported) or before.corruptions + before.leaks} finding(s) "
+                              f"{'would remain' if plan.items else 'remain'} unrepaired.", file=sys.stderr)
+                    return before.exit_code or 2
+                return 0
+            try:
+                after = _repair_rounds(chain, plan, before, args, steps)
+            except KeyboardInterrupt:
+                if steps:  # what was committed stays committed: say so, not just "interrupted"
+                    print(f"repaired ({_steps_text(steps, args.image)}); interrupted before checking the "
+                          f"result: `qdebug check {args.image}` tells what is left", file=sys.stderr)
+                raise
+        finally:
+            release_all(locks)
     if args.output == "json":
         out["after"] = after.counts()
-        out["journal-step"] = step
+        out["journal-step"] = steps[-1]
+        out["journal-steps"] = steps
         print(json.dumps(out, indent=4))
     else:
-        print(f"repaired (journal step {step}; `qdebug undo {args.image}` reverts it).")
+        print(f"repaired ({_steps_text(steps, args.image)}).")
         if after.exit_code == 0:
             print("Checked again: no errors were found on the image.")
         else:
-            print(f"Checked again: {after.corruptions} errors, {after.leaks} leaks remain:")
+            print(f"Checked again: {after.corruptions} errors, {after.leaks} leaks remain"
+                  + (f" ({after.unlisted} of them past the listing cap)" if after.unlisted else "") + ":")
             _messages(after, sys.stdout)
     return 0 if after.exit_code == 0 else after.exit_code
+
+
+def _steps_text(steps: list[int], image: str) -> str:
+    if len(steps) == 1:
+        return f"journal step {steps[0]}; `qdebug undo {image}` reverts it"
+    return f"in {len(steps)} rounds, journal steps {steps[0]}-{steps[-1]}; `qdebug undo --steps {len(steps)} {image}` " \
+           "reverts them"
 
 
 def register(sub) -> None:

@@ -30,6 +30,35 @@ class _Version(argparse.Action):
         parser.exit()
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised where Python is as SIGINT raises KeyboardInterrupt: every step
+    that is under way finishes or is rolled back on the way out (the engine treats all three
+    alike), and the command exits with a message instead of dying with its work half done."""
+
+    def __init__(self, signum: int):
+        import signal
+
+        super().__init__(signum)
+        self.signum = signum
+        self.name = signal.Signals(signum).name
+
+
+def _raise_terminated(signum: int, _frame) -> None:
+    raise Terminated(signum)
+
+
+def install_signal_handlers() -> None:
+    """SIGTERM and SIGHUP as SIGINT (only where qdebug runs as the program, in its main thread)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(sig) in (signal.SIG_DFL, None):
+            signal.signal(sig, _raise_terminated)
+
+
 def build_parser() -> argparse.ArgumentParser:
     import importlib
 
@@ -88,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    if exiting:
+        install_signal_handlers()
     saved = _policy_env(args)
     try:
         return args.func(args)
@@ -97,9 +128,16 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_ERROR
+    except Terminated as e:
+        print(f"qdebug: terminated by {e.name}", file=sys.stderr)
+        return 128 + e.signum
     except KeyboardInterrupt:
         print("qdebug: interrupted", file=sys.stderr)
         return 130
+    except OSError as e:  # a file qdebug reads or writes besides the image (a trace, a log...)
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"qdebug: error: {one_line(where + (e.strerror or str(e)))}", file=sys.stderr)
+        return EXIT_ERROR
     except MemoryError:
         print("qdebug: error: out of memory", file=sys.stderr)
         return EXIT_ERROR

@@ -269,14 +269,19 @@ def cmd_replay(args) -> int:
 def cmd_undo(args) -> int:
     from ..engine.file.journal import undo
 
-    res = undo(args.image, steps=None if args.all else args.steps)
+    res = undo(args.image, steps=None if args.all else args.steps, discard=args.discard_journal)
     if args.output == "json":
         print(json.dumps(res.to_json(), indent=2))
         return 0
+    if args.discard_journal:
+        print(f"{args.image}: undo journal removed ({res.discarded} step(s) can no longer be undone); "
+              "the image is kept as it is")
+        return 0
     parts = []
     if res.interrupted:
-        parts.append("rolled back an interrupted step")
-    parts.append(f"undid {res.undone} step(s)")
+        parts.append("rolled back the step an interrupted run left unfinished")
+    if res.undone or not res.interrupted:
+        parts.append(f"undid {res.undone} step(s)")
     print(f"{args.image}: " + ", ".join(parts) + f"; {res.remaining} step(s) left in the journal")
     return 0
 
@@ -331,10 +336,15 @@ def register(sub) -> None:
                     help="go on after failing commands like qemu-io does; exit non-zero at the end")
     sp.set_defaults(func=cmd_replay)
 
-    sp = sub.add_parser("undo", help="step an image back through its undo journal")
+    sp = sub.add_parser("undo", help="step an image back through its undo journal",
+                        description="Step an image back through its undo journal. After a crash, the step the "
+                                    "crashed run left unfinished counts as the first step undone (and is rolled "
+                                    "back only if the image is still as that step left it).")
     sp.add_argument("image", metavar="IMAGE")
     g = sp.add_mutually_exclusive_group()
     g.add_argument("--steps", type=_positive, default=1, metavar="N", help="undo the last N steps (default 1)")
     g.add_argument("--all", action="store_true", help="undo every step in the journal")
+    g.add_argument("--discard-journal", action="store_true",
+                   help="remove the journal and keep the image as it is now (no step can be undone afterwards)")
     sp.add_argument("--output", choices=("human", "json"), default="human")
     sp.set_defaults(func=cmd_undo)

@@ -40,3 +40,18 @@ class InvalidEntry(FatalCorruption):
 
 class BackingError(QcowError):
     """Backing chain problems: missing files, loops, refused names."""
+
+
+class StorageError(QcowError):
+    """The operating system refused a read or a write: the disk is full, the file system read-only,
+    the device failing. Keeps `errno` and prints as what it is ("No space left on device"), with
+    the file and the place, so callers can fail a command the way qemu-io does."""
+
+    def __init__(self, errno: int, path: str, what: str):
+        import os
+
+        self.errno = errno
+        self.strerror = os.strerror(errno)
+        self.path = path
+        self.what = what
+        super().__init__(f"{path}: {what}: {self.strerror}")

@@ -48,8 +48,10 @@ def _strtou64(text: str, base: int) -> tuple[int, int, bool]:
     m = (_DEC if base == 10 else _HEX).match(text, i)
     if m is None:
         return 0, 0, False
-    digits = m.group(0) if base == 10 else m.group(1)
-    magnitude = int(digits.lstrip("+-"), base)
+    digits = (m.group(0) if base == 10 else m.group(1)).lstrip("+-")
+    if len(digits.lstrip("0")) > (20 if base == 10 else 16):  # past 2**64 for sure: never int() it
+        return _U64 - 1, m.end(), True  # (a runaway number of thousands of digits: Python refuses those)
+    magnitude = int(digits.lstrip("0") or "0", base)
     negative = m.group(0).startswith("-")
     return (_U64 - magnitude) % _U64 if negative else magnitude, m.end(), magnitude >= _U64
 
@@ -146,7 +148,10 @@ def strtol(text: str) -> int | None:
     if m is None or m.end() != len(body):
         return None
     sign, _x, hexd, octd, decd = m.groups()
-    value = int(hexd, 16) if hexd is not None else int(octd, 8) if octd is not None else int(decd)
+    digits, base = (hexd, 16) if hexd is not None else (octd, 8) if octd is not None else (decd, 10)
+    if len(digits.lstrip("0")) > 22:  # past C's long for sure: strtol saturates (never int() it)
+        return -(1 << 63) if sign == "-" else (1 << 63) - 1
+    value = int(digits.lstrip("0") or "0", base)
     return -value if sign == "-" else value
 
 

@@ -154,6 +154,7 @@ class CheckReport:
     compressed_clusters: int = 0
     findings: tuple[Finding, ...] = ()
     rebuild_needed: bool = False  # a refcount of 0 for a referenced cluster, or broken refcount structure
+    unlisted: int = 0  # findings past MAX_FINDINGS_PER_KIND of their kind: counted, not in `findings`
     # The reference count QEMU computes per host cluster (what the refcounts should be); for repair.
     references: np.ndarray | None = field(default=None, repr=False, compare=False)
 
@@ -933,4 +934,5 @@ def _report(ctx: _Ctx, info: list[Finding], *, leaks: int, highest: int) -> Chec
         image_end_offset=(highest + 1) * ctx.cs if highest >= 0 else 0,
         total_clusters=-(-ctx.img.size // ctx.cs), allocated_clusters=ctx.allocated,
         fragmented_clusters=ctx.fragmented, compressed_clusters=ctx.compressed, findings=tuple(findings),
-        rebuild_needed=ctx.rebuild, references=ctx.refs)
+        rebuild_needed=ctx.rebuild, references=ctx.refs,
+        unlisted=sum(n - MAX_FINDINGS_PER_KIND for n in ctx.kind_counts.values() if n > MAX_FINDINGS_PER_KIND))

@@ -384,7 +384,8 @@ def plan_repair(chain, report: CheckReport, *, policy: str = "keep-data", entrie
             corruptions_fixed += _plan_copied(p, mode)
     if mode == "all":
         corruptions_fixed += p.entry_fixes
-    fixed_all = p.unfixed == 0 and (want is None or _only_selected_broken(report, selected))
+    # (findings past the per-kind cap are not in this plan: a next round repairs them)
+    fixed_all = p.unfixed == 0 and not report.unlisted and (want is None or _only_selected_broken(report, selected))
     h = p.h
     clear_corrupt = h.is_corrupt and fixed_all
     clear_dirty = h.is_dirty and fixed_all
@@ -622,7 +623,7 @@ def apply_repair(chain, plan: RepairPlan, *, journal=None) -> int:
 
     The image is locked like a QEMU writer for the duration; any failure rolls the step back.
     """
-    from ..file.journal import Journal
+    from ..file.journal import Journal, JournalError, JournalUnavailable
     from ..file.locking import lock_chain, release_all
 
     img = chain.top
@@ -630,7 +631,15 @@ def apply_repair(chain, plan: RepairPlan, *, journal=None) -> int:
         raise QcowError(f"{img.path}: opened read-only; cannot repair")
     locks = lock_chain(chain, write=True)
     own = journal is None
-    jr = journal or Journal(img)
+    try:
+        jr = journal or Journal(img)
+    except JournalUnavailable as e:
+        release_all(locks)
+        raise JournalError(f"{e}: a repair writes through the undo journal, so nothing was repaired "
+                           "(copy the image where a file can be created beside it)") from None
+    except BaseException:
+        release_all(locks)
+        raise
     try:
         step = jr.begin({"op": "repair", "policy": plan.policy, "items": len(plan.items)})
         try:
@@ -652,9 +661,9 @@ def apply_repair(chain, plan: RepairPlan, *, journal=None) -> int:
 
 
 def os_fsync(img) -> None:
-    import os
+    from ..file.fileio import fsync
 
-    os.fsync(img.fd)
+    fsync(img.fd, img.path)
 
 
 def check_repair(chain, fix: str, *, filename: str | None = None, before: CheckReport | None = None):

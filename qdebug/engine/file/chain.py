@@ -15,13 +15,14 @@ files to the top image's directory tree (or `--backing-dir DIR`).
 
 from __future__ import annotations
 
-import mmap
+import errno
 import os
 import re
 import stat
 from dataclasses import dataclass, field
 
 from ..errors import BackingError, QcowError
+from .filemap import FileMap
 from .image import Image, open_image
 
 MAX_CHAIN_DEPTH = 64
@@ -121,7 +122,11 @@ class RawFile:
         self.file_size = os.fstat(self.fd).st_size
         # The block layer sees whole sectors: the tail of the last one reads as zeros (a hole).
         self.size = -(-self.file_size // 512) * 512
-        self.mm = mmap.mmap(self.fd, self.file_size, access=mmap.ACCESS_READ) if self.file_size else b""
+        try:
+            self.mm = FileMap(self.fd, self.file_size, path).mapping
+        except BaseException:
+            os.close(self.fd)
+            raise
 
     def pread(self, offset: int, length: int) -> bytes:
         data = bytes(self.mm[offset:offset + length]) if offset < self.file_size else b""
@@ -181,6 +186,19 @@ def resolve_backing_path(overlay_path: str, name: str) -> str:
     return os.path.join(os.path.dirname(overlay_path), name)
 
 
+def unreachable(path: str) -> str | None:
+    """Why `path` cannot be opened, in words ("not found", "is a loop of symbolic links"), or None."""
+    try:
+        os.stat(path)
+    except FileNotFoundError:
+        return "not found" if not os.path.islink(path) else "is a symbolic link to nowhere"
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "is a loop of symbolic links"
+        return f"cannot be opened: {e.strerror}"
+    return None
+
+
 def check_regular(path: str) -> None:
     """Refuse FIFOs, sockets, ttys...: opening or reading them could block forever."""
     try:
@@ -220,8 +238,9 @@ def open_chain(path: str, *, writable: bool = False, no_backing: bool = False,
             if real in seen:
                 raise BackingError(f"{cur.path}: backing file {show_name(name)} makes a loop in the backing chain")
             seen.add(real)
-            if not os.path.exists(bpath):
-                raise BackingError(f"{cur.path}: backing file {show_name(bpath)} not found "
+            problem = unreachable(bpath)
+            if problem:
+                raise BackingError(f"{cur.path}: backing file {show_name(bpath)} {problem} "
                                    "(use --no-backing to inspect this layer alone)")
             policy.check(path, bpath)
             check_regular(bpath)

@@ -2,15 +2,17 @@
 
 Reads go through the mmap (numpy views, no copies); writes go through `pwrite` on the same file, so
 the shared mapping sees them at once. Opening is read-only unless `writable=True` is asked for.
+Every write is checked (`fileio`: short writes continued, errors raised as `StorageError`), and
+the mapping never touches a hole where that could fault (`filemap`: tmpfs).
 """
 
 from __future__ import annotations
 
-import mmap
 import os
 import stat
 import struct
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -18,6 +20,9 @@ from ..errors import CorruptImage, FatalCorruption, QcowError, UnsupportedFeatur
 from ..format import constants as C
 from ..format.geometry import Geometry
 from ..format.header import Header, parse_header
+from .fileio import ftruncate, pwrite_all, storage_error
+from .fileio import punch_hole as _punch
+from .filemap import FileMap
 
 _SNAP = struct.Struct(">QIHHIIQII")
 
@@ -45,26 +50,6 @@ def _dtype_for_refcount_order(order: int) -> np.dtype | None:
     return {3: np.dtype("u1"), 4: np.dtype(">u2"), 5: np.dtype(">u4"), 6: np.dtype(">u8")}.get(order)
 
 
-_LIBC = None
-
-
-def _fallocate_punch(fd: int, offset: int, length: int) -> bool:
-    """fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE) through libc; False where unsupported."""
-    global _LIBC
-    if _LIBC is None:
-        try:
-            import ctypes
-
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
-            _LIBC = libc
-        except (OSError, AttributeError):
-            _LIBC = False
-    if not _LIBC:
-        return False
-    return _LIBC.fallocate(fd, 3, offset, length) == 0
-
-
 class Image:
     """An open qcow2 image. Use `open_image()`; close with `close()` or a `with` block."""
 
@@ -73,6 +58,8 @@ class Image:
     def __init__(self, path: str, *, writable: bool = False, allow_unsupported: bool = False):
         self.path = path
         self.writable = writable
+        self._fmap: FileMap | None = None
+        self.mapping: Any = b""  # an mmap (or b""): typed loosely for the compiled engine's sake
         # O_NONBLOCK: a FIFO named as the image must not hang the open (refused just below).
         flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_NONBLOCK
         try:
@@ -101,8 +88,8 @@ class Image:
             self.geometry = Geometry(self.header, self.size)
             # L1 entries the guest view has read from this image as a (read-only) backing file
             self.backing_l1: dict[int, int] = {}
-            # Called as hook(offset, length) before any byte of the file changes, and as
-            # hook(new_size, -1) before the file is truncated: the undo journal listens here.
+            # Called as hook(offset, length, data) before any byte of the file changes, and as
+            # hook(new_size, -1, None) before the file is truncated: the undo journal listens here.
             self.write_hooks: list = []
         except BaseException:
             self.close()
@@ -120,15 +107,15 @@ class Image:
 
     def _map(self, size: int | None = None) -> None:
         self.file_size = os.fstat(self.fd).st_size if size is None else size
-        if self.file_size:
-            access = mmap.ACCESS_WRITE if self.writable else mmap.ACCESS_READ
-            self.mapping = mmap.mmap(self.fd, self.file_size, access=access)
-        else:
-            self.mapping = b""
+        fmap = self._fmap
+        if fmap is None or not fmap.covers(self.file_size):
+            fmap = self._fmap = FileMap(self.fd, self.file_size, self.path, writable=self.writable)
+        self.mapping = fmap.mapping
         self.map_len = self.file_size
 
     def remap(self) -> None:
         """Map the file again after it grew or shrank (old numpy views stay valid on the old map)."""
+        self._fmap = None
         self._map()
         self._l1_cache = None
         self._reftable_cache = None
@@ -138,6 +125,7 @@ class Image:
             os.close(self.fd)
             self.fd = -1
         self.mapping = b""
+        self._fmap = None
         self.map_len = self.file_size = getattr(self, "file_size", 0)
 
     def __enter__(self) -> "Image":
@@ -166,18 +154,21 @@ class Image:
         data = bytes(self.mm[offset:offset + length])
         return data if len(data) == length else data + bytes(length - len(data))
 
-    def _before_change(self, offset: int, length: int) -> None:
-        """Every change of the file passes here first: hooks (the journal) see it before it happens
-        (length -1: a truncate to `offset`)."""
+    def _before_change(self, offset: int, length: int, data=None) -> None:
+        """Every change of the file passes here first: hooks (the journal) see it before it happens,
+        as hook(offset, length, data) (length -1: a truncate to `offset`; data None: zeros, as a
+        discard or a truncate leaves them)."""
         if not self.writable:
             raise QcowError(f"{self.path}: opened read-only")
         for hook in self.write_hooks:
-            hook(offset, length)
+            hook(offset, length, data)
 
     def _grew(self, size: int) -> None:
         """The file grew to `size`: mapped again when `mm` is next asked for (a replay grows it at
         almost every command), cached table views dropped."""
         self.file_size = size
+        if self._fmap is not None and self._fmap.covers(size):
+            self.map_len = size  # a pieced mapping grows in place (`written` mapped the new data)
         self._l1_cache = None
         self._reftable_cache = None
 
@@ -185,27 +176,43 @@ class Image:
         """The only way bytes reach the file (besides punch_hole and truncate).
         `data`: bytes-like, or a list of them written as one (pwritev)."""
         n = sum(map(len, data)) if isinstance(data, list) else len(data)
-        self._before_change(offset, n)
-        if isinstance(data, list):
-            done = os.pwritev(self.fd, data, offset)
-            if done < n:  # a short write: the rest one piece at a time
-                os.pwrite(self.fd, b"".join(data)[done:], offset + done)
-        else:
-            os.pwrite(self.fd, data, offset)
+        self._before_change(offset, n, data)
+        try:
+            pwrite_all(self.fd, data, offset, self.path)
+        except BaseException:  # part of it may be written: holes filled, the file longer
+            if self._fmap is not None:
+                self._fmap.refresh(offset, n)
+            size = os.fstat(self.fd).st_size
+            if size > self.file_size:
+                self._grew(size)
+            raise
+        if self._fmap is not None:
+            self._fmap.written(offset, n)
         if offset + n > self.file_size:
             self._grew(offset + n)
 
     def punch_hole(self, offset: int, length: int) -> None:
         """Make [offset, offset+length) read as zeros without changing the file length (a
         discard passed down: fallocate PUNCH_HOLE, or zeros written where that is not supported)."""
-        self._before_change(offset, length)
-        if not _fallocate_punch(self.fd, offset, length):
-            os.pwrite(self.fd, bytes(length), offset)
+        self._before_change(offset, length, None)
+        try:
+            punched = _punch(self.fd, offset, length)
+        except OSError as e:
+            raise storage_error(e, self.path, f"cannot discard {length} bytes at offset 0x{offset:x}") from None
+        if punched:
+            if self._fmap is not None:
+                self._fmap.punched(offset, length)
+        else:
+            pwrite_all(self.fd, bytes(length), offset, self.path)
+            if self._fmap is not None:
+                self._fmap.written(offset, length)
 
     def truncate(self, size: int) -> None:
         """Grow or shrink the file (growth reads as zeros)."""
-        self._before_change(size, -1)
-        os.ftruncate(self.fd, size)
+        self._before_change(size, -1, None)
+        ftruncate(self.fd, size, self.path)
+        if self._fmap is not None:
+            self._fmap.resized(self.file_size, size)
         if size >= self.file_size:
             self._grew(size)
         else:

@@ -27,6 +27,7 @@ import struct
 
 from ..errors import QcowError
 from ..file.chain import open_chain
+from ..file.fileio import pwrite_all
 from ..format import constants as C
 from ..format.geometry import Geometry
 from ..format.header import FIELD, V2_HEADER_LENGTH, Header, build_header, pack_header_fields
@@ -165,7 +166,7 @@ def create_image(path: str, size: int, *, cluster_size: int = 65536, extended_l2
         warning = _file_hints(fd, nocow, extent_size_hint)
         cluster0 = header(0, 0, (cluster_size, 1), False, 0).ljust(cluster_size, b"\0")
         reftable0 = (2 * cluster_size).to_bytes(8, "big").ljust(cluster_size, b"\0")
-        os.pwrite(fd, cluster0 + reftable0 + bytes(cluster_size), 0)
+        pwrite_all(fd, cluster0 + reftable0 + bytes(cluster_size), 0, path)
     finally:
         os.close(fd)
     # The image as QEMU reopens it to grow it: no backing file yet (recorded at the very end).

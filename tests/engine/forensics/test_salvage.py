@@ -5,7 +5,6 @@ fails or silently returns wrong data is recorded by `python -m tests.engine.fore
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 
