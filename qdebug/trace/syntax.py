@@ -133,10 +133,15 @@ def parse_size(text: str) -> int:
         return int(text)
     value = strtosz(text)
     if value == -22:
-        raise SyntaxProblem(f"Parsing error: non-numeric argument, or extraneous/unrecognized suffix -- {text}")
+        raise SyntaxProblem(f"Parsing error: non-numeric argument, or extraneous/unrecognized suffix -- {shown(text)}")
     if value < 0:
-        raise SyntaxProblem(f"Parsing error: argument too large -- {text}")
+        raise SyntaxProblem(f"Parsing error: argument too large -- {shown(text)}")
     return value
+
+
+def shown(text: str, limit: int = 40) -> str:
+    """A word as messages quote it: qemu-io's text, a runaway one cut short (one short line)."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def strtol(text: str) -> int | None:
@@ -165,7 +170,7 @@ def parse_pattern(text: str) -> int:
         return value
     value = strtol(text)
     if value is None or value < 0 or value > 0xFF:
-        raise SyntaxProblem(f"{text} is not a valid pattern byte")
+        raise SyntaxProblem(f"{shown(text)} is not a valid pattern byte")
     return value
 
 

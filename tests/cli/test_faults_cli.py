@@ -35,7 +35,7 @@ def test_numbers_of_thousands_of_digits_are_refused_like_qemu_io(tmp_path, qemu,
     img = create(str(tmp_path / "a.qcow2"), "64M")
     (tmp_path / "t").write_text(line + "\n")
     msg = one_line(qdebug("replay", img, str(tmp_path / "t")))
-    assert "t:1:" in msg and ("out of range" in msg or "0..255" in msg) and len(msg) < 300
+    assert "t:1:" in msg and ("argument too large" in msg or "not a valid pattern byte" in msg) and len(msg) < 300
     qemu = subprocess.run(["qemu-io", "-f", "qcow2", "-c", line, img], capture_output=True)
     said = qemu.stdout + qemu.stderr
     assert b"too large" in said or b"not a valid pattern byte" in said  # qemu-io refuses them too
@@ -43,8 +43,9 @@ def test_numbers_of_thousands_of_digits_are_refused_like_qemu_io(tmp_path, qemu,
 
 def test_plan_and_create_refuse_runaway_numbers(tmp_path, qemu):
     img = create(str(tmp_path / "a.qcow2"), "64M")
-    assert "out of range" in one_line(qdebug("plan", img, f"write 0 {HUGE}"))
-    assert "out of range" in one_line(qdebug("create", str(tmp_path / "n.qcow2"), HUGE))
+    for msg in (one_line(qdebug("plan", img, f"write 0 {HUGE}")),
+                one_line(qdebug("create", str(tmp_path / "n.qcow2"), HUGE))):
+        assert ("too large" in msg or "out of range" in msg) and len(msg) < 300, msg
 
 
 def test_a_loop_of_symbolic_links_as_backing_file_is_named(tmp_path, qemu):
