@@ -44,6 +44,7 @@ _U64 = np.uint64
 # small enough to be reused by malloc instead of mapped and faulted in afresh each time; measured on
 # 1 TiB preallocated: 64 -> 16 cut the peak by 15 MiB and the time by half (most of it page faults).
 _BATCH_TABLES = 16
+_FEW = 8  # regions counted one by one by `inc` (below this, numpy's per-call cost dominates)
 _MERGE_BATCHES = 64  # sparse batches checked as one (only their non-zero entries are kept)
 
 
@@ -253,17 +254,17 @@ class _Ctx:
     # qcow2_inc_refcounts_imrt over arrays of regions
     def inc(self, offsets: np.ndarray, sizes: np.ndarray | int, what: str = "") -> None:
         offsets = np.asarray(offsets, dtype=np.int64)
-        if offsets.size == 0:
+        if offsets.size <= _FEW:  # a few regions: cheaper one by one than through the array passes
+            each = sizes.tolist() if isinstance(sizes, np.ndarray) else [sizes] * offsets.size
+            for o, s in zip(offsets.tolist(), each):
+                self.inc_region(o, s)
             return
         sizes = np.broadcast_to(np.asarray(sizes, dtype=np.int64), offsets.shape)
         keep = sizes > 0
         past = keep & (offsets + sizes - self.file_len >= self.cs)
         if past.any():
             for o, s in zip(offsets[past].tolist(), sizes[past].tolist()):
-                self.corruptions += 1
-                self.add(Finding(FindingKind.REGION_PAST_EOF, Severity.ERROR,
-                                 "ERROR: counting reference for region exceeding the end of the file by one "
-                                 f"cluster or more: offset 0x{o:x} size 0x{s:x}", host_offset=o))
+                self._past_eof(o, s)
             keep &= ~past
         offsets, sizes = offsets[keep], sizes[keep]
         if offsets.size == 0:
@@ -275,12 +276,33 @@ class _Ctx:
             idx = first
         else:
             idx = np.repeat(first, n) + (np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n))
-        hi = int(idx.max())
+        self._grow(int(idx.max()))
+        self.inc_clusters(idx)
+
+    def inc_region(self, offset: int, size: int) -> None:
+        """`inc` of one region (the header, a table): the same rules without array machinery,
+        which would cost more than the counting on a small image."""
+        if size <= 0:
+            return
+        if offset + size - self.file_len >= self.cs:
+            self._past_eof(offset, size)
+            return
+        first, last = offset >> self.cb, (offset + size - 1) >> self.cb
+        self._grow(last)
+        self._room(1)
+        self.refs[first:last + 1] += 1
+
+    def _past_eof(self, offset: int, size: int) -> None:
+        self.corruptions += 1
+        self.add(Finding(FindingKind.REGION_PAST_EOF, Severity.ERROR, "ERROR: counting reference for region exceeding the end of "
+                         f"the file by one cluster or more: offset 0x{offset:x} size 0x{size:x}", host_offset=offset))
+
+    def _grow(self, hi: int) -> None:
+        """`refs` covers host cluster `hi` (references less than a cluster past EOF are counted)."""
         if hi >= len(self.refs):
             grown = np.zeros(hi + 1, dtype=self.refs.dtype)
             grown[:len(self.refs)] = self.refs
             self.refs = grown
-        self.inc_clusters(idx)
 
     def inc_clusters(self, idx: np.ndarray) -> None:
         """+1 for each host cluster index (all inside `refs`: no EOF rule to apply)."""
@@ -297,11 +319,10 @@ class _Ctx:
     def _room(self, most: int) -> None:
         """Make `refs` wide enough for `most` more references to any one cluster. The bound grows by
         each call's largest increment and is only made exact (one pass) when it would not fit."""
-        top = np.iinfo(self.refs.dtype).max
-        if self._bound + most > top:
+        if self._bound + most > _TOP[self.refs.dtype]:
             self._bound = int(self.refs.max()) if self.refs.size else 0
             dt = self.refs.dtype
-            while self._bound + most > np.iinfo(dt).max:
+            while self._bound + most > _TOP[dt]:
                 dt = _WIDER[dt]
             if dt != self.refs.dtype:
                 self.refs = self.refs.astype(dt)
@@ -384,6 +405,7 @@ class _Ctx:
 
 _WIDER = {np.dtype(np.uint8): np.dtype(np.uint16), np.dtype(np.uint16): np.dtype(np.uint32),
           np.dtype(np.uint32): np.dtype(np.int64)}
+_TOP = {dt: int(np.iinfo(dt).max) for dt in (*_WIDER, np.dtype(np.int64))}
 
 
 def _walk_l1(ctx: _Ctx, l1_offset: int, l1_size: int, *, active: bool, snapshot: str | None) -> None:
@@ -391,7 +413,7 @@ def _walk_l1(ctx: _Ctx, l1_offset: int, l1_size: int, *, active: bool, snapshot:
     if not l1_size:
         return
     cs = ctx.cs
-    ctx.inc(np.array([l1_offset]), l1_size * 8, "L1 table")
+    ctx.inc_region(l1_offset, l1_size * 8)
     l1 = ctx.u64s(l1_offset, l1_size).astype(np.uint64)
     used = np.flatnonzero(l1)
     if used.size == 0:
@@ -489,10 +511,24 @@ def _fragmented(table: np.ndarray, host: np.ndarray, cs: int) -> int:
 def _sparse_l2_batch(ctx: _Ctx, ent: np.ndarray, w0: np.ndarray, bm, l2_offsets: np.ndarray, *, active: bool):
     """`_fast_l2_batch` for tables that are mostly empty: only the non-zero entries are looked at
     (`ent`: their indices in the batch's tables seen as one array, `w0`/`bm` their native words).
+    Healthy compressed clusters are covered too (images converted with compression are common).
     Same return values."""
     cs, cb = ctx.cs, ctx.cb
     n = ctx.h.l2_entries
-    odd = _U64(C.QCOW_OFLAG_COMPRESSED | C.L2E_STD_RESERVED_MASK | ((cs - 1) & C.L2E_OFFSET_MASK))
+    comp = (w0 & _U64(C.QCOW_OFLAG_COMPRESSED)) != 0
+    nc = int(np.count_nonzero(comp))
+    if nc:  # no COPIED flag, no bitmap, data inside the file: else the full rules
+        cw = w0[comp]
+        if (cw & _U64(C.QCOW_OFLAG_COPIED)).any() or (bm is not None and bm[comp].any()):
+            return False
+        x = 62 - (cb - 8)
+        coff = (cw & _U64((1 << x) - 1)).astype(np.int64)
+        csize = ((cw >> _U64(x)) & _U64((1 << (cb - 8)) - 1)).astype(np.int64) * 512 + 512 - (coff & 511)
+        if (coff + csize - ctx.file_len >= cs).any():
+            return False
+        keep = ~comp
+        ent, w0, bm = ent[keep], w0[keep], None if bm is None else bm[keep]
+    odd = _U64(C.L2E_STD_RESERVED_MASK | ((cs - 1) & C.L2E_OFFSET_MASK))
     if (w0 & odd).any():
         return False
     off = w0 & _U64(C.L2E_OFFSET_MASK)
@@ -503,14 +539,17 @@ def _sparse_l2_batch(ctx: _Ctx, ent: np.ndarray, w0: np.ndarray, bm, l2_offsets:
             return False
     o = off[has_off]
     clusters = o >> _U64(cb)
+    if clusters.size and int(clusters.max()) >= ctx.nb:
+        return False
+    if nc:
+        ctx.inc(coff, csize, "compressed cluster")
     if clusters.size:
-        if int(clusters.max()) >= ctx.nb:
-            return False
         ctx.inc_clusters(clusters.astype(np.int64))
     if not active:
         return True
-    ctx.allocated += int(clusters.size)
-    ctx.fragmented += _fragmented((ent // n)[has_off], o, cs)
+    ctx.allocated += nc + int(clusters.size)
+    ctx.compressed += nc
+    ctx.fragmented += nc + _fragmented((ent // n)[has_off], o, cs)
     if not clusters.size:
         return True
     if not (ctx.readable(l2_offsets >> cb) & (l2_offsets != 0)).all():
@@ -590,12 +629,12 @@ def _check_l2_batch(ctx: _Ctx, l1_indices: np.ndarray, l2_offsets: np.ndarray, s
             _flush_sparse(ctx, scan, active=active, snapshot=snapshot)
         return
     _flush_sparse(ctx, scan, active=active, snapshot=snapshot)
-    _check_tables(ctx, l1_indices, l2_offsets, raw, sparse=False, active=active, snapshot=snapshot)
+    _check_tables(ctx, l1_indices, l2_offsets, raw, active=active, snapshot=snapshot)
 
 
 def _flush_sparse(ctx: _Ctx, scan: _Scan, *, active: bool, snapshot: str | None) -> None:
     """Check the pending sparse batches as one when the sparse rules cover them all; otherwise
-    give each batch, in order, the rules it needs (its tables read again: this is rare)."""
+    give each batch, in order, every rule (over the non-zero entries kept: this is rare)."""
     if not scan.pending:
         return
     batches, scan.pending = scan.pending, []
@@ -607,72 +646,72 @@ def _flush_sparse(ctx: _Ctx, scan: _Scan, *, active: bool, snapshot: str | None)
     fast = _sparse_l2_batch(ctx, ent, w0, bm, np.concatenate([b[1] for b in batches]), active=active)
     if fast is True:
         return
-    for l1_indices, l2_offsets, entries in batches:
-        raw = np.empty((len(l2_offsets), scan.raw.shape[1]), dtype=np.uint64)
-        _read_tables(ctx, l2_offsets, raw, np.empty(raw.shape, dtype=bool))
-        _check_tables(ctx, l1_indices, l2_offsets, raw, sparse=True, entries=entries,
-                      counted=fast == "copied", active=active, snapshot=snapshot)
+    for l1_indices, l2_offsets, (e, w, m) in batches:
+        _check_entries(ctx, _Locator(ctx, l1_indices, l2_offsets, e // n, e % n, w, m, snapshot),
+                       counted=fast == "copied", active=active)
 
 
 def _check_tables(ctx: _Ctx, l1_indices: np.ndarray, l2_offsets: np.ndarray, raw: np.ndarray, *,
-                  sparse: bool, entries=None, counted: bool = False, active: bool, snapshot: str | None) -> None:
-    """Every rule for one batch (`raw`: its tables in file byte order; swapped in place here): the
-    sparse (given its `entries`) or dense fast path where it covers the batch, else every rule of
-    check_refcounts_l2. `counted`: a fast path counted the batch already and only its COPIED
-    findings are missing."""
-    ext = ctx.h.extended_l2
-    fast = "copied" if counted else None
-    if sparse and not counted:
-        fast = _sparse_l2_batch(ctx, *entries, l2_offsets, active=active)
-        if fast is True:
-            return
+                  active: bool, snapshot: str | None) -> None:
+    """Every rule for one dense batch (`raw`: its tables in file byte order; swapped in place here):
+    the fast path where it covers the batch, else every rule over its non-zero entries."""
     w0, bm = _split(ctx, raw)
-    if not sparse:
-        fast = _fast_l2_batch(ctx, w0, bm, l2_offsets, active=active)
+    fast = _fast_l2_batch(ctx, w0, bm, l2_offsets, active=active)
     if fast is True:
         return
-    if fast == "copied":  # counted already; only the COPIED findings are missing
-        _copied_data(ctx, _Locator(ctx, l1_indices, l2_offsets, w0, bm if ext else np.zeros_like(w0), snapshot),
-                     w0, (w0 & _U64(C.L2E_OFFSET_MASK)), (w0 & _U64(C.L2E_OFFSET_MASK)) != 0, l2_offsets)
+    used = w0 != 0
+    if bm is not None:
+        used |= bm != 0
+    tbl, idx = np.nonzero(used)  # row-major: L2 order
+    _check_entries(ctx, _Locator(ctx, l1_indices, l2_offsets, tbl, idx, w0[tbl, idx],
+                                 None if bm is None else bm[tbl, idx], snapshot),
+                   counted=fast == "copied", active=active)
+
+
+def _check_entries(ctx: _Ctx, loc: _Locator, *, counted: bool, active: bool) -> None:
+    """Every rule of check_refcounts_l2 over the non-zero entries of some tables (an all-zero entry
+    breaks no rule and counts nothing, so the work follows the entries in use, not the tables).
+    `counted`: a fast path counted them already and only the COPIED findings are missing."""
+    off = loc.w0 & _U64(C.L2E_OFFSET_MASK)
+    if counted:
+        comp = (loc.w0 & _U64(C.QCOW_OFLAG_COMPRESSED)) != 0
+        _copied_data(ctx, loc, off, ~comp & (off != 0))
         return
     first = len(ctx.findings)
-    _full_l2_batch(ctx, l1_indices, l2_offsets, w0, bm, active=active, snapshot=snapshot)
+    _full_l2_rules(ctx, loc, off, active=active)
     # in QEMU's order: entry by entry, not rule by rule
     ctx.findings[first:] = sorted(ctx.findings[first:], key=lambda f: (f.l1_index or 0, f.l2_index or 0))
 
 
-def _full_l2_batch(ctx: _Ctx, l1_indices, l2_offsets, w0, bm, *, active: bool, snapshot: str | None) -> None:
-    """Every rule of check_refcounts_l2, for batches the fast paths do not cover."""
+def _full_l2_rules(ctx: _Ctx, loc: _Locator, off: np.ndarray, *, active: bool) -> None:
+    """Every rule of check_refcounts_l2, for entries the fast paths do not cover."""
     h, cs, cb = ctx.h, ctx.cs, ctx.cb
     ext = h.extended_l2
-    if bm is None:
-        bm = np.zeros_like(w0)
+    w0, bm = loc.w0, loc.bm
     comp = (w0 & _U64(C.QCOW_OFLAG_COMPRESSED)) != 0
-    off = (w0 & _U64(C.L2E_OFFSET_MASK))
     has_off = ~comp & (off != 0)
     alloc = bm & _U64(0xFFFFFFFF)
     zero = bm >> _U64(32)
-    loc = _Locator(ctx, l1_indices, l2_offsets, w0, bm, snapshot)
 
     # reserved bits of standard descriptors
-    for t, i in loc.where(~comp & ((w0 & _U64(C.L2E_STD_RESERVED_MASK)) != 0)):
+    for k in loc.where(~comp & ((w0 & _U64(C.L2E_STD_RESERVED_MASK)) != 0)):
         ctx.corruptions += 1
-        ctx.add(loc.finding(t, i, FindingKind.L2_RESERVED_BITS, f"ERROR found l2 entry with reserved bits set: {loc.w(t, i):x}"))
+        ctx.add(loc.finding(k, FindingKind.L2_RESERVED_BITS, f"ERROR found l2 entry with reserved bits set: {loc.w(k):x}"))
     # compressed clusters
     x = 62 - (cb - 8)
-    for t, i in loc.where(comp & ((w0 & _U64(C.QCOW_OFLAG_COPIED)) != 0)):
+    for k in loc.where(comp & ((w0 & _U64(C.QCOW_OFLAG_COPIED)) != 0)):
         ctx.corruptions += 1
-        co = loc.w(t, i) & ((1 << x) - 1)
-        ctx.add(loc.finding(t, i, FindingKind.COMPRESSED_COPIED,
+        co = loc.w(k) & ((1 << x) - 1)
+        ctx.add(loc.finding(k, FindingKind.COMPRESSED_COPIED,
                             f"ERROR: coffset=0x{co:x}: copied flag must never be set for compressed clusters",
                             host=co))
     comp_bad = comp & (bm != 0)
-    for t, i in loc.where(comp_bad):
+    for k in loc.where(comp_bad):
         ctx.corruptions += 1
-        w = loc.w(t, i) & ~C.QCOW_OFLAG_COPIED
-        ctx.add(loc.finding(t, i, FindingKind.COMPRESSED_BITMAP,
-                            f"ERROR compressed cluster {i} with non-zero subcluster allocation bitmap, entry=0x{w:x}",
-                            host=loc.w(t, i) & ((1 << x) - 1), subclusters=_bits(loc.b(t, i))))
+        w = loc.w(k) & ~C.QCOW_OFLAG_COPIED
+        ctx.add(loc.finding(k, FindingKind.COMPRESSED_BITMAP, f"ERROR compressed cluster {int(loc.idx[k])} with non-zero "
+                            f"subcluster allocation bitmap, entry=0x{w:x}", host=loc.w(k) & ((1 << x) - 1),
+                            subclusters=_bits(loc.b(k))))
     comp_ok = comp & (bm == 0)
     if comp_ok.any():
         cw = w0[comp_ok]
@@ -680,56 +719,52 @@ def _full_l2_batch(ctx: _Ctx, l1_indices, l2_offsets, w0, bm, *, active: bool, s
         nsec = ((cw >> _U64(x)) & _U64((1 << (cb - 8)) - 1)).astype(np.int64) + 1
         ctx.inc(coff, nsec * 512 - (coff & 511), "compressed cluster")
     # allocated (normal / zero-alloc) clusters
-    both = has_off & ((alloc & zero) != 0)
-    for t, i in loc.where(both):
+    for k in loc.where(has_off & ((alloc & zero) != 0)):
         ctx.corruptions += 1
-        ctx.add(loc.finding(t, i, FindingKind.INVALID_BITMAP_ALLOCATED, f"ERROR offset={loc.off(t, i):x}: Allocated cluster has "
-                            "corrupted subcluster allocation bitmap", subclusters=_bits(loc.b(t, i) & (loc.b(t, i) >> 32))))
+        ctx.add(loc.finding(k, FindingKind.INVALID_BITMAP_ALLOCATED, f"ERROR offset={loc.off(k):x}: Allocated cluster has "
+                            "corrupted subcluster allocation bitmap", subclusters=_bits(loc.b(k) & (loc.b(k) >> 32))))
     unaligned = has_off & ((off & _U64(cs - 1)) != 0)
     if unaligned.any():
         data = (alloc != 0) if ext else ((w0 & _U64(C.QCOW_OFLAG_ZERO)) == 0)
-        for t, i in loc.where(unaligned):
+        for k in loc.where(unaligned):
             ctx.corruptions += 1
-            if data[t, i]:
-                ctx.add(loc.finding(t, i, FindingKind.DATA_CLUSTER_UNALIGNED, f"ERROR offset={loc.off(t, i):x}: Data cluster is "
+            if data[k]:
+                ctx.add(loc.finding(k, FindingKind.DATA_CLUSTER_UNALIGNED, f"ERROR offset={loc.off(k):x}: Data cluster is "
                                     "not properly aligned; L2 entry corrupted."))
             else:
-                ctx.add(loc.finding(t, i, FindingKind.PREALLOC_CLUSTER_UNALIGNED, f"ERROR offset={loc.off(t, i):x}: Preallocated "
+                ctx.add(loc.finding(k, FindingKind.PREALLOC_CLUSTER_UNALIGNED, f"ERROR offset={loc.off(k):x}: Preallocated "
                                     "cluster is not properly aligned; L2 entry corrupted.", repairable=True))
     ctx.inc(off[has_off].astype(np.int64), cs, "data cluster")
     if ext:
-        for t, i in loc.where(~comp & (off == 0) & (alloc != 0)):
+        for k in loc.where(~comp & (off == 0) & (alloc != 0)):
             ctx.corruptions += 1
-            ctx.add(loc.finding(t, i, FindingKind.INVALID_BITMAP_UNALLOCATED,
+            ctx.add(loc.finding(k, FindingKind.INVALID_BITMAP_UNALLOCATED,
                                 "ERROR: Unallocated cluster has non-zero subcluster allocation map",
-                                subclusters=_bits(loc.b(t, i) & 0xFFFFFFFF)))
+                                subclusters=_bits(loc.b(k) & 0xFFFFFFFF)))
     if not active:
         return
     # fragmentation info, per L2 table as QEMU counts it
     nc = int(comp_ok.sum())
     ctx.compressed += nc
     ctx.allocated += nc + int(has_off.sum())
-    ctx.fragmented += nc
-    rows, cols = np.nonzero(has_off)
-    ctx.fragmented += _fragmented(rows, off[rows, cols], cs)
-    _copied_data(ctx, loc, w0, off, has_off, l2_offsets)
+    ctx.fragmented += nc + _fragmented(loc.tbl[has_off], off[has_off], cs)
+    _copied_data(ctx, loc, off, has_off)
 
 
-def _copied_data(ctx: _Ctx, loc, w0, off, has_off, l2_offsets) -> None:
+def _copied_data(ctx: _Ctx, loc: _Locator, off: np.ndarray, has_off: np.ndarray) -> None:
     """check_oflag_copied for data clusters: COPIED set exactly when the on-disk refcount is 1."""
     cb = ctx.cb
-    examine = has_off & (ctx.readable(l2_offsets >> cb) & (l2_offsets != 0))[:, None]  # QEMU skips a table at 0
-    if examine.any():
-        rows, cols = np.nonzero(examine)
-        clusters = (off[rows, cols] >> _U64(cb)).astype(np.int64)
+    usable = ctx.readable(loc.l2o >> cb) & (loc.l2o != 0)  # QEMU skips a table at offset 0 here
+    ks = np.flatnonzero(has_off & usable[loc.tbl])
+    if ks.size:
+        clusters = (off[ks] >> _U64(cb)).astype(np.int64)
         one, ok = ctx.is_one(clusters)
-        copied = (w0[rows, cols] & _U64(C.QCOW_OFLAG_COPIED)) != 0
+        copied = (loc.w0[ks] & _U64(C.QCOW_OFLAG_COPIED)) != 0
         wrong = np.flatnonzero(ok & (one != copied))
         rc, _ok = ctx.ondisk(clusters[wrong])
-        for k, r in zip(wrong.tolist(), rc.tolist()):
-            t, i = int(rows[k]), int(cols[k])
+        for k, r in zip(ks[wrong].tolist(), rc.tolist()):
             ctx.corruptions += 1
-            ctx.add(loc.finding(t, i, FindingKind.COPIED_DATA, f"ERROR OFLAG_COPIED data cluster: l2_entry={loc.w(t, i):x} "
+            ctx.add(loc.finding(k, FindingKind.COPIED_DATA, f"ERROR OFLAG_COPIED data cluster: l2_entry={loc.w(k):x} "
                                 f"refcount={r}", repairable=True, refcount=r), copied=True)
 
 
@@ -738,35 +773,36 @@ def _bits(mask: int) -> tuple[int, ...]:
 
 
 class _Locator:
-    """Builds located Findings for (table row, entry index) pairs of one batch."""
+    """Some L2 entries of a batch of tables, in L2 order, and located Findings for them: entry k
+    is index `idx[k]` of table `tbl[k]` (a row of `l1i` / `l2o`), with words `w0[k]`, `bm[k]`."""
 
-    def __init__(self, ctx, l1_indices, l2_offsets, w0, bm, snapshot):
-        self.ctx, self.l1i, self.l2o, self.w0, self.bm, self.snapshot = ctx, l1_indices, l2_offsets, w0, bm, snapshot
+    def __init__(self, ctx, l1_indices, l2_offsets, tbl, idx, w0, bm, snapshot):
+        self.ctx, self.l1i, self.l2o, self.snapshot = ctx, l1_indices, l2_offsets, snapshot
+        self.tbl, self.idx, self.w0 = tbl, idx, w0
+        self.bm = np.zeros_like(w0) if bm is None else bm
 
     @staticmethod
-    def where(mask: np.ndarray):
-        if not mask.any():
-            return []
-        rows, cols = np.nonzero(mask)
-        return list(zip(rows.tolist(), cols.tolist()))
+    def where(mask: np.ndarray) -> list[int]:
+        return np.flatnonzero(mask).tolist() if mask.any() else []
 
-    def w(self, t: int, i: int) -> int:
-        return int(self.w0[t, i])
+    def w(self, k: int) -> int:
+        return int(self.w0[k])
 
-    def b(self, t: int, i: int) -> int:
-        return int(self.bm[t, i])
+    def b(self, k: int) -> int:
+        return int(self.bm[k])
 
-    def off(self, t: int, i: int) -> int:
-        return self.w(t, i) & C.L2E_OFFSET_MASK
+    def off(self, k: int) -> int:
+        return self.w(k) & C.L2E_OFFSET_MASK
 
-    def finding(self, t, i, kind, message, *, host=None, subclusters=(), repairable=False, refcount=None):
+    def finding(self, k, kind, message, *, host=None, subclusters=(), repairable=False, refcount=None):
         h = self.ctx.h
+        t, i = int(self.tbl[k]), int(self.idx[k])
         l1 = int(self.l1i[t])
         return Finding(kind, Severity.ERROR, message, l1_index=l1, l2_index=i,
                        guest_offset=(l1 * h.l2_entries + i) << h.cluster_bits,
-                       host_offset=self.off(t, i) if host is None else host, subclusters=tuple(subclusters),
-                       repairable_by_qemu=repairable, snapshot=self.snapshot, entry=self.w(t, i),
-                       bitmap=self.b(t, i) if h.extended_l2 else None, l2_offset=int(self.l2o[t]), refcount=refcount)
+                       host_offset=self.off(k) if host is None else host, subclusters=tuple(subclusters),
+                       repairable_by_qemu=repairable, snapshot=self.snapshot, entry=self.w(k),
+                       bitmap=self.b(k) if h.extended_l2 else None, l2_offset=int(self.l2o[t]), refcount=refcount)
 
 
 # ---- snapshots and bitmaps ---------------------------------------------------------------------
@@ -794,7 +830,7 @@ def _snapshots(ctx: _Ctx) -> None:
     id_len, name_len = struct.unpack_from(">HH", img.pread(last.offset + 12, 4))
     extra = struct.unpack_from(">I", img.pread(last.offset + 36, 4))[0]
     end = last.offset + 40 + extra + id_len + name_len  # QEMU's snapshots_size stops before the last padding
-    ctx.inc(np.array([h.snapshots_offset]), end - h.snapshots_offset, "snapshot table")
+    ctx.inc_region(h.snapshots_offset, end - h.snapshots_offset)
 
 
 def _bitmaps(ctx: _Ctx) -> None:
@@ -805,14 +841,14 @@ def _bitmaps(ctx: _Ctx) -> None:
     nb, dir_size, dir_off = ext
     if nb == 0:
         return
-    ctx.inc(np.array([dir_off]), dir_size, "bitmap directory")
+    ctx.inc_region(dir_off, dir_size)
     entries, truncated = directory_entries(ctx.img.pread(dir_off, dir_size), nb)
     for e in entries:
         # QEMU refuses to open the image (so to check it) when a directory entry breaks these
         if e.type != 1 or not 9 <= e.granularity_bits <= 31 or e.flags & ~0x3 or not e.name_size or \
                 e.table_offset % ctx.cs or (e.table_size and not e.table_offset):
             raise CorruptImage(f"Bitmap '{e.name}' doesn't satisfy the constraints (bitmap directory at 0x{dir_off:x})")
-        ctx.inc(np.array([e.table_offset]), e.table_size * 8, "bitmap table")
+        ctx.inc_region(e.table_offset, e.table_size * 8)
         table = ctx.u64s(e.table_offset, e.table_size).astype(np.uint64) if e.table_size else np.zeros(0, np.uint64)
         offs = table & _U64(BME_TABLE_ENTRY_OFFSET_MASK)
         bad = ((table & _U64(BME_TABLE_ENTRY_RESERVED_MASK)) != 0) | (
@@ -831,50 +867,57 @@ def _bitmaps(ctx: _Ctx) -> None:
 
 # ---- refcount structure -----------------------------------------------------------------------
 def _refblocks(ctx: _Ctx) -> None:
-    """check_refblocks: every refcount table entry is an aligned, in-file block referenced once."""
-    rt = ctx.img.reftable.astype(np.uint64)
+    """check_refblocks: every refcount table entry is an aligned, in-file block referenced once.
+    Only the table's non-zero entries are looked at (a zero entry breaks no rule); `slot` is their
+    index in the table."""
+    full = ctx.img.reftable
+    slot = np.flatnonzero(full)
+    rt = full[slot].astype(np.uint64)
     cs = ctx.cs
     offs = (rt & _U64(C.REFT_OFFSET_MASK)).astype(np.int64)
     reserved = (rt & _U64(C.REFT_RESERVED_MASK)) != 0
     unaligned = ~reserved & (offs % cs != 0)
-    for i in np.flatnonzero(reserved).tolist():
+    for j in np.flatnonzero(reserved).tolist():
         ctx.corruptions += 1
         ctx.rebuild = True
-        ctx.add(Finding(FindingKind.REFTABLE_RESERVED_BITS, Severity.ERROR, f"ERROR refcount table entry {i} has reserved bits set",
-                        host_offset=int(offs[i]), entry=int(rt[i])))
-    for i in np.flatnonzero(unaligned).tolist():
+        ctx.add(Finding(FindingKind.REFTABLE_RESERVED_BITS, Severity.ERROR, f"ERROR refcount table entry {int(slot[j])} has reserved "
+                        "bits set", host_offset=int(offs[j]), entry=int(rt[j])))
+    for j in np.flatnonzero(unaligned).tolist():
         ctx.corruptions += 1
         ctx.rebuild = True
         ctx.add(Finding(FindingKind.REFBLOCK_UNALIGNED, Severity.ERROR,
-                        f"ERROR refcount block {i} is not cluster aligned; refcount table entry corrupted",
-                        host_offset=int(offs[i]), entry=int(rt[i])))
+                        f"ERROR refcount block {int(slot[j])} is not cluster aligned; refcount table entry corrupted",
+                        host_offset=int(offs[j]), entry=int(rt[j])))
     ok = ~reserved & ~unaligned
     clusters = offs >> ctx.cb
     outside = ok & ((offs < 0) | (clusters >= len(ctx.refs)))  # HX: bit 63 set reads as negative int64
-    for i in np.flatnonzero(outside).tolist():
+    for j in np.flatnonzero(outside).tolist():
         ctx.corruptions += 1
-        ctx.add(Finding(FindingKind.REFBLOCK_OUTSIDE_IMAGE, Severity.ERROR, f"ERROR refcount block {i} is outside image",
-                        host_offset=int(offs[i]), repairable_by_qemu=True))
+        ctx.add(Finding(FindingKind.REFBLOCK_OUTSIDE_IMAGE, Severity.ERROR, f"ERROR refcount block {int(slot[j])} is outside image",
+                        host_offset=int(offs[j]), repairable_by_qemu=True))
     sel = np.flatnonzero(ok & ~outside & (offs != 0))
     if sel.size == 0:
         return
     cl = clusters[sel]
-    base = ctx.refs[cl]
+    base = ctx.refs[cl].astype(np.int64)
     # value seen right after each block's own increment: earlier references + earlier blocks on it + 1
-    order = np.argsort(cl, kind="stable")
-    scl = cl[order]
-    first = np.r_[0, np.flatnonzero(scl[1:] != scl[:-1]) + 1]
-    rank = np.arange(len(scl)) - np.repeat(first, np.diff(np.r_[first, len(scl)]))
-    seen = np.empty_like(rank)
-    seen[order] = rank + 1
+    if len(set(cl.tolist())) == len(cl):  # the usual case: each block in its own cluster
+        seen = np.ones(len(cl), dtype=np.int64)
+    else:
+        order = np.argsort(cl, kind="stable")
+        scl = cl[order]
+        first = np.r_[0, np.flatnonzero(scl[1:] != scl[:-1]) + 1]
+        rank = np.arange(len(scl)) - np.repeat(first, np.diff(np.r_[first, len(scl)]))
+        seen = np.empty_like(rank)
+        seen[order] = rank + 1
     value = np.minimum(base + seen, ctx.refmax)
     ctx.inc(offs[sel], cs, "refcount block")
     for k in np.flatnonzero(value != 1).tolist():
         ctx.corruptions += 1
         ctx.rebuild = True
-        i = int(sel[k])
-        ctx.add(Finding(FindingKind.REFBLOCK_REFCOUNT, Severity.ERROR, f"ERROR refcount block {i} refcount={int(value[k])}",
-                        host_offset=int(offs[i]), cluster=int(cl[k]), reference=int(value[k])))
+        ctx.add(Finding(FindingKind.REFBLOCK_REFCOUNT, Severity.ERROR, f"ERROR refcount block {int(slot[sel[k]])} "
+                        f"refcount={int(value[k])}", host_offset=int(offs[sel[k]]), cluster=int(cl[k]),
+                        reference=int(value[k])))
 
 
 def _overflow(ctx: _Ctx) -> None:
@@ -950,10 +993,10 @@ def check_image(img: Image, *, progress=None) -> CheckReport:
     if outside:
         info.append(Finding(FindingKind.BACKING_OUTSIDE_DIRECTORY, Severity.INFO, outside))
     try:
-        ctx.inc(np.array([0]), ctx.cs, "header")
+        ctx.inc_region(0, ctx.cs)
         _walk_l1(ctx, h.l1_table_offset, h.l1_size, active=True, snapshot=None)
         _snapshots(ctx)
-        ctx.inc(np.array([h.refcount_table_offset]), h.refcount_table_clusters * ctx.cs, "refcount table")
+        ctx.inc_region(h.refcount_table_offset, h.refcount_table_clusters * ctx.cs)
         _bitmaps(ctx)
         _refblocks(ctx)
     except QcowError as e:
