@@ -13,7 +13,7 @@ $(BIN)/python:
 # (setuptools' notice about an editable install of a flat layout is silenced: qdebug/ is the package)
 $(STAMP): $(BIN)/python pyproject.toml build_hooks/backend.py build_hooks/native_build.py
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	PYTHONWARNINGS="ignore:Editable installation" $(BIN)/python -m pip install --quiet -e '.[test,native]'
+	PYTHONWARNINGS="ignore:Editable installation" $(BIN)/python -m pip install --quiet -e '.[test,native,dask]'
 	touch $(STAMP)
 
 # Bytecode compiled ahead, as pip does for an installed package: where PYTHONDONTWRITEBYTECODE
