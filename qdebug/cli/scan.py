@@ -43,6 +43,8 @@ def register(sub) -> None:
     sp.add_argument("--output", choices=("human", "json"), default="human")
     sp.add_argument("--resume", metavar="STATE", help="record finished images in STATE and skip those already "
                     "there (same path, size and mtime)")
+    sp.add_argument("--signatures", action=argparse.BooleanOptionalAction, default=True,
+                    help="recognise known-bug damage patterns (default: on)")
     sp.add_argument("-U", "--force-share", action="store_true",
                     help="check images a running QEMU holds for writing too (as qemu-img check -U)")
     sp.set_defaults(func=cmd_scan)
@@ -80,7 +82,7 @@ def cmd_scan(args) -> int:
         if state is not None:
             state.close()
         raise
-    scan = Scan(_sources(args), runner, force_share=args.force_share, state=state)
+    scan = Scan(_sources(args), runner, force_share=args.force_share, signatures=args.signatures, state=state)
     bar = _Bar(sys.stderr) if sys.stderr.isatty() else None
     json_out = args.output == "json"
 
@@ -181,9 +183,13 @@ def _print_summary(s, p, out) -> None:
     if s.skipped:
         out.write(f"  {'skipped':<13} {s.skipped:>8}  (files that are not qcow2 images)\n")
     if s.signatures:
-        out.write("known-bug signatures:\n")
+        from ..engine.check.signatures import KNOWN
+
+        out.write("known-bug signatures (--output=json has the evidence):\n")
         for name, n, first in s.signatures:
-            out.write(f"  {name}: {n} images, first {one_line(first)}\n")
+            title, produced_by = KNOWN.get(name, ("", "unknown"))
+            out.write(f"  {name}: {n} image{'s' if n != 1 else ''} (e.g. {one_line(first)})\n"
+                      f"    {title}\n    produced by: {produced_by}\n")
     if s.worst:
         out.write("worst images:\n")
         for o in s.worst:

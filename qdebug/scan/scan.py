@@ -77,9 +77,10 @@ class _Walker(threading.Thread):
 
 class Scan:
     def __init__(self, sources: Iterable[Candidate | Unusable], runner, *, force_share: bool = False,
-                 state: ScanState | None = None, tick: float = 0.25):
+                 signatures: bool = True, state: ScanState | None = None, tick: float = 0.25):
         self.runner = runner
         self.force_share = force_share
+        self.signatures = signatures
         self.state = state
         self.tick = tick
         self.tally = Tally()
@@ -118,7 +119,8 @@ class Scan:
                 if self._suspects:
                     if not inflight and not self._stopping:
                         c = self._suspects.popleft()
-                        inflight[self.runner.submit(check_chunk, [(c.path, c.explicit)], self.force_share)] = ([c], 1)
+                        inflight[self.runner.submit(check_chunk, [(c.path, c.explicit)], self.force_share,
+                                                    self.signatures)] = ([c], 1)
                 else:
                     while not self._stopping and len(inflight) < limit:
                         chunk, finished = self._next_chunk()
@@ -126,7 +128,7 @@ class Scan:
                         if chunk is None:
                             break
                         inflight[self.runner.submit(check_chunk, [(c.path, c.explicit) for c in chunk],
-                                                    self.force_share)] = (chunk, 0)
+                                                    self.force_share, self.signatures)] = (chunk, 0)
                 if not inflight:
                     if self._stopping or (self._walker.done and self._walker.q.empty() and self._held is None
                                           and not self._suspects):

@@ -13,6 +13,7 @@ import struct
 from dataclasses import dataclass, field
 
 from ..engine.check.checkfile import checked_file
+from ..engine.check.signatures import find_signatures
 from ..engine.errors import QcowError
 from ..engine.format import constants as C
 
@@ -71,8 +72,9 @@ def _worker() -> dict:
     return {"worker": _NAME[1], "worker_peak_rss": ru.ru_maxrss * 1024, "worker_cpu": ru.ru_utime + ru.ru_stime}
 
 
-def check_one(path: str, explicit: bool, force_share: bool) -> Outcome:
-    """One file: skipped (walked, not qcow2), an error record, or the check's record."""
+def check_one(path: str, explicit: bool, force_share: bool, signatures: bool = True) -> Outcome:
+    """One file: skipped (walked, not qcow2), an error record, or the check's record (with the
+    known-bug signatures it shows, under "signatures", when there are any)."""
     try:
         if not _is_qcow2(path):
             if not explicit:
@@ -80,6 +82,7 @@ def check_one(path: str, explicit: bool, force_share: bool) -> Outcome:
             raise QcowError("not a qcow2 image (no QFI\\xfb magic at offset 0)")
         with checked_file(path, force_share=force_share, keep_references=False) as (img, report):
             cluster = img.header.cluster_size
+            found = find_signatures(img, report) if signatures else ()
     except (QcowError, OSError) as e:
         return _error(path, str(e) if isinstance(e, QcowError) else (e.strerror or str(e)))
     except MemoryError:
@@ -88,14 +91,16 @@ def check_one(path: str, explicit: bool, force_share: bool) -> Outcome:
         return _error(path, f"internal error: {type(e).__name__}: {e}")
     record = report.to_json()
     record["check-exit-code"] = report.exit_code
+    if found:
+        record["signatures"] = [s.to_json() for s in found]
     return Outcome(path, CHECKED, report.exit_code, report.corruptions, report.leaks, report.check_errors,
-                   report.leaks * cluster, record=record, **_worker())
+                   report.leaks * cluster, signatures=tuple(s.name for s in found), record=record, **_worker())
 
 
 def _error(path: str, message: str) -> Outcome:
     return Outcome(path, ERROR, 1, error=message, record={"filename": path, "error": message}, **_worker())
 
 
-def check_chunk(items: list[tuple[str, bool]], force_share: bool) -> list[Outcome]:
+def check_chunk(items: list[tuple[str, bool]], force_share: bool, signatures: bool = True) -> list[Outcome]:
     """A few small images per task: the per-task cost of a pool or a cluster is paid once."""
-    return [check_one(path, explicit, force_share) for path, explicit in items]
+    return [check_one(path, explicit, force_share, signatures) for path, explicit in items]

@@ -197,13 +197,13 @@ def test_ctrl_c_stops_cleanly_and_resume_goes_on(fleet, tmp_path):
     assert b"6 of them finished in an earlier run" in again.stdout
 
 
-def _dies_on_poison(items, force_share):
+def _dies_on_poison(items, *options):
     """check_chunk, except that the worker checking `poison.img` dies as if killed."""
     from qdebug.scan.task import check_chunk
 
     if any(path.endswith("poison.img") for path, _ in items):
         os._exit(9)
-    return check_chunk(items, force_share)
+    return check_chunk(items, *options)
 
 
 def test_a_dying_worker_costs_one_image(fleet, tmp_path, monkeypatch):
@@ -259,3 +259,45 @@ def test_fifo_in_a_walked_directory_is_skipped(tmp_path, fleet):
     p = scan("--output=json", str(d))
     assert set(lines(p)) == {str(d / "a.img")} and p.returncode == 0
     assert stat.S_ISFIFO(os.stat(d / "pipe").st_mode)
+
+
+def test_known_bug_signatures_in_lines_and_summary(tmp_path):
+    """An image QEMU itself damaged (the compressed packing bug) and a truncated copy: their lines
+    carry the signatures with evidence, the summary names them; --no-signatures leaves them out."""
+    from tests.engine.check.test_signatures import PACKING_BUG, qemu_image
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    bug = qemu_image(tmp_path / "a", "7.2", PACKING_BUG)
+    cut = qemu_image(tmp_path / "b", "7.2", ["write -P 0x11 0 1M"])
+    os.truncate(cut, 800000)
+    p = scan("--output=json", bug, cut)
+    records = lines(p)
+    assert [s["name"] for s in records[bug]["signatures"]] == ["compressed-into-data-cluster"]
+    assert [s["name"] for s in records[cut]["signatures"]] == ["data-past-eof"]
+    assert "refcount=2" in records[bug]["signatures"][0]["evidence"][0]
+    text = scan(bug, cut).stdout.decode()
+    assert "compressed-into-data-cluster: 1 image" in text and "QEMU 7.2.22, QEMU 10.0.2" in text
+    assert "data-past-eof: 1 image" in text
+    assert all("signatures" not in r for r in lines(scan("--output=json", "--no-signatures", bug, cut)).values())
+
+
+def test_progress_bar_on_a_terminal(fleet):
+    import pty
+
+    master, slave = pty.openpty()
+    p = subprocess.run([sys.executable, "-m", "qdebug.cli", "scan", "--jobs", "1", str(fleet)], stdout=subprocess.PIPE,
+                       stderr=slave, timeout=120)
+    os.close(slave)
+    shown = b""
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        shown += chunk
+    os.close(master)
+    assert p.returncode == 2 and p.stdout.startswith(b"qdebug scan: ")
+    assert b"files" in shown and b"ETA" in shown and b"files/s" in shown and b"\r\x1b[K" in shown

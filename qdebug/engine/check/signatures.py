@@ -1,0 +1,158 @@
+"""Known-bug signatures: damage patterns with a known cause, recognised from a check's findings and
+the host layout (`hostfacts`), each said with its evidence and with the QEMU versions measured to
+produce it. A rule claims nothing its evidence does not show.
+
+`compressed-into-data-cluster`: compressed data packed into a host cluster that is another guest
+  cluster's data cluster. QEMU 7.2.22 and 10.0.2 both do it (measured, one qemu-io process):
+  `write -c` packs bytes after the previous compressed cluster through a remembered offset, even
+  after a COW freed that host cluster and first-fit allocation reused it as a data cluster; that
+  guest cluster's bytes are overwritten. check: "OFLAG_COPIED data cluster ... refcount=2".
+`invalid-subcluster-bitmap`: an extended L2 entry both allocated and zero, allocation bits
+  without a host offset, or a compressed cluster with a non-zero bitmap. No QEMU version is
+  known to write one (7.2.22 and 10.0.2 wrote none in 150 random traces each of writes, zero
+  writes, discards and compressed writes); both report them in check, fail reads of the first
+  two kinds with EIO, and `qemu-img check -r` frees a compressed cluster with a bitmap as a leak
+  (its data is lost): `qdebug repair` keeps it.
+`data-past-eof`: data clusters that end past the end of the file: the file is shorter than its
+  metadata (a truncated copy or transfer, or a tail lost in a crash). Not a QEMU write bug;
+  QEMU 7.2.22 and 10.0.2 read those clusters as zeros without an error (measured).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..file.image import Image
+from .checker import CheckReport
+from .hostfacts import ActiveFacts, HostFacts
+
+# name -> (title, the writers known to produce it, as measured)
+KNOWN = {
+    "compressed-into-data-cluster": (
+        "compressed data packed into another guest cluster's data cluster (stale compressed packing offset "
+        "after a freed cluster was reused)", "QEMU 7.2.22, QEMU 10.0.2 (measured)"),
+    "invalid-subcluster-bitmap": (
+        "invalid subcluster bitmaps (QEMU fails reads of allocated-and-zero subclusters with EIO; qemu-img check "
+        "-r frees a compressed cluster with a bitmap as a leak, losing its data)",
+        "no QEMU version known (7.2.22 and 10.0.2 wrote none in random traces)"),
+    "data-past-eof": (
+        "data clusters past the end of the file (the file was cut short: a truncated copy, or a tail lost in a "
+        "crash); QEMU reads them as zeros without an error",
+        "not a QEMU write bug (QEMU 7.2.22 and 10.0.2 read them as zeros, measured)"),
+}
+MAX_EVIDENCE = 8  # evidence lines kept per signature (the counts say how many there are)
+BITMAP_KINDS = {"invalid-bitmap-allocated": "allocated and zero at once",
+                "invalid-bitmap-unallocated": "allocation bits without a host cluster",
+                "compressed-bitmap": "compressed cluster with a non-zero bitmap"}
+
+
+@dataclass(frozen=True)
+class Signature:
+    """One recognised pattern in one image."""
+
+    name: str
+    title: str
+    produced_by: str  # the writers known to produce it, as measured
+    count: int  # instances in the image
+    evidence: tuple[str, ...]  # the first MAX_EVIDENCE, located
+    guest_ranges: tuple[tuple[int, int], ...] = ()  # guest bytes affected (at most) [start, end), first few
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "title": self.title, "produced-by": self.produced_by, "count": self.count,
+                "evidence": list(self.evidence), "guest-ranges": [list(r) for r in self.guest_ranges]}
+
+
+def needs_facts(report: CheckReport, file_size: int, cluster_size: int) -> bool:
+    """Whether any layout rule can match: only damaged images (or files ending inside a
+    cluster) pay for reading the tables again."""
+    return bool(report.corruptions or report.check_errors or file_size % cluster_size)
+
+
+def find_signatures(img: Image, report: CheckReport, facts: HostFacts | None = None) -> tuple[Signature, ...]:
+    """Every signature `report` (the check of `img`) and the host layout show."""
+    found = [invalid_bitmaps(report, img.header.cluster_size)]
+    if facts is None and needs_facts(report, img.file_size, img.header.cluster_size):
+        facts = ActiveFacts(img)
+    if facts is not None:
+        found += [compressed_into_data(report, facts), data_past_eof(facts)]
+    return tuple(s for s in found if s is not None)
+
+
+def compressed_into_data(report: CheckReport, facts: HostFacts) -> Signature | None:
+    guest, host, length = facts.compressed()
+    if not len(host):
+        return None
+    cs = facts.cluster_size
+    first, last = host // cs, (host + length - 1) // cs  # a packed range touches one host cluster or two
+    spans = last != first
+    entry = np.concatenate([np.arange(len(host)), np.flatnonzero(spans)])
+    cluster = np.concatenate([first, last[spans]])
+    owner = facts.data_owner(cluster)
+    hit = np.flatnonzero(owner >= 0)
+    if not hit.size:
+        return None
+    copied = {f.host_offset: f for f in report.findings if f.kind == "copied-data"}
+    evidence, ranges = [], []
+    for j in hit[np.argsort(entry[hit], kind="stable")][:MAX_EVIDENCE].tolist():
+        i, h0, g = int(entry[j]), int(cluster[j]) * cs, int(owner[j])
+        lo, hi = max(int(host[i]), h0), min(int(host[i] + length[i]), h0 + cs)
+        ranges.append((g + lo - h0, g + hi - h0))
+        line = (f"compressed data of guest 0x{int(guest[i]):x} at host [0x{int(host[i]):x}, +0x{int(length[i]):x}) "
+                f"lies in host cluster 0x{h0:x}, the data cluster of guest 0x{g:x}: guest "
+                f"[0x{ranges[-1][0]:x}, 0x{ranges[-1][1]:x}) overwritten (at most: the descriptor's range)")
+        if h0 in copied:
+            line += f"; check: {copied[h0].message}"
+        evidence.append(line)
+    return _make("compressed-into-data-cluster", int(hit.size), evidence, ranges)
+
+
+def invalid_bitmaps(report: CheckReport, cluster_size: int) -> Signature | None:
+    # an entry of a "table" QEMU walks at offset 0 or unaligned (a broken L1 entry) is not an L2 entry
+    found = [f for f in report.findings if f.kind in BITMAP_KINDS and f.l2_offset and not f.l2_offset % cluster_size]
+    if not found:
+        return None
+    sub = cluster_size // 32
+    ranges: list[tuple[int, int]] = []
+    for f in found[:MAX_EVIDENCE]:
+        if f.kind == "compressed-bitmap":
+            ranges.append((f.guest_offset, f.guest_offset + cluster_size))
+        else:
+            ranges += [(f.guest_offset + i * sub, f.guest_offset + (i + 1) * sub) for i in f.subclusters]
+    listed = sum(1 for f in report.findings if f.kind in BITMAP_KINDS)
+    count = len(found) + sum(n for kind, n in report_counts(report).items() if kind in BITMAP_KINDS) - listed
+    return _make("invalid-subcluster-bitmap", count,
+                 [f"{BITMAP_KINDS[f.kind]}: {f.place()}" for f in found[:MAX_EVIDENCE]], ranges[:MAX_EVIDENCE])
+
+
+def report_counts(report: CheckReport) -> dict[str, int]:
+    """Findings per kind, those the report left out past its listing limit included."""
+    counts: dict[str, int] = {}
+    for f in report.findings:
+        if f.kind == "truncated":  # "... N more 'KIND' findings not listed"
+            kind = f.message.split("'")[1]
+            counts[kind] = counts.get(kind, 0) + int(f.message.split()[1])
+        else:
+            counts[f.kind] = counts.get(f.kind, 0) + 1
+    return counts
+
+
+def data_past_eof(facts: HostFacts) -> Signature | None:
+    guest, host, end = facts.data_past_eof()
+    if not len(host):
+        return None
+    size = facts.file_size
+    evidence, ranges = [], []
+    for g, h, e in zip(guest[:MAX_EVIDENCE].tolist(), host[:MAX_EVIDENCE].tolist(), end[:MAX_EVIDENCE].tolist()):
+        kept = min(max(size - h, 0), e)  # bytes of its data still inside the file
+        ranges.append((g + kept, g + e))
+        evidence.append(f"guest 0x{g:x}: data at host [0x{h:x}, 0x{h + e:x}) runs past the end of the file "
+                        f"(0x{size:x})" + (f"; its first 0x{kept:x} bytes remain" if kept else ""))
+    evidence.append(f"the metadata places data up to host 0x{int((host + end).max()):x}; the file has 0x{size:x} bytes")
+    return _make("data-past-eof", int(len(host)), evidence, ranges)
+
+
+def _make(name: str, count: int, evidence: list[str], ranges: list[tuple[int, int]]) -> Signature:
+    title, produced_by = KNOWN[name]
+    return Signature(name, title, produced_by, count, tuple(evidence), tuple(ranges))
