@@ -155,13 +155,14 @@ class Scan:
             raise self._walker.failure
 
     def _next_chunk(self) -> tuple[list[Candidate] | None, list[Outcome]]:
-        """Up to CHUNK_FILES candidates that are queued now (at least one, waiting briefly for the
+        """Up to CHUNK_FILES (times the runner's `chunk_scale`) candidates that are queued now (at least one, waiting briefly for the
         walk); outcomes of files that need no check (unusable, finished in the resume state)."""
         chunk: list[Candidate] = []
         size = 0
         finished: list[Outcome] = []
         deadline = time.monotonic() + self.tick
-        while len(chunk) < CHUNK_FILES:
+        most = CHUNK_FILES * getattr(self.runner, "chunk_scale", 1)
+        while len(chunk) < most:
             if self._held is not None:
                 item, self._held = self._held, None
             else:

@@ -64,16 +64,17 @@ class Signature:
                 "evidence": list(self.evidence), "guest-ranges": [list(r) for r in self.guest_ranges]}
 
 
-def needs_facts(report: CheckReport, file_size: int, cluster_size: int) -> bool:
-    """Whether any layout rule can match: only damaged images (or files ending inside a
-    cluster) pay for reading the tables again."""
-    return bool(report.corruptions or report.check_errors or file_size % cluster_size)
+def needs_facts(report: CheckReport) -> bool:
+    """Whether a layout rule is worth asking: only images check finds damaged pay for reading the
+    tables again (a file cut inside its last cluster, which check cannot see, is not looked for:
+    healthy files end inside their last cluster all the time)."""
+    return bool(report.corruptions or report.check_errors)
 
 
 def find_signatures(img: Image, report: CheckReport, facts: HostFacts | None = None) -> tuple[Signature, ...]:
     """Every signature `report` (the check of `img`) and the host layout show."""
     found = [invalid_bitmaps(report, img.header.cluster_size)]
-    if facts is None and needs_facts(report, img.file_size, img.header.cluster_size):
+    if facts is None and needs_facts(report):
         facts = ActiveFacts(img)
     if facts is not None:
         found += [compressed_into_data(report, facts), data_past_eof(facts)]
