@@ -165,11 +165,16 @@ def _clock(seconds: float) -> str:
     return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
 
 
+def _n(count: int, word: str) -> str:
+    return f"{count} {word}{'' if count == 1 else 's'}"
+
+
 def _print_summary(s, p, out) -> None:
     rate = f", {s.examined / p.elapsed:.0f} files/s" if p.elapsed > 0 else ""
     head = "scan interrupted" if s.interrupted else "scan"
-    out.write(f"qdebug {head}: {s.images} images checked, {s.examined} files examined in {p.elapsed:.1f} s{rate} "
-              f"({human_size(p.bytes_done)}); {s.workers} workers, peak memory per worker "
+    out.write(f"qdebug {head}: {_n(s.images, 'image')} checked, {_n(s.examined, 'file')} examined in "
+              f"{p.elapsed:.1f} s{rate} ({human_size(p.bytes_done)}); {_n(s.workers, 'worker')}, "
+              "peak memory per worker "
               f"{human_size(s.worker_peak_rss)}, workers' CPU time {s.worker_cpu:.1f} s\n")
     if s.resumed:
         out.write(f"  ({s.resumed} of them finished in an earlier run, from the resume state)\n")
@@ -188,7 +193,7 @@ def _print_summary(s, p, out) -> None:
         out.write("known-bug signatures (--output=json has the evidence):\n")
         for name, n, first in s.signatures:
             title, produced_by = KNOWN.get(name, ("", "unknown"))
-            out.write(f"  {name}: {n} image{'s' if n != 1 else ''} (e.g. {one_line(first)})\n"
+            out.write(f"  {name}: {_n(n, 'image')} (e.g. {one_line(first)})\n"
                       f"    {title}\n    produced by: {produced_by}\n")
     if s.worst:
         out.write("worst images:\n")
