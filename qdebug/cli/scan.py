@@ -8,6 +8,7 @@ stderr (when it is a terminal) and a summary. Exit code: the worst verdict; 130 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import signal
 import sys
@@ -94,7 +95,7 @@ def cmd_scan(args) -> int:
         print("qdebug: scan: stopping: the running checks finish (Ctrl-C again to abort them)", file=sys.stderr)
 
     old = signal.signal(signal.SIGINT, first_interrupt)
-    aborted = False
+    aborted: KeyboardInterrupt | None = None
     flushed = time.monotonic()
     try:
         for outcome in scan.run():
@@ -107,19 +108,21 @@ def cmd_scan(args) -> int:
                 flushed = time.monotonic()
             if bar:
                 bar.draw(scan.progress())
-    except KeyboardInterrupt:
-        aborted = True
+    except KeyboardInterrupt as e:  # a second Ctrl-C, or SIGTERM / SIGHUP (main's Terminated)
+        aborted = e
     finally:
         signal.signal(signal.SIGINT, old)
         if json_out:
             sys.stdout.flush()
         if bar:
             bar.clear()
-        runner.close(wait=not aborted)
+        runner.close(wait=aborted is None)
     summary = scan.summary()
-    if aborted:
-        summary = type(summary)(**{**summary.__dict__, "interrupted": True})
+    if aborted is not None:
+        summary = dataclasses.replace(summary, interrupted=True)
     _print_summary(summary, scan.progress(), sys.stderr if json_out else sys.stdout)
+    if aborted is not None and type(aborted) is not KeyboardInterrupt:
+        raise aborted  # terminated: main says by which signal and exits accordingly
     return summary.exit_code
 
 

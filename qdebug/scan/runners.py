@@ -24,7 +24,11 @@ class WorkerLost(Exception):
 
 
 def _ignore_sigint() -> None:
+    """A worker leaves Ctrl-C to the scan, and dies plainly on SIGTERM / SIGHUP (the command's own
+    handlers, inherited by a fork, would raise in the middle of a check)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)
 
 
 class LocalRunner:

@@ -301,3 +301,16 @@ def test_progress_bar_on_a_terminal(fleet):
     os.close(master)
     assert p.returncode == 2 and p.stdout.startswith(b"qdebug scan: ")
     assert b"files" in shown and b"ETA" in shown and b"files/s" in shown and b"\r\x1b[K" in shown
+
+
+def test_sigterm_prints_the_partial_summary_and_exits_by_the_signal(fleet):
+    image = healthy(fleet)
+    proc = subprocess.Popen([sys.executable, "-m", "qdebug.cli", "scan", "--jobs", "1", "--output=json",
+                             "--from", "-"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdin.write((image + "\n").encode())
+    proc.stdin.flush()
+    assert json.loads(proc.stdout.readline())["filename"] == image
+    proc.send_signal(signal.SIGTERM)
+    _out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert b"scan interrupted: 1 image checked" in err and b"terminated by SIGTERM" in err and b"Traceback" not in err

@@ -1,6 +1,7 @@
 """Known-bug signatures: damage patterns with a known cause, recognised from a check's findings and
-the host layout (`hostfacts`), each said with its evidence and with the QEMU versions measured to
-produce it. A rule claims nothing its evidence does not show.
+the host layout (`forensics.layout.host_layout`: who owns each host cluster, snapshots included),
+each said with its evidence and with the QEMU versions measured to produce it. A rule claims
+nothing its evidence does not show.
 
 `compressed-into-data-cluster`: compressed data packed into a host cluster that is another guest
   cluster's data cluster. QEMU 7.2.22 and 10.0.2 both do it (measured, one qemu-io process):
@@ -24,9 +25,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..errors import QcowError
 from ..file.image import Image
+from ..format import constants as C
+from ..forensics.layout import HostKind, HostLayout, Problem, host_layout
 from .checker import CheckReport
-from .hostfacts import ActiveFacts, HostFacts
 
 # name -> (title, the writers known to produce it, as measured)
 KNOWN = {
@@ -64,49 +67,52 @@ class Signature:
                 "evidence": list(self.evidence), "guest-ranges": [list(r) for r in self.guest_ranges]}
 
 
-def needs_facts(report: CheckReport) -> bool:
-    """Whether a layout rule is worth asking: only images check finds damaged pay for reading the
-    tables again (a file cut inside its last cluster, which check cannot see, is not looked for:
+def needs_layout(report: CheckReport) -> bool:
+    """Whether a layout rule is worth asking: only images check finds damaged pay for the host
+    layout (a file cut inside its last cluster, which check cannot see, is not looked for:
     healthy files end inside their last cluster all the time)."""
     return bool(report.corruptions or report.check_errors)
 
 
-def find_signatures(img: Image, report: CheckReport, facts: HostFacts | None = None) -> tuple[Signature, ...]:
+def find_signatures(img: Image, report: CheckReport, layout: HostLayout | None = None) -> tuple[Signature, ...]:
     """Every signature `report` (the check of `img`) and the host layout show."""
     found = [invalid_bitmaps(report, img.header.cluster_size)]
-    if facts is None and needs_facts(report):
-        facts = ActiveFacts(img)
-    if facts is not None:
-        found += [compressed_into_data(report, facts), data_past_eof(facts)]
+    if layout is None and needs_layout(report):
+        layout = host_layout(img, guesses=False)
+    if layout is not None:
+        found += [compressed_into_data(report, layout), data_past_eof(img, layout)]
     return tuple(s for s in found if s is not None)
 
 
-def compressed_into_data(report: CheckReport, facts: HostFacts) -> Signature | None:
-    guest, host, length = facts.compressed()
-    if not len(host):
-        return None
-    cs = facts.cluster_size
-    first, last = host // cs, (host + length - 1) // cs  # a packed range touches one host cluster or two
-    spans = last != first
-    entry = np.concatenate([np.arange(len(host)), np.flatnonzero(spans)])
-    cluster = np.concatenate([first, last[spans]])
-    owner = facts.data_owner(cluster)
-    hit = np.flatnonzero(owner >= 0)
-    if not hit.size:
+def compressed_into_data(report: CheckReport, layout: HostLayout) -> Signature | None:
+    """Host clusters owned both as a data cluster and by compressed data (the layout's overlaps)."""
+    ov, cs = layout.overlaps, layout.cluster_size
+    both = np.intersect1d(ov.cluster[ov.kind == HostKind.DATA], ov.cluster[ov.kind == HostKind.COMPRESSED])
+    if not both.size:
         return None
     copied = {f.host_offset: f for f in report.findings if f.kind == "copied-data"}
     evidence, ranges = [], []
-    for j in hit[np.argsort(entry[hit], kind="stable")][:MAX_EVIDENCE].tolist():
-        i, h0, g = int(entry[j]), int(cluster[j]) * cs, int(owner[j])
-        lo, hi = max(int(host[i]), h0), min(int(host[i] + length[i]), h0 + cs)
-        ranges.append((g + lo - h0, g + hi - h0))
-        line = (f"compressed data of guest 0x{int(guest[i]):x} at host [0x{int(host[i]):x}, +0x{int(length[i]):x}) "
-                f"lies in host cluster 0x{h0:x}, the data cluster of guest 0x{g:x}: guest "
-                f"[0x{ranges[-1][0]:x}, 0x{ranges[-1][1]:x}) overwritten (at most: the descriptor's range)")
-        if h0 in copied:
-            line += f"; check: {copied[h0].message}"
-        evidence.append(line)
-    return _make("compressed-into-data-cluster", int(hit.size), evidence, ranges)
+    count = 0
+    for c in both.tolist():
+        h0 = c * cs
+        data = [o for o in layout.owners(c) if o.kind == "data"]
+        for comp in layout.compressed_in(c):
+            for d in data:
+                count += 1
+                if len(evidence) >= MAX_EVIDENCE:
+                    continue
+                lo = max(comp.compressed_offset, h0)
+                hi = min(comp.compressed_offset + comp.compressed_length, h0 + cs)
+                ranges.append((d.guest_offset + lo - h0, d.guest_offset + hi - h0))
+                snap = f" (snapshot {d.snapshot})" if d.snapshot is not None else ""
+                line = (f"compressed data of guest 0x{comp.guest_offset:x} at host [0x{comp.compressed_offset:x}, "
+                        f"+0x{comp.compressed_length:x}) lies in host cluster 0x{h0:x}, the data cluster of guest "
+                        f"0x{d.guest_offset:x}{snap}: guest [0x{ranges[-1][0]:x}, 0x{ranges[-1][1]:x}) overwritten "
+                        "(at most: the descriptor's range)")
+                if h0 in copied:
+                    line += f"; check: {copied[h0].message}"
+                evidence.append(line)
+    return _make("compressed-into-data-cluster", count, evidence, ranges) if count else None
 
 
 def invalid_bitmaps(report: CheckReport, cluster_size: int) -> Signature | None:
@@ -139,19 +145,48 @@ def report_counts(report: CheckReport) -> dict[str, int]:
     return counts
 
 
-def data_past_eof(facts: HostFacts) -> Signature | None:
-    guest, host, end = facts.data_past_eof()
-    if not len(host):
+def data_past_eof(img: Image, layout: HostLayout) -> Signature | None:
+    """Data clusters the layout finds past the end of the file, and the file's last cluster when
+    the data of the data cluster there (its allocated subclusters) runs past the end."""
+    p, cs, size = layout.problems, layout.cluster_size, layout.file_size
+    rows = np.flatnonzero((p.problem == Problem.PAST_EOF) & (p.kind == HostKind.DATA))
+    cut: list[tuple[int, int, int, int]] = []  # (guest, host, snapshot index or -1, end of its data)
+    for j in rows.tolist():
+        g, snap = int(p.owner[j]) * cs, int(p.snapshot[j])
+        cut.append((g, int(p.offset[j]), snap, _data_end(img, g, cs) if snap < 0 else cs))
+    last = layout.nb_clusters - 1
+    if size % cs and last >= 0 and layout.cluster_kind(last) == HostKind.DATA:
+        for o in layout.owners(last):
+            end = _data_end(img, o.guest_offset, cs) if o.snapshot is None else cs
+            if last * cs + end > size:
+                cut.append((o.guest_offset, last * cs, -1 if o.snapshot is None else 0, end))
+    cut = sorted(c for c in cut if c[3])  # zero-only clusters hold no data
+    if not cut:
         return None
-    size = facts.file_size
     evidence, ranges = [], []
-    for g, h, e in zip(guest[:MAX_EVIDENCE].tolist(), host[:MAX_EVIDENCE].tolist(), end[:MAX_EVIDENCE].tolist()):
-        kept = min(max(size - h, 0), e)  # bytes of its data still inside the file
-        ranges.append((g + kept, g + e))
-        evidence.append(f"guest 0x{g:x}: data at host [0x{h:x}, 0x{h + e:x}) runs past the end of the file "
-                        f"(0x{size:x})" + (f"; its first 0x{kept:x} bytes remain" if kept else ""))
-    evidence.append(f"the metadata places data up to host 0x{int((host + end).max()):x}; the file has 0x{size:x} bytes")
-    return _make("data-past-eof", int(len(host)), evidence, ranges)
+    for g, h, snap, end in cut[:MAX_EVIDENCE]:
+        kept = min(max(size - h, 0), end)  # bytes of its data still inside the file
+        ranges.append((g + kept, g + end))
+        evidence.append(f"guest 0x{g:x}{'' if snap < 0 else ' (a snapshot)'}: data at host [0x{h:x}, 0x{h + end:x}) "
+                        f"runs past the end of the file (0x{size:x})" + (f"; its first 0x{kept:x} bytes remain"
+                                                                         if kept else ""))
+    evidence.append(f"the metadata places data up to host 0x{max(h + e for _, h, _, e in cut):x}; the file has "
+                    f"0x{size:x} bytes")
+    return _make("data-past-eof", len(cut), evidence, ranges)
+
+
+def _data_end(img: Image, guest: int, cs: int) -> int:
+    """Bytes of data in the active data cluster of `guest`, from its start: the end of the last
+    allocated, not-zero subcluster (extended L2), the whole cluster unless it reads as zeros
+    (standard L2)."""
+    try:
+        w0, bm, _l2, _i = img.l2_entry(guest // cs)
+    except QcowError:
+        return cs
+    if not img.header.extended_l2:
+        return 0 if w0 & C.QCOW_OFLAG_ZERO else cs
+    data = (bm & 0xFFFFFFFF) & ~(bm >> 32)
+    return data.bit_length() * (cs // 32)
 
 
 def _make(name: str, count: int, evidence: list[str], ranges: list[tuple[int, int]]) -> Signature:
