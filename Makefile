@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: install qemu fio test test-packaging demo bench fuzz faults lint clean screenshots
+.PHONY: install qemu fio qemu10 test test-packaging demo bench fuzz faults lint clean screenshots
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -13,7 +13,7 @@ $(BIN)/python:
 # (setuptools' notice about an editable install of a flat layout is silenced: qdebug/ is the package)
 $(STAMP): $(BIN)/python pyproject.toml build_hooks/backend.py build_hooks/native_build.py
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	PYTHONWARNINGS="ignore:Editable installation" $(BIN)/python -m pip install --quiet -e '.[test,native]'
+	PYTHONWARNINGS="ignore:Editable installation" $(BIN)/python -m pip install --quiet -e '.[test,native,dask]'
 	touch $(STAMP)
 
 # Bytecode compiled ahead, as pip does for an installed package: where PYTHONDONTWRITEBYTECODE
@@ -57,6 +57,22 @@ fio:
 	  echo "CI=true and fio is missing: refusing to skip the fio import tests"; exit 1; fi
 	@command -v fio >/dev/null 2>&1 && fio --version || true
 
+# QEMU 10.0.2 unpacked beside the installed 7.2 (not installed): the known-bug signatures name the
+# QEMU versions measured to produce them; `QDEBUG_QEMU10=$(CURDIR)/.qemu10/root make test` runs
+# their QEMU-made cases against 10.0.2 too. The Debian mirror is the one apt already uses.
+QEMU10 := .qemu10
+qemu10:
+	@mirror=$$(sed -n 's/^URIs: *//p' /etc/apt/sources.list.d/debian.sources 2>/dev/null | head -1); \
+	test -n "$$mirror" || { echo "no Debian mirror found in /etc/apt/sources.list.d/debian.sources"; exit 1; }; \
+	mkdir -p $(QEMU10)/lists/partial && \
+	echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $$mirror bookworm-backports main" \
+	  > $(QEMU10)/sources.list && \
+	opts="-o Dir::Etc::sourcelist=$(CURDIR)/$(QEMU10)/sources.list -o Dir::Etc::sourceparts=- \
+	  -o Dir::State::Lists=$(CURDIR)/$(QEMU10)/lists -o Dir::Cache::pkgcache= -o Dir::Cache::srcpkgcache="; \
+	apt-get $$opts update -qq && cd $(QEMU10) && apt-get $$opts download -qq qemu-utils/bookworm-backports && \
+	dpkg-deb -x qemu-utils_*.deb root && root/usr/bin/qemu-img --version | head -1
+	@echo "QDEBUG_QEMU10=$(CURDIR)/$(QEMU10)/root"
+
 # lint-imports: the layering contracts in pyproject.toml (engine below trace below tui/cli, and
 # inside the engine format < file < read < write < check).
 test: install qemu fio
@@ -87,4 +103,4 @@ faults: install qemu
 	QDEBUG_FAULTS_ROUNDS=$${QDEBUG_FAULTS_ROUNDS:-300} $(BIN)/python -m tests.faults.campaign
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis .benchmarks qdebug/_native
+	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis .benchmarks qdebug/_native $(QEMU10)

@@ -77,10 +77,11 @@ def cmd_check(args) -> int:
 
     fixed = None
     if not args.repair:  # the image alone, read-only: no backing chain or repair code to load
-        from ..engine.file.image import open_image
+        from ..engine.check.checkfile import check_file
 
-        with open_image(args.image) as img:
-            report = final = replace(check_image(img), filename=args.image)
+        report = final = check_file(args.image, force_share=args.force_share, keep_references=False)
+    elif args.force_share:
+        raise QcowError(f"{args.image}: force share (-U) can only be used with read-only checks, not with -r")
     else:
         from ..engine.check.repair import check_repair
         from ..engine.file.chain import open_chain
@@ -258,6 +259,8 @@ def register(sub) -> None:
     sp.add_argument("--output", choices=("human", "json"), default="human")
     sp.add_argument("-r", dest="repair", choices=("leaks", "all"), default=None,
                     help="repair as qemu-img check -r does (compressed data is never freed)")
+    sp.add_argument("-U", "--force-share", action="store_true",
+                    help="check an image a running QEMU holds for writing (as qemu-img check -U; no lock taken)")
     sp.set_defaults(func=cmd_check)
 
     sp = sub.add_parser("repair", help="repair every finding, invalid subclusters included, with a preview "

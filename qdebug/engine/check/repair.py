@@ -408,7 +408,7 @@ def _plan_refcounts(p: _Planner, mode: str) -> tuple[int, int, int | None]:
     """Refcounts := references (after the planned entry fixes); broken or missing refcount blocks
     are replaced by new blocks at the end of the file. Returns (leaks fixed, corruptions fixed, new size)."""
     img, h, cs = p.img, p.h, p.cs
-    refs = p.report.references.copy()
+    refs = p.report.references.astype(np.int64)  # check keeps them as narrow as they fit
     ctx = _Ctx(img, None)
     per = h.refcount_block_entries
     rt = img.reftable.astype(np.uint64)

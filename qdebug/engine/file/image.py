@@ -79,7 +79,7 @@ class Image:
             self._map()
             if self.file_size == 0:
                 raise QcowError(f"{path}: empty file, not a qcow2 image")
-            head = bytes(self.mm[: min(self.file_size, 1 << C.MAX_CLUSTER_BITS)])
+            head = self._head()
             self.header: Header = parse_header(head, self.file_size)
             self._validate_supported(allow_unsupported)
             self._l1_cache: np.ndarray | None = None
@@ -218,9 +218,19 @@ class Image:
         else:
             self.remap()
 
+    def _head(self) -> bytes:
+        """Cluster 0 (or as much of it as the file has), where header and extensions live: the
+        first 64 KiB, then the rest of a bigger cluster. Read, not copied out of the mapping,
+        which would fault in up to 2 MiB (every page of a small image) on each open."""
+        head = os.pread(self.fd, min(self.file_size, 1 << 16), 0)
+        bits = struct.unpack_from(">I", head, 20)[0] if len(head) >= 24 else C.MAX_CLUSTER_BITS
+        bits = bits if C.MIN_CLUSTER_BITS <= bits <= C.MAX_CLUSTER_BITS else C.MAX_CLUSTER_BITS
+        want = min(self.file_size, 1 << bits)
+        return head if want <= len(head) else head + os.pread(self.fd, want - len(head), len(head))
+
     def reload_header(self) -> None:
         """Re-parse the header after a write to cluster 0 (L1 / refcount table moves, flags)."""
-        head = bytes(self.mm[: min(self.file_size, 1 << C.MAX_CLUSTER_BITS)])
+        head = self._head()
         self.header = parse_header(head, self.file_size)
         self._l1_cache = None
         self._reftable_cache = None

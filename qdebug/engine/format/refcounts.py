@@ -37,12 +37,15 @@ def pack_refcounts(values: np.ndarray, order: int) -> bytes:
     return packed.astype(np.uint8).tobytes()
 
 
-def unpack_refcounts(buf: bytes, order: int) -> np.ndarray:
-    """On-disk bytes -> refcount values as uint64."""
+def unpack_refcounts(buf: bytes, order: int, *, narrow: bool = False) -> np.ndarray:
+    """On-disk bytes -> refcount values as uint64, or (`narrow`) in the smallest native unsigned
+    type that holds them (uint8 up to 8 bits): a quarter of the memory for the usual 16 bits."""
     _check_order(order)
     if order >= 3:
-        return np.frombuffer(buf, dtype=_BIG[order]).astype(np.uint64)
+        raw = np.frombuffer(buf, dtype=_BIG[order])
+        return raw.astype(raw.dtype.newbyteorder("=") if narrow else np.uint64)
     bits = 1 << order
     raw = np.frombuffer(buf, dtype=np.uint8)
     shifts = np.arange(8 // bits, dtype=np.uint8) * bits
-    return ((raw[:, None] >> shifts) & ((1 << bits) - 1)).reshape(-1).astype(np.uint64)
+    vals = ((raw[:, None] >> shifts) & ((1 << bits) - 1)).reshape(-1)
+    return vals if narrow else vals.astype(np.uint64)

@@ -1,0 +1,40 @@
+"""`qemu-img check FILE` from the outside: how a file is opened for a check, the one way
+`qdebug check` and `qdebug scan` both check an image file.
+
+QEMU opens the image read-only and takes its shared read lock (it holds "consistent read" and
+refuses to share "write" and "resize"), so an image a running QEMU writes to is refused with
+"Failed to get shared "write" lock"; `-U` (force share) checks it anyway, without any lock.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import replace
+from typing import Iterator
+
+from ..file.image import Image, open_image
+from ..file.locking import ImageLock
+from .checker import CheckReport, check_image
+
+
+@contextmanager
+def checked_file(path: str, *, force_share: bool = False, progress=None,
+                 keep_references: bool = True) -> Iterator[tuple[Image, CheckReport]]:
+    """(image, report) of the image file at `path`, checked as `qemu-img check [-U] path` does (no
+    repair), the report named after `path` as given; the image stays open (and locked) inside the
+    block, for whoever reads more of it. Raises QcowError when the file cannot be opened as qcow2,
+    or `ImageInUse` when a writer holds it and `force_share` is off."""
+    with open_image(path) as img:
+        lock = None if force_share else ImageLock(img, path, write=False).acquire()
+        try:
+            report = check_image(img, progress=progress)
+            yield img, replace(report, filename=path, references=report.references if keep_references else None)
+        finally:
+            if lock is not None:
+                lock.release()
+
+
+def check_file(path: str, *, force_share: bool = False, progress=None, keep_references: bool = True) -> CheckReport:
+    """The report of `checked_file`, the image closed again."""
+    with checked_file(path, force_share=force_share, progress=progress, keep_references=keep_references) as (_, r):
+        return r
