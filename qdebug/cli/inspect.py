@@ -175,7 +175,7 @@ def _map_subclusters(chain, out, output: str) -> int:
 
     from ..engine.format import constants as C
     from ..engine.format.subclusters import bitmap_strings, classify
-    from ..engine.read.summary import iter_l2_batches
+    from ..engine.read.l2tables import iter_l2_batches
 
     img = chain.top
     h = img.header
@@ -215,7 +215,7 @@ def _map_subclusters(chain, out, output: str) -> int:
 def _refuse_tables_past_eof(img) -> None:
     """The bitmap listing must not silently skip an L2 table it cannot read."""
     from ..engine.errors import CorruptImage
-    from ..engine.read.summary import l2_table_offsets
+    from ..engine.read.l2tables import l2_table_offsets
 
     t = l2_table_offsets(img)
     h = img.header

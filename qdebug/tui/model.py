@@ -20,8 +20,8 @@ from ..engine.format.subclusters import SubclusterType as T
 from ..engine.format.subclusters import bitmap_string, classify, cluster_flags, type_counts
 from ..engine.read.guest import read_guest, resolve_chain
 from ..engine.read.kinds import RAW_DATA, RAW_HOLE
+from ..engine.read.l2tables import iter_l2_batches, l2_table_offsets
 from ..engine.read.status import IS_DATA
-from ..engine.read.summary import iter_l2_batches, l2_table_offsets
 from .iolock import ImageIOLock, reads_image
 
 BLOCK = 256  # map rows per cached block

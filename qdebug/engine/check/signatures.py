@@ -27,8 +27,8 @@ import numpy as np
 
 from ..errors import QcowError
 from ..file.image import Image
-from ..format import constants as C
 from ..forensics.layout import HostKind, HostLayout, Problem, host_layout
+from ..format import constants as C
 from .checker import CheckReport
 
 # name -> (title, the writers known to produce it, as measured)

@@ -1,4 +1,4 @@
-"""What an unreferenced cluster's content looks like: a guess, shown as one (docs/forensics.md §3).
+"""What an unreferenced cluster's content looks like: a guess, shown as one.
 
 Tests run on whole clusters at once (rows of a batch), strictest first:
 * zeros: proves nothing (an empty L2 table, a freed cluster, a zero-filled guest cluster alike);

@@ -29,7 +29,7 @@ from ..file.image import read_snapshot_table
 from ..format import constants as C
 from ..format.bitmaps import BME_TABLE_ENTRY_OFFSET_MASK, bitmaps_extension, directory_entries
 from ..format.refcounts import unpack_refcounts
-from ..read.status import fadvise_tables
+from ..read.l2tables import readahead
 from .guess import GUESS_NAMES, Guess, guess_clusters, with_data
 from .source import ImageFile, native, open_file
 
@@ -531,9 +531,9 @@ class _Walk:
         col = np.arange(n, dtype=np.int64)
         odd = _U64(C.QCOW_OFLAG_COMPRESSED | ((cs - 1) & C.L2E_OFFSET_MASK))
         ahead = _BATCH_TABLES * 4  # tables announced to the kernel before they are read (cold caches)
-        fadvise_tables(self.f, offs[:ahead].tolist(), cs)
+        readahead(self.f, offs[:ahead].tolist(), cs)
         for b in range(0, len(offs), _BATCH_TABLES):
-            fadvise_tables(self.f, offs[b + ahead:b + ahead + _BATCH_TABLES].tolist(), cs)
+            readahead(self.f, offs[b + ahead:b + ahead + _BATCH_TABLES].tolist(), cs)
             bo, bi = offs[b:b + _BATCH_TABLES], l1_idx[b:b + _BATCH_TABLES]
             raw = buf[:len(bo)]
             for k, o in enumerate(bo.tolist()):

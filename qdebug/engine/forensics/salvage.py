@@ -1,6 +1,6 @@
 """Salvage analysis: what each guest byte of one qcow2 layer is, using only what can be validated.
 
-The rules (docs/forensics.md §4), in the order they are applied:
+The rules, in the order they are applied:
 * Refcounts are evidence, never needed to read: they tell leaked clusters (refcount > 0, no
   reference) from stale ones, and only when the refcount structure holds together (the header
   cluster has a refcount).

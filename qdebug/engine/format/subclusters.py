@@ -48,27 +48,9 @@ _SC_SHIFTS = np.arange(32, dtype=np.uint64)
 
 
 # ---- masks (qcow2.h SUB_ALLOC / SUB_ZERO and their ranges) --------------------------------------
-def sub_alloc(x: int) -> int:
-    return 1 << x
-
-
-def sub_zero(x: int) -> int:
-    return 1 << (32 + x)
-
-
 def sub_alloc_range(x: int, y: int) -> int:
     """Allocation bits of subclusters x..y-1 (0 <= x <= y <= 32)."""
     return (1 << y) - (1 << x)
-
-
-def sub_zero_range(x: int, y: int) -> int:
-    return sub_alloc_range(x, y) << 32
-
-
-def sub_alloc_range_np(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Vectorized SUB_ALLOC_RANGE over arrays of bounds."""
-    one = _U64(1)
-    return (one << y.astype(np.uint64)) - (one << x.astype(np.uint64))
 
 
 def ctz32(v: int) -> int:
@@ -250,19 +232,3 @@ def fast_bitmap_string(word0: int, bitmap: int, ext: bool) -> str:
         _STRINGS.clear()
     _STRINGS[key] = s
     return s
-
-
-def parse_bitmap_string(s: str) -> tuple[int, int]:
-    """(alloc half, zero half) from a `--0-NN-0_...` string (C and ! are rejected): for tests and plans."""
-    s = s.replace("_", "")
-    if len(s) != 32:
-        raise ValueError(f"bitmap string needs 32 subclusters, got {len(s)}")
-    a = z = 0
-    for i, ch in enumerate(s):
-        if ch == "N":
-            a |= 1 << i
-        elif ch == "0":
-            z |= 1 << i
-        elif ch != "-":
-            raise ValueError(f"unexpected character {ch!r} at subcluster {i}")
-    return a, z

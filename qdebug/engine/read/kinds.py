@@ -4,10 +4,7 @@ for block status (`status`), the scalar guest view (`guestview`) and everything 
 
 from __future__ import annotations
 
-from enum import IntEnum
 from typing import Final
-
-from ..format.subclusters import SubclusterType as T
 
 RAW_DATA: Final = 7  # a raw file's data (guest offset == file offset)
 RAW_HOLE: Final = 8  # a hole in a raw file (found with SEEK_HOLE): reads as zeros
@@ -17,18 +14,3 @@ NORMAL_HOLE: Final = 9
 PAST_END: Final = 10  # past the end of a shorter backing file (or past the chain): zeros
 NKINDS: Final = 11
 
-
-class ReadKind(IntEnum):
-    """The same numbers with names, for messages and displays (the hot paths use the ints)."""
-
-    UNALLOCATED_PLAIN = T.UNALLOCATED_PLAIN
-    UNALLOCATED_ALLOC = T.UNALLOCATED_ALLOC
-    ZERO_PLAIN = T.ZERO_PLAIN
-    ZERO_ALLOC = T.ZERO_ALLOC
-    NORMAL = T.NORMAL
-    COMPRESSED = T.COMPRESSED
-    INVALID = T.INVALID
-    RAW_DATA = RAW_DATA
-    RAW_HOLE = RAW_HOLE
-    NORMAL_HOLE = NORMAL_HOLE
-    PAST_END = PAST_END

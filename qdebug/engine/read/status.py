@@ -20,6 +20,7 @@ from ..errors import QcowError
 from ..format import constants as C
 from ..format.subclusters import SubclusterType as T
 from .kinds import NKINDS, NORMAL_HOLE, RAW_DATA, RAW_HOLE
+from .l2tables import gather_l2, readahead, tables_of
 
 _U64 = np.uint64
 _FULL = _U64(0xFFFFFFFF)
@@ -174,53 +175,6 @@ def clip(r: Runs, start: int, end: int) -> Runs:
 SCAN_ENTRIES = 1 << 15
 
 
-def gather_l2(img, c0: int, c1: int) -> tuple[np.ndarray, np.ndarray | None]:
-    """Copies of (word0, bitmap) for guest clusters [c0, c1); zeros (UNALLOCATED_PLAIN) where the L1
-    has no table. Entries are read with preadv, not through the mmap: first touches of mapped
-    pages cost a page fault each, which was a third of a whole-image scan."""
-    h = img.header
-    per = h.l2_entries
-    words = 2 if h.extended_l2 else 1
-    n = c1 - c0
-    w0 = np.zeros(n, dtype=np.uint64)
-    bm = np.zeros(n, dtype=np.uint64) if words == 2 else None
-    for l1_index in range(c0 // per, (c1 - 1) // per + 1):
-        l2_off = img.l2_offset(l1_index)
-        if not l2_off:
-            continue
-        a, b = max(c0, l1_index * per), min(c1, (l1_index + 1) * per)
-        i0 = a - l1_index * per
-        raw = np.empty((b - a, words), dtype=">u8")
-        if l2_off % h.cluster_size or _pread_into(img, raw, l2_off + i0 * 8 * words) != raw.nbytes:
-            img.l2_table(l2_off, l1_index)  # raises the CorruptImage that names the table
-        w0[a - c0:b - c0] = raw[:, 0]
-        if bm is not None:
-            bm[a - c0:b - c0] = raw[:, 1]
-    return w0, bm
-
-
-def _pread_into(img, buf: np.ndarray, offset: int) -> int:
-    try:
-        return os.preadv(img.fd, [buf], offset)
-    except OSError:
-        return -1
-
-
-def fadvise_tables(img, offsets, length: int) -> None:
-    """Ask the kernel to read these tables ahead (POSIX_FADV_WILLNEED): without it a cold-cache scan
-    is one synchronous small read after another."""
-    for off in offsets:
-        try:
-            os.posix_fadvise(img.fd, int(off), length, os.POSIX_FADV_WILLNEED)
-        except (OSError, AttributeError):
-            return
-
-
-def _l2_tables(img, c0: int, c1: int) -> list[int]:
-    per = img.header.l2_entries
-    return [off for i in range(c0 // per, (c1 - 1) // per + 1) if (off := img.l2_offset(i))]
-
-
 def qcow2_runs(img, start: int, end: int) -> Runs:
     """Runs of a qcow2 layer over guest [start, end) (end already clamped to the layer's size)."""
     if start >= end:
@@ -232,7 +186,7 @@ def qcow2_runs(img, start: int, end: int) -> Runs:
         # HX: empty guest space costs O(1) however huge (keep this: tests/hostile/test_regressions.py)
         return Runs(np.array([start]), np.array([end]), np.array([T.UNALLOCATED_PLAIN], np.uint8), np.array([-1]))
     if c1 - c0 > SCAN_ENTRIES:
-        fadvise_tables(img, _l2_tables(img, c0, c1), cs)
+        readahead(img, tables_of(img, c0, c1), cs)
     parts: list[Runs] = []
     for b0 in range(c0, c1, SCAN_ENTRIES):
         b1 = min(c1, b0 + SCAN_ENTRIES)

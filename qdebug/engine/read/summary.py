@@ -1,75 +1,20 @@
 """Whole-image views: per-type subcluster counts and the `info` record.
 
-Whole-table work goes L2 table by L2 table (batched), after asking the kernel to read the tables
-ahead (madvise WILLNEED): on a cold page cache an mmap scan otherwise degrades to one synchronous
-4 KiB read per page.
+Whole-table work reads L2 tables with preadv after announcing them to the kernel (see l2tables).
 """
 
 from __future__ import annotations
 
-import mmap
 import os
-from typing import Iterator
 
 import numpy as np
 
 from ..errors import CorruptImage
 from ..file.image import Image
 from ..format import constants as C
+from ..format.header import header_dump
 from ..format.subclusters import SubclusterType
-from .status import fadvise_tables
-
-_PAGE = mmap.PAGESIZE
-_BATCH = 64  # L2 tables per numpy batch
-
-
-def prefetch(img: Image, offsets: np.ndarray, length: int) -> None:
-    """madvise(WILLNEED) each [offset, offset+length) of the image's mapping (best effort)."""
-    mm = img.mm
-    if not isinstance(mm, mmap.mmap) or not hasattr(mm, "madvise"):
-        return
-    for off in np.asarray(offsets, dtype=np.int64).tolist():
-        a = off - off % _PAGE
-        n = min(length + (off - a), img.file_size - a)
-        if n > 0:
-            try:
-                mm.madvise(mmap.MADV_WILLNEED, a, n)
-            except (OSError, ValueError):
-                return
-
-
-def l2_table_offsets(img: Image) -> np.ndarray:
-    """(l1_index, l2_offset) pairs of the active L1 entries that point at an L2 table."""
-    l1 = np.asarray(img.l1, dtype=np.uint64)
-    offs = (l1 & np.uint64(C.L1E_OFFSET_MASK)).astype(np.int64)
-    idx = np.flatnonzero(offs)
-    return np.stack([idx, offs[idx]], axis=1) if len(idx) else np.zeros((0, 2), dtype=np.int64)
-
-
-def iter_l2_batches(img: Image, tables: np.ndarray | None = None
-                    ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
-    """Yield (guest cluster indices, word0, bitmap) for batches of L2 tables, limited to the
-    guest clusters inside the virtual size. Tables past the end of the file are skipped (the
-    checker reports them)."""
-    h = img.header
-    per = h.l2_entries
-    nclusters = h.guest_clusters
-    tables = l2_table_offsets(img) if tables is None else tables
-    tables = tables[tables[:, 1] + h.cluster_size <= img.file_size] if len(tables) else tables
-    tables = tables[tables[:, 0] * per < nclusters] if len(tables) else tables
-    prefetch(img, tables[:, 1] if len(tables) else np.zeros(0), h.cluster_size)
-    for b in range(0, len(tables), _BATCH):
-        chunk = tables[b:b + _BATCH]
-        w0s, bms, gcs = [], [], []
-        for l1_index, l2_off in chunk.tolist():
-            w0, bm = img.l2_table(l2_off, l1_index)
-            n = min(per, nclusters - l1_index * per)
-            w0s.append(w0[:n])
-            if bm is not None:
-                bms.append(bm[:n])
-            gcs.append(np.arange(l1_index * per, l1_index * per + n, dtype=np.int64))
-        yield (np.concatenate(gcs), np.concatenate(w0s), np.concatenate(bms) if bms else None)
-
+from .l2tables import l2_table_offsets, readahead
 
 _COUNT_ENTRIES = 1 << 13  # entries per numpy pass: temporaries stay under glibc's mmap threshold
 _WINDOW = 1024  # L2 tables announced to the kernel (read-ahead) at a time
@@ -103,10 +48,10 @@ def subcluster_counts(img: Image) -> dict[str, int]:
     def count(k: int) -> None:
         _count_batch(buf[:k, 0], buf[:k, 1] if words == 2 else None, acc)
 
-    fadvise_tables(img, tables[:_WINDOW, 1].tolist(), cs)
+    readahead(img, tables[:_WINDOW, 1].tolist(), cs)
     for w in range(0, len(tables), _WINDOW):
         window = tables[w:w + _WINDOW]
-        fadvise_tables(img, tables[w + _WINDOW:w + 2 * _WINDOW, 1].tolist(), cs)  # one window ahead
+        readahead(img, tables[w + _WINDOW:w + 2 * _WINDOW, 1].tolist(), cs)  # one window ahead
         for l1_index, off in window.tolist():
             n = min(per, nclusters - l1_index * per)
             pos = 0
@@ -240,6 +185,9 @@ def info_record(chain, *, counts: bool = True) -> dict:
         "autoclear-features": h.autoclear_features,
         "extensions": [{"type": f"0x{e.type:08x}", "name": e.name, "offset": e.offset, "length": len(e.data)}
                        for e in h.extensions],
+        # every field of the fixed header, by the spec's names (the field table's dump)
+        "header-fields": [{"name": f.name, "offset": f.offset, "size": f.width, "value": v}
+                          for f, v, _text in header_dump(h)],
         "geometry": {
             "cluster-bits": h.cluster_bits,
             "subclusters-per-cluster": h.subclusters_per_cluster,

@@ -59,7 +59,8 @@ class Allocator:
         self.free_cluster_index = 0
         self.free_byte_offset = 0
         # Set when the cluster free_byte_offset points into drops to refcount 0 (QEMU keeps
-        # packing into it anyway: the data-corrupting bug of the notes, section 13).
+        # packing into it anyway: the compressed-packing corruption that replay flags as a hazard,
+        # engine.check.signatures' compressed-into-data-cluster).
         self.byte_cluster_freed = False
         h = txn.img.header
         self.cs = h.cluster_size

@@ -50,3 +50,17 @@ def test_error_messages_name_the_field_by_its_offset(tmp_path, qemu):
         f.write((0x12345).to_bytes(8, "big"))
     with pytest.raises(CorruptImage, match=r"\(offset 40\)"):
         open_image(path)
+
+
+def test_info_lists_every_header_field_with_its_value(qemu, tmp_path):
+    from qdebug.engine.file.chain import open_chain
+    from qdebug.engine.read.summary import info_record
+
+    path = create(str(tmp_path / "a.qcow2"), "1G")
+    with open_chain(path) as chain:
+        fields = {f["name"]: f for f in info_record(chain, counts=False)["qdebug"]["header-fields"]}
+        raw = chain.top.pread(0, 112)
+    assert list(fields) == list(SPEC)  # a v3 header of 112 bytes has them all
+    for name, f in fields.items():
+        assert (f["offset"], f["offset"] + f["size"] - 1) == SPEC[name]
+        assert f["value"] == int.from_bytes(raw[f["offset"]:f["offset"] + f["size"]], "big")

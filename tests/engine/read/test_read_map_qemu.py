@@ -12,8 +12,9 @@ import pytest
 from qdebug.engine.file.chain import open_chain
 from qdebug.engine.format.subclusters import SubclusterType, classify
 from qdebug.engine.read.guest import read_guest
+from qdebug.engine.read.l2tables import iter_l2_batches
 from qdebug.engine.read.mapping import write_json
-from qdebug.engine.read.summary import iter_l2_batches, subcluster_counts
+from qdebug.engine.read.summary import subcluster_counts
 from tests.qemu import convert_raw, create, qemu_img, qemu_io, qemu_map_text
 
 pytestmark = pytest.mark.qemu

@@ -1,4 +1,4 @@
-"""QEMU iotest 271's catalogue (notes section 9.1-9.5, 9.9): each step through qdebug and through
+"""QEMU iotest 271's catalogue (qemu tests/qemu-iotests/271, its normal cases): each step through qdebug and through
 a live qemu-io on a twin image; the named clusters must show 271's bitmaps, and the two images must
 end identical (guest data, metadata bytes, clean qemu-img check)."""
 

@@ -1,7 +1,8 @@
 """Randomized differential test: the same random trace through ONE qemu-io process and ONE
 WriteEngine, on copies of the same random image. Guest data (qemu-img compare), L1/L2 tables,
 refcounts (so every host offset) and the qemu-img check verdict must agree; where QEMU corrupts
-its own image (the section 13 bug), qdebug must have flagged a hazard.
+its own image (the compressed-packing bug: a compressed cluster packed into a freed and
+reused host cluster), qdebug must have flagged a hazard.
 
 Fixed seed; QDEBUG_DIFF_TRACES raises the number of traces (default 240).
 """
