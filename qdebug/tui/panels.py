@@ -29,9 +29,9 @@ def header_content(chain) -> Content:
     feats = [f["name"] for f in q["features"]] or ["none"]
     flags = []
     if rec["dirty-flag"]:
-        flags.append(("dirty", "bold $warning"))
+        flags.append(("dirty", "bold $qd-warning"))
     if fs.get("corrupt"):
-        flags.append(("corrupt", "bold $error"))
+        flags.append(("corrupt", "bold $qd-error"))
     lines = [
         Content.assemble(("qcow2 v", dim), f"{q['version']}", ("  size ", dim), (human(rec["virtual-size"]), "bold"),
                          ("  cluster ", dim), human(rec["cluster-size"]),
@@ -50,7 +50,7 @@ def chain_content(chain, *, scratch: str | None = None) -> Content:
     lines = []
     for layer in info_record(chain, counts=False)["qdebug"]["backing-chain"]:
         d = layer["depth"]
-        style = "$success" if d == 0 else "$warning"
+        style = "$qd-data" if d == 0 else "$qd-backing"
         lines.append(Content.assemble((f"depth {d} ", style), (os.path.basename(layer["filename"]), "bold"),
                                       (f"  {layer['format']}, {human(layer['virtual-size'])}", "$text-muted")))
     if scratch:

@@ -1,4 +1,4 @@
-"""End to end: `qdebug demo` in a real terminal (tmux): open, step, repair, quit."""
+"""End to end: `qdebug demo` in a real terminal (tmux): open, step, repair, quit (discarding)."""
 
 from __future__ import annotations
 
@@ -55,7 +55,11 @@ def test_demo_in_tmux_steps_repairs_and_quits(tmp_path):
         tmux("send-keys", "-t", session, "Enter")
         screen = wait_for(session, "0-31 NORMAL")
         assert "!!!!!!!!" not in screen
-        tmux("send-keys", "-t", session, "q")
+        assert "3 unsaved changes" in tmux("capture-pane", "-t", session, "-p")  # the header says so
+        tmux("send-keys", "-t", session, "q")  # two steps and a repair in the scratch copy: q asks
+        wait_for(session, "save them as a new image")
+        assert not status.exists()
+        tmux("send-keys", "-t", session, "d")
         deadline = time.monotonic() + 15
         while not status.exists() and time.monotonic() < deadline:
             time.sleep(0.1)
