@@ -257,12 +257,16 @@ class QDebugApp(App):
         with self.model.io_lock.reading():  # the header panel reads the L1 and snapshot tables
             header = header_content(self.chain)
             chain = chain_content(self.chain, scratch=self.bench.scratch_path)
+            snapshots = bool(self.chain.top.snapshots())  # the header panel lists them: one line taller
         for wid, content in (("#header-panel", header), ("#chain-panel", chain),
                              ("#counts-panel", counts_content(self.counts))):
             key = (content.plain, tuple(content.spans))  # Content's == compares the text only
             if self._shown.get(wid) != key:
                 self._shown[wid] = key
                 self.query_one(wid, Static).update(content, layout=False)
+        top = self.query_one("#top")
+        if top.has_class("-snapshots") != snapshots:
+            top.set_class(snapshots, "-snapshots")
 
     def show_session_state(self) -> None:
         """The header line: the image, and at all times whether changes are unsaved."""
@@ -507,9 +511,15 @@ class QDebugApp(App):
 
     def show_trace(self) -> None:
         self.query_one(Timeline).set_trace(self.bench.listing, len(self.bench.commands), self.bench.position)
-        if self.trace_problems:
-            t = self.trace_problems[0]
-            self.set_status(f"✗ line {t.lineno} cannot be replayed: {t.problem}")
+        self.set_status(self.trace_note())
+
+    def trace_note(self) -> str:
+        """What the status row says about the trace when no line is selected that failed."""
+        if not self.trace_problems:
+            return ""
+        t = self.trace_problems[0]
+        more = len(self.trace_problems) - 1
+        return f"✗ line {t.lineno} cannot be replayed: {t.problem}" + (f" (and {more} more lines)" if more else "")
 
     def action_step(self, delta: int) -> None:
         if delta > 0 and not self.bench.commands:
@@ -589,7 +599,7 @@ class QDebugApp(App):
                   if isinstance(a, StepAction) and a.record.error}
         timeline = self.query_one(Timeline)
         timeline.set_position(event.position, errors)
-        self.set_status(timeline.reason(timeline.cursor) or "")
+        self.set_status(timeline.reason(timeline.cursor) or self.trace_note())
         self.show_plan()
         rec = event.record
         if rec is not None and rec.error:
@@ -600,7 +610,7 @@ class QDebugApp(App):
     def on_row_view_cursor_moved(self, event: RowView.CursorMoved) -> None:
         """The timeline's selection: a failed step or a line that cannot run says why."""
         if isinstance(event.view, Timeline):
-            self.set_status(event.view.reason(event.index) or "")
+            self.set_status(event.view.reason(event.index) or self.trace_note())
         elif isinstance(event.view, HostView):
             self.show_host_selection()
 

@@ -43,6 +43,11 @@ def header_content(chain) -> Content:
         Content.assemble(("L1 ", dim), f"{g['l1-size']} @ 0x{g['l1-table-offset']:x}", ("  L2 tables ", dim),
                          f"{g['l2-tables']}", ("  file ", dim), human(g["file-size"])),
     ]
+    snaps = chain.top.snapshots()
+    if snaps:
+        listed = ", ".join(f"{s.id} {s.name!r}" if s.name else s.id for s in snaps[:6])
+        lines.append(Content.assemble((f"snapshots {len(snaps)} ", dim), listed, " …" if len(snaps) > 6 else "",
+                                      ("  (S: a snapshot's map)", dim)))
     return Content("\n").join(lines)
 
 
