@@ -101,7 +101,7 @@ class ClusterMap(RowView):
         if pal is None:
             cur = self.style_of("clustermap--cursor") if cursor else Style()
             names = self.CODE_CLASSES + ("clustermap--offset", "clustermap--index", "clustermap--src")
-            pal = self._styles[key] = [self.style_of(n) + cur for n in names]
+            pal = self._styles[key] = [cur + self.style_of(n) for n in names]  # an own background (invalid) stays
         return pal
 
     def render_row(self, index: int, cursor: bool) -> Strip:

@@ -17,7 +17,7 @@ from .hex_view import HexView
 from .model import READS_DATA, READS_INVALID, EntryInfo, ImageModel
 
 TYPE_STYLE = {T.NORMAL: "$qd-data", T.COMPRESSED: "$qd-compressed", T.ZERO_PLAIN: "$qd-zero", T.ZERO_ALLOC: "$qd-zero",
-              T.INVALID: "bold $text on $error", T.UNALLOCATED_PLAIN: "$text-muted",
+              T.INVALID: "bold $qd-on-error on $error", T.UNALLOCATED_PLAIN: "$text-muted",
               T.UNALLOCATED_ALLOC: "$text-muted"}
 BACKING_STYLE = "$qd-backing"
 SOURCE_LINES = 2
@@ -74,7 +74,7 @@ def entry_content(info: EntryInfo, selected: int) -> Content:
     if info.host_offset is not None:
         what = f"  {info.compressed_bytes} bytes compressed" if info.compressed else ""
         rc = "?" if info.refcount is None else str(info.refcount)
-        past = (f"  past the end of the file (0x{info.file_size:x}): reads as zeros", "bold $text on $error") \
+        past = (f"  past the end of the file (0x{info.file_size:x}): reads as zeros", "bold $qd-on-error on $error") \
             if info.host_past_eof else ""
         lines.append(Content.assemble(("host   ", "$text-muted"), f"0x{info.host_offset:x}{what}",
                                       ("  refcount ", "$text-muted"), (rc, "bold"), past))

@@ -16,7 +16,7 @@ SOURCE_STYLE = {CowSource.OLD_CLUSTER: "$qd-data", CowSource.ZEROS: "$text-muted
                 CowSource.BACKING: "$qd-backing", CowSource.BACKING_DECOMPRESSED: "$qd-backing"}
 KIND_STYLE = {RequestKind.WRITE: "$qd-data", RequestKind.ZERO: "$qd-zero", RequestKind.ZERO_FALLBACK: "$qd-zero",
               RequestKind.DISCARD: "$qd-warning", RequestKind.COMPRESSED: "$qd-compressed"}
-CHAR_STYLE = {"N": "$qd-data", "0": "$qd-zero", "-": "$text-muted", "C": "$qd-compressed", "!": "bold $text on $error"}
+CHAR_STYLE = {"N": "$qd-data", "0": "$qd-zero", "-": "$text-muted", "C": "$qd-compressed", "!": "bold $qd-on-error on $error"}
 LABEL = 10
 
 
