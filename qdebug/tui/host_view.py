@@ -57,7 +57,7 @@ class HostView(RowView):
         kind = lay.cluster_kind(index)
         cur = self.cursor_style() if cursor else Style()
         parts = [(f"  0x{index * lay.cluster_size:0{self.offset_digits}x}  ", self.style_of("hostview--offset") + cur),
-                 (f"{KIND_NAMES[kind]:<17}", self.style_of(_CLASS[kind]) + cur),
+                 (f"{KIND_NAMES[kind]:<17}", cur + self.style_of(_CLASS[kind])),  # a problem keeps its red
                  (self.describe(index), self.style_of("hostview--owner") + cur)]
         return Strip(segments(parts))
 
