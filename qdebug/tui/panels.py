@@ -46,7 +46,7 @@ def header_content(chain) -> Content:
     snaps = chain.top.snapshots()
     if snaps:
         listed = ", ".join(f"{s.id} {s.name!r}" if s.name else s.id for s in snaps[:6])
-        lines.append(Content.assemble((f"snapshots {len(snaps)} ", dim), listed, " …" if len(snaps) > 6 else "",
+        lines.append(Content.assemble((f"snapshots ({len(snaps)}) ", dim), listed, " …" if len(snaps) > 6 else "",
                                       ("  (S: a snapshot's map)", dim)))
     return Content("\n").join(lines)
 
