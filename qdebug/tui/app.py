@@ -214,7 +214,7 @@ class QDebugApp(App):
             self._signals[sig] = old
 
     def terminated(self, sig: int) -> None:
-        self.exit(128 + sig, message=f"qdebug: terminated by {signal.Signals(sig).name}")
+        self.exit(return_code=128 + sig, message=f"qdebug: terminated by {signal.Signals(sig).name}")
 
     def _open_replay(self) -> None:
         try:

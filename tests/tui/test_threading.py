@@ -151,6 +151,12 @@ async def test_no_ui_thread_read_outside_the_lock(demo, guard, tmp_path):
         assert app.query_one(HostView).display and app.query_one(HostView).row_count
         await pilot.press("down", "down", "enter")  # to the guest view at an owner
         await settle(app, pilot)
+        await pilot.press("enter")  # and back to its host cluster
+        await settle(app, pilot)
+        await pilot.press("h", "C", "P", "g")  # the tabs, the go-to prompt (it checks the target)
+        await settle(app, pilot)
+        await pilot.press(*"cluster 3", "enter")
+        await settle(app, pilot)
         await pilot.press("S")  # the demo has no snapshot: says so, reads nothing unlocked
         await settle(app, pilot)
         await pilot.press("n")
