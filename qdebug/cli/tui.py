@@ -23,24 +23,10 @@ def cmd_tui(args) -> int:
 
 
 def load_keymap(path: str | None) -> dict[str, str] | None:
-    """A keymap file: lines `binding-id = keys` (ids are listed by `?` in the app)."""
-    path = path or os.environ.get("QDEBUG_KEYMAP")
-    if not path:
-        return None
-    keymap = {}
-    try:
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                line = line.split("#", 1)[0].strip()
-                if not line:
-                    continue
-                bid, sep, keys = line.partition("=")
-                if not sep or not bid.strip() or not keys.strip():
-                    raise QcowError(f"{path}:{n}: expected 'binding-id = keys'")
-                keymap[bid.strip()] = keys.strip()
-    except OSError as e:
-        raise QcowError(f"{path}: {e.strerror}") from None
-    return keymap
+    """A keymap file: lines `binding-id = keys` (ids are listed by `?` in the app; unknown ids are errors)."""
+    from ..tui.keymap import load_keymap as load
+
+    return load(path)
 
 
 def cmd_demo(args) -> int:

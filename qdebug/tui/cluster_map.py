@@ -26,10 +26,12 @@ class ClusterMap(RowView):
         "clustermap--offset", "clustermap--index", "clustermap--normal", "clustermap--zero",
         "clustermap--compressed", "clustermap--invalid", "clustermap--unalloc", "clustermap--backing",
         "clustermap--backing-zero", "clustermap--cursor", "clustermap--selected", "clustermap--src",
+        "clustermap--shared",
     }
     BINDINGS = [
-        Binding("left,h", "subcluster(-1)", "Prev subcluster", show=False, id="map.sc_left"),
-        Binding("right,l", "subcluster(1)", "Next subcluster", show=False, id="map.sc_right"),
+        Binding("left", "subcluster(-1)", "Prev subcluster", show=False, id="map.sc_left"),
+        Binding("right", "subcluster(1)", "Next subcluster", show=False, id="map.sc_right"),
+        Binding("enter", "app.to_host", "Its host cluster (host view)", show=False, id="map.to_host"),
     ]
 
     class SubclusterSelected(Message):
@@ -99,7 +101,7 @@ class ClusterMap(RowView):
         if pal is None:
             cur = self.style_of("clustermap--cursor") if cursor else Style()
             names = self.CODE_CLASSES + ("clustermap--offset", "clustermap--index", "clustermap--src")
-            pal = self._styles[key] = [self.style_of(n) + cur for n in names]
+            pal = self._styles[key] = [cur + self.style_of(n) for n in names]  # an own background (invalid) stays
         return pal
 
     def render_row(self, index: int, cursor: bool) -> Strip:
@@ -109,8 +111,11 @@ class ClusterMap(RowView):
         chars = [TYPE_CHARS[t] for t in blk.types[i].tolist()]
         pal = self._palette(cursor)
         off_st, idx_st, src_st = pal[-3], pal[-2], pal[-1]
-        parts: list[tuple[str, Style]] = [(f"  0x{index * m.cluster_size:0{self.offset_digits}x}  ", off_st),
-                                          (f"{index:>{self.index_digits}}  ", idx_st)]
+        shared = bool(blk.shared[i])  # allocated without COPIED: shared with a snapshot, a write copies it
+        parts: list[tuple[str, Style]] = [
+            ("s " if shared else "  ", self.style_of("clustermap--shared") + (self.cursor_style() if cursor else Style())),
+            (f"0x{index * m.cluster_size:0{self.offset_digits}x}  ", off_st),
+            (f"{index:>{self.index_digits}}  ", idx_st)]
         spc = len(codes)
         sel = self.subcluster if cursor else -1
         run, run_code = "", -1

@@ -27,7 +27,7 @@ class HexView(RowView):
         self.changed_mask = np.zeros(0, dtype=bool)
         self.per_row = 16
 
-    def on_resize(self) -> None:
+    def on_resize(self) -> None:  # (RowView's on_resize runs too: Textual calls each class's handler)
         per = 16 if self.scrollable_content_region.width >= 8 + 2 + 16 * 3 + 2 + 16 else 8
         if per != self.per_row:
             self.per_row = per
@@ -68,10 +68,11 @@ class HexView(RowView):
             st = styles[self.src[a + k]] + cur
             if self.changed_mask[a + k]:
                 st = st + changed
-            hx = "??" if self.src[a + k] == 3 else f"{b:02x}"
+            unreadable = self.src[a + k] == 3  # QEMU fails the read (EIO): no byte to show, in either column
+            hx = "??" if unreadable else f"{b:02x}"
             parts.append((hx, st))
             parts.append((" " if k != 7 else "  ", cur))
-            ch = chr(b) if 32 <= b < 127 else "."
+            ch = "?" if unreadable else chr(b) if 32 <= b < 127 else "."
             text.append((ch, st))
         parts.append(("   " * (per - len(chunk)) + (" " if len(chunk) <= 8 else ""), cur))
         parts.extend(text)

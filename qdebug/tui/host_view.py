@@ -1,15 +1,16 @@
 """The host view: one row per host cluster of the image file, coloured by what owns it (the engine's
 `HostLayout`: metadata, guest data, compressed, free, leaked, overlaps), problems highlighted.
 
-Not yet wired into the app (the `h` toggle and Enter-jump come with the TUI's threading rework);
-it is a self-contained RowView over a layout, drawing only the visible rows. `guest_clusters(n)`
-gives the guest clusters the selected host cluster holds, for the jump to the guest view.
+A RowView over a layout (computed by an engine job: `host_layout` reads the whole file), drawing
+only the visible rows; `h` in the app swaps it with the cluster map. `guest_clusters(n)` gives the
+guest clusters the selected host cluster holds, where Enter jumps in the guest view.
 """
 
 from __future__ import annotations
 
 import numpy as np
 from rich.style import Style
+from textual.binding import Binding
 from textual.strip import Strip
 
 from ..engine.forensics.layout import KIND_NAMES, HostKind, HostLayout
@@ -22,22 +23,7 @@ class HostView(RowView):
     """Cursor = selected host cluster."""
 
     COMPONENT_CLASSES = {"hostview--offset", "hostview--owner", "hostview--cursor", *_CLASS.values()}
-    DEFAULT_CSS = """
-    HostView {
-        & > .hostview--offset { color: $text-muted; }
-        & > .hostview--owner { color: $text-muted; }
-        & > .hostview--cursor { background: $boost; }
-        & > .hostview--header, & > .hostview--l1, & > .hostview--l2 { color: $accent; }
-        & > .hostview--refcount-table, & > .hostview--refcount-block { color: $secondary; }
-        & > .hostview--snapshot-table, & > .hostview--bitmap-directory, & > .hostview--bitmap-table,
-        & > .hostview--bitmap-data { color: $secondary; }
-        & > .hostview--data { color: $success; }
-        & > .hostview--compressed { color: #c678dd; }
-        & > .hostview--free { color: $text-disabled; }
-        & > .hostview--leaked { color: $warning; text-style: bold; }
-        & > .hostview--overlap { color: $text; background: $error; text-style: bold; }
-    }
-    """
+    BINDINGS = [Binding("enter", "app.to_owner", "Its owner (guest view)", show=False, id="host.to_owner")]
 
     def __init__(self, layout: HostLayout | None = None, **kw):
         super().__init__(**kw)
@@ -71,7 +57,7 @@ class HostView(RowView):
         kind = lay.cluster_kind(index)
         cur = self.cursor_style() if cursor else Style()
         parts = [(f"  0x{index * lay.cluster_size:0{self.offset_digits}x}  ", self.style_of("hostview--offset") + cur),
-                 (f"{KIND_NAMES[kind]:<17}", self.style_of(_CLASS[kind]) + cur),
+                 (f"{KIND_NAMES[kind]:<17}", cur + self.style_of(_CLASS[kind])),  # a problem keeps its red
                  (self.describe(index), self.style_of("hostview--owner") + cur)]
         return Strip(segments(parts))
 

@@ -33,14 +33,17 @@ class Progress(Message):
 
 
 class StepChanged(Message):
-    """The replay moved to `position` (0..N); `record` is the last applied step (None at 0)."""
+    """The replay moved to `position` (0..N); `record` is the last applied step (None at 0).
+    `opened`: nothing moved, the session was opened (the chain is now the scratch copy's)."""
 
-    def __init__(self, position: int, record: StepRecord | None, changes: list | None = None) -> None:
+    def __init__(self, position: int, record: StepRecord | None, changes: list | None = None,
+                 opened: bool = False) -> None:
         super().__init__()
         self.position = position
         self.record = record
         # (ClusterChange, +1 applied / -1 undone) of a single step; None after a seek or a repair
         self.changes = changes
+        self.opened = opened
 
 
 class PlanPreviewed(Message):
@@ -53,10 +56,13 @@ class PlanPreviewed(Message):
 
 
 class CheckFinished(Message):
-    def __init__(self, report: CheckReport, quiet: bool = False) -> None:
+    """A check of the image as of change `generation` (Workbench.generation)."""
+
+    def __init__(self, report: CheckReport, quiet: bool = False, generation: int = 0) -> None:
         super().__init__()
         self.report = report
         self.quiet = quiet
+        self.generation = generation
 
 
 class RepairReady(Message):
@@ -93,3 +99,49 @@ class Jumped(Message):
         super().__init__()
         self.what = what
         self.cluster = cluster
+
+
+class QuitAsked(Message):
+    """Quit was asked for, after every engine job asked for before it: `unsaved` changes exist."""
+
+    def __init__(self, unsaved: int) -> None:
+        super().__init__()
+        self.unsaved = unsaved
+
+
+class Saved(Message):
+    """The scratch copy was saved as `path` (or not: `error`); `then_quit` when quitting."""
+
+    def __init__(self, path: str, error: str | None, then_quit: bool) -> None:
+        super().__init__()
+        self.path = path
+        self.error = error
+        self.then_quit = then_quit
+
+
+class HostLayoutReady(Message):
+    """The host layout of the image as of change `generation` (None: `error` says why)."""
+
+    def __init__(self, layout, generation: int, error: str | None = None) -> None:
+        super().__init__()
+        self.layout = layout
+        self.generation = generation
+        self.error = error
+
+
+class SnapshotsListed(Message):
+    """The image's internal snapshots as (id, label) pairs."""
+
+    def __init__(self, snapshots: list[tuple[str, str]]) -> None:
+        super().__init__()
+        self.snapshots = snapshots
+
+
+class SnapshotOpened(Message):
+    """A snapshot opened as a read-only image (`image`: a SnapshotImage; None: `error`)."""
+
+    def __init__(self, snapshot_id: str, image, error: str | None = None) -> None:
+        super().__init__()
+        self.snapshot_id = snapshot_id
+        self.image = image
+        self.error = error

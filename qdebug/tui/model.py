@@ -40,6 +40,7 @@ class MapBlock:
     types: np.ndarray  # (n, spc) uint8 SubclusterType in the top layer
     depth: np.ndarray  # (n, spc) int16 layer that answers a read of the subcluster
     reads: np.ndarray  # (n, spc) uint8 READS_*
+    shared: np.ndarray  # (n,) bool: a host cluster without COPIED (refcount > 1: shared with a snapshot)
     error: str | None = None
 
 
@@ -188,7 +189,9 @@ class ImageModel:
                 depth, reads = self._resolve_rows(first, n, spc)
             except QcowError as e:
                 error = error or str(e)
-        return MapBlock(first, w0, bm, types, depth, reads, error)
+        shared = (((w0 & np.uint64(C.L2E_OFFSET_MASK)) != 0)
+                  & ((w0 & np.uint64(C.QCOW_OFLAG_COMPRESSED | C.QCOW_OFLAG_COPIED)) == 0))
+        return MapBlock(first, w0, bm, types, depth, reads, shared, error)
 
     def _resolve_rows(self, first: int, n: int, spc: int) -> tuple[np.ndarray, np.ndarray]:
         cs = self.cluster_size

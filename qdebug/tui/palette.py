@@ -24,6 +24,11 @@ class QDebugCommands(Provider):
             ("Next invalid entry", "jump to the next cluster with an invalid bitmap", partial(nxt, "invalid")),
             ("Next allocated cluster", "jump to the next cluster with a host cluster", partial(nxt, "allocated")),
             ("Next zero cluster", "jump to the next cluster with a zero subcluster", partial(nxt, "zero")),
+            ("Save as…", "save the scratch copy (every step and repair) as a new image", app.action_save_as),
+            ("Host view / guest view", "one row per host cluster of the file, and back (h)", app.action_toggle_host),
+            ("Snapshot map…", "the map of an internal snapshot, read-only (S)", app.action_snapshots),
+            ("Show the COW plan", "the plan of the last step (P)", partial(app.action_show_tab, "tab-plan")),
+            ("Show the check results", "the findings of the last check (C)", partial(app.action_show_tab, "tab-check")),
             ("Export screenshot", "save an SVG of the screen in the current directory", app.action_export_screenshot),
             ("Switch theme", "pick another colour theme", app.action_change_theme),
         ]

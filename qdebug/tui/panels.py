@@ -29,9 +29,9 @@ def header_content(chain) -> Content:
     feats = [f["name"] for f in q["features"]] or ["none"]
     flags = []
     if rec["dirty-flag"]:
-        flags.append(("dirty", "bold $warning"))
+        flags.append(("dirty", "bold $qd-warning"))
     if fs.get("corrupt"):
-        flags.append(("corrupt", "bold $error"))
+        flags.append(("corrupt", "bold $qd-error"))
     lines = [
         Content.assemble(("qcow2 v", dim), f"{q['version']}", ("  size ", dim), (human(rec["virtual-size"]), "bold"),
                          ("  cluster ", dim), human(rec["cluster-size"]),
@@ -43,6 +43,11 @@ def header_content(chain) -> Content:
         Content.assemble(("L1 ", dim), f"{g['l1-size']} @ 0x{g['l1-table-offset']:x}", ("  L2 tables ", dim),
                          f"{g['l2-tables']}", ("  file ", dim), human(g["file-size"])),
     ]
+    snaps = chain.top.snapshots()
+    if snaps:
+        listed = ", ".join(f"{s.id} {s.name!r}" if s.name else s.id for s in snaps[:6])
+        lines.append(Content.assemble((f"snapshots ({len(snaps)}) ", dim), listed, " …" if len(snaps) > 6 else "",
+                                      ("  (S: a snapshot's map)", dim)))
     return Content("\n").join(lines)
 
 
@@ -50,7 +55,7 @@ def chain_content(chain, *, scratch: str | None = None) -> Content:
     lines = []
     for layer in info_record(chain, counts=False)["qdebug"]["backing-chain"]:
         d = layer["depth"]
-        style = "$success" if d == 0 else "$warning"
+        style = "$qd-data" if d == 0 else "$qd-backing"
         lines.append(Content.assemble((f"depth {d} ", style), (os.path.basename(layer["filename"]), "bold"),
                                       (f"  {layer['format']}, {human(layer['virtual-size'])}", "$text-muted")))
     if scratch:

@@ -12,11 +12,11 @@ from textual.content import Content
 
 from ..engine.write.plan import CowPiece, CowSource, RequestKind, WritePlan
 
-SOURCE_STYLE = {CowSource.OLD_CLUSTER: "$success", CowSource.ZEROS: "$text-muted", CowSource.DECOMPRESSED: "#c678dd",
-                CowSource.BACKING: "$warning", CowSource.BACKING_DECOMPRESSED: "$warning"}
-KIND_STYLE = {RequestKind.WRITE: "$success", RequestKind.ZERO: "$primary", RequestKind.ZERO_FALLBACK: "$primary",
-              RequestKind.DISCARD: "$warning", RequestKind.COMPRESSED: "#c678dd"}
-CHAR_STYLE = {"N": "$success", "0": "$primary", "-": "$text-muted", "C": "#c678dd", "!": "bold $text on $error"}
+SOURCE_STYLE = {CowSource.OLD_CLUSTER: "$qd-data", CowSource.ZEROS: "$text-muted", CowSource.DECOMPRESSED: "$qd-compressed",
+                CowSource.BACKING: "$qd-backing", CowSource.BACKING_DECOMPRESSED: "$qd-backing"}
+KIND_STYLE = {RequestKind.WRITE: "$qd-data", RequestKind.ZERO: "$qd-zero", RequestKind.ZERO_FALLBACK: "$qd-zero",
+              RequestKind.DISCARD: "$qd-warning", RequestKind.COMPRESSED: "$qd-compressed"}
+CHAR_STYLE = {"N": "$qd-data", "0": "$qd-zero", "-": "$text-muted", "C": "$qd-compressed", "!": "bold $qd-on-error on $error"}
 LABEL = 10
 
 
@@ -138,7 +138,7 @@ def plan_content(plan: WritePlan | None, cluster_size: int, spc: int, *, title: 
             where = "in place (COPIED)" if m.keep_old else f"new cluster @ host 0x{m.alloc_offset:x}"
             lines.append(Content.assemble(("  L2Meta ", "$text-muted"),
                                           f"guest 0x{m.guest_offset:x} x{m.nb_clusters} {where}",
-                                          ("  skip_cow: QEMU zero-fills" if m.skip_cow else "", "$warning")))
+                                          ("  skip_cow: QEMU zero-fills" if m.skip_cow else "", "$qd-warning")))
             for s in m.sources:
                 lines.append(Content.assemble(("    COW ", "$text-muted"), f"0x{s.guest_offset:x}+0x{s.length:x} from ",
                                               (s.label, source_style(s))))
@@ -149,7 +149,7 @@ def plan_content(plan: WritePlan | None, cluster_size: int, spc: int, *, title: 
     for n in plan.notes:
         lines.append(Content.styled(f"note: {n}", "$text-muted"))
     for h in plan.hazards:
-        lines.append(Content.styled(f"HAZARD: {h.message}", "bold $error"))
+        lines.append(Content.styled(f"HAZARD: {h.message}", "bold $qd-error"))
     if plan.error:
-        lines.append(Content.styled(f"error: {plan.error}", "bold $error"))
+        lines.append(Content.styled(f"error: {plan.error}", "bold $qd-error"))
     return Content("\n").join(lines)

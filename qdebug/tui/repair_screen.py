@@ -28,10 +28,10 @@ def plan_content(plan: RepairPlan) -> Content:
     for item in plan.items:
         f = item.finding
         if f is not None:
-            lines.append(Content.assemble(("● ", "$error"), (f.message, "bold")))
+            lines.append(Content.assemble(("● ", "$qd-error"), (f.message, "bold")))
             if f.place():
                 lines.append(Content.styled(f"  {f.place()}", "$text-muted"))
-        lines.append(Content.assemble(("  repair: ", "$text-muted"), (item.action, "$success")))
+        lines.append(Content.assemble(("  repair: ", "$text-muted"), (item.action, "$qd-data")))
         for p in item.patches[:6]:
             lines.append(Content.styled(f"    write {len(p.data)} bytes at 0x{p.offset:x} ({p.what}): "
                                         f"{p.data[:16].hex(' ')}", "$text-muted"))
@@ -39,13 +39,23 @@ def plan_content(plan: RepairPlan) -> Content:
             lines.append(Content.styled(f"    … and {len(item.patches) - 6} more writes", "$text-muted"))
         for c in item.changes:
             lines.append(Content.assemble(f"    guest 0x{c.start:x}+0x{c.length:x}"))
-            lines.append(Content.assemble(("      before ", "$text-muted"), (c.before, "$error")))
-            lines.append(Content.assemble(("      after  ", "$text-muted"), (c.after, "$success")))
+            lines.append(Content.assemble(("      before ", "$text-muted"), (c.before, "$qd-error")))
+            lines.append(Content.assemble(("      after  ", "$text-muted"), (c.after, "$qd-data")))
         lines.append(Content(""))
     for u in plan.unsupported:
-        lines.append(Content.styled(f"not repaired: {u}", "$warning"))
+        lines.append(Content.styled(f"not repaired: {u}", "$qd-warning"))
     if not plan.items:
         lines.append(Content.styled("nothing to repair here", "$text-muted"))
+    return Content("\n").join(lines)
+
+
+def policies_content(chosen: RepairPolicy) -> Content:
+    """Every policy with its effect in words, the chosen one marked."""
+    lines = []
+    for p in POLICIES:
+        mark, st = ("▶ ", "bold") if p is chosen else ("  ", "$text-muted")
+        lines.append(Content.assemble((mark + p.value, st + (" $text-accent" if p is chosen else "")),
+                                      (f": {p.effect}", st)))
     return Content("\n").join(lines)
 
 
@@ -54,6 +64,8 @@ class RepairScreen(ModalScreen[RepairPlan | None]):
         Binding("escape", "dismiss(None)", "Cancel", id="repair.cancel"),
         Binding("enter", "apply", "Apply", id="repair.apply", priority=True),
         Binding("a", "scope", "All / selected", id="repair.scope"),
+        Binding("up,left", "policy(-1)", "Previous policy", id="repair.policy_prev", priority=True),
+        Binding("down,right", "policy(1)", "Next policy", id="repair.policy_next", priority=True),
     ]
 
     def __init__(self, report, entries: list[tuple[int, int]] | None, where: str,
@@ -70,7 +82,7 @@ class RepairScreen(ModalScreen[RepairPlan | None]):
     def compose(self) -> ComposeResult:
         with Vertical(id="repair-box") as box:
             box.border_title = "repair"
-            box.border_subtitle = "enter apply · a all/selected · escape cancel"
+            box.border_subtitle = "↑↓ policy · enter apply · a all/selected · escape cancel"
             yield Label("", id="repair-scope")
             with Horizontal(id="repair-top"):
                 with RadioSet(id="repair-policy"):
@@ -84,7 +96,13 @@ class RepairScreen(ModalScreen[RepairPlan | None]):
                 yield Button("Cancel", id="repair-cancel")
 
     def on_mount(self) -> None:
+        self.query_one("#repair-policy-help", Static).update(policies_content(self.policy))
         self.replan()
+
+    def action_policy(self, delta: int) -> None:
+        """Arrow keys: the next or previous policy (planned again)."""
+        nxt = POLICIES[(POLICIES.index(self.policy) + delta) % len(POLICIES)]
+        self.query_one(f"#policy-{nxt.value}", RadioButton).value = True  # RadioSet.Changed replans
 
     def replan(self) -> None:
         """Ask for the plan of the current policy and scope; the view updates when it arrives."""
@@ -101,12 +119,13 @@ class RepairScreen(ModalScreen[RepairPlan | None]):
         self.query_one("#repair-scope", Label).update(
             Content.assemble(("scope: ", "$text-muted"), (scope, "bold"),
                              ("   policy: ", "$text-muted"), (self.policy.value, "bold")))
-        self.query_one("#repair-policy-help", Static).update(Content.styled(self.policy.effect, "$text-muted"))
+        self.query_one("#repair-policy-help", Static).update(policies_content(self.policy))
         self.query_one("#repair-plan", Static).update(plan_content(self.plan))
         self.query_one("#repair-apply", Button).disabled = not self.plan.items
 
     def on_radio_set_changed(self, event: RadioSet.Changed) -> None:
         self.policy = POLICIES[event.index]
+        self.query_one("#repair-policy-help", Static).update(policies_content(self.policy))
         self.replan()
 
     def action_scope(self) -> None:

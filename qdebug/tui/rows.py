@@ -2,7 +2,10 @@
 
 The cluster map (16M rows on a 1 TiB image), the timeline and the hex view share it: the row
 count sets `virtual_size`, `render_line` builds or reuses the Strip of one row, and moving the
-cursor repaints two lines, not the widget.
+cursor repaints two lines, not the widget. A row wider than the view is never cut silently: the
+last visible cell becomes `…` (and the first one when scrolled right), so a cut number shows it is
+cut. Component styles are resolved against the widget's real background (theme colours such as
+`$text-muted` are "auto 60%": without a background they come out near-white on a light theme).
 """
 
 from __future__ import annotations
@@ -51,9 +54,15 @@ class RowView(ScrollView, inherit_bindings=False, can_focus=True):
 
     # ---- styles --------------------------------------------------------------------------
     def style_of(self, name: str) -> Style:
+        """The component class `name` as a Rich style: only what the class sets (a colour, a
+        background, bold...), with colours blended onto the background they are drawn on."""
         st = self._styles.get(name)
         if st is None:
-            st = self._styles[name] = self.get_component_rich_style(name, partial=True)
+            rules = self.get_component_styles(name)
+            full = self.get_visual_style(name).rich_style
+            st = Style(color=full.color if rules.has_rule("color") else None,
+                       bgcolor=full.bgcolor if rules.has_rule("background") else None) + rules.text_style
+            self._styles[name] = st
         return st
 
     def notify_style_update(self) -> None:
@@ -104,11 +113,22 @@ class RowView(ScrollView, inherit_bindings=False, can_focus=True):
             strip = self.render_row(index, cur).apply_style(base)
             self._strips[key] = strip
         x = self.scroll_offset.x
-        return strip.crop_extend(x, x + width, base + self.cursor_style() if cur else base)
+        line = strip.crop_extend(x, x + width, base + self.cursor_style() if cur else base)
+        right = strip.cell_length > x + width and bool(strip.crop(x + width).text.strip())
+        left = x > 0 and bool(strip.crop(0, x + 1).text.strip())
+        return mark_cut(line, left=left, right=right) if left or right else line
 
     def cursor_style(self) -> Style:
         """Background of the cursor row past its text (override with the widget's cursor class)."""
         return Style()
+
+    def on_resize(self) -> None:
+        """The selection stays on screen when the terminal (or the panel) changes size."""
+        self.call_after_refresh(self.show_cursor)
+
+    def show_cursor(self) -> None:
+        if self.row_count:
+            self.scroll_to_region(Region(0, self.cursor, 1, 1), animate=False, force=True)
 
     # ---- cursor --------------------------------------------------------------------------
     def move_to(self, index: int, *, center: bool = False) -> None:
@@ -131,6 +151,10 @@ class RowView(ScrollView, inherit_bindings=False, can_focus=True):
         self.scroll_to(y=self.scroll_offset.y + direction * page, animate=False, force=True, immediate=True)
         self.move_to(self.cursor + direction * page)
 
+    def action_scroll_x(self, delta: int) -> None:
+        """Scroll sideways (rows wider than the view end in `…`)."""
+        self.scroll_to(x=max(0, self.scroll_offset.x + delta), animate=False, force=True)
+
     def action_edge(self, end: int) -> None:
         self.move_to(self.row_count - 1 if end else 0)
 
@@ -144,6 +168,24 @@ class RowView(ScrollView, inherit_bindings=False, can_focus=True):
     def row_clicked(self, index: int, x: int) -> None:
         if index < self.row_count:
             self.move_to(index)
+
+
+def mark_cut(line: Strip, *, left: bool, right: bool) -> Strip:
+    """`…` in the first / last cell of a line whose row goes on past the view's edge."""
+    width = line.cell_length
+    if width < 2:
+        return line
+    segs = list(line)
+    out = Strip(segs, width)
+    if right:
+        head = out.crop(0, width - 1)
+        style = segs[-1].style if segs else None
+        out = Strip([*head, Segment("…", style)], width)
+    if left:
+        tail = out.crop(1, width)
+        style = segs[0].style if segs else None
+        out = Strip([Segment("…", style), *tail], width)
+    return out
 
 
 def segments(parts: list[tuple[str, Style]]) -> list[Segment]:

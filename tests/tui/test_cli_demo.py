@@ -33,20 +33,30 @@ def test_image_shorthand_and_tui_open_the_app(tmp_path, monkeypatch):
     assert opened == [(paths["image"], paths["trace"], False), (paths["image"], None, True)]
 
 
-def test_bad_arguments_are_one_line_errors(tmp_path, capsys):
+def test_bad_arguments_are_one_line_errors(tmp_path, capsys, monkeypatch):
     assert cli.main(["tui", str(tmp_path / "missing.qcow2")]) == 1
     err = capsys.readouterr().err
     assert err.startswith("qdebug: error: ") and "no such file" in err and err.count("\n") == 1
     paths = build_demo(str(tmp_path / "d"))
     bad = tmp_path / "bad.trace"
     bad.write_text("write -P 0x11 0 4k\nwrite oops\n")
-    assert cli.main(["tui", paths["image"], "--trace", str(bad)]) == 1
-    err = capsys.readouterr().err
-    assert f"{bad}:2:" in err and err.count("\n") == 1
+    opened = []
+    monkeypatch.setattr("qdebug.tui.app.QDebugApp.run", lambda self, *a, **kw: opened.append(self))
+    # a trace with a line that cannot be replayed opens anyway (the line is marked in the app)
+    assert cli.main(["tui", paths["image"], "--trace", str(bad)]) == 0
+    assert [(t.lineno, bool(t.problem)) for t in opened[0].bench.listing] == [(1, False), (2, True)]
+    assert len(opened[0].bench.commands) == 1
     keymap = tmp_path / "keys"
     keymap.write_text("step.next\n")
     assert cli.main(["tui", paths["image"], "--keymap", str(keymap)]) == 1
     assert "expected 'binding-id = keys'" in capsys.readouterr().err
+    keymap.write_text("# my keys\nstep.next = j\nstep.nxet = k\n")  # a typo is an error naming its line
+    assert cli.main(["tui", paths["image"], "--keymap", str(keymap)]) == 1
+    err = capsys.readouterr().err
+    assert f"{keymap}:3: unknown binding id 'step.nxet'" in err and err.count("\n") == 1
+    keymap.write_text("step.next = j\nview.host = H\nquit.save = w\n")  # ids of views and screens are known
+    assert cli.main(["tui", paths["image"], "--keymap", str(keymap)]) == 0
+    assert opened[-1]._keymap["quit.save"] == "w"
 
 
 def test_demo_image_is_what_qemu_sees(tmp_path, qemu):

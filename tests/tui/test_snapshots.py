@@ -50,3 +50,8 @@ def test_repair_modal(snap_compare, demo, size):
 @pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
 def test_help_screen(snap_compare, demo, size):
     assert snap_compare(demo_app(demo), terminal_size=size, run_before=driver("question_mark"))
+
+
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_quit_prompt(snap_compare, demo, size):
+    assert snap_compare(demo_app(demo), terminal_size=size, run_before=driver("n", "n", "q"))
