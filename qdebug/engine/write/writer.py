@@ -13,6 +13,8 @@ allocator back so that redo reproduces QEMU exactly.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 
 from ..errors import CorruptImage, FatalCorruption, QcowError
@@ -80,6 +82,9 @@ class WriteEngine:
         self._overlay: dict[int, bytearray] = {}
         self._overlay_size = 0
         self._txn: Txn | None = None
+        # WRITE_BACK: called after each step with the pages it newly holds back (the replay takes
+        # disk room for their flush then); raising fails the step, which is taken back out
+        self.on_held_back: Callable[[list[int]], None] | None = None
 
     @property
     def state(self) -> EngineState:
@@ -104,7 +109,12 @@ class WriteEngine:
             self.flush()  # a read goes through the file as a guest's would (its metadata written first)
         state, size = self._state, self._overlay_size
         try:
-            return self._run(cmd, mode, index)
+            rec = self._run(cmd, mode, index)
+            if self.on_held_back is not None:
+                saved = self._txn.saved  # type: ignore[union-attr]
+                if saved:
+                    self.on_held_back([p for p, old in saved.items() if old is None])
+            return rec
         except BaseException:
             # Take the step's metadata back out of the overlay (its data writes, if any, went to
             # clusters nothing references then, or in place, as a failed QEMU write leaves them).
