@@ -30,7 +30,7 @@ from ..engine.errors import QcowError, StorageError
 from ..engine.file.chain import Chain, open_chain
 from ..engine.file.fileio import reserve
 from ..engine.file.image import open_image
-from ..engine.file.journal import Journal, journal_steps
+from ..engine.file.journal import Journal, JournalUnavailable, journal_path, journal_steps
 from ..engine.file.locking import ImageLock, check_chain_writable, lock_chain, release_all
 from ..engine.write.ops import Command
 from ..engine.write.plan import WritePlan
@@ -96,7 +96,8 @@ class Replay:
                 # on a full disk a command fails (as in QEMU) and never the flush of finished ones
                 self._image_room = True
                 self.engine.on_held_back = self._take_room
-                self.journal.reserving = True  # type: ignore[union-attr]
+                if self.journal is not None:
+                    self.journal.reserving = True
                 self._begin_window()
         except BaseException:
             self.close()
@@ -120,11 +121,15 @@ class Replay:
         orig.top.close()
         return Chain([top, *orig.layers[1:]], list(orig.warnings))
 
-    def _open_journal(self, scratch: bool, durable: bool | None) -> Journal:
+    def _open_journal(self, scratch: bool, durable: bool | None) -> Journal | None:
         top = self.chain.top  # type: ignore[union-attr]
         if self.mode is ReplayMode.JOURNALED:
             # The user's own image gets the crash-safe journal; a throw-away scratch copy need not.
-            journal = Journal(top, durable=not scratch if durable is None else durable)
+            try:
+                journal = Journal(top, durable=not scratch if durable is None else durable)
+            except JournalUnavailable as e:
+                raise JournalUnavailable(f"{e} (undoable steps need it; a replay without --journal does not)",
+                                         e.errno) from None
         else:
             earlier = any(s.committed for s in journal_steps(top.path))
             if earlier:
@@ -133,7 +138,16 @@ class Replay:
                 self.mode = ReplayMode.JOURNALED
                 journal = Journal(top, durable=False, keep=True)
             else:
-                journal = Journal(top, durable=False, keep=False)
+                try:
+                    journal = Journal(top, durable=False, keep=False)
+                except JournalUnavailable as e:
+                    if os.path.lexists(journal_path(top.path)):
+                        raise  # a journal there may hold a step to roll back: never go on without it
+                    # Only crash safety needs it here (a directory that refuses new files, a full
+                    # disk): replay as QEMU does, whose writeback cache has no journal either.
+                    self.notes.append(f"{e}; replaying without it: a crash (kill -9, power loss) in the middle "
+                                      "may leave leaked clusters, as after a crashed QEMU")
+                    return None
         if journal.recovered:
             self.notes.append(f"{self.image_path}: rolled back a step an earlier run left unfinished")
         return journal
@@ -142,8 +156,9 @@ class Replay:
         """A write-back window's journal step: it starts before the command it names."""
         index = self.steps_run
         self._window_line: int | None = None  # the window's first command's line
-        self.journal.begin({"index": index,  # type: ignore[union-attr]
-                            "command": f"replay {self.source}: commands from #{index} until the next flush"})
+        if self.journal is not None:
+            self.journal.begin({"index": index,
+                                "command": f"replay {self.source}: commands from #{index} until the next flush"})
 
     def _take_room(self, pages: list[int]) -> None:
         """Disk room for the later flush of `pages` (held back by the step just run): in the image
@@ -160,7 +175,8 @@ class Replay:
                     j += 1
                 self._image_room = reserve(img.fd, pages[i], (j - i) * PAGE, img.path, "for held-back metadata")
                 i = j
-        self.journal.reserve_pages(len(pages))  # type: ignore[union-attr]
+        if self.journal is not None:
+            self.journal.reserve_pages(len(pages))
 
     def _failed(self, cmd: Command, index: int, error: StorageError, state) -> StepRecord:
         """The record of a command the operating system failed (a full disk...), as qemu-io reports
@@ -225,7 +241,7 @@ class Replay:
             if self._window_line is None:
                 self._window_line = cmd.lineno
             if (cmd.flushes or self.engine.dirty_bytes > WRITEBACK_LIMIT
-                    or self.journal.step_bytes > WINDOW_JOURNAL_LIMIT):  # type: ignore[union-attr]
+                    or (self.journal is not None and self.journal.step_bytes > WINDOW_JOURNAL_LIMIT)):
                 self._end_window()
                 self._begin_window()
         return rec
@@ -284,7 +300,15 @@ class Replay:
         """Write the held-back metadata and close the window's journal step; if that fails, the
         window is rolled back as a whole (the image as at the previous flush)."""
         journal = self.journal
-        assert journal is not None
+        if journal is None:  # (no journal could be made: nothing to roll back; QEMU's flush order
+            try:             # leaves at most leaked clusters when a flush is cut short)
+                self.engine.flush()
+            except QcowError as e:
+                self.engine.abandon()
+                raise QcowError(f"{self.image_path}: writing back the metadata held back since line "
+                                f"{self._window_line} failed ({e}); without an undo journal it cannot be rolled "
+                                "back: `qemu-img check` says what it left") from None
+            return
         journal.reserved = 0  # the flush uses the room its window kept
         try:
             self.engine.flush()
@@ -301,7 +325,8 @@ class Replay:
         """Finish: a write-back replay keeps every step that finished (a step that broke took
         itself back out); the journal stays beside the image only when it holds undo steps."""
         try:
-            if self.journal is not None and self.mode is ReplayMode.WRITE_BACK and self.journal.in_step:
+            if self.mode is ReplayMode.WRITE_BACK and getattr(self, "engine", None) is not None and (
+                    self.journal is None or self.journal.in_step):
                 self._end_window()
         finally:
             if self.journal is not None:
