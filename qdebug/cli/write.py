@@ -91,7 +91,25 @@ def cmd_create(args) -> int:
         nocow=bool(opts.get("nocow", False)), extent_size_hint=opts.get("extent_size_hint"))
     for w in warnings:
         print(f"qdebug: warning: {w}", file=sys.stderr)
+    _drop_stale_journal(args.image)
     return 0
+
+
+def _drop_stale_journal(image: str) -> None:
+    """The undo journal of the image a `create` just replaced belongs to no file any more (its
+    steps would undo into the new image): removed, saying so."""
+    from ..engine.file.journal import journal_path
+
+    jpath = journal_path(image)
+    if not os.path.lexists(jpath):
+        return
+    try:
+        os.unlink(jpath)
+    except OSError as e:
+        print(f"qdebug: warning: {jpath}: the undo journal of the image replaced could not be removed "
+              f"({e.strerror}); remove it before writing {image}", file=sys.stderr)
+        return
+    print(f"qdebug: note: removed {jpath}, the undo journal of the image {image} replaced", file=sys.stderr)
 
 
 # ---- plan -------------------------------------------------------------------------------------------

@@ -48,3 +48,15 @@ def test_refused_lines_are_log_records_under_keep_going(tmp_path, qemu):
     assert [r["line"] for r in recs] == [1, 2, 3]
     assert recs[1]["index"] is None and recs[1]["command"] == "bogus 1 2" and "not found" in recs[1]["error"]
     assert recs[0]["error"] is None and recs[2]["error"] is None and recs[2]["index"] == 1
+
+
+def test_create_over_an_image_removes_its_stale_journal(tmp_path, qemu):
+    img = str(tmp_path / "j.qcow2")
+    assert subprocess.run([*QDEBUG, "create", "-q", img, "4M"]).returncode == 0
+    p = subprocess.run([*QDEBUG, "replay", "--journal", img, "-c", "write -P 0x11 0 4k"], capture_output=True)
+    assert p.returncode == 0 and (tmp_path / "j.qcow2.qdebug-journal").exists()
+    p = subprocess.run([*QDEBUG, "create", "-q", img, "4M"], capture_output=True, text=True)
+    assert p.returncode == 0 and "removed" in p.stderr and "undo journal" in p.stderr
+    assert not (tmp_path / "j.qcow2.qdebug-journal").exists()
+    p = subprocess.run([*QDEBUG, "replay", img, "-c", "write -P 0x22 0 4k"], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
