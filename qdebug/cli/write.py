@@ -91,7 +91,25 @@ def cmd_create(args) -> int:
         nocow=bool(opts.get("nocow", False)), extent_size_hint=opts.get("extent_size_hint"))
     for w in warnings:
         print(f"qdebug: warning: {w}", file=sys.stderr)
+    _drop_stale_journal(args.image)
     return 0
+
+
+def _drop_stale_journal(image: str) -> None:
+    """The undo journal of the image a `create` just replaced belongs to no file any more (its
+    steps would undo into the new image): removed, saying so."""
+    from ..engine.file.journal import journal_path
+
+    jpath = journal_path(image)
+    if not os.path.lexists(jpath):
+        return
+    try:
+        os.unlink(jpath)
+    except OSError as e:
+        print(f"qdebug: warning: {jpath}: the undo journal of the image replaced could not be removed "
+              f"({e.strerror}); remove it before writing {image}", file=sys.stderr)
+        return
+    print(f"qdebug: note: removed {jpath}, the undo journal of the image {image} replaced", file=sys.stderr)
 
 
 # ---- plan -------------------------------------------------------------------------------------------
@@ -192,13 +210,28 @@ def _checked_trace(lines, source: str, keep_going: bool):
     return lines, count
 
 
+def _syntax_record(lineno: int, line: str, error) -> dict:
+    """A step-log record of a line the parser refused: no step ("index" null), nothing done."""
+    from ..engine.write.step import LOG_VERSION
+
+    return {"log-version": LOG_VERSION, "index": None, "line": lineno, "command": line.rstrip("\n"),
+            "error": str(error), "hazards": [], "host-writes": [], "clusters": []}
+
+
 def cmd_replay(args) -> int:
     from ..trace.commands import parse_line
     from ..trace.replay import Replay, ReplayMode, quiet_gc
     from ..trace.syntax import SyntaxProblem
 
-    source = "<stdin>" if args.trace == "-" else args.trace
-    lines = _trace_lines(args.trace)
+    if args.commands:  # -c CMD, as qemu-io runs them (a trace too is refused: which would go first?)
+        if args.trace is not None:
+            raise QcowError("replay: give a trace or -c commands, not both")
+        source, lines = "-c", [c + "\n" for c in args.commands]
+    elif args.trace is None:
+        raise QcowError("replay: no trace given (a file, '-' for standard input, or -c COMMAND)")
+    else:
+        source = "<stdin>" if args.trace == "-" else args.trace
+        lines = _trace_lines(args.trace)
     progress = None
     log = None
     failures = 0
@@ -212,7 +245,9 @@ def cmd_replay(args) -> int:
         print(f"qdebug: error: {where}: {message}", file=sys.stderr)
 
     try:
-        if args.log:
+        if args.log == "-":
+            log = sys.stdout
+        elif args.log:
             try:
                 log = open(args.log, "w", encoding="utf-8")
             except OSError as e:
@@ -232,6 +267,8 @@ def cmd_replay(args) -> int:
                 try:
                     cmd = parse_line(line, lineno)
                 except SyntaxProblem as e:
+                    if log:  # the log is complete: a line that failed is a record too
+                        log.write(json.dumps(_syntax_record(lineno, line, e)) + "\n")
                     fail(f"{source}:{lineno}", str(e))
                     continue
                 if cmd is None:
@@ -255,8 +292,10 @@ def cmd_replay(args) -> int:
     finally:
         if progress is not None:
             progress.done()
-        if log is not None:
+        if log is not None and log is not sys.stdout:
             log.close()
+        elif log is not None:
+            log.flush()
         if lines is not sys.stdin and not isinstance(lines, list):
             lines.close()
     if failures:
@@ -318,10 +357,12 @@ def register(sub) -> None:
 
     sp = sub.add_parser("replay", help="apply a qemu-io trace exactly as QEMU 7.2 would")
     sp.add_argument("image", metavar="IMAGE")
-    sp.add_argument("trace", metavar="TRACE", help="qemu-io commands, one per line ('-' reads stdin)")
+    sp.add_argument("trace", metavar="TRACE", nargs="?", help="qemu-io commands, one per line ('-' reads stdin)")
+    sp.add_argument("-c", dest="commands", metavar="COMMAND", action="append",
+                    help="run COMMAND instead of a trace (repeatable, in order, as qemu-io -c)")
     sp.add_argument("--log", metavar="STEPS.jsonl",
                     help="write one JSON object per step (log-version 2: index, line, command, error, hazards, "
-                         "host-writes, clusters)")
+                         "host-writes, clusters); '-': standard output")
     sp.add_argument("--log-plans", action="store_true",
                     help="log each step's whole plan (requests, L2Metas, COW sources...: the keys of "
                          "`qdebug plan --output=json`); slower")

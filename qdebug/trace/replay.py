@@ -26,15 +26,16 @@ import time
 from enum import Enum
 from typing import Sequence
 
-from ..engine.errors import QcowError
+from ..engine.errors import QcowError, StorageError
 from ..engine.file.chain import Chain, open_chain
+from ..engine.file.fileio import reserve
 from ..engine.file.image import open_image
-from ..engine.file.journal import Journal, journal_steps
+from ..engine.file.journal import Journal, JournalUnavailable, journal_path, journal_steps
 from ..engine.file.locking import ImageLock, check_chain_writable, lock_chain, release_all
 from ..engine.write.ops import Command
 from ..engine.write.plan import WritePlan
-from ..engine.write.step import StepRecord
-from ..engine.write.txn import WriteMode
+from ..engine.write.step import StepRecord, StepTrace
+from ..engine.write.txn import PAGE, WriteMode
 from ..engine.write.writer import WriteEngine
 
 WRITEBACK_LIMIT = 32 << 20  # metadata held back before a flush (QEMU's default L2 cache is 32 MiB)
@@ -91,7 +92,13 @@ class Replay:
                 self.journal = self._open_journal(scratch, durable)
             self.engine = WriteEngine(self.chain, _ENGINE_MODE[self.mode])
             if self.mode is ReplayMode.WRITE_BACK:
-                self.journal.begin(self._window_meta())  # type: ignore[union-attr]
+                # room on disk for each window's flush is taken as commands hold metadata back, so
+                # on a full disk a command fails (as in QEMU) and never the flush of finished ones
+                self._image_room = True
+                self.engine.on_held_back = self._take_room
+                if self.journal is not None:
+                    self.journal.reserving = True
+                self._begin_window()
         except BaseException:
             self.close()
             raise
@@ -114,11 +121,15 @@ class Replay:
         orig.top.close()
         return Chain([top, *orig.layers[1:]], list(orig.warnings))
 
-    def _open_journal(self, scratch: bool, durable: bool | None) -> Journal:
+    def _open_journal(self, scratch: bool, durable: bool | None) -> Journal | None:
         top = self.chain.top  # type: ignore[union-attr]
         if self.mode is ReplayMode.JOURNALED:
             # The user's own image gets the crash-safe journal; a throw-away scratch copy need not.
-            journal = Journal(top, durable=not scratch if durable is None else durable)
+            try:
+                journal = Journal(top, durable=not scratch if durable is None else durable)
+            except JournalUnavailable as e:
+                raise JournalUnavailable(f"{e} (undoable steps need it; a replay without --journal does not)",
+                                         e.errno) from None
         else:
             earlier = any(s.committed for s in journal_steps(top.path))
             if earlier:
@@ -127,15 +138,55 @@ class Replay:
                 self.mode = ReplayMode.JOURNALED
                 journal = Journal(top, durable=False, keep=True)
             else:
-                journal = Journal(top, durable=False, keep=False)
+                try:
+                    journal = Journal(top, durable=False, keep=False)
+                except JournalUnavailable as e:
+                    if os.path.lexists(journal_path(top.path)):
+                        raise  # a journal there may hold a step to roll back: never go on without it
+                    # Only crash safety needs it here (a directory that refuses new files, a full
+                    # disk): replay as QEMU does, whose writeback cache has no journal either.
+                    self.notes.append(f"{e}; replaying without it: a crash (kill -9, power loss) in the middle "
+                                      "may leave leaked clusters, as after a crashed QEMU")
+                    return None
         if journal.recovered:
             self.notes.append(f"{self.image_path}: rolled back a step an earlier run left unfinished")
         return journal
 
-    def _window_meta(self) -> dict:
+    def _begin_window(self) -> None:
         """A write-back window's journal step: it starts before the command it names."""
         index = self.steps_run
-        return {"index": index, "command": f"replay {self.source}: commands from #{index} until the next flush"}
+        self._window_line: int | None = None  # the window's first command's line
+        if self.journal is not None:
+            self.journal.begin({"index": index,
+                                "command": f"replay {self.source}: commands from #{index} until the next flush"})
+
+    def _take_room(self, pages: list[int]) -> None:
+        """Disk room for the later flush of `pages` (held back by the step just run): in the image
+        (fallocate, the length unchanged) and in the journal. Raising fails the step."""
+        if not pages:
+            return
+        img = self.chain.top  # type: ignore[union-attr]
+        if self._image_room:
+            pages.sort()
+            i = 0
+            while i < len(pages) and self._image_room:
+                j = i + 1
+                while j < len(pages) and pages[j] == pages[j - 1] + PAGE:
+                    j += 1
+                self._image_room = reserve(img.fd, pages[i], (j - i) * PAGE, img.path, "for held-back metadata")
+                i = j
+        if self.journal is not None:
+            self.journal.reserve_pages(len(pages))
+
+    def _failed(self, cmd: Command, index: int, error: StorageError, state) -> StepRecord:
+        """The record of a command the operating system failed (a full disk...), as qemu-io reports
+        it ("write failed: No space left on device"); the step was taken back."""
+        top = self.chain.top  # type: ignore[union-attr]
+        trace = StepTrace(cmd, top.geometry.ext, [], top.file_size)
+        trace.error = f"{cmd.failure_name} failed: {error.strerror}"
+        trace.notes.append(str(error))
+        trace.after = {}
+        return StepRecord(index, cmd, trace, state)
 
     # ---- where the session is --------------------------------------------------------------------
     @property
@@ -178,15 +229,21 @@ class Replay:
             return self._journaled_step(cmd)
         # dry run / write-back: the engine takes a broken step back out of its overlay itself
         t0 = time.perf_counter() if self.timing else 0.0
-        rec = self.engine.run(cmd, self.steps_run)
+        state = self.engine.state
+        try:
+            rec = self.engine.run(cmd, self.steps_run)
+        except StorageError as e:
+            rec = self._failed(cmd, self.steps_run, e, state)
         if self.timing:
             rec.seconds = time.perf_counter() - t0
         self.steps_run += 1
-        if self.mode is ReplayMode.WRITE_BACK and (
-                cmd.flushes or self.engine.dirty_bytes > WRITEBACK_LIMIT
-                or self.journal.step_bytes > WINDOW_JOURNAL_LIMIT):  # type: ignore[union-attr]
-            self._end_window()
-            self.journal.begin(self._window_meta())  # type: ignore[union-attr]
+        if self.mode is ReplayMode.WRITE_BACK:
+            if self._window_line is None:
+                self._window_line = cmd.lineno
+            if (cmd.flushes or self.engine.dirty_bytes > WRITEBACK_LIMIT
+                    or (self.journal is not None and self.journal.step_bytes > WINDOW_JOURNAL_LIMIT)):
+                self._end_window()
+                self._begin_window()
         return rec
 
     def _journaled_step(self, cmd: Command) -> StepRecord:
@@ -198,13 +255,15 @@ class Replay:
         state = self.engine.state
         try:
             rec = self.engine.run(cmd, index)
-        except BaseException:
             if journal is not None:
-                journal.abort()
+                journal.commit()
+        except BaseException as e:
+            if journal is not None and journal.in_step:
+                journal.abort()  # (if even that fails, its error says so and the replay stops)
             self.engine.restore_state(state)
-            raise
-        if journal is not None:
-            journal.commit()
+            if not isinstance(e, StorageError):
+                raise
+            rec, number = self._failed(cmd, index, e, state), None
         rec.journal_step = number
         if self.timing:
             rec.seconds = time.perf_counter() - t0
@@ -241,20 +300,33 @@ class Replay:
         """Write the held-back metadata and close the window's journal step; if that fails, the
         window is rolled back as a whole (the image as at the previous flush)."""
         journal = self.journal
-        assert journal is not None
+        if journal is None:  # (no journal could be made: nothing to roll back; QEMU's flush order
+            try:             # leaves at most leaked clusters when a flush is cut short)
+                self.engine.flush()
+            except QcowError as e:
+                self.engine.abandon()
+                raise QcowError(f"{self.image_path}: writing back the metadata held back since line "
+                                f"{self._window_line} failed ({e}); without an undo journal it cannot be rolled "
+                                "back: `qemu-img check` says what it left") from None
+            return
+        journal.reserved = 0  # the flush uses the room its window kept
         try:
             self.engine.flush()
             journal.commit()
-        except BaseException:
+        except BaseException as e:
             self.engine.abandon()  # no write may land after the rollback
             journal.abort()
-            raise
+            if not isinstance(e, QcowError) or self._window_line is None:
+                raise
+            raise QcowError(f"{self.image_path}: writing back the metadata held back since line {self._window_line} "
+                            f"failed ({e}); the image was rolled back to its state before that line") from None
 
     def close(self) -> None:
         """Finish: a write-back replay keeps every step that finished (a step that broke took
         itself back out); the journal stays beside the image only when it holds undo steps."""
         try:
-            if self.journal is not None and self.mode is ReplayMode.WRITE_BACK and self.journal.in_step:
+            if self.mode is ReplayMode.WRITE_BACK and getattr(self, "engine", None) is not None and (
+                    self.journal is None or self.journal.in_step):
                 self._end_window()
         finally:
             if self.journal is not None:

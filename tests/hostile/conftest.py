@@ -8,7 +8,31 @@ import os
 import pytest
 
 from tests.hostile.driver import run_command, violations
-from tests.qemu import create, qemu_io
+from tests.qemu import IN_CI, create, qemu_io
+
+@pytest.fixture
+def tmpfs(tmp_path, qemu):
+    """mount(size) -> the path of a new real tmpfs of `size` ("6m"), unmounted after the test.
+    Needs root (CI runs as root: there a missing root fails, never skips)."""
+    import subprocess
+
+    if os.geteuid() != 0:
+        if IN_CI:
+            pytest.fail("CI runs as root: the tmpfs tests must run")
+        pytest.skip("mounting a tmpfs needs root")
+    mounted = []
+
+    def mount(size: str) -> str:
+        mnt = tmp_path / f"mnt{len(mounted)}"
+        mnt.mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)], check=True)
+        mounted.append(mnt)
+        return str(mnt)
+
+    yield mount
+    for mnt in mounted:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
 
 READ_ONLY = [["info"], ["info", "--output=json"], ["map"], ["map", "--output=json"], ["map", "--subclusters"]]
 

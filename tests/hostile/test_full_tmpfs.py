@@ -11,45 +11,35 @@ import sys
 
 import pytest
 
-from tests.qemu import IN_CI, QEMU_IMG, QEMU_IO, qemu_check
+from tests.qemu import QEMU_IMG, QEMU_IO, qemu_check
 
 QDEBUG = [sys.executable, "-m", "qdebug.cli"]
 
 
 @pytest.fixture
-def full_tmpfs(tmp_path, qemu):
+def full_tmpfs(tmp_path, tmpfs):
     """A 16 MiB tmpfs with sparse images on it (one with a raw backing file), then filled."""
-    if os.geteuid() != 0:
-        if IN_CI:
-            pytest.fail("CI runs as root: the full-tmpfs tests must run")
-        pytest.skip("mounting a tmpfs needs root")
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mnt)], check=True)
-    try:
-        d = str(mnt)
-        img, base, top = f"{d}/a.qcow2", f"{d}/base.raw", f"{d}/top.qcow2"
-        for path, extra in ((img, []), (top, ["-b", "base.raw", "-F", "raw"])):
-            if extra:
-                with open(base, "wb") as f:
-                    f.truncate(8 << 20)
-                    f.seek(1 << 20)
-                    f.write(b"\xee" * 4096)
-            subprocess.run([QEMU_IMG, "create", "-q", "-f", "qcow2", "-o", "extended_l2=on", *extra, path, "8M"],
-                           check=True, cwd=d)
-            subprocess.run([QEMU_IO, "-f", "qcow2", "-c", "write -q -P 0x11 0 4k", "-c", "write -q -P 0x22 1M 4k",
-                            "-c", "write -q -c -P 0x33 2M 64k", path], check=True, capture_output=True)
-        shutil.copyfile(img, f"{tmp_path}/a-before.qcow2")
-        with open(f"{d}/fill", "wb") as f:  # every free page taken
-            try:
-                while True:
-                    f.write(b"\xff" * 65536)
-                    f.flush()
-            except OSError:
-                pass
-        yield d
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
+    d = tmpfs("16m")
+    img, base, top = f"{d}/a.qcow2", f"{d}/base.raw", f"{d}/top.qcow2"
+    for path, extra in ((img, []), (top, ["-b", "base.raw", "-F", "raw"])):
+        if extra:
+            with open(base, "wb") as f:
+                f.truncate(8 << 20)
+                f.seek(1 << 20)
+                f.write(b"\xee" * 4096)
+        subprocess.run([QEMU_IMG, "create", "-q", "-f", "qcow2", "-o", "extended_l2=on", *extra, path, "8M"],
+                       check=True, cwd=d)
+        subprocess.run([QEMU_IO, "-f", "qcow2", "-c", "write -q -P 0x11 0 4k", "-c", "write -q -P 0x22 1M 4k",
+                        "-c", "write -q -c -P 0x33 2M 64k", path], check=True, capture_output=True)
+    shutil.copyfile(img, f"{tmp_path}/a-before.qcow2")
+    with open(f"{d}/fill", "wb") as f:  # every free page taken
+        try:
+            while True:
+                f.write(b"\xff" * 65536)
+                f.flush()
+        except OSError:
+            pass
+    yield d
 
 
 def run(*args, cwd=None):

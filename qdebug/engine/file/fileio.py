@@ -64,9 +64,12 @@ def fsync(fd: int, path: str, *, data_only: bool = False) -> None:
         raise storage_error(e, path, "cannot sync to disk") from None
 
 
-def punch_hole(fd: int, offset: int, length: int) -> bool:
-    """fallocate(PUNCH_HOLE | KEEP_SIZE): the range reads as zeros and takes no space. False where
-    the file system or libc cannot; an I/O error raises OSError."""
+_FALLOC_FL_KEEP_SIZE = 1
+_FALLOC_FL_PUNCH_HOLE = 2
+
+
+def _fallocate(fd: int, mode: int, offset: int, length: int) -> bool:
+    """fallocate(2): False where the file system or libc cannot; a refusal raises OSError."""
     global _LIBC
     if _LIBC is None:
         try:
@@ -79,7 +82,7 @@ def punch_hole(fd: int, offset: int, length: int) -> bool:
             _LIBC = False
     if not _LIBC or length <= 0:
         return False
-    if _LIBC.fallocate(fd, 3, offset, length) == 0:
+    if _LIBC.fallocate(fd, mode, offset, length) == 0:
         return True
     import ctypes
 
@@ -87,6 +90,22 @@ def punch_hole(fd: int, offset: int, length: int) -> bool:
     if err in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
         return False
     raise OSError(err, os.strerror(err))
+
+
+def punch_hole(fd: int, offset: int, length: int) -> bool:
+    """fallocate(PUNCH_HOLE | KEEP_SIZE): the range reads as zeros and takes no space. False where
+    the file system or libc cannot; an I/O error raises OSError."""
+    return _fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length)
+
+
+def reserve(fd: int, offset: int, length: int, path: str, what: str = "") -> bool:
+    """fallocate(KEEP_SIZE): disk space for [offset, +length) taken now, contents and length
+    unchanged, so a later write there cannot fail for want of space (on a file system that
+    overwrites in place). False where it cannot be done; a full disk raises `StorageError`."""
+    try:
+        return _fallocate(fd, _FALLOC_FL_KEEP_SIZE, offset, length)
+    except OSError as e:
+        raise storage_error(e, path, f"cannot reserve {length} bytes{' ' + what if what else ''} at offset 0x{offset:x}") from None
 
 
 def zero_range(fd: int, offset: int, length: int, path: str, what: str = "zero") -> None:

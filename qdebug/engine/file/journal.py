@@ -51,9 +51,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..errors import QcowError
+from ..errors import QcowError, StorageError
 from .blockcrc import BLOCK, after_crcs, block_crcs
-from .fileio import fsync, ftruncate, pwrite_all, signals_deferred, storage_error, zero_range
+from .fileio import fsync, ftruncate, pwrite_all, reserve, signals_deferred, storage_error, zero_range
 from .filemap import data_extents
 from .intervals import Intervals
 
@@ -69,6 +69,11 @@ _KINDS = (STEP, BFOR, HOLE, WRIT, TRNC, CMIT)
 _CHUNK = 4 << 20  # before-images are streamed in chunks of this size, never held whole
 GRACE_NS = 2_000_000_000  # an interrupted write lands this soon after its record, or it was not ours
 _KEY_MUL = np.uint64(0x9E3779B97F4A7C15)
+# Journaling a held-back page later costs at most its before-image, a HOLE/BFOR header on each side
+# and its share of a WRIT record (header, checksum); a step adds its STEP and a TRNC record.
+_RESERVE_PER_PAGE = 4096 + 4 * 48 + 4
+_RESERVE_BASE = 8192
+_ROOM_STEP = 256 << 10
 _LITTLE = struct.pack("=I", 1) == struct.pack("<I", 1)
 
 
@@ -482,6 +487,12 @@ class Journal:
         self._covered = Intervals()  # bytes saved this step
         self._records: list[int] = []  # where the open step's records start (its STEP record excluded)
         self._current: StepInfo | None = None
+        # Room: with `reserving`, the journal keeps `reserved` bytes of disk space taken past its end
+        # (fallocate, the file's length unchanged) for the records the open step still has to make
+        # (a write-back window's flush), so that on a full disk a command fails, not the flush.
+        self.reserving = False
+        self.reserved = 0
+        self._room = self.end  # disk space is taken up to here
         img.write_hooks.append(self._hook)
 
     def _load(self, created: bool) -> None:
@@ -535,6 +546,7 @@ class Journal:
         if self.broken:
             raise QcowError(self.broken)
         self._current = StepInfo(self.next_number, self.end, self.img.file_size, meta=meta or {})
+        self.reserved = 0
         self._covered = Intervals()
         self._records = []
         self._pending = True
@@ -564,6 +576,8 @@ class Journal:
             if i or not step_rec:
                 starts.append(at)
             at += len(p)
+        if self.reserving:
+            self._make_room(at + sum(_HDR.size + n for _src, n, _number in streams))
         if parts:
             self._write(b"".join(parts), pos)
         for src, n, number in streams:
@@ -581,6 +595,32 @@ class Journal:
             self._pending = False
         self.end = at
         self._records.extend(starts)
+
+    # ---- room for what a step has yet to journal -------------------------------------------------
+    def reserve_pages(self, pages: int) -> None:
+        """Keep room for journaling the later write of `pages` more 4 KiB pages held back (at most
+        a before-image each, a record header or two, their checksums). Raises `StorageError` when
+        the disk has no room left: the caller fails the command that would need it."""
+        if not self.reserving:
+            return
+        if not self.reserved:  # the STEP record and the flush's truncate record come on top
+            self.reserved = _RESERVE_BASE
+        self.reserved += pages * _RESERVE_PER_PAGE
+        self._make_room(self.end)
+
+    def _make_room(self, upto: int) -> None:
+        """Disk space taken for the journal up to `upto` plus the reserve (in steps of _ROOM_STEP
+        while the disk has them; just what is needed when it is nearly full)."""
+        need = upto + self.reserved
+        if need <= self._room:
+            return
+        room, what = self._room, "for the undo journal"
+        try:
+            ok, self._room = reserve(self.fd, room, need + _ROOM_STEP - room, self.path, what), need + _ROOM_STEP
+        except StorageError:
+            ok, self._room = reserve(self.fd, room, need - room, self.path, what), need
+        if not ok:
+            self._room = 1 << 62  # a file system that cannot: no reserve
 
     def _before_images(self, start: int, end: int, parts: list[bytes], streams: list) -> None:
         """Records of the bytes [start, end) hold now (not yet saved this step): holes as HOLE."""
@@ -736,10 +776,12 @@ class Journal:
         if os.fstat(self.fd).st_size > pos:
             ftruncate(self.fd, pos, self.path)
         self.end = pos
+        self._room = min(self._room, pos)
 
     def _truncate_to(self, pos: int) -> None:
         ftruncate(self.fd, pos, self.path)
         self.end = pos
+        self._room = min(self._room, pos)  # (a truncate frees the space taken past the end too)
         if self.durable:
             fsync(self.fd, self.path, data_only=True)
 

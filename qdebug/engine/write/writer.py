@@ -13,6 +13,8 @@ allocator back so that redo reproduces QEMU exactly.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 
 from ..errors import CorruptImage, FatalCorruption, QcowError
@@ -80,6 +82,9 @@ class WriteEngine:
         self._overlay: dict[int, bytearray] = {}
         self._overlay_size = 0
         self._txn: Txn | None = None
+        # WRITE_BACK: called after each step with the pages it newly holds back (the replay takes
+        # disk room for their flush then); raising fails the step, which is taken back out
+        self.on_held_back: Callable[[list[int]], None] | None = None
 
     @property
     def state(self) -> EngineState:
@@ -104,7 +109,12 @@ class WriteEngine:
             self.flush()  # a read goes through the file as a guest's would (its metadata written first)
         state, size = self._state, self._overlay_size
         try:
-            return self._run(cmd, mode, index)
+            rec = self._run(cmd, mode, index)
+            if self.on_held_back is not None:
+                saved = self._txn.saved  # type: ignore[union-attr]
+                if saved:
+                    self.on_held_back([p for p, old in saved.items() if old is None])
+            return rec
         except BaseException:
             # Take the step's metadata back out of the overlay (its data writes, if any, went to
             # clusters nothing references then, or in place, as a failed QEMU write leaves them).
@@ -129,23 +139,60 @@ class WriteEngine:
             return
         img = self._top
         pages, size = self._overlay, max(self._overlay_size, img.file_size)
-        offsets = sorted(pages)
-        i = 0
-        while i < len(offsets):
-            j = i + 1
-            while j < len(offsets) and offsets[j] == offsets[j - 1] + PAGE:
-                j += 1
-            start = offsets[i]
-            data = b"".join(pages[p] for p in offsets[i:j])[:size - start]
-            if data:
-                img.pwrite(start, data)
-            i = j
         if img.file_size < size:
             img.truncate(size)
+        for group in self._flush_order(sorted(pages)):
+            i = 0
+            while i < len(group):
+                j = i + 1
+                while j < len(group) and group[j] == group[j - 1] + PAGE:
+                    j += 1
+                start = group[i]
+                data = b"".join(pages[p] for p in group[i:j])[:size - start]
+                if data:
+                    img.pwrite(start, data)
+                i = j
         header_dirty = 0 in pages
         self._overlay = {}
         if header_dirty:
             img.reload_header()
+
+    def _flush_order(self, offsets: list[int]) -> list[list[int]]:
+        """The held-back pages in QEMU's dependency order: refcount blocks, then the refcount
+        table, then L2 tables (and anything else), then the L1 table, then the header. A flush cut
+        short (a kill where no journal could be kept) then leaves at most leaked clusters, never
+        a table entry pointing at a cluster whose refcount or L2 table is not written yet."""
+        if len(offsets) < 2:
+            return [offsets]
+        head = self._overlay.get(0)
+        raw = bytes(head[:64]) if head is not None else self._top.pread(0, 64)
+        l1_size, l1_off = int.from_bytes(raw[36:40], "big"), int.from_bytes(raw[40:48], "big")
+        rt_off, rt_clusters = int.from_bytes(raw[48:56], "big"), int.from_bytes(raw[56:60], "big")
+        cs = self.geo.cs
+        rt_end = rt_off + rt_clusters * cs
+        reftable = np.frombuffer(self._txn_view(rt_off, rt_clusters * cs), dtype=">u8").astype(np.uint64)
+        blocks = set((reftable[reftable != 0] & np.uint64(C.REFT_OFFSET_MASK)).tolist())
+        refblocks: list[int] = []
+        reftable: list[int] = []
+        middle: list[int] = []
+        l1: list[int] = []
+        last: list[int] = []
+        for p in offsets:
+            if p == 0:
+                last.append(p)
+            elif rt_off <= p < rt_end:
+                reftable.append(p)
+            elif (p & ~(cs - 1)) in blocks:
+                refblocks.append(p)
+            elif l1_off <= p < l1_off + l1_size * 8:
+                l1.append(p)
+            else:
+                middle.append(p)
+        return [refblocks, reftable, middle, l1, last]
+
+    def _txn_view(self, off: int, length: int) -> bytes:
+        """Bytes as the held-back pages leave them."""
+        return Txn(self._top, SIMULATE, self._overlay, self._overlay_size).pread(off, length)
 
     # ---- one command ----------------------------------------------------------------------------
     def _run(self, cmd: Command, mode: WriteMode, index: int) -> StepRecord:
