@@ -30,7 +30,7 @@ from ..read import guestview
 from ..read.guestview import Segment
 from .context import StepContext
 from .step import L2Meta
-from .txn import Fill
+from .txn import L2_AFTER_REFCOUNT, Fill
 
 MAX_REQUEST: Final = (1 << 31) - 512  # BDRV_REQUEST_MAX_BYTES rounded down to a 512-byte multiple
 
@@ -104,7 +104,7 @@ def calculate_l2_meta(ctx: StepContext, host: int, offset: int, nbytes: int, l2_
             ce_to = -(-w_end // g.sc_size) * g.sc_size
     else:
         ce_to = w_end if t == NORMAL else -(-w_end // g.sc_size) * g.sc_size
-    metas.insert(0, L2Meta(gc0 << g.cbits, host, nb, keep_old, cs_from, w_start, w_end, ce_to, l2_off))
+    metas.insert(0, L2Meta(gc0 << g.cbits, host, nb, keep_old, cs_from, w_start, w_end, ce_to, l2_off, entries))
 
 
 def _count_single_write(ctx: StepContext, gc0: int, n: int, new_alloc: bool) -> int:
@@ -205,6 +205,9 @@ def _is_zero_fast(ctx: StepContext, offset: int, length: int, segs: list[Segment
     return guestview.reads_as_zero(ctx.chain, segs, exact=False)
 
 
+# perform_cow reads cow_start, the data area and cow_end with one read when the data area between the
+# two regions is at most this long (its bytes are read and dropped: cheaper than two requests)
+MERGE_READ_MAX: Final = 16384
 Piece = tuple[int, int, int, list[L2Meta]]  # guest offset, bytes, host offset, its L2Metas
 MAX_WORKERS: Final = 8  # QCOW2_MAX_WORKERS: pieces of one request in flight at once
 
@@ -232,6 +235,9 @@ def pwrite(ctx: StepContext, offset: int, nbytes: int, fill: Fill, kind: str) ->
             if (head_len or tail_len) and _is_zero_fast(ctx, head_off, head_len, hsegs) \
                     and _is_zero_fast(ctx, tail_off, tail_len, tsegs):
                 m.skip = True
+            elif head_len and tail_len and m.ce_from - m.cs_to <= MERGE_READ_MAX:
+                # perform_cow reads both regions and the data area between them at once
+                m.mid = _segments(ctx, m.offset + m.cs_to, m.ce_from - m.cs_to)
         pending.append((offset, cur, host, metas))
         if len(pending) == MAX_WORKERS:
             _finish(ctx, pending.pop(0), fill, kind)
@@ -253,6 +259,7 @@ def _finish(ctx: StepContext, piece: Piece, fill: Fill, kind: str) -> None:
             continue
         if m.offset + m.cs_to == offset and m.offset + m.ce_from == offset + cur:
             merged = m
+            m.merged = True
             break
     txn = ctx.txn
     through = txn.data_through
@@ -299,6 +306,7 @@ def link_l2(ctx: StepContext, m: L2Meta, merged: bool, host: int, data_off: int,
     gc0 = m.offset >> g.cbits
     old_entries = []
     written_from, written_to = m.cs_from, m.ce_to
+    txn.op(L2_AFTER_REFCOUNT)  # refcounts reach the disk before an L2 entry points at new clusters
     for i in range(m.nb):
         w0, bm = ctx.entry(gc0 + i)
         if w0:

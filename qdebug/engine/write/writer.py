@@ -159,6 +159,8 @@ class WriteEngine:
         state = self._state
         alloc.restore_state(state.allocator)
         trace = StepTrace(cmd, self.geo.ext, txn.writes, txn.file_size)
+        trace.ops = txn.ops
+        trace.geo = self.geo
         ctx = StepContext(self.chain, self.geo, self._has_backing, txn, alloc, trace)
         dead = state.dead
         try:
@@ -178,6 +180,8 @@ class WriteEngine:
             self._overlay_size = txn.file_size
         self._check_in_place(ctx)
         trace.frees = alloc.freed
+        trace.transitions = alloc.transitions
+        trace.new_refblocks = alloc.new_refblocks
         trace.file_size_after = max(txn.file_size, trace.file_size_before)
         trace.after = ctx.entries  # the step's cache of L2 entries: as it left them
         return StepRecord(index, cmd, trace, state)
