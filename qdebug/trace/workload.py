@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from typing import Callable, Iterable
 
 from ..engine.errors import QcowError
@@ -40,6 +40,7 @@ def trace_cost(image: str, lines: Iterable[str], source: str,
                progress: Callable[[int], None] | None = None) -> TraceCost:
     """Dry-run `lines` (qemu-io commands) on `image` and add up what every step costs."""
     total = Cost()
+    total.file_size_before = total.file_size_after = os.path.getsize(image) if os.path.exists(image) else 0
     failed = commands = 0
     errors: list[str] = []
     with Replay(image, mode=ReplayMode.DRY_RUN, source=source, history=False, timing=False) as replay:
@@ -63,7 +64,7 @@ def trace_cost(image: str, lines: Iterable[str], source: str,
                 if len(errors) < 5:
                     errors.append(f"{source}:{lineno}: {cmd.source_text}: {rec.error}")
             if cmd.changes_image:
-                total.add(measure(rec.trace, geo))
+                measure(rec.trace, geo, total)
             if progress is not None and not commands % 4096:
                 progress(commands)
     return TraceCost(total.frozen(), commands, failed, tuple(errors))
@@ -133,8 +134,16 @@ def whatif_row(trace: str, size: int, geometry: Geometry, backing: str | None = 
     return WhatIfRow(geometry, cost, entries * (16 if geometry.extended_l2 else 8), meta)
 
 
-def _row_job(args: tuple) -> WhatIfRow:
-    return whatif_row(*args)
+def _row_job(args: tuple) -> tuple:
+    """A worker's row as plain values: the compiled engine's frozen classes do not unpickle."""
+    r = whatif_row(*args)
+    c = r.cost
+    return (r.geometry, astuple(c.total), c.commands, c.failed, c.errors, r.l2_cache_bytes, r.metadata_bytes_after)
+
+
+def _row(plain: tuple) -> WhatIfRow:
+    geometry, total, commands, failed, errors, l2_cache, meta = plain
+    return WhatIfRow(geometry, TraceCost(StepCost(*total), commands, failed, errors), l2_cache, meta)
 
 
 def whatif(trace: str, size: int, geometries: list[Geometry], backing: str | None = None,
@@ -142,11 +151,11 @@ def whatif(trace: str, size: int, geometries: list[Geometry], backing: str | Non
     """One row per geometry, in the order given; `jobs` processes plan geometries side by side."""
     tasks = [(trace, size, g, backing, backing_format) for g in geometries]
     if jobs <= 1 or len(tasks) <= 1:
-        return [_row_job(t) for t in tasks]
+        return [whatif_row(*t) for t in tasks]
     from concurrent.futures import ProcessPoolExecutor
 
     with ProcessPoolExecutor(max_workers=min(jobs, len(tasks))) as pool:
-        return list(pool.map(_row_job, tasks))
+        return [_row(r) for r in pool.map(_row_job, tasks)]
 
 
 @dataclass(frozen=True)

@@ -168,18 +168,21 @@ class StepCost:
 
 
 # ---- measuring one step ----------------------------------------------------------------------------
-def measure(trace: StepTrace, geo: Geometry) -> Cost:
-    c = Cost()
-    c.steps = 1
+def measure(trace: StepTrace, geo: Geometry, into: Cost | None = None) -> Cost:
+    """The step's cost; with `into`, added to those counters (a trace's total: no Cost per step)."""
+    c = Cost() if into is None else into
+    if not c.steps:
+        c.file_size_before = trace.file_size_before
+    c.steps += 1
+    c.file_size_after = trace.file_size_after
     cmd = trace.command
     if cmd.op == "write":
         if cmd.zero:
-            c.guest_zero_bytes = cmd.length
+            c.guest_zero_bytes += cmd.length
         else:
-            c.guest_write_bytes = cmd.length
+            c.guest_write_bytes += cmd.length
     elif cmd.op == "discard":
-        c.guest_discard_bytes = cmd.length
-    c.file_size_before, c.file_size_after = trace.file_size_before, trace.file_size_after
+        c.guest_discard_bytes += cmd.length
     writes = trace.writes
     if not writes:
         return c
@@ -221,11 +224,10 @@ def measure(trace: StepTrace, geo: Geometry) -> Cost:
                 for _a, _b, segs in regions:
                     rreq += 1
                     _count_reads(reads, segs)
-    c.host_data_bytes = data
-    metadata, mreq = writethrough_metadata(writes, trace.ops, geo.slice_entries * geo.esize, geo.cs)
-    c.metadata = metadata
-    c.host_write_requests = wreq + mreq
-    c.cow_read_requests = rreq
+    c.host_data_bytes += data
+    c.host_write_requests += wreq + writethrough_metadata(writes, trace.ops, geo.slice_entries * geo.esize, geo.cs,
+                                                          c.metadata)
+    c.cow_read_requests += rreq
     _allocations(c, trace, geo)
     return c
 
@@ -255,9 +257,9 @@ def _allocations(c: Cost, trace: StepTrace, geo: Geometry) -> None:
     cb = geo.cbits
     l2 = {off >> cb for off, _n, what in trace.allocations if what == "L2 table"} & fresh
     blocks = {off >> cb for off in trace.new_refblocks}
-    c.l2_tables_allocated = len(l2)
-    c.refcount_blocks_allocated = len(blocks)
-    c.allocated_clusters = len(fresh - l2 - blocks)
+    c.l2_tables_allocated += len(l2)
+    c.refcount_blocks_allocated += len(blocks)
+    c.allocated_clusters += len(fresh - l2 - blocks)
 
 
 # ---- QEMU's metadata caches, write-through ----------------------------------------------------------
@@ -266,13 +268,13 @@ class _Caches:
 
     __slots__ = ("l2", "rc", "l2_waits", "rc_waits", "slice", "cs", "out", "requests")
 
-    def __init__(self, slice_bytes: int, cs: int):
+    def __init__(self, slice_bytes: int, cs: int, out: dict[str, int]):
         self.l2: dict[int, None] = {}  # dirty L2 slices (host offset), in the order they got dirty
         self.rc: dict[int, None] = {}  # dirty refcount blocks
         self.l2_waits = False  # l2->depends == refcount cache
         self.rc_waits = False  # refcount->depends == L2 cache
         self.slice, self.cs = slice_bytes, cs
-        self.out: dict[str, int] = {}
+        self.out = out  # bytes by kind, added to
         self.requests = 0
 
     def _write(self, what: str, n: int) -> None:
@@ -315,11 +317,12 @@ class _Caches:
 
 
 def writethrough_metadata(writes: list[tuple[int, int, str]], ops: list[tuple[int, int]], slice_bytes: int,
-                          cs: int) -> tuple[dict[str, int], int]:
-    """Metadata bytes by kind, and write requests, of a step's writes as QEMU's caches write them
-    through: every L2 / refblock write dirties the slice / block it falls in, the recorded cache
-    operations flush and order them, and the command ends with qcow2_write_caches (L2, then
-    refcounts). Assumes the caches hold every entry the step dirties (no eviction in a step)."""
+                          cs: int, out: dict[str, int]) -> int:
+    """Metadata bytes by kind (added to `out`) of a step's writes as QEMU's caches write them
+    through, and the number of write requests: every L2 / refblock write dirties the slice / block
+    it falls in, the recorded cache operations flush and order them, and the command ends with
+    qcow2_write_caches (L2, then refcounts). Assumes the caches hold every entry the step dirties
+    (no eviction in a step)."""
     caches: _Caches | None = None
     j = 0
     nops = len(ops)
@@ -327,7 +330,7 @@ def writethrough_metadata(writes: list[tuple[int, int, str]], ops: list[tuple[in
         if what == "data" or what == "cow" or what == "zero":
             continue
         if caches is None:
-            caches = _Caches(slice_bytes, cs)
+            caches = _Caches(slice_bytes, cs, out)
         while j < nops and ops[j][0] <= i:
             caches.op(ops[j][1])
             j += 1
@@ -340,10 +343,10 @@ def writethrough_metadata(writes: list[tuple[int, int, str]], ops: list[tuple[in
         else:
             caches._write(what, n)
     if caches is None:
-        return {}, 0
+        return 0
     while j < nops:
         caches.op(ops[j][1])
         j += 1
     caches.flush_l2()
     caches.flush_rc()
-    return caches.out, caches.requests
+    return caches.requests
