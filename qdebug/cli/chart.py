@@ -40,7 +40,7 @@ def save_chart(rows, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [r.geometry.label for r in rows]
+    labels = [r.label for r in rows]
     parts = [_parts(r) for r in rows]
     mib = float(1 << 20)
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.5))
@@ -71,13 +71,13 @@ def terminal_chart(rows, width: int = 48) -> str:
     parts = [_parts(r) for r in rows]
     top = max((sum(p) for p in parts), default=0) or 1
     ftop = max(r.cost.total.file_size_after for r in rows) or 1
-    name = max(len(r.geometry.label) for r in rows)
+    name = max(len(r.label) for r in rows)
     out = ["host bytes written: " + "  ".join(f"{m} {k}" for m, k in zip(_MARKS, KINDS))]
     for r, p in zip(rows, parts):
         bar = "".join(m * round(v * width / top) for m, v in zip(_MARKS, p))
-        out.append(f"  {r.geometry.label.ljust(name)} {bar} {human_size(sum(p))}")
+        out.append(f"  {r.label.ljust(name)} {bar} {human_size(sum(p))}")
     out.append("file size after the trace:")
     for r in rows:
         f = r.cost.total.file_size_after
-        out.append(f"  {r.geometry.label.ljust(name)} {'█' * round(f * width / ftop)} {human_size(f)}")
+        out.append(f"  {r.label.ljust(name)} {'█' * round(f * width / ftop)} {human_size(f)}")
     return "\n".join(out)

@@ -69,16 +69,17 @@ def cmd_stats(args) -> int:
     source = "<stdin>" if args.trace == "-" else args.trace
     lines = _checked(args.trace)
     try:
-        cost = trace_cost(args.image, lines, source)
+        cost = trace_cost(args.image, lines, source, policy=args.policy)
     finally:
         if hasattr(lines, "close"):
             lines.close()
     _failures(cost)
     if args.output == "json":
-        print(json.dumps({"image": args.image, "trace": source, **cost.to_json()}, indent=2))
+        print(json.dumps({"image": args.image, "trace": source, "policy": args.policy, **cost.to_json()}, indent=2))
         return 0
-    print(f"{args.image}: {source}: {cost.commands:,} commands planned as QEMU 7.2 runs them "
-          f"(dry run: the image is untouched)")
+    how = "as QEMU 7.2 runs them" if args.policy == "qemu" else \
+        "with the minimal COW (NOT QEMU: only what must be preserved is copied)"
+    print(f"{args.image}: {source}: {cost.commands:,} commands planned {how} (dry run: the image is untouched)")
     for line in cost_lines(cost.total):
         print(line)
     return 0
@@ -158,7 +159,8 @@ def cmd_whatif(args) -> int:
         from .chart import check_chart_path
 
         check_chart_path(args.chart)
-    rows = whatif(args.trace, args.size, geos, args.backing, args.backing_format, jobs=args.jobs)
+    policies = ("qemu",) if args.policy == "qemu" else ("qemu", "minimal-cow")
+    rows = whatif(args.trace, args.size, geos, args.backing, args.backing_format, jobs=args.jobs, policies=policies)
     _failures(rows[0].cost)
     best = recommend(rows)
     if args.output == "json":
@@ -191,7 +193,7 @@ def whatif_table(rows) -> str:
     for r in rows:
         t = r.cost.total
         share = r.to_json()["metadata-overhead"]
-        cells.append((r.geometry.label, human_size(t.guest_write_bytes), human_size(t.host_data_bytes),
+        cells.append((r.label, human_size(t.guest_write_bytes), human_size(t.host_data_bytes),
                       human_size(t.cow_bytes), _share(t.avoidable_share), human_size(t.metadata_bytes),
                       _ratio(t.write_amplification), human_size(t.file_size_after), human_size(r.l2_cache_bytes),
                       _share(share)))
@@ -206,6 +208,9 @@ def register(sub) -> None:
     sp.add_argument("image", metavar="IMAGE")
     sp.add_argument("trace", metavar="TRACE", help="qemu-io commands, one per line ('-' reads stdin)")
     sp.add_argument("--output", choices=("text", "json"), default="text")
+    sp.add_argument("--policy", choices=("qemu", "minimal-cow"), default="qemu",
+                    help="minimal-cow: plan a COW that copies only what must be preserved (NOT QEMU; what "
+                         "QEMU's simpler policy costs)")
     sp.set_defaults(func=cmd_stats)
 
     sp = sub.add_parser("whatif", help="what a trace would cost on fresh images of other geometries "
@@ -221,6 +226,9 @@ def register(sub) -> None:
                     help="extended L2 entries on, off or both (default on,off)")
     sp.add_argument("--refcount-bits", type=int, choices=(1, 2, 4, 8, 16, 32, 64), default=16, metavar="N",
                     help="refcount width of the images (default 16)")
+    sp.add_argument("--policy", choices=("qemu", "minimal-cow"), default="qemu",
+                    help="minimal-cow: beside each extended-L2 geometry, the same planned with a COW that copies "
+                         "only what must be preserved (NOT QEMU)")
     sp.add_argument("--jobs", type=_positive, default=1, metavar="N", help="geometries planned side by side")
     sp.add_argument("--output", choices=("text", "json"), default="text")
     sp.add_argument("--chart", metavar="FILE.svg|FILE.png", help="draw host bytes by kind and file size per geometry "

@@ -12,7 +12,7 @@ import os
 import shutil
 import tempfile
 from dataclasses import astuple, dataclass
-from typing import Callable, Iterable
+from typing import Callable, Final, Iterable
 
 from ..engine.errors import QcowError
 from ..engine.write.cost import Cost, StepCost, measure
@@ -36,9 +36,15 @@ class TraceCost:
         return {**self.total.to_json(), "commands": self.commands, "failed-commands": self.failed}
 
 
+QEMU: Final = "qemu"
+MINIMAL_COW: Final = "minimal-cow"  # NOT QEMU: copies only what must be preserved (minimal_cow.py)
+POLICIES: Final = (QEMU, MINIMAL_COW)
+
+
 def trace_cost(image: str, lines: Iterable[str], source: str,
-               progress: Callable[[int], None] | None = None) -> TraceCost:
-    """Dry-run `lines` (qemu-io commands) on `image` and add up what every step costs."""
+               progress: Callable[[int], None] | None = None, policy: str = QEMU) -> TraceCost:
+    """Dry-run `lines` (qemu-io commands) on `image` and add up what every step costs, planned as
+    QEMU does or (policy MINIMAL_COW) with the minimal COW, which is not QEMU's."""
     total = Cost()
     total.file_size_before = total.file_size_after = os.path.getsize(image) if os.path.exists(image) else 0
     failed = commands = 0
@@ -46,6 +52,8 @@ def trace_cost(image: str, lines: Iterable[str], source: str,
     with Replay(image, mode=ReplayMode.DRY_RUN, source=source, history=False, timing=False) as replay:
         quiet_gc()
         geo = replay.engine.geo
+        if policy == MINIMAL_COW:
+            replay.engine.use_minimal_cow()
         step = replay.step
         for lineno, line in enumerate(lines, 1):
             try:
@@ -102,10 +110,16 @@ class WhatIfRow:
     cost: TraceCost
     l2_cache_bytes: int
     metadata_bytes_after: int
+    policy: str = QEMU
+
+    @property
+    def label(self) -> str:
+        return self.geometry.label + (" minimal-COW (not QEMU)" if self.policy != QEMU else "")
 
     def to_json(self) -> dict:
         g = self.geometry
         return {"cluster-size": g.cluster_size, "extended-l2": g.extended_l2, "refcount-bits": g.refcount_bits,
+                "policy": self.policy,
                 **self.cost.to_json(), "l2-cache-bytes": self.l2_cache_bytes,
                 "metadata-overhead-bytes": self.metadata_bytes_after,
                 "metadata-overhead": round(self.metadata_bytes_after / self.cost.total.file_size_after, 6)
@@ -113,7 +127,7 @@ class WhatIfRow:
 
 
 def whatif_row(trace: str, size: int, geometry: Geometry, backing: str | None = None,
-               backing_format: str | None = None) -> WhatIfRow:
+               backing_format: str | None = None, policy: str = QEMU) -> WhatIfRow:
     """Plan `trace` (a file of qemu-io commands) against a fresh image of `geometry`."""
     folder = tempfile.mkdtemp(prefix="qdebug-whatif-")
     try:
@@ -124,32 +138,36 @@ def whatif_row(trace: str, size: int, geometry: Geometry, backing: str | None = 
                      refcount_bits=geometry.refcount_bits, backing=backing, backing_format=backing_format)
         fresh_metadata = os.path.getsize(image)  # a fresh image is only metadata
         with open(trace, encoding="utf-8", errors="surrogateescape", newline="\n") as lines:
-            cost = trace_cost(image, lines, trace)
+            cost = trace_cost(image, lines, trace, policy=policy)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     cs = geometry.cluster_size
     t = cost.total
     entries = -(-size // cs)
     meta = fresh_metadata + (t.l2_tables_allocated + t.refcount_blocks_allocated) * cs
-    return WhatIfRow(geometry, cost, entries * (16 if geometry.extended_l2 else 8), meta)
+    return WhatIfRow(geometry, cost, entries * (16 if geometry.extended_l2 else 8), meta, policy)
 
 
 def _row_job(args: tuple) -> tuple:
     """A worker's row as plain values: the compiled engine's frozen classes do not unpickle."""
     r = whatif_row(*args)
     c = r.cost
-    return (r.geometry, astuple(c.total), c.commands, c.failed, c.errors, r.l2_cache_bytes, r.metadata_bytes_after)
+    return (r.geometry, astuple(c.total), c.commands, c.failed, c.errors, r.l2_cache_bytes, r.metadata_bytes_after,
+            r.policy)
 
 
 def _row(plain: tuple) -> WhatIfRow:
-    geometry, total, commands, failed, errors, l2_cache, meta = plain
-    return WhatIfRow(geometry, TraceCost(StepCost(*total), commands, failed, errors), l2_cache, meta)
+    geometry, total, commands, failed, errors, l2_cache, meta, policy = plain
+    return WhatIfRow(geometry, TraceCost(StepCost(*total), commands, failed, errors), l2_cache, meta, policy)
 
 
 def whatif(trace: str, size: int, geometries: list[Geometry], backing: str | None = None,
-           backing_format: str | None = None, jobs: int = 1) -> list[WhatIfRow]:
-    """One row per geometry, in the order given; `jobs` processes plan geometries side by side."""
-    tasks = [(trace, size, g, backing, backing_format) for g in geometries]
+           backing_format: str | None = None, jobs: int = 1, policies: tuple[str, ...] = (QEMU,)) -> list[WhatIfRow]:
+    """One row per geometry and policy (each geometry's policies side by side), in the order given;
+    `jobs` processes plan them side by side. The minimal-COW policy only changes anything with
+    extended L2 (without subclusters it is QEMU's), so it gets rows only there."""
+    tasks = [(trace, size, g, backing, backing_format, p) for g in geometries for p in policies
+             if p == QEMU or g.extended_l2]
     if jobs <= 1 or len(tasks) <= 1:
         return [whatif_row(*t) for t in tasks]
     from concurrent.futures import ProcessPoolExecutor
@@ -167,7 +185,7 @@ class Recommendation:
 def recommend(rows: list[WhatIfRow]) -> Recommendation | None:
     """The geometry that writes the fewest host bytes for the trace (data, COW and metadata), the
     smaller file breaking near-ties (within 1%); None when the trace writes nothing."""
-    live = [r for r in rows if r.cost.total.host_bytes]
+    live = [r for r in rows if r.cost.total.host_bytes and r.policy == QEMU]
     if not live:
         return None
     least = min(r.cost.total.host_bytes for r in live)
@@ -183,5 +201,5 @@ def recommend(rows: list[WhatIfRow]) -> Recommendation | None:
     if others:
         worst = max(others, key=lambda r: r.cost.total.host_bytes)
         w = worst.cost.total.host_bytes
-        parts.append(f"{worst.geometry.label} writes {w / t.host_bytes:.2f}x as much")
+        parts.append(f"{worst.label} writes {w / t.host_bytes:.2f}x as much")
     return Recommendation(best, "; ".join(parts))

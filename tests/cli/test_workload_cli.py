@@ -155,3 +155,32 @@ def test_whatif_refuses_bad_input_in_one_line(tmp_path, args, words):
     p = subprocess.run([sys.executable, "-m", "qdebug.cli", "whatif", trace, "--size", "1M", *args],
                        capture_output=True, text=True, cwd=tmp_path)
     assert p.returncode != 0 and words in p.stderr and "Traceback" not in p.stderr
+
+
+def test_whatif_shows_the_minimal_cow_policy_beside_qemus(tmp_path, capsys):
+    """--policy minimal-cow: a row beside each extended-L2 geometry, labelled not QEMU, never the
+    recommendation. A fresh image never has avoidable COW (a cluster only moves when a snapshot
+    shares it): the rows agree there; stats on the seed's snapshot-shared cluster shows the gap."""
+    size = 8 << 20
+    base = raw_file(tmp_path / "base.raw", size, 0x42)
+    trace = _random_4k_writes(tmp_path / "t", size, 40)
+    assert main(["whatif", trace, "--size", "8M", "-b", base, "-F", "raw", "--cluster-size", "128k",
+                 "--policy", "minimal-cow", "--output=json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [(r["extended-l2"], r["policy"]) for r in rows] == [(True, "qemu"), (True, "minimal-cow"), (False, "qemu")]
+    qemu, minimal = rows[0], rows[1]
+    assert minimal["cow-bytes"] == qemu["cow-bytes"] - qemu["cow-avoidable-bytes"]
+    assert not minimal["recommended"]
+    assert main(["whatif", trace, "--size", "8M", "-b", base, "-F", "raw", "--cluster-size", "64k",
+                 "--extended-l2", "on", "--policy", "minimal-cow"]) == 0
+    assert "64k ext-l2 minimal-COW (not QEMU)" in capsys.readouterr().out
+    seed = raw_file(tmp_path / "seed-base.raw", 1 << 20)
+    img = create(str(tmp_path / "seed.qcow2"), "1M", backing=seed, backing_fmt="raw")
+    qemu_io(img, "write -P 1 8k 4k", "write -P 2 16k 48k", "write -z 4k 2k", "write -z 14k 2k")
+    qemu_img("snapshot", "-c", "s1", img)
+    one = trace_file(tmp_path / "one", ["write -P 0x55 16k 2k"])
+    assert main(["stats", img, one, "--policy", "minimal-cow", "--output=json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert (out["policy"], out["cow-bytes"], out["cow-avoidable-bytes"]) == ("minimal-cow", 50 * K, 0)
+    assert main(["stats", img, one, "--policy", "minimal-cow"]) == 0
+    assert "NOT QEMU" in capsys.readouterr().out

@@ -38,6 +38,8 @@ class StepContext(TopEntries):
         self.in_place: list[tuple[int, int]] = []  # (host offset, clusters) written in place (COPIED)
         self.marked_corrupt = False  # QEMU would set the corrupt bit: its driver is gone afterwards
         self.decompressed: dict = {}  # compressed clusters decompressed for COW in this step
+        # whatif --policy minimal-cow (NOT QEMU; dry runs only): COW only what must be preserved
+        self.minimal_cow = False
         self.entries: dict[int, tuple[int, int]] = {}
         self._l1: dict[int, int] = {}  # L1 entries read this step (get_cluster_table keeps it current)
 

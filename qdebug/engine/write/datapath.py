@@ -29,6 +29,7 @@ from ..format.subclusters import (
 from ..read import guestview
 from ..read.guestview import Segment
 from .context import StepContext
+from .minimal_cow import minimal_cow
 from .step import L2Meta
 from .txn import L2_AFTER_REFCOUNT, Fill
 
@@ -238,6 +239,8 @@ def pwrite(ctx: StepContext, offset: int, nbytes: int, fill: Fill, kind: str) ->
             elif head_len and tail_len and m.ce_from - m.cs_to <= MERGE_READ_MAX:
                 # perform_cow reads both regions and the data area between them at once
                 m.mid = _segments(ctx, m.offset + m.cs_to, m.ce_from - m.cs_to)
+            if ctx.minimal_cow and g.ext:
+                _minimal_regions(ctx, m)
         pending.append((offset, cur, host, metas))
         if len(pending) == MAX_WORKERS:
             _finish(ctx, pending.pop(0), fill, kind)
@@ -245,6 +248,25 @@ def pwrite(ctx: StepContext, offset: int, nbytes: int, fill: Fill, kind: str) ->
         nbytes -= cur
     for piece in pending:
         _finish(ctx, piece, fill, kind)
+
+
+def _minimal_regions(ctx: StepContext, m: L2Meta) -> None:
+    """The minimal-COW policy's regions of `m` (minimal_cow.py; NOT QEMU): per cluster, only what
+    must be preserved, with the guest view of each; zero-filled when every region reads as zeros."""
+    g = ctx.g
+    cs = g.cs
+    regions: list[tuple[int, int, list[Segment]]] = []
+    for i in range(m.nb):
+        w0, bm = m.old[i]
+        base = i * cs
+        wf, wt = max(m.cs_to, base) - base, min(m.ce_from, base + cs) - base
+        mc = minimal_cow(bm, compressed=bool(w0 & C.QCOW_OFLAG_COMPRESSED), keep_old=m.keep_old, w_from=wf,
+                         w_to=wt, cluster_size=cs, nsc=g.nsc)
+        for a, b in mc.regions:
+            regions.append((base + a, base + b, _segments(ctx, m.offset + base + a, b - a)))
+    m.regions = regions
+    m.mid = None
+    m.skip = bool(regions) and all(_is_zero_fast(ctx, m.offset + a, b - a, segs) for a, b, segs in regions)
 
 
 def _finish(ctx: StepContext, piece: Piece, fill: Fill, kind: str) -> None:
@@ -255,7 +277,7 @@ def _finish(ctx: StepContext, piece: Piece, fill: Fill, kind: str) -> None:
     for m in metas:
         if m.cs_to == m.cs_from and m.ce_to == m.ce_from:
             continue
-        if m.skip:
+        if m.skip or m.regions is not None:
             continue
         if m.offset + m.cs_to == offset and m.offset + m.ce_from == offset + cur:
             merged = m
@@ -299,6 +321,11 @@ def link_l2(ctx: StepContext, m: L2Meta, merged: bool, host: int, data_off: int,
     hsegs, tsegs = m.segs
     txn = ctx.txn
 
+    if m.regions is not None:  # the minimal policy (NOT QEMU): its own regions, then its bitmaps
+        for a, b, segs in m.regions:
+            _cow(ctx, m, m.alloc + a, m.offset + a, b - a, segs)
+        _link_minimal(ctx, m)
+        return
     _cow(ctx, m, m.alloc + m.cs_from, m.offset + m.cs_from, m.cs_to - m.cs_from, hsegs)
     if merged:
         txn.write_data(host, data_len, "data", fill(data_off, data_len) if txn.data_through else None)
@@ -321,6 +348,30 @@ def link_l2(ctx: StepContext, m: L2Meta, merged: bool, host: int, data_off: int,
             mask = (1 << (last + 1)) - (1 << first)
             new_bm = (bm | mask) & ~(mask << 32)
         ctx.set_entry(m.l2_off, gc0 + i, new_w0, new_bm)
+    if not m.keep_old:
+        for w0 in old_entries:
+            ctx.alloc.free_any_cluster(w0)
+    else:
+        ctx.in_place.append((m.alloc, m.nb))
+
+
+def _link_minimal(ctx: StepContext, m: L2Meta) -> None:
+    """link_l2 under the minimal policy: the written subclusters become `N`, every other keeps its
+    old state (`-` stays `-`, `0` stays `0`, a moved `N` stays `N`); old clusters freed as QEMU does."""
+    g = ctx.g
+    cs = g.cs
+    gc0 = m.offset >> g.cbits
+    old_entries = []
+    ctx.txn.op(L2_AFTER_REFCOUNT)
+    for i in range(m.nb):
+        w0, bm = ctx.entry(gc0 + i)
+        if w0:
+            old_entries.append(w0)
+        base = i * cs
+        wf, wt = max(m.cs_to, base) - base, min(m.ce_from, base + cs) - base
+        new_bm = minimal_cow(bm, compressed=bool(w0 & C.QCOW_OFLAG_COMPRESSED), keep_old=m.keep_old, w_from=wf,
+                             w_to=wt, cluster_size=cs, nsc=g.nsc).bitmap_after
+        ctx.set_entry(m.l2_off, gc0 + i, (m.alloc + base) | C.QCOW_OFLAG_COPIED, new_bm)
     if not m.keep_old:
         for w0 in old_entries:
             ctx.alloc.free_any_cluster(w0)

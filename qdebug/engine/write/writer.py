@@ -80,6 +80,14 @@ class WriteEngine:
         self._overlay: dict[int, bytearray] = {}
         self._overlay_size = 0
         self._txn: Txn | None = None
+        self.minimal_cow = False  # whatif --policy minimal-cow: NOT QEMU (use_minimal_cow)
+
+    def use_minimal_cow(self) -> None:
+        """Plan with the minimal-COW policy (minimal_cow.py) instead of QEMU's: NOT what QEMU does,
+        so only a dry run may (an image written this way is not what QEMU would have made)."""
+        if self.mode is not SIMULATE:
+            raise QcowError("the minimal-COW policy is not QEMU's: only a dry run plans with it")
+        self.minimal_cow = True
 
     @property
     def state(self) -> EngineState:
@@ -162,6 +170,7 @@ class WriteEngine:
         trace.ops = txn.ops
         trace.geo = self.geo
         ctx = StepContext(self.chain, self.geo, self._has_backing, txn, alloc, trace)
+        ctx.minimal_cow = self.minimal_cow
         dead = state.dead
         try:
             self._dispatch(ctx, cmd, mode)
