@@ -184,3 +184,20 @@ def test_whatif_shows_the_minimal_cow_policy_beside_qemus(tmp_path, capsys):
     assert (out["policy"], out["cow-bytes"], out["cow-avoidable-bytes"]) == ("minimal-cow", 50 * K, 0)
     assert main(["stats", img, one, "--policy", "minimal-cow"]) == 0
     assert "NOT QEMU" in capsys.readouterr().out
+
+
+def test_replay_log_costs_add_up_to_stats(tmp_path, capsys):
+    """`replay --log-costs` gives every step record its cost; summed, they are what stats reports."""
+    base = raw_file(tmp_path / "base.raw", 4 << 20, 0x21)
+    img = create(str(tmp_path / "i.qcow2"), "4M", cluster_size="128k", backing=base, backing_fmt="raw")
+    trace = _random_4k_writes(tmp_path / "t", 4 << 20, 30, seed=5)
+    assert main(["stats", img, trace, "--output=json"]) == 0
+    stats = json.loads(capsys.readouterr().out)
+    log = tmp_path / "steps.jsonl"
+    assert main(["replay", "--dry-run", "--log", str(log), "--log-costs", img, trace]) == 0
+    costs = [json.loads(ln)["cost"] for ln in log.read_text().splitlines()]
+    assert len(costs) == 30
+    for key in ("guest-write-bytes", "host-data-bytes", "cow-bytes", "metadata-bytes", "allocated-clusters"):
+        assert sum(c[key] for c in costs) == stats[key], key
+    assert main(["replay", "--dry-run", "--log", str(log), img, trace]) == 0
+    assert "cost" not in json.loads(log.read_text().splitlines()[0])

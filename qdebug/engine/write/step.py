@@ -252,10 +252,11 @@ class StepRecord:
         assert geo is not None, "a step the engine ran knows its geometry"
         return measure(self.trace, geo).frozen()
 
-    def to_json(self, *, plan: bool = False, timing: bool = False) -> dict:
+    def to_json(self, *, plan: bool = False, timing: bool = False, cost: bool = False) -> dict:
         """A step-log record (format version LOG_VERSION). Without `plan`: the step, its error,
         hazards, host writes and bitmaps (the plan's own keys, short form); with it: every key
-        of the plan's JSON. `seconds` only with `timing`, so logs of one trace diff equal."""
+        of the plan's JSON and the step's cost. `cost` (or `plan`): what the step cost
+        (cost.StepCost). `seconds` only with `timing`, so logs of one trace diff equal."""
         p = self.plan
         out: dict = {"log-version": LOG_VERSION, "index": self.index, "line": self.command.lineno or None,
                      "command": self.command.source_text}
@@ -268,7 +269,8 @@ class StepRecord:
             out["hazards"] = [h.to_json() for h in p.hazards]
             out["host-writes"] = [w.to_json() for w in p.host_writes]
             out["clusters"] = [c.to_json(full=False) for c in p.clusters]
-        out["cost"] = self.cost.to_json()
+        if cost or plan:
+            out["cost"] = self.cost.to_json()
         if timing:
             out["seconds"] = None if self.seconds is None else round(self.seconds, 6)
         return out
@@ -276,5 +278,6 @@ class StepRecord:
 
 # 2: kebab-case keys shared with `qdebug plan --output=json`; "clusters" (a list) replaced
 # version 1's "bitmaps" (an object keyed by cluster number); the full plan only with --log-plans;
-# "seconds" only with --log-timing; "cost" (what the step cost, cost.StepCost) added within version 2.
+# "seconds" only with --log-timing; "cost" (what the step cost, cost.StepCost) with --log-costs or
+# --log-plans, added within version 2.
 LOG_VERSION = 2
