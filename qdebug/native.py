@@ -32,7 +32,7 @@ MANIFEST = OUT / "manifest.json"
 MODULES = ("engine.format.constants", "engine.format.subclusters", "engine.format.geometry", "engine.write.blocklayer",
            "trace.syntax", "engine.write.ops", "trace.qemuio", "trace.commands", "engine.write.plan",
            "engine.write.txn", "engine.write.allocator", "engine.read.kinds", "engine.read.guestview",
-           "engine.write.step", "engine.write.context",
+           "engine.write.minimal_cow", "engine.write.step", "engine.write.cost", "engine.write.context",
            "engine.write.datapath", "engine.write.zeroes", "engine.write.discard", "engine.write.compressed",
            "engine.write.writer")
 GROUP = "qdebug_engine"

@@ -313,3 +313,30 @@ def _cost(cmd: str, window: list[tuple[str, str]], top: str, top_file: str, role
     c.refcount_blocks_allocated = len(fresh & after.refblocks)
     c.allocated_clusters = len(fresh - after.l2_tables - after.refblocks - after.l1_clusters - after.reftable_clusters)
     return c
+
+
+# ---- the cases both the oracle's tests and qdebug's cost tests run ---------------------------------
+def raw_file(path, size: int, byte: int = 0xEE) -> str:
+    """A raw file of `size` bytes of `byte` (a backing file full of data)."""
+    with open(path, "wb") as f:
+        f.write(bytes([byte]) * size)
+    return str(path)
+
+
+def analytic_case(tmp_path, cs: int, ext: bool, writes: int, neighbours: int
+                  ) -> tuple[str, str, int, list[int], list[str]]:
+    """Aligned 4 KiB writes at random places (and right after `neighbours` of them) of a 32 MiB image
+    over a raw backing file full of data: (image, backing file, allocation unit, 4 KiB blocks, commands)."""
+    import random
+
+    from tests.qemu import create
+
+    size = 32 << 20
+    base = raw_file(tmp_path / "base.raw", size)
+    img = create(str(tmp_path / "a.qcow2"), size, cluster_size=str(cs), extended_l2=ext, backing=base,
+                 backing_fmt="raw")
+    rng = random.Random(cs + ext)
+    blocks = rng.sample(range(size // 4096), writes)
+    blocks += [b + 1 for b in blocks[:neighbours] if (b + 1) * 4096 < size and b + 1 not in blocks]
+    cmds = [f"write -P 0x{i % 255 + 1:x} {b * 4096} 4k" for i, b in enumerate(blocks)]
+    return img, base, cs // 32 if ext else cs, blocks, cmds

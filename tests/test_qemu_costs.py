@@ -12,18 +12,12 @@ import struct
 import pytest
 
 from tests.qemu import create, qemu_img, qemu_io
-from tests.qemu_costs import qemu_costs
+from tests.qemu_costs import analytic_case, qemu_costs, raw_file
 from tests.trace.random_traces import random_trace, strip_comments
 
 pytestmark = pytest.mark.qemu
 
 K = 1024
-
-
-def _raw(path, size: int, byte: int = 0xEE) -> str:
-    with open(path, "wb") as f:
-        f.write(bytes([byte]) * size)
-    return str(path)
 
 
 def _l2_bitmap(path: str, guest_cluster: int) -> int:
@@ -40,7 +34,7 @@ def _l2_bitmap(path: str, guest_cluster: int) -> int:
 def test_seed_example(qemu, tmp_path):
     """`--0-NN-0_NNNNNNNN_NNNNNNNN_NNNNNNNN`, shared with a snapshot, over a raw backing file full of
     data; a write to subcluster 8 copies subclusters 4-7 and 9-31: 54 KiB of COW (2 KiB subclusters)."""
-    base = _raw(tmp_path / "base.raw", 1 << 20)
+    base = raw_file(tmp_path / "base.raw", 1 << 20)
     img = create(str(tmp_path / "seed.qcow2"), "1M", backing=base, backing_fmt="raw")
     qemu_io(img, "write -P 1 8k 4k", "write -P 2 16k 48k", "write -z 4k 2k", "write -z 14k 2k")
     assert _l2_bitmap(img, 0) == 0x00000084FFFFFF30  # --0-NN-0_NNNNNNNN_NNNNNNNN_NNNNNNNN
@@ -66,16 +60,8 @@ def test_seed_example(qemu, tmp_path):
 def test_aligned_4k_writes_over_backing_data_cost_unit_minus_4k(qemu, tmp_path, cs, ext):
     """Each first touch of an allocation unit (the cluster; the subcluster with extended L2) costs
     unit - 4 KiB of COW from the backing file; later touches cost none."""
-    size = 32 << 20
-    base = _raw(tmp_path / "base.raw", size)
-    img = create(str(tmp_path / "a.qcow2"), size, cluster_size=str(cs), extended_l2=ext, backing=base,
-                 backing_fmt="raw")
-    unit = cs // 32 if ext else cs
-    rng = random.Random(cs + ext)
-    blocks = rng.sample(range(size // 4096), 30)
-    blocks += [b + 1 for b in blocks[:10] if (b + 1) * 4096 < size and b + 1 not in blocks]  # some neighbours
-    costs = qemu_costs(img, [f"write -P 0x{i % 255 + 1:x} {b * 4096} 4k" for i, b in enumerate(blocks)],
-                       [(base, "raw")])
+    img, base, unit, blocks, cmds = analytic_case(tmp_path, cs, ext, 30, 10)
+    costs = qemu_costs(img, cmds, [(base, "raw")])
     touched: set[int] = set()
     firsts = 0
     for b, c in zip(blocks, costs):
@@ -103,7 +89,7 @@ def test_zero_cow_shortcut_is_a_zero_fill_not_data(qemu, tmp_path):
 
 
 def test_cow_sources_through_a_two_deep_chain(qemu, tmp_path):
-    base = _raw(tmp_path / "base.raw", 1 << 20, 0xAB)
+    base = raw_file(tmp_path / "base.raw", 1 << 20, 0xAB)
     mid = create(str(tmp_path / "mid.qcow2"), "1M", backing=base, backing_fmt="raw")
     qemu_io(mid, "write -P 0x22 2k 2k")  # mid: sc 1 data, the rest of cluster 0 falls through to base
     top = create(str(tmp_path / "top.qcow2"), "1M", backing=mid, backing_fmt="qcow2")
@@ -129,7 +115,7 @@ def test_invariants_on_random_traces(qemu, tmp_path, seed):
     size = 4 << 20
     chain = []
     if seed % 2:
-        chain = [(_raw(tmp_path / "base.raw", size, 0x5A), "raw")]
+        chain = [(raw_file(tmp_path / "base.raw", size, 0x5A), "raw")]
     img = create(str(tmp_path / "r.qcow2"), size, cluster_size=str(cs), extended_l2=bool(seed % 3),
                  backing=chain[0][0] if chain else None, backing_fmt="raw")
     cmds = strip_comments(random_trace(seed, 40, size, cs))

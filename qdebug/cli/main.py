@@ -16,7 +16,7 @@ from .common import one_line
 
 EXIT_ERROR = 1
 EXIT_INTERNAL = 70
-COMMAND_MODULES = ("inspect", "write", "check", "scan", "forensics", "trace_import", "tui")
+COMMAND_MODULES = ("inspect", "write", "check", "scan", "forensics", "trace_import", "workload", "tui")
 
 
 class _Version(argparse.Action):

@@ -278,7 +278,8 @@ def cmd_replay(args) -> int:
                 rec = step(cmd)
                 assert rec is not None
                 if log:
-                    log.write(json.dumps(rec.to_json(plan=args.log_plans, timing=args.log_timing)) + "\n")
+                    log.write(json.dumps(rec.to_json(plan=args.log_plans, timing=args.log_timing,
+                                                     cost=args.log_costs)) + "\n")
                 for h in rec.hazards:
                     print(f"qdebug: {source}:{rec.command.lineno}: {rec.command.source_text}: {hazard_text(h)}",
                           file=sys.stderr)
@@ -367,6 +368,9 @@ def register(sub) -> None:
                     help="log each step's whole plan (requests, L2Metas, COW sources...: the keys of "
                          "`qdebug plan --output=json`); slower")
     sp.add_argument("--log-timing", action="store_true", help="log each step's duration (seconds)")
+    sp.add_argument("--log-costs", action="store_true",
+                    help="log what each step cost as QEMU spends it (\"cost\": guest, host data, COW and its "
+                         "avoidable part, COW reads, metadata bytes, allocations, file sizes; also with --log-plans)")
     sp.add_argument("--dry-run", action="store_true",
                     help="plan every command as the replay would (each after the ones before); write nothing")
     sp.add_argument("--journal", action="store_true",

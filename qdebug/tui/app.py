@@ -59,7 +59,7 @@ from .messages import (
 from .model import ImageModel
 from .palette import QDebugCommands
 from .panels import chain_content, counts_content, header_content
-from .plan_view import plan_clusters, plan_content
+from .plan_view import RunningCost, plan_clusters, plan_content
 from .rows import RowView
 from .screens import GotoScreen, HelpScreen, PathScreen, QuitScreen, SnapshotScreen
 from .theme import qdebug_variables
@@ -112,6 +112,7 @@ class QDebugApp(App):
                  keymap: dict[str, str] | None = None, counts: bool = True):
         super().__init__()
         self.image_path = image
+        self._running_cost = RunningCost()  # the COW plan panel's "so far" line (prefix sums of step costs)
         self.want_counts = counts
         self.bench = Workbench(image, write=write)
         self.serial = Serial()
@@ -634,7 +635,8 @@ class QDebugApp(App):
                 title += f": {rec.command.source_text} (no writes)"
             if rec.error:
                 title += f"  ✗ failed: {rec.error}"
-            static.update(plan_content(rec.plan, self.model.cluster_size, self.model.spc, title=title))
+            static.update(plan_content(rec.plan, self.model.cluster_size, self.model.spc, title=title, cost=rec.cost,
+                                       total=self._running_cost.upto(bench.replay.records) if bench.replay else None))
             return
         static.update(plan_content(None, 0, 1, title="step 1, not applied yet: planning it…"))
         self.engine_job(self._preview)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from textual.content import Content
 
+from ..engine.write.cost import Cost, StepCost
 from ..engine.write.plan import CowPiece, CowSource, RequestKind, WritePlan
 
 SOURCE_STYLE = {CowSource.OLD_CLUSTER: "$qd-data", CowSource.ZEROS: "$text-muted", CowSource.DECOMPRESSED: "$qd-compressed",
@@ -91,7 +92,54 @@ def _line(label: str, row: list, label_style: str = "$text-muted") -> Content:
     return Content.assemble((f"{label:<{LABEL}}", label_style), *row)
 
 
-def plan_content(plan: WritePlan | None, cluster_size: int, spc: int, *, title: str = "", max_clusters: int = 4) -> Content:
+def _size(n: int) -> str:
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if n >= 1 << shift:
+            v = n / (1 << shift)
+            return f"{v:.3g} {unit}"
+    return f"{n} B"
+
+
+def cost_line(label: str, c: StepCost) -> Content:
+    """One line of what a step (or the steps so far) cost: host bytes by kind, COW and its avoidable part."""
+    amp = f"  x{c.write_amplification:.2f}" if c.write_amplification is not None else ""
+    return Content.assemble(
+        (f"{label:<{LABEL}}", "$text-muted"),
+        f"guest {_size(c.guest_write_bytes)} -> host data {_size(c.host_data_bytes)}, ",
+        ("COW ", "$text-muted"), f"{_size(c.cow_bytes)}",
+        (f" ({_size(c.cow_avoidable_bytes)} avoidable)" if c.cow_avoidable_bytes else "", "$error"),
+        f", metadata {_size(c.metadata_bytes)}", (amp, "bold"))
+
+
+class RunningCost:
+    """The cost of the steps so far, kept as prefix sums so stepping forward or back is O(1)."""
+
+    def __init__(self) -> None:
+        self._ids: list[int] = []
+        self._sums: list[Cost] = []
+
+    def upto(self, records: list) -> StepCost | None:
+        """The summed cost of `records` (the session's applied steps, oldest first)."""
+        n = len(records)
+        keep = min(n, len(self._ids))
+        while keep and self._ids[keep - 1] != id(records[keep - 1]):
+            keep -= 1  # a step was taken back and another applied in its place
+        del self._ids[keep:], self._sums[keep:]
+        from ..engine.write.cost import measure
+
+        for rec in records[keep:]:
+            total = Cost()
+            if self._sums:
+                total.add(self._sums[-1])
+            if rec.changes_image and rec.trace.geo is not None:
+                measure(rec.trace, rec.trace.geo, total)
+            self._ids.append(id(rec))
+            self._sums.append(total)
+        return self._sums[-1].frozen() if self._sums else None
+
+
+def plan_content(plan: WritePlan | None, cluster_size: int, spc: int, *, title: str = "", max_clusters: int = 4,
+                 cost: StepCost | None = None, total: StepCost | None = None) -> Content:
     if plan is None:
         return Content.styled(title or "no plan: read and flush do not write", "$text-muted")
     lines: list[Content] = []
@@ -126,9 +174,16 @@ def plan_content(plan: WritePlan | None, cluster_size: int, spc: int, *, title: 
                         else:
                             lines.append(_line(name, sk.bar(s.guest_offset, s.length, source_style(s))
                                                + [(f" {s.label}", source_style(s))]))
+                for a in m.avoidable:  # copied although `-` or `0` and untouched: the seed's extra I/O
+                    lines.append(_line("avoidable", sk.bar(a.offset, a.length, "$error") + [(" COW not needed", "$error")],
+                                       "$error"))
         lines.append(_line("after", sk.bitmap(after, before)))
         if len(clusters) > len(shown):
             lines.append(Content.styled(f"… and {len(clusters) - len(shown)} more clusters", "$text-muted"))
+    if cost is not None:
+        lines.append(cost_line("cost", cost))
+    if total is not None:
+        lines.append(cost_line("so far", total))
     for r in plan.requests:
         host = f" -> host 0x{r.host_offset:x}" if r.host_offset is not None else ""
         lines.append(Content.assemble((f"{r.kind.value} ", KIND_STYLE[r.kind]),

@@ -146,8 +146,12 @@ def test_step_record_prints_as_json(image):
         full = s.records[0].to_json(plan=True, timing=True)
         plan = s.records[0].plan.to_json()
         # the full record is the plan's own JSON (same keys, same values) plus the step's place
-        assert {k: v for k, v in full.items() if k not in ("log-version", "index", "seconds")} == \
+        # ... and what the step cost (cost.StepCost: with the plan, or asked for)
+        assert {k: v for k, v in full.items() if k not in ("log-version", "index", "seconds", "cost")} == \
             {**plan, "command": w["command"]}
+        assert "cost" not in w and full["cost"] == s.records[0].to_json(cost=True)["cost"] == \
+            s.records[0].cost.to_json()
+        assert (full["cost"]["guest-write-bytes"], full["cost"]["cow-bytes"]) == (4096, 0)
         assert full["seconds"] >= 0
         assert full["requests"][0]["l2-metas"][0]["cow-start"] == {"offset": 8192, "length": 0}
 

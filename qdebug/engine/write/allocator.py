@@ -18,7 +18,7 @@ from ..format import constants as C
 from ..format.compression import descriptor_fields
 from ..format.header import FIELD
 from ..format.refcounts import pack_refcounts, unpack_refcounts
-from .txn import UINT, Txn
+from .txn import FLUSH_L2, FLUSH_REFCOUNT, REFCOUNT_AFTER_L2, UINT, Txn
 
 _REFTABLE_FIELD = FIELD["refcount_table_offset"]
 _REFTABLE_CLUSTERS = FIELD["refcount_table_clusters"]
@@ -109,6 +109,10 @@ class Allocator:
         # BDRV_O_UNMAP, so QEMU passes the discard down to the image file, a punched hole).
         self.discards: list[int] = []
         self.stale_pack = False
+        # Refcount transitions of this step, for its cost: cluster index c when its refcount went
+        # 0 -> non-zero, ~c when it went to 0; and the refcount blocks it allocated.
+        self.transitions: list[int] = []
+        self.new_refblocks: list[int] = []
 
     # ---- state ---------------------------------------------------------------------------------
     @property
@@ -205,8 +209,10 @@ class Allocator:
                         discard: bool = False) -> None:
         """Add `addend` (+n or -n) to `count` clusters; may raise _Again after undoing itself.
         discard: a guest discard request's free (clusters reaching 0 are listed in `discards`)."""
-        if addend < 0 and not undo:
-            self.freed.append((first_cluster << self.cbits, count << self.cbits))
+        if addend < 0:
+            self.txn.op(REFCOUNT_AFTER_L2)  # update_refcount: a decrease waits for the L2 entries
+            if not undo:
+                self.freed.append((first_cluster << self.cbits, count << self.cbits))
         done = 0
         try:
             while done < count:
@@ -236,7 +242,14 @@ class Allocator:
                     raise CorruptImage(f"refcount of host cluster {bad} (0x{bad << self.cbits:x}) would leave "
                                        f"0..{self.refcount_max}")
                 self._write_entries(block_off, idx, vals)
-                if addend < 0 and 0 in vals:
+                if addend > 0:
+                    if n == 1:
+                        if vals[0] == addend:
+                            self.transitions.append(ci)
+                    else:
+                        self.transitions.extend([ci + i for i, v in enumerate(vals) if v == addend])
+                elif 0 in vals:
+                    self.transitions.extend([~(ci + i) for i, v in enumerate(vals) if v == 0])
                     if discard:
                         self.discards.extend((ci + i) << self.cbits for i, v in enumerate(vals) if v == 0)
                     z = vals.index(0)
@@ -254,6 +267,7 @@ class Allocator:
     def _alloc_refcount_block(self, cluster_index: int) -> int:
         """A refcount block for `cluster_index` (alloc_refcount_block); always ends in _Again."""
         block = cluster_index // self.per_block
+        self.txn.op(FLUSH_L2)  # "We write to the refcount table, so we might depend on L2 tables"
         new_block = self.alloc_clusters_noref(1) << self.cbits
         if new_block == 0:
             raise CorruptImage("preventing invalid allocation of refcount block at offset 0")
@@ -264,8 +278,11 @@ class Allocator:
             data = pack_refcounts(buf, self.order)
         else:
             self.update_refcount(new_index, 1, 1)
+            self.txn.op(FLUSH_REFCOUNT)
             data = bytes(self.cs)
         self.txn.write_meta(new_block, data, "refblock")
+        self.txn.op(FLUSH_REFCOUNT)  # the new block is written before the refcount table points at it
+        self.new_refblocks.append(new_block)
         self._cache[new_block] = unpack_refcounts(data, self.order)
         if block < self.reftable_len:
             self.txn.write_u64(self.reftable_offset + block * 8, new_block, "reftable")
@@ -340,8 +357,10 @@ class Allocator:
             if fresh:
                 self.txn.write_meta(off, pack_refcounts(vals, self.order), "refblock")
                 self._cache[off] = vals
+                self.new_refblocks.append(off)
             elif first < end_offset:
                 self._write_entries(off, j0, vals[j0:j1])
+        self.txn.op(FLUSH_REFCOUNT)  # qcow2_refcount_area: the blocks before the table that lists them
         self.txn.write_meta(table_offset, b"".join(v.to_bytes(8, "big") for v in new_table), "reftable")
         # refcount_table_offset and refcount_table_clusters are adjacent: one header write, as QEMU's
         self.txn.write_meta(_REFTABLE_FIELD.offset, _REFTABLE_FIELD.pack(table_offset) + _REFTABLE_CLUSTERS.pack(

@@ -15,7 +15,7 @@ from ..format.header import FIELD
 from ..read.guestview import TopEntries
 from .allocator import Allocator
 from .step import StepTrace
-from .txn import Txn
+from .txn import FLUSH_L2, FLUSH_REFCOUNT, Txn
 
 _QQ = struct.Struct(">QQ")
 _INCOMPAT: Final = FIELD["incompatible_features"].offset
@@ -38,6 +38,8 @@ class StepContext(TopEntries):
         self.in_place: list[tuple[int, int]] = []  # (host offset, clusters) written in place (COPIED)
         self.marked_corrupt = False  # QEMU would set the corrupt bit: its driver is gone afterwards
         self.decompressed: dict = {}  # compressed clusters decompressed for COW in this step
+        # whatif --policy minimal-cow (NOT QEMU; dry runs only): COW only what must be preserved
+        self.minimal_cow = False
         self.entries: dict[int, tuple[int, int]] = {}
         self._l1: dict[int, int] = {}  # L1 entries read this step (get_cluster_table keeps it current)
 
@@ -116,9 +118,12 @@ class StepContext(TopEntries):
         if new == 0:
             self.corruption("Preventing invalid allocation of L2 table at offset 0")
         self.trace.allocations.append((new, self.g.cs, "L2 table"))
-        table = self.txn.pread(l2_off, self.g.cs) if l2_off else bytes(self.g.cs)
-        self.txn.write_meta(new, table, "L2")
-        self.txn.write_u64(self.g.l1_offset + 8 * l1_index, new | C.QCOW_OFLAG_COPIED, "L1")
+        txn = self.txn
+        txn.op(FLUSH_REFCOUNT)  # l2_allocate: the new table's refcount is on disk before the table
+        table = txn.pread(l2_off, self.g.cs) if l2_off else bytes(self.g.cs)
+        txn.write_meta(new, table, "L2")
+        txn.op(FLUSH_L2)  # ... and the table (every dirty L2 slice) before the L1 entry
+        txn.write_u64(self.g.l1_offset + 8 * l1_index, new | C.QCOW_OFLAG_COPIED, "L1")
         self._l1[l1_index] = new | C.QCOW_OFLAG_COPIED
         if l2_off:
             self.alloc.free_clusters(l2_off, self.g.cs)

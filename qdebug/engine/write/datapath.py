@@ -29,8 +29,9 @@ from ..format.subclusters import (
 from ..read import guestview
 from ..read.guestview import Segment
 from .context import StepContext
+from .minimal_cow import minimal_cow
 from .step import L2Meta
-from .txn import Fill
+from .txn import L2_AFTER_REFCOUNT, Fill
 
 MAX_REQUEST: Final = (1 << 31) - 512  # BDRV_REQUEST_MAX_BYTES rounded down to a 512-byte multiple
 
@@ -104,7 +105,7 @@ def calculate_l2_meta(ctx: StepContext, host: int, offset: int, nbytes: int, l2_
             ce_to = -(-w_end // g.sc_size) * g.sc_size
     else:
         ce_to = w_end if t == NORMAL else -(-w_end // g.sc_size) * g.sc_size
-    metas.insert(0, L2Meta(gc0 << g.cbits, host, nb, keep_old, cs_from, w_start, w_end, ce_to, l2_off))
+    metas.insert(0, L2Meta(gc0 << g.cbits, host, nb, keep_old, cs_from, w_start, w_end, ce_to, l2_off, entries))
 
 
 def _count_single_write(ctx: StepContext, gc0: int, n: int, new_alloc: bool) -> int:
@@ -205,6 +206,9 @@ def _is_zero_fast(ctx: StepContext, offset: int, length: int, segs: list[Segment
     return guestview.reads_as_zero(ctx.chain, segs, exact=False)
 
 
+# perform_cow reads cow_start, the data area and cow_end with one read when the data area between the
+# two regions is at most this long (its bytes are read and dropped: cheaper than two requests)
+MERGE_READ_MAX: Final = 16384
 Piece = tuple[int, int, int, list[L2Meta]]  # guest offset, bytes, host offset, its L2Metas
 MAX_WORKERS: Final = 8  # QCOW2_MAX_WORKERS: pieces of one request in flight at once
 
@@ -232,6 +236,11 @@ def pwrite(ctx: StepContext, offset: int, nbytes: int, fill: Fill, kind: str) ->
             if (head_len or tail_len) and _is_zero_fast(ctx, head_off, head_len, hsegs) \
                     and _is_zero_fast(ctx, tail_off, tail_len, tsegs):
                 m.skip = True
+            elif head_len and tail_len and m.ce_from - m.cs_to <= MERGE_READ_MAX:
+                # perform_cow reads both regions and the data area between them at once
+                m.mid = _segments(ctx, m.offset + m.cs_to, m.ce_from - m.cs_to)
+            if ctx.minimal_cow and g.ext:
+                _minimal_regions(ctx, m)
         pending.append((offset, cur, host, metas))
         if len(pending) == MAX_WORKERS:
             _finish(ctx, pending.pop(0), fill, kind)
@@ -239,6 +248,25 @@ def pwrite(ctx: StepContext, offset: int, nbytes: int, fill: Fill, kind: str) ->
         nbytes -= cur
     for piece in pending:
         _finish(ctx, piece, fill, kind)
+
+
+def _minimal_regions(ctx: StepContext, m: L2Meta) -> None:
+    """The minimal-COW policy's regions of `m` (minimal_cow.py; NOT QEMU): per cluster, only what
+    must be preserved, with the guest view of each; zero-filled when every region reads as zeros."""
+    g = ctx.g
+    cs = g.cs
+    regions: list[tuple[int, int, list[Segment]]] = []
+    for i in range(m.nb):
+        w0, bm = m.old[i]
+        base = i * cs
+        wf, wt = max(m.cs_to, base) - base, min(m.ce_from, base + cs) - base
+        mc = minimal_cow(bm, compressed=bool(w0 & C.QCOW_OFLAG_COMPRESSED), keep_old=m.keep_old, w_from=wf,
+                         w_to=wt, cluster_size=cs, nsc=g.nsc)
+        for a, b in mc.regions:
+            regions.append((base + a, base + b, _segments(ctx, m.offset + base + a, b - a)))
+    m.regions = regions
+    m.mid = None
+    m.skip = bool(regions) and all(_is_zero_fast(ctx, m.offset + a, b - a, segs) for a, b, segs in regions)
 
 
 def _finish(ctx: StepContext, piece: Piece, fill: Fill, kind: str) -> None:
@@ -249,10 +277,11 @@ def _finish(ctx: StepContext, piece: Piece, fill: Fill, kind: str) -> None:
     for m in metas:
         if m.cs_to == m.cs_from and m.ce_to == m.ce_from:
             continue
-        if m.skip:
+        if m.skip or m.regions is not None:
             continue
         if m.offset + m.cs_to == offset and m.offset + m.ce_from == offset + cur:
             merged = m
+            m.merged = True
             break
     txn = ctx.txn
     through = txn.data_through
@@ -292,6 +321,11 @@ def link_l2(ctx: StepContext, m: L2Meta, merged: bool, host: int, data_off: int,
     hsegs, tsegs = m.segs
     txn = ctx.txn
 
+    if m.regions is not None:  # the minimal policy (NOT QEMU): its own regions, then its bitmaps
+        for a, b, segs in m.regions:
+            _cow(ctx, m, m.alloc + a, m.offset + a, b - a, segs)
+        _link_minimal(ctx, m)
+        return
     _cow(ctx, m, m.alloc + m.cs_from, m.offset + m.cs_from, m.cs_to - m.cs_from, hsegs)
     if merged:
         txn.write_data(host, data_len, "data", fill(data_off, data_len) if txn.data_through else None)
@@ -299,6 +333,7 @@ def link_l2(ctx: StepContext, m: L2Meta, merged: bool, host: int, data_off: int,
     gc0 = m.offset >> g.cbits
     old_entries = []
     written_from, written_to = m.cs_from, m.ce_to
+    txn.op(L2_AFTER_REFCOUNT)  # refcounts reach the disk before an L2 entry points at new clusters
     for i in range(m.nb):
         w0, bm = ctx.entry(gc0 + i)
         if w0:
@@ -313,6 +348,30 @@ def link_l2(ctx: StepContext, m: L2Meta, merged: bool, host: int, data_off: int,
             mask = (1 << (last + 1)) - (1 << first)
             new_bm = (bm | mask) & ~(mask << 32)
         ctx.set_entry(m.l2_off, gc0 + i, new_w0, new_bm)
+    if not m.keep_old:
+        for w0 in old_entries:
+            ctx.alloc.free_any_cluster(w0)
+    else:
+        ctx.in_place.append((m.alloc, m.nb))
+
+
+def _link_minimal(ctx: StepContext, m: L2Meta) -> None:
+    """link_l2 under the minimal policy: the written subclusters become `N`, every other keeps its
+    old state (`-` stays `-`, `0` stays `0`, a moved `N` stays `N`); old clusters freed as QEMU does."""
+    g = ctx.g
+    cs = g.cs
+    gc0 = m.offset >> g.cbits
+    old_entries = []
+    ctx.txn.op(L2_AFTER_REFCOUNT)
+    for i in range(m.nb):
+        w0, bm = ctx.entry(gc0 + i)
+        if w0:
+            old_entries.append(w0)
+        base = i * cs
+        wf, wt = max(m.cs_to, base) - base, min(m.ce_from, base + cs) - base
+        new_bm = minimal_cow(bm, compressed=bool(w0 & C.QCOW_OFLAG_COMPRESSED), keep_old=m.keep_old, w_from=wf,
+                             w_to=wt, cluster_size=cs, nsc=g.nsc).bitmap_after
+        ctx.set_entry(m.l2_off, gc0 + i, (m.alloc + base) | C.QCOW_OFLAG_COPIED, new_bm)
     if not m.keep_old:
         for w0 in old_entries:
             ctx.alloc.free_any_cluster(w0)

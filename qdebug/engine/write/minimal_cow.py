@@ -39,6 +39,22 @@ def _mask(first: int, last: int) -> int:
     return (1 << (last + 1)) - (1 << first)
 
 
+def mask_runs(mask: int) -> list[tuple[int, int]]:
+    """The runs of set bits of `mask` as (first, last) bit numbers, lowest first."""
+    out = []
+    i = 0
+    while mask >> i:
+        if mask >> i & 1:
+            j = i
+            while mask >> (j + 1) & 1:
+                j += 1
+            out.append((i, j))
+            i = j + 1
+        else:
+            i += 1
+    return out
+
+
 def _merge(ranges: list[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
     out: list[list[int]] = []
     for s, e in sorted(r for r in ranges if r[1] > r[0]):
@@ -67,17 +83,7 @@ def minimal_cow(old_bitmap: int, *, compressed: bool, keep_old: bool, w_from: in
     if not (keep_old and alloc >> s1 & 1):
         regions.append((w_to, (s1 + 1) * sc))
     if not keep_old:
-        moved = alloc & ~written
-        i = 0
-        while moved >> i:
-            if moved >> i & 1:
-                j = i
-                while moved >> (j + 1) & 1:
-                    j += 1
-                regions.append((i * sc, (j + 1) * sc))
-                i = j + 1
-            else:
-                i += 1
+        regions += [(i * sc, (j + 1) * sc) for i, j in mask_runs(alloc & ~written)]
     return MinimalCow(_merge(regions), (zero & ~written) << 32 | (alloc | written))
 
 

@@ -63,6 +63,10 @@ class L2MetaPlan:
 
     keep_old: the clusters are written in place (COPIED). skip_cow: QEMU 7.2 zero-fills
     [cow_start, cow_end) with one write-zeroes and skips the COW copy (handle_alloc_space).
+    avoidable: guest ranges of whole subclusters the COW copies although they were `-` or `0` and
+    the write does not touch them. reads: where the bytes QEMU reads for the COW come from (the data
+    area too when it reads both regions at once). regions: the COW of a policy that is not QEMU's
+    (whatif --policy minimal-cow), relative to guest_offset; empty for QEMU's cow_start / cow_end.
     """
 
     guest_offset: int
@@ -73,12 +77,19 @@ class L2MetaPlan:
     cow_end: Region
     skip_cow: bool
     sources: tuple[CowPiece, ...] = ()
+    avoidable: tuple[Region, ...] = ()
+    reads: tuple[CowPiece, ...] = ()
+    regions: tuple[Region, ...] = ()
 
     def to_json(self) -> dict:
-        return {"guest-offset": self.guest_offset, "nb-clusters": self.nb_clusters,
-                "alloc-offset": self.alloc_offset, "keep-old": self.keep_old,
-                "cow-start": self.cow_start.to_json(), "cow-end": self.cow_end.to_json(),
-                "skip-cow": self.skip_cow, "sources": [s.to_json() for s in self.sources]}
+        out = {"guest-offset": self.guest_offset, "nb-clusters": self.nb_clusters,
+               "alloc-offset": self.alloc_offset, "keep-old": self.keep_old,
+               "cow-start": self.cow_start.to_json(), "cow-end": self.cow_end.to_json(),
+               "skip-cow": self.skip_cow, "sources": [s.to_json() for s in self.sources],
+               "avoidable": [r.to_json() for r in self.avoidable], "cow-reads": [s.to_json() for s in self.reads]}
+        if self.regions:
+            out["cow-regions"] = [r.to_json() for r in self.regions]
+        return out
 
 
 class RequestKind(str, Enum):

@@ -11,11 +11,14 @@ step's place in a session: its index, the engine state before it (for undo), its
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
+from ..format.constants import QCOW_OFLAG_COMPRESSED
+from ..format.geometry import Geometry
 from ..format.subclusters import COMPRESSED, NORMAL, fast_bitmap_string
 from ..read.guestview import Segment
 from ..read.kinds import RAW_DATA
+from .minimal_cow import avoidable_mask, mask_runs
 from .ops import Command
 from .plan import (
     Allocation,
@@ -32,6 +35,9 @@ from .plan import (
     WritePlan,
 )
 
+if TYPE_CHECKING:
+    from .cost import StepCost
+
 
 class L2Meta:
     """QEMU's QCowL2Meta while its request runs: nb guest clusters from `offset` (a cluster start)
@@ -39,15 +45,24 @@ class L2Meta:
     `offset`, the guest view of each region (`segs`, taken before the write), and whether QEMU
     zero-fills instead of copying (`skip`). Frozen as an L2MetaPlan in the plan."""
 
-    __slots__ = ("offset", "alloc", "nb", "keep_old", "cs_from", "cs_to", "ce_from", "ce_to", "l2_off", "skip", "segs")
+    __slots__ = ("offset", "alloc", "nb", "keep_old", "cs_from", "cs_to", "ce_from", "ce_to", "l2_off", "skip", "segs",
+                 "old", "mid", "merged", "regions")
 
     def __init__(self, offset: int, alloc: int, nb: int, keep_old: bool, cs_from: int, cs_to: int,
-                 ce_from: int, ce_to: int, l2_off: int):
+                 ce_from: int, ce_to: int, l2_off: int, old: list[tuple[int, int]]):
         self.offset, self.alloc, self.nb, self.keep_old = offset, alloc, nb, keep_old
         self.cs_from, self.cs_to, self.ce_from, self.ce_to = cs_from, cs_to, ce_from, ce_to
         self.l2_off = l2_off
         self.skip = False
         self.segs: tuple[list[Segment], list[Segment]] = ([], [])
+        # For the step's cost: the clusters' L2 entries before this request, the guest view of the
+        # data area when QEMU reads it with both COW regions (perform_cow's merged read), whether the
+        # COW went out in one write with the data; and the planned regions of a COW policy that is
+        # not QEMU's ([(from, to, segments)] relative to `offset`; None: QEMU's two regions).
+        self.old = old
+        self.mid: list[Segment] | None = None
+        self.merged = False
+        self.regions: list[tuple[int, int, list[Segment]]] | None = None
 
     @property
     def cow_start(self) -> Region:
@@ -57,9 +72,60 @@ class L2Meta:
     def cow_end(self) -> Region:
         return Region(self.ce_from, self.ce_to - self.ce_from)
 
-    def frozen(self) -> L2MetaPlan:
+    def cow_regions(self) -> list[tuple[int, int, list[Segment]]]:
+        """The COW regions (relative to `offset`) with their guest-view segments: QEMU's cow_start
+        and cow_end where not empty, or the regions of another policy."""
+        if self.regions is not None:
+            return self.regions
+        out = []
+        if self.cs_to > self.cs_from:
+            out.append((self.cs_from, self.cs_to, self.segs[0]))
+        if self.ce_to > self.ce_from:
+            out.append((self.ce_from, self.ce_to, self.segs[1]))
+        return out
+
+    def avoidable(self, geo: Geometry) -> list[tuple[int, int]]:
+        """(cluster of this L2Meta, subcluster mask) of the COW that copies subclusters that were `-`
+        or `0` before the request and that it does not write: the guest would read them the same
+        had they been left alone (none without extended L2, in a zero-fill, or of a compressed
+        cluster)."""
+        if not geo.ext or self.skip:
+            return []
+        cs = geo.cs
+        out = []
+        for a, b, _s in self.cow_regions():
+            i = a // cs
+            w0, bm = self.old[i]
+            if w0 & QCOW_OFLAG_COMPRESSED:
+                continue
+            base = i * cs
+            wf, wt = max(self.cs_to, base) - base, min(self.ce_from, base + cs) - base
+            if wt > wf:
+                mask = avoidable_mask(bm, a - base, b - base, wf, wt, cs, geo.nsc)
+                if mask:
+                    out.append((i, mask))
+        return out
+
+    def frozen(self, geo: Geometry | None = None) -> L2MetaPlan:
+        """The plan's L2Meta; with the image's geometry also the avoidable COW and what COW reads."""
+        sources = tuple(cow_pieces(self.segs[0]) + cow_pieces(self.segs[1]))
+        if geo is None:
+            return L2MetaPlan(self.offset, self.nb, self.alloc, self.keep_old, self.cow_start, self.cow_end, self.skip,
+                              sources)
+        avoid = []
+        for i, mask in self.avoidable(geo):
+            base = self.offset + i * geo.cs
+            avoid += [Region(base + a * geo.sc_size, (b - a + 1) * geo.sc_size) for a, b in mask_runs(mask)]
+        reads: list[CowPiece] = []
+        if not self.skip:
+            if self.mid is not None and self.regions is None:
+                reads = cow_pieces(self.segs[0] + self.mid + self.segs[1])
+            else:
+                for _a, _b, segs in self.cow_regions():
+                    reads += cow_pieces(segs)
+        regions = () if self.regions is None else tuple(Region(a, b - a) for a, b, _s in self.regions)
         return L2MetaPlan(self.offset, self.nb, self.alloc, self.keep_old, self.cow_start, self.cow_end, self.skip,
-                          tuple(cow_pieces(self.segs[0]) + cow_pieces(self.segs[1])))
+                          sources, tuple(avoid), tuple(reads), regions)
 
 
 def cow_source(kind: int, depth: int) -> CowSource:
@@ -93,7 +159,8 @@ class StepTrace:
     """Plain data a step records as it runs (lists of tuples; nothing is formatted until asked)."""
 
     __slots__ = ("command", "extended", "requests", "before", "after", "allocations", "frees", "hazards", "notes",
-                 "writes", "error", "file_size_before", "file_size_after", "_plan")
+                 "writes", "ops", "transitions", "new_refblocks", "error", "file_size_before", "file_size_after", "geo",
+                 "_plan")
 
     def __init__(self, command: Command, extended: bool, writes: list[tuple[int, int, str]], file_size: int):
         self.command = command
@@ -107,8 +174,12 @@ class StepTrace:
         self.hazards: list[Hazard] = []
         self.notes: list[str] = []
         self.writes = writes  # the Txn's (offset, length, what), in order
+        self.ops: list[tuple[int, int]] = []  # the Txn's metadata cache operations (txn.FLUSH_L2...)
+        self.transitions: list[int] = []  # refcounts 0 -> non-zero (cluster index) and to 0 (~index)
+        self.new_refblocks: list[int] = []  # host offsets of refcount blocks the step allocated
         self.error: str | None = None
         self.file_size_before = self.file_size_after = file_size
+        self.geo: Geometry | None = None  # the image's, set by the engine (a plan's COW details need it)
         self._plan: WritePlan | None = None
 
     def request(self, kind: str, offset: int, length: int, outcome: str = "", host: int | None = None) -> None:
@@ -132,7 +203,7 @@ class StepTrace:
         cmd = self.command
         plan = WritePlan(
             command=cmd.text or cmd.to_qemu_io(), line=cmd.lineno,
-            requests=tuple(Request(RequestKind(k), off, n, outcome, host, tuple(m.frozen() for m in metas))
+            requests=tuple(Request(RequestKind(k), off, n, outcome, host, tuple(m.frozen(self.geo) for m in metas))
                            for k, off, n, outcome, host, metas in self.requests),
             clusters=clusters, host_writes=tuple(HostWrite(off, n, HostWriteKind(what)) for off, n, what in self.writes),
             allocations=tuple(Allocation(*a) for a in self.allocations), frees=tuple(Region(*f) for f in self.frees),
@@ -172,10 +243,20 @@ class StepRecord:
     def changes_image(self) -> bool:
         return self.command.changes_image
 
-    def to_json(self, *, plan: bool = False, timing: bool = False) -> dict:
+    @property
+    def cost(self) -> StepCost:
+        """What the step cost, as QEMU spends it (cost.py), built when asked."""
+        from .cost import measure
+
+        geo = self.trace.geo
+        assert geo is not None, "a step the engine ran knows its geometry"
+        return measure(self.trace, geo).frozen()
+
+    def to_json(self, *, plan: bool = False, timing: bool = False, cost: bool = False) -> dict:
         """A step-log record (format version LOG_VERSION). Without `plan`: the step, its error,
         hazards, host writes and bitmaps (the plan's own keys, short form); with it: every key
-        of the plan's JSON. `seconds` only with `timing`, so logs of one trace diff equal."""
+        of the plan's JSON and the step's cost. `cost` (or `plan`): what the step cost
+        (cost.StepCost). `seconds` only with `timing`, so logs of one trace diff equal."""
         p = self.plan
         out: dict = {"log-version": LOG_VERSION, "index": self.index, "line": self.command.lineno or None,
                      "command": self.command.source_text}
@@ -188,6 +269,8 @@ class StepRecord:
             out["hazards"] = [h.to_json() for h in p.hazards]
             out["host-writes"] = [w.to_json() for w in p.host_writes]
             out["clusters"] = [c.to_json(full=False) for c in p.clusters]
+        if cost or plan:
+            out["cost"] = self.cost.to_json()
         if timing:
             out["seconds"] = None if self.seconds is None else round(self.seconds, 6)
         return out
@@ -195,5 +278,6 @@ class StepRecord:
 
 # 2: kebab-case keys shared with `qdebug plan --output=json`; "clusters" (a list) replaced
 # version 1's "bitmaps" (an object keyed by cluster number); the full plan only with --log-plans;
-# "seconds" only with --log-timing.
+# "seconds" only with --log-timing; "cost" (what the step cost, cost.StepCost) with --log-costs or
+# --log-plans, added within version 2.
 LOG_VERSION = 2

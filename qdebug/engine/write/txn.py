@@ -41,6 +41,14 @@ class WriteMode(Enum):
     WRITE_BACK = "write-back"  # data written at once, metadata held back until the engine flushes
 
 
+# QEMU's qcow2 metadata cache operations a step records (Txn.op) besides the writes that dirty cache
+# entries: qcow2_cache_flush of either cache, and qcow2_cache_set_dependency (L2 entries wait for the
+# refcounts: link_l2; refcounts wait for L2: every refcount decrease).
+FLUSH_REFCOUNT: Final = 1
+FLUSH_L2: Final = 2
+L2_AFTER_REFCOUNT: Final = 3
+REFCOUNT_AFTER_L2: Final = 4
+
 _ZEROS = bytes(1 << 21)
 
 
@@ -71,6 +79,9 @@ class Txn:
         # that breaks can be taken back out (a dry run never takes a step back: no copies)
         self.saved: dict[int, bytes | None] | None = {} if mode is WRITE_BACK else None
         self.writes: list[tuple[int, int, str]] = []  # (offset, length, what) in order
+        # QEMU's metadata cache operations between those writes, (len(writes) then, op): what the
+        # step's cost needs to count metadata bytes as a writethrough QEMU writes them (cost.py)
+        self.ops: list[tuple[int, int]] = []
         self.file_size = max(img.file_size, file_size)
 
     # ---- reads (overlay first) ----------------------------------------------------------------
@@ -120,6 +131,10 @@ class Txn:
         return unpack(self.pread(off, cs))
 
     # ---- writes ---------------------------------------------------------------------------------
+    def op(self, op: int) -> None:
+        """A cache operation at this point of the step's writes (FLUSH_REFCOUNT... above)."""
+        self.ops.append((len(self.writes), op))
+
     def write_meta(self, off: int, data: bytes, what: str) -> None:
         """A metadata write: recorded, and visible to later reads of this step."""
         if self.applying:

@@ -85,6 +85,14 @@ class WriteEngine:
         # WRITE_BACK: called after each step with the pages it newly holds back (the replay takes
         # disk room for their flush then); raising fails the step, which is taken back out
         self.on_held_back: Callable[[list[int]], None] | None = None
+        self.minimal_cow = False  # whatif --policy minimal-cow: NOT QEMU (use_minimal_cow)
+
+    def use_minimal_cow(self) -> None:
+        """Plan with the minimal-COW policy (minimal_cow.py) instead of QEMU's: NOT what QEMU does,
+        so only a dry run may (an image written this way is not what QEMU would have made)."""
+        if self.mode is not SIMULATE:
+            raise QcowError("the minimal-COW policy is not QEMU's: only a dry run plans with it")
+        self.minimal_cow = True
 
     @property
     def state(self) -> EngineState:
@@ -206,7 +214,10 @@ class WriteEngine:
         state = self._state
         alloc.restore_state(state.allocator)
         trace = StepTrace(cmd, self.geo.ext, txn.writes, txn.file_size)
+        trace.ops = txn.ops
+        trace.geo = self.geo
         ctx = StepContext(self.chain, self.geo, self._has_backing, txn, alloc, trace)
+        ctx.minimal_cow = self.minimal_cow
         dead = state.dead
         try:
             self._dispatch(ctx, cmd, mode)
@@ -225,6 +236,8 @@ class WriteEngine:
             self._overlay_size = txn.file_size
         self._check_in_place(ctx)
         trace.frees = alloc.freed
+        trace.transitions = alloc.transitions
+        trace.new_refblocks = alloc.new_refblocks
         trace.file_size_after = max(txn.file_size, trace.file_size_before)
         trace.after = ctx.entries  # the step's cache of L2 entries: as it left them
         return StepRecord(index, cmd, trace, state)
