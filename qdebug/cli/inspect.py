@@ -131,6 +131,8 @@ def cmd_map(args) -> int:
         if args.output == "json":
             write_json(chain, out)
             return 0
+        if not args.wide:
+            return _map_human(chain, out)
         out.write(f"{'Offset':<16}{'Length':<16}{'Depth':<6}{'Status':<12}{'Mapped to':<16}File\n")
         for batch in map_extents(chain):
             rows = []
@@ -145,6 +147,33 @@ def cmd_map(args) -> int:
                     fname += _past_eof(chain.layers[d], off, ln)
                 rows.append(f"{s:<#16x}{ln:<#16x}{d:<6}{status:<12}{mapped:<16}{fname}\n")
             out.write("".join(rows))
+    return 0
+
+
+def _hex0(n: int) -> str:
+    """printf's %#x: 0 without the 0x."""
+    return f"{n:#x}" if n else "0"
+
+
+def _map_human(chain, out) -> int:
+    """qemu-img map's human output exactly: the extents holding data (not reading as zeros), with
+    their host offset and file; compressed data has no such place, and qemu-img refuses then."""
+    from ..engine.read.mapping import map_extents
+
+    out.write(f"{'Offset':<16}{'Length':<16}{'Mapped to':<16}File\n")
+    for batch in map_extents(chain):
+        rows = []
+        for s, ln, d, z, da, ho, off in zip(
+                batch.start.tolist(), batch.length.tolist(), batch.depth.tolist(), batch.zero.tolist(),
+                batch.data.tolist(), batch.has_offset.tolist(), batch.offset.tolist()):
+            if da and not ho:
+                out.write("".join(rows))
+                out.flush()
+                raise QcowError(f"{chain.top.path}: File contains external, encrypted or compressed clusters "
+                                "(qemu-img map's words; `qdebug map --wide` lists them)")
+            if da and not z:
+                rows.append(f"{_hex0(s):<16}{_hex0(ln):<16}{_hex0(off):<16}{one_line(chain.layers[d].path)}\n")
+        out.write("".join(rows))
     return 0
 
 
@@ -265,6 +294,9 @@ def register(sub) -> None:
     common(sp)
     sp.add_argument("--output", choices=("human", "json"), default="human")
     sp.add_argument("--subclusters", action="store_true", help="print each allocated cluster's subcluster bitmap")
+    sp.add_argument("--wide", action="store_true",
+                    help="human output with Depth and Status columns, every extent (zero, unallocated, "
+                         "compressed) listed; without it the columns are qemu-img map's, byte for byte")
     sp.set_defaults(func=cmd_map)
 
     sp = sub.add_parser("read", help="guest bytes, raw, to stdout or a file")

@@ -10,7 +10,7 @@ import pytest
 from tests.hostile.driver import run_command, violations
 from tests.qemu import create, qemu_io
 
-READ_ONLY = [["info"], ["info", "--output=json"], ["map"], ["map", "--output=json"], ["map", "--subclusters"]]
+READ_ONLY = [["info"], ["info", "--output=json"], ["map", "--wide"], ["map", "--output=json"], ["map", "--subclusters"]]
 
 
 def qd(*argv: str, timeout: float = 20.0) -> dict:

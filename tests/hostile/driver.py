@@ -187,7 +187,7 @@ def read_only_commands(img: str, has_backing: bool) -> list[list[str]]:
     n = min(size, 1 << 20)
     cmds = [
         ["info", img], ["info", "--output=json", img],
-        ["map", img], ["map", "--output=json", img],
+        ["map", img], ["map", "--wide", img], ["map", "--output=json", img],
         ["map", "--subclusters", img], ["map", "--subclusters", "--output=json", img],
         ["read", img, "0", str(n), "-o", os.devnull],
         ["read", img, str(max(0, size - 4096)), str(min(size, 4096))],
