@@ -127,14 +127,24 @@ def cmd_map(args) -> int:
     with open_chain(args.image, no_backing=args.no_backing) as chain:
         _warn(chain.warnings)
         if args.subclusters:
+            if args.start_offset or args.max_length is not None:
+                raise QcowError("map: --start-offset/--max-length select extents; --subclusters lists every cluster")
             return _map_subclusters(chain, out, args.output)
+        # qemu-img map's range: [start, start + max-length) within the disk
+        span = {"start": args.start_offset,
+                "end": None if args.max_length is None else args.start_offset + args.max_length}
         if args.output == "json":
-            write_json(chain, out)
+            if args.start_offset >= min(chain.size, span["end"] if span["end"] is not None else chain.size):
+                # an empty range: qemu-img's loop prints its one zero-length entry at the start
+                out.write(f'[{{ "start": {args.start_offset}, "length": 0, "depth": 0, "present": false, '
+                          '"zero": false, "data": false}]\n')
+                return 0
+            write_json(chain, out, **span)
             return 0
         if not args.wide:
-            return _map_human(chain, out)
+            return _map_human(chain, out, span)
         out.write(f"{'Offset':<16}{'Length':<16}{'Depth':<6}{'Status':<12}{'Mapped to':<16}File\n")
-        for batch in map_extents(chain):
+        for batch in map_extents(chain, **span):
             rows = []
             for s, ln, d, pr, z, da, ho, off, comp in zip(
                     batch.start.tolist(), batch.length.tolist(), batch.depth.tolist(), batch.present.tolist(),
@@ -155,13 +165,13 @@ def _hex0(n: int) -> str:
     return f"{n:#x}" if n else "0"
 
 
-def _map_human(chain, out) -> int:
+def _map_human(chain, out, span: dict) -> int:
     """qemu-img map's human output exactly: the extents holding data (not reading as zeros), with
     their host offset and file; compressed data has no such place, and qemu-img refuses then."""
     from ..engine.read.mapping import map_extents
 
     out.write(f"{'Offset':<16}{'Length':<16}{'Mapped to':<16}File\n")
-    for batch in map_extents(chain):
+    for batch in map_extents(chain, **span):
         rows = []
         for s, ln, d, z, da, ho, off in zip(
                 batch.start.tolist(), batch.length.tolist(), batch.depth.tolist(), batch.zero.tolist(),
@@ -294,6 +304,10 @@ def register(sub) -> None:
     common(sp)
     sp.add_argument("--output", choices=("human", "json"), default="human")
     sp.add_argument("--subclusters", action="store_true", help="print each allocated cluster's subcluster bitmap")
+    sp.add_argument("--start-offset", type=size_arg, default=0, metavar="OFFSET",
+                    help="the first guest offset to list (as qemu-img map)")
+    sp.add_argument("--max-length", type=size_arg, default=None, metavar="LENGTH",
+                    help="list at most LENGTH guest bytes from --start-offset (as qemu-img map)")
     sp.add_argument("--wide", action="store_true",
                     help="human output with Depth and Status columns, every extent (zero, unallocated, "
                          "compressed) listed; without it the columns are qemu-img map's, byte for byte")

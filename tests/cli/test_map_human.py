@@ -53,3 +53,22 @@ def test_compressed_clusters_refused_as_qemu_img_does_and_wide_lists_them(tmp_pa
     assert "File contains external, encrypted or compressed clusters" in d.stderr
     w = subprocess.run([*QDEBUG, "map", "--wide", path], capture_output=True, text=True)
     assert w.returncode == 0 and "Depth Status" in w.stdout.splitlines()[0] and "compressed" in w.stdout
+
+
+RANGES = [("--start-offset", "10k", "--max-length", "100k"), ("--start-offset", "100M"), ("--max-length", "1"),
+          ("--start-offset", "1M", "--max-length", "0"), ("--start-offset", "8M"), ("--start-offset", "0x3f8800",
+          "--max-length", "5000"), ("--start-offset", "3000", "--max-length", "1M")]
+
+
+@pytest.mark.parametrize("span", RANGES, ids=[" ".join(r) for r in RANGES])
+def test_start_offset_and_max_length_as_qemu_img(tmp_path, span):
+    require_qemu()
+    base, top = str(tmp_path / "base.qcow2"), str(tmp_path / "top.qcow2")
+    create(base, "8M", cluster_size="16k")
+    create(top, "8M", cluster_size="64k", backing=base)
+    qemu_io(base, "write -P 1 0 1M", "write -z 2M 64k", "write -P 2 0x3f0000 64k")
+    qemu_io(top, "write -P 3 8k 40k", "write -z 200k 64k", "discard 1M 128k", "write -P 4 0x3f8000 8k")
+    for extra in ((), ("--output=json",)):
+        q, d = _both(top, *extra, *span)
+        assert d.returncode == q.returncode == 0, d.stderr
+        assert d.stdout == q.stdout, (extra, span)
