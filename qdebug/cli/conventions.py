@@ -84,6 +84,9 @@ def prepare_parser(parser: argparse.ArgumentParser, sub) -> None:
                             help="the image's format: qcow2 (any other is refused, as qemu-img refuses a mismatch)")
         if names_image and "--image-opts" not in have:
             sp.add_argument("--image-opts", action="store_true", help=argparse.SUPPRESS)
+        if "-q" not in have:
+            sp.add_argument("-q", "--quiet", action="store_true",
+                            help="quiet: no warnings or notes on stderr (errors are still said)")
         if name in READ_ONLY and "-U" not in have:
             sp.add_argument("-U", "--force-share", action="store_true",
                             help="read the image even if another process (a running QEMU) writes it: no lock is "
@@ -101,9 +104,33 @@ class ImageLockHold:
         os.close(self.fd)
 
 
+class _QuietStderr:
+    """`-q`: standard error without qdebug's warning and note lines (errors pass)."""
+
+    def __init__(self, stream):
+        self._stream = stream
+        self._line = ""
+
+    def write(self, text: str) -> int:
+        self._line += text
+        *done, self._line = self._line.split("\n")
+        kept = [ln for ln in done if not ln.startswith(("qdebug: warning:", "qdebug: note:"))]
+        if kept:
+            self._stream.write("\n".join(kept) + "\n")
+        return len(text)
+
+    def flush(self) -> None:
+        self._stream.flush()
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
 def preflight(args) -> ImageLockHold | None:
     """Refusals every command shares, before the command opens anything; returns the lock to
     release when the command is done (None where no lock is taken here)."""
+    if getattr(args, "quiet", False) and not isinstance(sys.stderr, _QuietStderr):
+        sys.stderr = _QuietStderr(sys.stderr)  # type: ignore[assignment]  (main puts it back)
     image = getattr(args, "image", None)
     if image is not None:
         if getattr(args, "image_opts", False):

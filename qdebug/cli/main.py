@@ -162,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         install_signal_handlers()
     saved = _policy_env(args)
     hold = None
+    stderr = sys.stderr  # -q filters it for the one command
     try:
         hold = preflight(args)
         status = args.func(args)
@@ -204,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if hold is not None:
             hold.release()
+        sys.stderr = stderr
         for var, v in saved.items():
             if v is None:
                 os.environ.pop(var, None)

@@ -245,3 +245,20 @@ def test_a_write_on_a_read_only_filesystem_is_one_line(read_only_image, tmp_path
     trace.write_text("write -P 9 0 4k\n")
     r = qd("replay", read_only_image, trace)
     assert r.returncode == 1 and read_only_image in one_error_line(r.stderr)
+
+
+def test_quiet_drops_warnings_and_keeps_errors(held, tmp_path):
+    r = qd("info", "-U", "-q", held)
+    assert r.returncode == 0 and r.stderr == "" and r.stdout.startswith("image: ")
+    r = qd("map", "-q", held)  # the lock refusal is an error: -q does not hide it
+    assert r.returncode == 1 and LOCK_MESSAGE in one_error_line(r.stderr)
+
+
+def test_every_command_takes_q_and_every_image_command_takes_f():
+    from qdebug.cli.main import build_parser
+
+    for name, sp in build_parser()._subparsers._group_actions[0].choices.items():
+        opts = sp._option_string_actions
+        assert "-q" in opts, name
+        if any(a.dest == "image" for a in sp._positionals._group_actions):
+            assert "-f" in opts, name
