@@ -247,3 +247,16 @@ def quiet_broken_pipe() -> None:
         os.close(null)
     except (OSError, ValueError, AttributeError):
         pass
+
+
+def require_terminal(what: str) -> None:
+    """The TUI needs a terminal on both stdin and stdout: in a pipeline or under cron it would wait
+    for keys that never come and write escape codes into the pipe. Refuse in one line instead."""
+    for name, stream in (("standard input", sys.stdin), ("standard output", sys.stdout)):
+        try:
+            tty = stream is not None and stream.isatty()
+        except (ValueError, OSError):
+            tty = False
+        if not tty:
+            raise QcowError(f"{what} is interactive and {name} is not a terminal; for scripts use "
+                            "`qdebug info`, `map`, `check`, `replay`... (`qdebug --help` lists them)")

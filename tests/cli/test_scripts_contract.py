@@ -262,3 +262,31 @@ def test_every_command_takes_q_and_every_image_command_takes_f():
         assert "-q" in opts, name
         if any(a.dest == "image" for a in sp._positionals._group_actions):
             assert "-f" in opts, name
+
+
+def test_a_utf8_bom_starting_a_trace_is_accepted(image, tmp_path):
+    path = str(tmp_path / "b.qcow2")
+    shutil.copy(image, path)
+    trace = tmp_path / "bom.trace"
+    trace.write_bytes(b"\xef\xbb\xbfwrite -P 0x5a 0 4k\nwrite -P 0x5b 4k 4k\n")
+    r = qd("replay", path, trace)
+    assert r.returncode == 0, r.stderr
+    assert qemu_io(path, "read -P 0x5a 0 4k", "read -P 0x5b 4k 4k").returncode == 0
+    r = qd("replay", path, "-", stdin=None, input="\ufeffwrite -P 0x5c 8k 4k\n")
+    assert r.returncode == 0, r.stderr
+    assert qemu_io(path, "read -P 0x5c 8k 4k").returncode == 0
+    assert qd("plan", path, "\ufeffwrite -P 1 0 4k").returncode == 0
+
+
+def test_the_tui_refuses_without_a_terminal_and_leaves_nothing_behind(image, tmp_path):
+    import glob
+    import tempfile
+
+    before = set(glob.glob(os.path.join(tempfile.gettempdir(), "qdebug-demo-*")))
+    for script in (f"qdebug '{image}' </dev/null", f"qdebug tui '{image}' | cat", "qdebug demo | cat",
+                   "qdebug demo </dev/null"):
+        r = sh(script)
+        assert r.returncode == 1, (script, r.stderr)
+        line = one_error_line(r.stderr)
+        assert "not a terminal" in line and "\x1b" not in r.stderr + r.stdout, script
+    assert set(glob.glob(os.path.join(tempfile.gettempdir(), "qdebug-demo-*"))) <= before
