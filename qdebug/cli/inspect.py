@@ -274,7 +274,8 @@ def cmd_read(args) -> int:
         _warn(chain.warnings)
         if offset > chain.size or offset + length > chain.size:
             raise QcowError(f"read 0x{offset:x}+0x{length:x} is past the end of the image (size {chain.size})")
-        sink = open(args.output, "wb") if args.output else sys.stdout.buffer
+        to_file = args.output not in (None, "-")  # `-o -`: standard output, as everywhere
+        sink = open(args.output, "wb") if to_file else sys.stdout.buffer
         try:
             step = 16 << 20
             pos = offset
@@ -283,7 +284,7 @@ def cmd_read(args) -> int:
                 sink.write(read_guest(chain, pos, n))
                 pos += n
         finally:
-            if args.output:
+            if to_file:
                 sink.close()
             else:
                 sink.flush()
@@ -317,5 +318,5 @@ def register(sub) -> None:
     common(sp)
     sp.add_argument("offset", type=size_arg, metavar="OFFSET")
     sp.add_argument("length", type=size_arg, metavar="LENGTH")
-    sp.add_argument("-o", "--output", metavar="FILE", help="write to FILE instead of stdout")
+    sp.add_argument("-o", "--output", metavar="FILE", help="write to FILE instead of stdout ('-': stdout)")
     sp.set_defaults(func=cmd_read)

@@ -290,3 +290,10 @@ def test_the_tui_refuses_without_a_terminal_and_leaves_nothing_behind(image, tmp
         line = one_error_line(r.stderr)
         assert "not a terminal" in line and "\x1b" not in r.stderr + r.stdout, script
     assert set(glob.glob(os.path.join(tempfile.gettempdir(), "qdebug-demo-*"))) <= before
+
+
+def test_dash_means_standard_output_for_read(image, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    r = subprocess.run([*QDEBUG, "read", image, "0", "4k", "-o", "-"], capture_output=True)
+    assert r.returncode == 0 and r.stdout == bytes([1]) * 4096, r.stderr
+    assert not os.path.exists(tmp_path / "-")
