@@ -8,6 +8,7 @@ import sys
 
 from ..engine.errors import QcowError
 from .common import one_line
+from .conventions import EXIT_NOT_SUPPORTED
 
 # `check -r all` where qemu-img would rebuild the refcount structure (a referenced cluster with
 # refcount 0, a broken refcount block...; 271's unaligned data cluster is one): the same counts,
@@ -76,6 +77,10 @@ def cmd_check(args) -> int:
     from ..engine.check.checker import check_image
 
     fixed = None
+    if _not_qcow2(args.image):
+        print(f"qdebug: error: {one_line(args.image)}: This image format does not support checks (not a qcow2 "
+              "image; qemu-img check says the same)", file=sys.stderr)
+        return EXIT_NOT_SUPPORTED
     if not args.repair:  # the image alone, read-only: no backing chain or repair code to load
         from ..engine.check.checkfile import check_file
 
@@ -110,6 +115,7 @@ def cmd_check(args) -> int:
             for u in plan.unsupported:
                 if "its data is not freed" in u:
                     print(f"qdebug: kept: {u}", file=sys.stderr)
+    args.exit_status = final.exit_code  # the status even when stdout is a pipe closed early
     for f in report.findings:
         if f.kind.value == "backing-outside-directory":
             print(f"qdebug: warning: {one_line(f.message)}", file=sys.stderr)
@@ -129,6 +135,21 @@ def cmd_check(args) -> int:
     if final.check_errors:
         print("qdebug: error: Check failed", file=sys.stderr)
     return final.exit_code
+
+
+def _not_qcow2(path: str) -> bool:
+    """A regular file that qemu-img would probe as another format (raw): check has nothing to check."""
+    import os
+    import stat
+
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return False
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError:
+        return False  # not readable: the open below says why, naming the file
+    return len(head) > 0 and head != b"QFI\xfb"
 
 
 def _entry(text: str):
@@ -219,6 +240,8 @@ def cmd_repair(args) -> int:
                     if args.output != "json":
                         print(f"{len(plan.unsupported) or before.corruptions + before.leaks} finding(s) "
                               f"{'would remain' if plan.items else 'remain'} unrepaired.", file=sys.stderr)
+                    return before.exit_code or 2
+                if plan.items:  # a dry run with work to do: `if qdebug repair --dry-run IMG` means "nothing to do"
                     return before.exit_code or 2
                 return 0
             try:

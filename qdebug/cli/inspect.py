@@ -127,12 +127,24 @@ def cmd_map(args) -> int:
     with open_chain(args.image, no_backing=args.no_backing) as chain:
         _warn(chain.warnings)
         if args.subclusters:
+            if args.start_offset or args.max_length is not None:
+                raise QcowError("map: --start-offset/--max-length select extents; --subclusters lists every cluster")
             return _map_subclusters(chain, out, args.output)
+        # qemu-img map's range: [start, start + max-length) within the disk
+        span = {"start": args.start_offset,
+                "end": None if args.max_length is None else args.start_offset + args.max_length}
         if args.output == "json":
-            write_json(chain, out)
+            if args.start_offset >= min(chain.size, span["end"] if span["end"] is not None else chain.size):
+                # an empty range: qemu-img's loop prints its one zero-length entry at the start
+                out.write(f'[{{ "start": {args.start_offset}, "length": 0, "depth": 0, "present": false, '
+                          '"zero": false, "data": false}]\n')
+                return 0
+            write_json(chain, out, **span)
             return 0
+        if not args.wide:
+            return _map_human(chain, out, span)
         out.write(f"{'Offset':<16}{'Length':<16}{'Depth':<6}{'Status':<12}{'Mapped to':<16}File\n")
-        for batch in map_extents(chain):
+        for batch in map_extents(chain, **span):
             rows = []
             for s, ln, d, pr, z, da, ho, off, comp in zip(
                     batch.start.tolist(), batch.length.tolist(), batch.depth.tolist(), batch.present.tolist(),
@@ -145,6 +157,33 @@ def cmd_map(args) -> int:
                     fname += _past_eof(chain.layers[d], off, ln)
                 rows.append(f"{s:<#16x}{ln:<#16x}{d:<6}{status:<12}{mapped:<16}{fname}\n")
             out.write("".join(rows))
+    return 0
+
+
+def _hex0(n: int) -> str:
+    """printf's %#x: 0 without the 0x."""
+    return f"{n:#x}" if n else "0"
+
+
+def _map_human(chain, out, span: dict) -> int:
+    """qemu-img map's human output exactly: the extents holding data (not reading as zeros), with
+    their host offset and file; compressed data has no such place, and qemu-img refuses then."""
+    from ..engine.read.mapping import map_extents
+
+    out.write(f"{'Offset':<16}{'Length':<16}{'Mapped to':<16}File\n")
+    for batch in map_extents(chain, **span):
+        rows = []
+        for s, ln, d, z, da, ho, off in zip(
+                batch.start.tolist(), batch.length.tolist(), batch.depth.tolist(), batch.zero.tolist(),
+                batch.data.tolist(), batch.has_offset.tolist(), batch.offset.tolist()):
+            if da and not ho:
+                out.write("".join(rows))
+                out.flush()
+                raise QcowError(f"{chain.top.path}: File contains external, encrypted or compressed clusters "
+                                "(qemu-img map's words; `qdebug map --wide` lists them)")
+            if da and not z:
+                rows.append(f"{_hex0(s):<16}{_hex0(ln):<16}{_hex0(off):<16}{one_line(chain.layers[d].path)}\n")
+        out.write("".join(rows))
     return 0
 
 
@@ -235,7 +274,8 @@ def cmd_read(args) -> int:
         _warn(chain.warnings)
         if offset > chain.size or offset + length > chain.size:
             raise QcowError(f"read 0x{offset:x}+0x{length:x} is past the end of the image (size {chain.size})")
-        sink = open(args.output, "wb") if args.output else sys.stdout.buffer
+        to_file = args.output not in (None, "-")  # `-o -`: standard output, as everywhere
+        sink = open(args.output, "wb") if to_file else sys.stdout.buffer
         try:
             step = 16 << 20
             pos = offset
@@ -244,7 +284,7 @@ def cmd_read(args) -> int:
                 sink.write(read_guest(chain, pos, n))
                 pos += n
         finally:
-            if args.output:
+            if to_file:
                 sink.close()
             else:
                 sink.flush()
@@ -265,11 +305,18 @@ def register(sub) -> None:
     common(sp)
     sp.add_argument("--output", choices=("human", "json"), default="human")
     sp.add_argument("--subclusters", action="store_true", help="print each allocated cluster's subcluster bitmap")
+    sp.add_argument("--start-offset", type=size_arg, default=0, metavar="OFFSET",
+                    help="the first guest offset to list (as qemu-img map)")
+    sp.add_argument("--max-length", type=size_arg, default=None, metavar="LENGTH",
+                    help="list at most LENGTH guest bytes from --start-offset (as qemu-img map)")
+    sp.add_argument("--wide", action="store_true",
+                    help="human output with Depth and Status columns, every extent (zero, unallocated, "
+                         "compressed) listed; without it the columns are qemu-img map's, byte for byte")
     sp.set_defaults(func=cmd_map)
 
     sp = sub.add_parser("read", help="guest bytes, raw, to stdout or a file")
     common(sp)
     sp.add_argument("offset", type=size_arg, metavar="OFFSET")
     sp.add_argument("length", type=size_arg, metavar="LENGTH")
-    sp.add_argument("-o", "--output", metavar="FILE", help="write to FILE instead of stdout")
+    sp.add_argument("-o", "--output", metavar="FILE", help="write to FILE instead of stdout ('-': stdout)")
     sp.set_defaults(func=cmd_read)

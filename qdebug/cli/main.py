@@ -14,8 +14,8 @@ import sys
 from ..engine.errors import QcowError
 from .common import one_line
 
-EXIT_ERROR = 1
-EXIT_INTERNAL = 70
+from .conventions import EXIT_ERROR, EXIT_INTERNAL
+
 COMMAND_MODULES = ("inspect", "write", "check", "scan", "forensics", "trace_import", "workload", "tui")
 
 
@@ -62,13 +62,17 @@ def install_signal_handlers() -> None:
 def build_parser() -> argparse.ArgumentParser:
     import importlib
 
-    p = argparse.ArgumentParser(prog="qdebug", description="Debugger for qcow2 images with subclusters.")
+    from .conventions import Parser, prepare_parser
+
+    p = Parser(prog="qdebug", description="Debugger for qcow2 images with subclusters. "
+               "`qdebug IMAGE` opens the interactive debugger on IMAGE.")
     p.add_argument("--version", action=_Version, nargs=0, help="show the version and which engine runs")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     for mod in COMMAND_MODULES:
         importlib.import_module(f"{__package__}.{mod}").register(sub)
     for sp in sub.choices.values():  # every command: what backing files it may follow
         _untrusted_options(sp)
+    prepare_parser(p, sub)
     return p
 
 
@@ -104,30 +108,76 @@ def _policy_env(args) -> dict:
     return old
 
 
+def _naming_the_file(e: QcowError, image: str | None) -> str:
+    """Every error names its file: an error about the image's content that does not ("not a qcow2
+    image (bad magic at offset 0)", "header truncated...") gets the image's name in front."""
+    from ..engine.errors import CorruptImage, NotQcow2
+
+    message = str(e)
+    if not image or image in message or not isinstance(e, (NotQcow2, CorruptImage)):
+        return message
+    return f"{image}: {message}"
+
+
+def _not_an_image(name: str) -> str | None:
+    """Why `name` (the first argument, not a command) cannot be opened as IMAGE, as strerror says it."""
+    import errno
+
+    try:
+        st = os.stat(name)
+    except OSError as e:
+        return f"{name}: {e.strerror}"
+    import stat
+
+    if stat.S_ISDIR(st.st_mode):
+        return f"{name}: {os.strerror(errno.EISDIR)}"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     # numpy's OpenBLAS starts a busy thread per core at import (~0.1 s of CPU at start, and it
     # competes with the one that works); qdebug does no linear algebra
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-    parser = build_parser()
+    from .conventions import guard_streams, preflight, quiet_broken_pipe, stream_error
+
     exiting = argv is None  # called as the program (console script or -m), not from Python
+    if exiting:
+        guard_streams()
+    parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and os.path.isfile(argv[0]) and argv[0] not in parser._subparsers._group_actions[0].choices:
+    if argv and not argv[0].startswith("-") and argv[0] not in parser._subparsers._group_actions[0].choices:
+        problem = _not_an_image(argv[0])
+        if problem:  # `qdebug nope.qcow2`: the file's problem, not argparse's list of commands
+            print(f"qdebug: error: {one_line(problem)}", file=sys.stderr)
+            return EXIT_ERROR
         argv = ["tui", *argv]  # `qdebug IMAGE [--trace T]` opens the debugger
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # said by the command's parser: its usage, its usage status (salvage's is 2)
+        choices = parser._subparsers._group_actions[0].choices
+        (choices.get(getattr(args, "command", None)) or parser).error(f"unrecognized arguments: {' '.join(extra)}")
     if not getattr(args, "func", None):
-        parser.print_help()
-        return 2
+        parser.error("not enough arguments: give a COMMAND, or an IMAGE to open the debugger on "
+                     "(`qdebug --help` lists the commands)")  # qemu-img: "Not enough arguments", 1
     if exiting:
         install_signal_handlers()
     saved = _policy_env(args)
+    hold = None
+    stderr = sys.stderr  # -q filters it for the one command
     try:
-        return args.func(args)
+        hold = preflight(args)
+        status = args.func(args)
+        sys.stdout.flush()  # a full or closed stdout fails here, inside the handlers below
+        return status
     except QcowError as e:
-        print(f"qdebug: error: {one_line(str(e))}", file=sys.stderr)
+        hint = ""
+        if type(e).__name__ == "ImageInUse" and getattr(args, "force_share", None) is False:
+            hint = " (-U reads it anyway; the results may be transient)"
+        print(f"qdebug: error: {one_line(_naming_the_file(e, getattr(args, 'image', None)))}{hint}",
+              file=sys.stderr)
         return getattr(args, "error_exit", EXIT_ERROR)  # salvage: 1 means "something lost", errors are 2
-    except BrokenPipeError:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return EXIT_ERROR
+    except BrokenPipeError:  # the reader went away (`| head`): quietly, with the command's status (qemu-img's)
+        quiet_broken_pipe()
+        return getattr(args, "exit_status", 0)
     except Terminated as e:
         print(f"qdebug: terminated by {e.name}", file=sys.stderr)
         return 128 + e.signum
@@ -135,6 +185,11 @@ def main(argv: list[str] | None = None) -> int:
         print("qdebug: interrupted", file=sys.stderr)
         return 130
     except OSError as e:  # a file qdebug reads or writes besides the image (a trace, a log...)
+        stdout_problem = stream_error(e)
+        if stdout_problem:
+            quiet_broken_pipe()  # Python's own flush at exit must not fail again with a traceback
+            print(f"qdebug: error: {stdout_problem}", file=sys.stderr)
+            return EXIT_ERROR
         where = f"{e.filename}: " if e.filename else ""
         print(f"qdebug: error: {one_line(where + (e.strerror or str(e)))}", file=sys.stderr)
         return EXIT_ERROR
@@ -148,6 +203,9 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return EXIT_INTERNAL
     finally:
+        if hold is not None:
+            hold.release()
+        sys.stderr = stderr
         for var, v in saved.items():
             if v is None:
                 os.environ.pop(var, None)

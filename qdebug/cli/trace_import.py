@@ -65,7 +65,7 @@ def _seed(text: str) -> int:
 def register(sub) -> None:
     sp = sub.add_parser("trace", help="work with traces (import a real workload)")
     tsub = sp.add_subparsers(dest="trace_command", metavar="SUBCOMMAND")
-    sp.set_defaults(func=lambda args: (sp.print_help(), 2)[1])
+    sp.set_defaults(func=lambda args: (sp.print_help(sys.stderr), 1)[1])
     ip = tsub.add_parser("import", help="a fio iolog or a QEMU trace-event log -> a qemu-io script "
                                         "(qemu-io and `qdebug replay` both run it)")
     ip.add_argument("file", metavar="FILE", help="fio write_iolog output, or QEMU -trace / qemu-io -T output")

@@ -15,6 +15,9 @@ def cmd_tui(args) -> int:
         raise QcowError(f"{args.image}: no such file")
     if args.trace and not os.path.exists(args.trace):
         raise QcowError(f"{args.trace}: no such trace file")
+    from .conventions import require_terminal
+
+    require_terminal("the debugger (qdebug IMAGE / qdebug tui)")
     from ..tui.app import make_app
 
     app = make_app(args.image, trace=args.trace, write=args.write, keymap=load_keymap(args.keymap))
@@ -40,7 +43,9 @@ def cmd_demo(args) -> int:
     import tempfile
 
     from ..tui.app import make_app
+    from .conventions import require_terminal
 
+    require_terminal("qdebug demo (without --build-only)")
     with tempfile.TemporaryDirectory(prefix="qdebug-demo-") as tmp:
         paths = build_demo(tmp)
         app = make_app(paths["image"], trace=paths["trace"], write=False, keymap=load_keymap(None))

@@ -310,7 +310,10 @@ def _fits(known: Command, length: int) -> bool:
 
 
 def parse_line(text: str, lineno: int = 0) -> Command | None:
-    """One trace line -> Command; None for blank, comment and print-only lines (`#` to end of line)."""
+    """One trace line -> Command; None for blank, comment and print-only lines (`#` to end of line).
+    A UTF-8 byte order mark starting the first line (editors on Windows write one) is not part of it."""
+    if lineno <= 1 and text[:1] == "\ufeff":
+        text = text[1:]
     body = text[:-1] if text.endswith("\n") else text
     parts = body.rsplit(" ", 2)
     if len(parts) == 3:

@@ -34,7 +34,7 @@ def tmpfs(tmp_path, qemu):
         subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
-READ_ONLY = [["info"], ["info", "--output=json"], ["map"], ["map", "--output=json"], ["map", "--subclusters"]]
+READ_ONLY = [["info"], ["info", "--output=json"], ["map", "--wide"], ["map", "--output=json"], ["map", "--subclusters"]]
 
 
 def qd(*argv: str, timeout: float = 20.0) -> dict:

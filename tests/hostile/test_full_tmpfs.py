@@ -50,10 +50,10 @@ def assert_no_signal(p):
     assert p.returncode >= 0 and p.returncode not in (135, 134, 139), (p.returncode, p.stderr)
 
 
-@pytest.mark.parametrize("args", [["info", "{d}/a.qcow2"], ["map", "{d}/a.qcow2"], ["map", "--subclusters", "{d}/a.qcow2"],
+@pytest.mark.parametrize("args", [["info", "{d}/a.qcow2"], ["map", "--wide", "{d}/a.qcow2"], ["map", "--subclusters", "{d}/a.qcow2"],
                                   ["check", "{d}/a.qcow2"], ["read", "{d}/a.qcow2", "1M", "4k"],
                                   ["read", "{d}/a.qcow2", "3M", "64k"], ["read", "{d}/top.qcow2", "1M", "8k"],
-                                  ["map", "{d}/top.qcow2"], ["repair", "--dry-run", "{d}/a.qcow2"]])
+                                  ["map", "--wide", "{d}/top.qcow2"], ["repair", "--dry-run", "{d}/a.qcow2"]])
 def test_read_only_commands_work_on_a_full_tmpfs(full_tmpfs, args):
     p = run(*(a.format(d=full_tmpfs) for a in args))
     assert_no_signal(p)

@@ -39,7 +39,7 @@ def test_reftable_entry_with_bit_63(img64):
     put_u64(img64, lay.reftable_offset + 8, 1 << 63 | 0x20000)
     res = qd("check", img64)
     assert res["rc"] == 2 and "outside image" in res["stderr"]
-    assert qd("repair", "--dry-run", img64)["rc"] == 0
+    assert qd("repair", "--dry-run", img64)["rc"] == 2  # corruptions to repair
 
 
 def test_repair_when_check_cannot_complete(img64):
@@ -94,7 +94,7 @@ def test_repair_with_the_refcount_table_on_the_l1_table(img64):
     lay = layout_of(img64)
     put_field(img64, "refcount_table_offset", lay.l1_offset)
     assert qd("check", img64)["rc"] in (1, 2)
-    assert qd("repair", "--dry-run", img64)["rc"] in (0, 1)
+    assert qd("repair", "--dry-run", img64)["rc"] in (1, 2)  # 2: work to do
 
 
 def test_ignored_bitmaps_extension_with_a_huge_directory(img64):

@@ -28,12 +28,14 @@ def test_image_shorthand_and_tui_open_the_app(tmp_path, monkeypatch):
         opened.append((self.image_path, self.bench.trace_path, self.bench.write))
 
     monkeypatch.setattr("qdebug.tui.app.QDebugApp.run", fake_run)
+    monkeypatch.setattr("qdebug.cli.conventions.require_terminal", lambda what: None)  # pytest has no terminal
     assert cli.main([paths["image"], "--trace", paths["trace"]]) == 0
     assert cli.main(["tui", paths["image"], "--write"]) == 0
     assert opened == [(paths["image"], paths["trace"], False), (paths["image"], None, True)]
 
 
 def test_bad_arguments_are_one_line_errors(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("qdebug.cli.conventions.require_terminal", lambda what: None)  # pytest has no terminal
     assert cli.main(["tui", str(tmp_path / "missing.qcow2")]) == 1
     err = capsys.readouterr().err
     assert err.startswith("qdebug: error: ") and "no such file" in err and err.count("\n") == 1
