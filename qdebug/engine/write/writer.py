@@ -178,8 +178,8 @@ class WriteEngine:
         rt_off, rt_clusters = int.from_bytes(raw[48:56], "big"), int.from_bytes(raw[56:60], "big")
         cs = self.geo.cs
         rt_end = rt_off + rt_clusters * cs
-        reftable = np.frombuffer(self._txn_view(rt_off, rt_clusters * cs), dtype=">u8").astype(np.uint64)
-        blocks = set((reftable[reftable != 0] & np.uint64(C.REFT_OFFSET_MASK)).tolist())
+        entries = np.frombuffer(self._txn_view(rt_off, rt_clusters * cs), dtype=">u8").astype(np.uint64)
+        blocks = set((entries[entries != 0] & np.uint64(C.REFT_OFFSET_MASK)).tolist())
         refblocks: list[int] = []
         reftable: list[int] = []
         middle: list[int] = []
