@@ -240,9 +240,9 @@ def cmd_repair(args) -> int:
                     if args.output != "json":
                         print(f"{len(plan.unsupported) or before.corruptions + before.leaks} finding(s) "
                               f"{'would remain' if plan.items else 'remain'} unrepaired.", file=sys.stderr)
-                    return before.exit_code or 2
+                    return before.exit_code if before.exit_code in (2, 3) else 2  # 1 means an error
                 if plan.items:  # a dry run with work to do: `if qdebug repair --dry-run IMG` means "nothing to do"
-                    return before.exit_code or 2
+                    return before.exit_code if before.exit_code in (2, 3) else 2  # 1 means an error
                 return 0
             try:
                 after = _repair_rounds(chain, plan, before, args, steps)

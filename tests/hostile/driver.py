@@ -297,7 +297,11 @@ def run_case(layouts, base: str, seed: int, workdir: str, timeout: float = COMMA
         for v in violations(res, timeout):
             problems.append({"argv": argv, "problem": v, "stderr": res["stderr"][-2000:]})
         if res["rc"] == 1:
-            messages.append(res["stderr"].strip().splitlines()[-1])
+            lines = res["stderr"].strip().splitlines()
+            if not lines:
+                problems.append({"argv": argv, "problem": "exit 1 without a message", "stderr": ""})
+                continue
+            messages.append(lines[-1])
         if argv[0] == "check" and isinstance(res["rc"], int):
             check_rc = res["rc"]
     if check_rc is not None:
