@@ -197,7 +197,7 @@ def test_repair_overlay_with_missing_backing(tmp_path):
     assert o.returncode == 1 and b"not found" in o.stderr and b"Traceback" not in o.stderr
     o = qdebug("repair", "--no-backing", path)
     assert o.returncode == 0, o.stdout + o.stderr
-    assert qdebug("check", path).returncode == 0  # qemu-img itself cannot open it without the backing file
+    assert qdebug("check", path).returncode == 1  # as qemu-img: it cannot open it without the backing file
     with open(str(tmp_path / "ext64k-backing-base.raw"), "wb") as f:
         f.write(b"\xee" * (4 << 20))
     assert qemu_check(path)[0] == 0
@@ -244,3 +244,23 @@ def test_check_r_all_says_where_it_differs_from_qemu(qemu, tmp_path):
     assert o.returncode == q.returncode == 2
     assert b"differs from qemu-img check -r all" in o.stderr and b"rebuilds the whole refcount structure" in o.stderr
     assert qemu_check(paths[1])[1].get("corruptions") == qemu_check(paths[0])[1].get("corruptions") == 1
+
+
+def test_check_fails_like_qemu_img_when_the_backing_file_is_missing(tmp_path, qemu):
+    """qemu-img check opens the whole chain first: a missing backing file is exit 1, not a clean
+    check of the top layer (issue #17 item 10). With the file back, both check it clean."""
+    base = create(str(tmp_path / "base.qcow2"), "1M")
+    top = create(str(tmp_path / "top.qcow2"), "1M", backing=base, backing_fmt="qcow2")
+    qemu_io(top, "write -P 0x11 0 4k")
+    assert qemu_check(top)[0] == 0 and qdebug("check", top).returncode == 0
+    shutil.move(base, base + ".away")
+    assert qemu_check(top)[0] == 1
+    p = qdebug("check", top)
+    assert p.returncode == 1
+    err = p.stderr.decode() if isinstance(p.stderr, bytes) else p.stderr
+    assert err.startswith("qdebug: error: ") and "backing file" in err and "not found" in err
+    assert err.count("\n") == 1 and not p.stdout
+    from qdebug.scan.task import check_one
+
+    o = check_one(top, True, False)
+    assert o.exit_code == 1 and "not found" in o.error  # the scan says the same, as qemu-img check
