@@ -28,7 +28,7 @@ from typing import Sequence
 
 from ..engine.errors import QcowError, StorageError
 from ..engine.file.chain import Chain, open_chain
-from ..engine.file.fileio import reserve
+from ..engine.file.fileio import ftruncate, pwrite_all, reserve
 from ..engine.file.image import open_image
 from ..engine.file.journal import Journal, JournalUnavailable, journal_path, journal_steps
 from ..engine.file.locking import ImageLock, check_chain_writable, lock_chain, release_all
@@ -370,16 +370,16 @@ def sparse_copy(src: str, dst: str) -> None:
                 except OSError:
                     break  # only a hole is left
                 hole = os.lseek(sfd, data, os.SEEK_HOLE)
-                _copy_range(sfd, dfd, data, hole - data)
+                _copy_range(sfd, dfd, data, hole - data, dst)
                 pos = hole
-            os.ftruncate(dfd, size)
+            ftruncate(dfd, size, dst)
         finally:
             os.close(dfd)
     finally:
         os.close(sfd)
 
 
-def _copy_range(sfd: int, dfd: int, offset: int, length: int) -> None:
+def _copy_range(sfd: int, dfd: int, offset: int, length: int, dst: str) -> None:
     done = 0
     while done < length:
         try:
@@ -390,5 +390,6 @@ def _copy_range(sfd: int, dfd: int, offset: int, length: int) -> None:
             buf = os.pread(sfd, min(8 << 20, length - done), offset + done)
             if not buf:
                 return
-            n = os.pwrite(dfd, buf, offset + done)
+            pwrite_all(dfd, buf, offset + done, dst, "copy")
+            n = len(buf)
         done += n

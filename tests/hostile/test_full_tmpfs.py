@@ -1,6 +1,6 @@
 """On a full tmpfs, no command dies by a signal (reading a hole through a mapping used to need a
-page: SIGBUS, exit 135); read-only commands work, writing ones fail in one line and leave the image
-as it was. A real tmpfs is mounted (root; CI runs as root), filled to the last page."""
+page: SIGBUS, exit 135); read-only commands work, writing ones (salvage and bundle too) fail in one
+line and leave the image as it was, and no output or temporary file behind. A real tmpfs is mounted (root; CI runs as root), filled to the last page."""
 
 from __future__ import annotations
 
@@ -80,8 +80,10 @@ def test_writing_commands_fail_in_one_line_and_change_nothing(full_tmpfs, tmp_pa
         before = f.read()
     trace = tmp_path / "t.trace"
     trace.write_text("".join(f"write -P 0x44 {i * 65536 + 4096} 60k\n" for i in range(40)))
+    files = sorted(os.listdir(d))
     for args in (["replay", "--journal", img, str(trace)], ["replay", img, str(trace)],
-                 ["create", f"{d}/new.qcow2", "64M"]):
+                 ["create", f"{d}/new.qcow2", "64M"], ["salvage", img, "-o", f"{d}/s.raw"],
+                 ["salvage", img, "-O", "qcow2", "-o", f"{d}/s.qcow2"], ["bundle", img, "-o", f"{d}/b.qcow2"]):
         p = run(*args)
         assert_no_signal(p)
         assert p.returncode != 0
@@ -89,8 +91,11 @@ def test_writing_commands_fail_in_one_line_and_change_nothing(full_tmpfs, tmp_pa
         assert len(err) == 1 and "No space left on device" in err[0] and "internal error" not in err[0], err
         with open(img, "rb") as f:
             assert f.read() == before, args
+        assert sorted(os.listdir(d)) == files, args  # no output, no temporary left behind
     assert not os.path.exists(img + ".qdebug-journal")
     assert qemu_check(img)[0] == 0
+    q = subprocess.run([QEMU_IMG, "create", "-q", "-f", "qcow2", f"{d}/q.qcow2", "64M"], capture_output=True)
+    assert q.returncode == 1 and sorted(os.listdir(d)) == files  # qemu-img's create leaves nothing either
 
 
 def test_repair_and_undo_on_a_full_tmpfs(full_tmpfs, tmp_path):

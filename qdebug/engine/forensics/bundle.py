@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import QcowError
+from ..file.fileio import fsync, ftruncate, pwrite_all
 from ..file.image import Image
 from ..format import constants as C
 from ..read.status import metadata_preallocated
@@ -112,7 +113,7 @@ def make_bundle(image: str, output: str) -> BundleResult:
                                dir=os.path.dirname(os.path.abspath(output)))
     try:
         cs = lay.cluster_size
-        os.ftruncate(fd, src.file_size)
+        ftruncate(fd, src.file_size, output)
         r = lay.runs
         meta = np.isin(r.kind, list(METADATA_KINDS) + [HostKind.BITMAP_DATA])
         if (r.kind == HostKind.OVERLAP).any():  # an overlap with a metadata owner is that metadata
@@ -128,12 +129,12 @@ def make_bundle(image: str, output: str) -> BundleResult:
             for p in range(a, b, _CHUNK):
                 data = src.pread(p, min(_CHUNK, b - p))
                 if any(data):
-                    os.pwrite(fd, data, p)
+                    pwrite_all(fd, data, p, output, "write the bundle,")
                 nbytes += len(data)
         marker = BUNDLE_MARKER + bytes(512 - len(BUNDLE_MARKER))
         for i in np.flatnonzero(mark).tolist():
             for c in range(int(r.start[i]), int(r.start[i] + r.count[i])):
-                os.pwrite(fd, marker[:max(0, min(512, src.file_size - c * cs))], c * cs)
+                pwrite_all(fd, marker[:max(0, min(512, src.file_size - c * cs))], c * cs, output, "write the bundle,")
         count = lambda m: int(r.count[m].sum())  # noqa: E731
         info = {"qdebug-bundle": 1, "source": os.path.basename(image), "source-size": src.file_size,
                 "made-by": f"qdebug {__import__('qdebug').__version__}",
@@ -142,8 +143,8 @@ def make_bundle(image: str, output: str) -> BundleResult:
                 "removed": {"data-clusters": count(r.kind == HostKind.DATA),
                             "compressed-clusters": count(r.kind == HostKind.COMPRESSED),
                             "unreferenced-clusters": count(mark)}}
-        where = _mark(fd, src, info)
-        os.fsync(fd)
+        where = _mark(fd, output, src, info)
+        fsync(fd, output)
         os.close(fd)
         fd = -1
         os.replace(tmp, output)
@@ -163,7 +164,7 @@ def make_bundle(image: str, output: str) -> BundleResult:
         src.close()
 
 
-def _mark(fd: int, src: ImageFile, info: dict) -> str:
+def _mark(fd: int, path: str, src: ImageFile, info: dict) -> str:
     """Put the record into cluster 0 as a header extension; "side file" when it does not fit."""
     h = src.header
     if not src.reading.extensions_known or h.version < 3 or bundle_info(h) is not None:
@@ -182,5 +183,5 @@ def _mark(fd: int, src: ImageFile, info: dict) -> str:
     new = bytearray(head[:end] + ext + head[end:tail_end])
     if bfo:
         new[8:16] = struct.pack(">Q", bfo + len(ext))
-    os.pwrite(fd, bytes(new) + bytes(tail_end + len(ext) - len(new)), 0)
+    pwrite_all(fd, bytes(new) + bytes(tail_end + len(ext) - len(new)), 0, path, "write the bundle's header,")
     return "header extension"

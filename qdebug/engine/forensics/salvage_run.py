@@ -338,9 +338,9 @@ def _write_output(layers, runs: GuestRuns, output: str, out_format: str, top: La
     try:
         if out_format == "qcow2":
             h = layers[0].file.header
-            sink = Qcow2Sink(fd, top.virtual_size, h.cluster_bits, h.extended_l2)
+            sink = Qcow2Sink(fd, top.virtual_size, h.cluster_bits, h.extended_l2, output)
         else:
-            sink = RawSink(fd, top.virtual_size)
+            sink = RawSink(fd, top.virtual_size, output)
         runs = _write(layers, runs, sink)
         sink.close()
         os.close(fd)

@@ -9,10 +9,9 @@ refcount 1 and COPIED entries, so `qemu-img check` finds it clean.
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 
+from ..file.fileio import fsync, ftruncate, pwrite_all
 from ..format import constants as C
 from ..format.header import build_header
 from ..format.refcounts import pack_refcounts
@@ -23,23 +22,25 @@ def _is_zero(data) -> bool:
 
 
 class RawSink:
-    def __init__(self, fd: int, size: int):
+    def __init__(self, fd: int, size: int, path: str):
         self.fd = fd
-        os.ftruncate(fd, size)
+        self.path = path
+        ftruncate(fd, size, path)
 
     def write(self, offset: int, data: bytes) -> None:
         if data and not _is_zero(data):
-            os.pwrite(self.fd, data, offset)
+            pwrite_all(self.fd, data, offset, self.path, "write salvaged data,")
 
     def close(self) -> None:
-        os.fsync(self.fd)
+        fsync(self.fd, self.path)
 
 
 class Qcow2Sink:
     """A new qcow2 image (v3, 16-bit refcounts, zlib), extended L2 when asked (cluster size >= 16K)."""
 
-    def __init__(self, fd: int, size: int, cluster_bits: int, extended_l2: bool):
+    def __init__(self, fd: int, size: int, cluster_bits: int, extended_l2: bool, path: str):
         self.fd = fd
+        self.path = path
         self.size = size
         self.cb = cluster_bits
         self.cs = 1 << cluster_bits
@@ -50,7 +51,7 @@ class Qcow2Sink:
         self.buf = bytearray(self.cs)
         self.dirty = False
         self.l2: dict[int, np.ndarray] = {}  # L1 index -> host cluster per entry (0: none)
-        os.ftruncate(fd, 0)
+        ftruncate(fd, 0, path)
 
     def write(self, offset: int, data: bytes) -> None:
         pos = 0
@@ -70,7 +71,7 @@ class Qcow2Sink:
         if self.dirty:
             host = self.next
             self.next += 1
-            os.pwrite(self.fd, bytes(self.buf), host * self.cs)
+            self._pwrite(bytes(self.buf), host * self.cs)
             table = self.l2.setdefault(self.cur // self.per, np.zeros(self.per, dtype=np.int64))
             table[self.cur % self.per] = host
             self.buf[:] = bytes(self.cs)
@@ -93,11 +94,11 @@ class Qcow2Sink:
                 body = off.astype(">u8").tobytes()
             t = self.next
             self.next += 1
-            os.pwrite(self.fd, body, t * cs)
+            self._pwrite(body, t * cs)
             l1[idx] = (t * cs) | C.QCOW_OFLAG_COPIED
         l1_off = self.next * cs
         l1_clusters = -(-l1_size * 8 // cs)
-        os.pwrite(self.fd, l1.tobytes(), l1_off)
+        self._pwrite(l1.tobytes(), l1_off)
         self.next += l1_clusters
         # refcount blocks and table describe every cluster including themselves
         per_block = cs * 8 // 16
@@ -113,14 +114,17 @@ class Qcow2Sink:
         refs = np.zeros(blocks * per_block, dtype=np.uint64)
         refs[:total] = 1
         for b in range(blocks):
-            os.pwrite(self.fd, pack_refcounts(refs[b * per_block:(b + 1) * per_block], 4), (rb0 + b) * cs)
+            self._pwrite(pack_refcounts(refs[b * per_block:(b + 1) * per_block], 4), (rb0 + b) * cs)
         rt = np.zeros(table * cs // 8, dtype=">u8")
         rt[:blocks] = (np.arange(rb0, rb0 + blocks, dtype=np.uint64) * np.uint64(cs))
-        os.pwrite(self.fd, rt.tobytes(), rt_off)
+        self._pwrite(rt.tobytes(), rt_off)
         head = build_header(cluster_bits=self.cb, size=self.size, l1_size=l1_size, l1_table_offset=l1_off,
                             refcount_table_offset=rt_off, refcount_table_clusters=table, refcount_order=4,
                             extended_l2=self.ext, compression_type=0)
-        os.pwrite(self.fd, head + bytes(cs - len(head)), 0)
-        os.ftruncate(self.fd, total * cs)
-        os.fsync(self.fd)
+        self._pwrite(head + bytes(cs - len(head)), 0)
+        ftruncate(self.fd, total * cs, self.path)
+        fsync(self.fd, self.path)
+
+    def _pwrite(self, data: bytes, offset: int) -> None:
+        pwrite_all(self.fd, data, offset, self.path, "write the salvaged image,")
 

@@ -21,6 +21,7 @@ attributes set best-effort, as file-posix sets them.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import struct
@@ -162,40 +163,45 @@ def create_image(path: str, size: int, *, cluster_size: int = 65536, extended_l2
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
     except OSError as e:
         raise QcowError(f"{path}: cannot create: {e.strerror}") from None
-    try:
-        warning = _file_hints(fd, nocow, extent_size_hint)
-        cluster0 = header(0, 0, (cluster_size, 1), False, 0).ljust(cluster_size, b"\0")
-        reftable0 = (2 * cluster_size).to_bytes(8, "big").ljust(cluster_size, b"\0")
-        pwrite_all(fd, cluster0 + reftable0 + bytes(cluster_size), 0, path)
-    finally:
-        os.close(fd)
-    # The image as QEMU reopens it to grow it: no backing file yet (recorded at the very end).
-    chain = open_chain(path, writable=True, no_backing=True)
-    try:
-        img = chain.top
-        txn = Txn(img, WriteMode.EXECUTE, {}, 0)
-        alloc = Allocator(txn)
-        alloc.alloc_clusters(3)
-        l1_offset = 0
-        if l1_size:
-            l1_bytes = l1_size * 8
-            l1_offset = alloc.alloc_clusters(-(-(-(-l1_bytes // 512) * 512) // cluster_size))
-            txn.write_meta(l1_offset, bytes(l1_bytes), "L1")
-        if preallocation != "off":
-            txn.write_meta(0, header(l1_size, l1_offset, _reftable(alloc), False, size), "header")
-            img.reload_header()
-            geo = Geometry(img.header, size)
-            geo.slice_entries = geo.l2_entries  # opened at size 0: a cache of whole tables
-            trace = StepTrace(Command("write", 0, size), geo.ext, txn.writes, txn.file_size)
-            ctx = StepContext(chain, geo, False, txn, alloc, trace)
-            if preallocation == "metadata":
-                _preallocate_metadata(ctx, size)
-            else:
-                _preallocate_data(ctx, size, preallocation)
-        # (a big L1 or a preallocated refcount area may have moved the refcount table)
-        txn.write_meta(0, header(l1_size, l1_offset, _reftable(alloc), True, size), "header")
-    finally:
-        chain.close()
+    try:  # as QEMU's create: one that fails leaves no file behind
+        try:
+            warning = _file_hints(fd, nocow, extent_size_hint)
+            cluster0 = header(0, 0, (cluster_size, 1), False, 0).ljust(cluster_size, b"\0")
+            reftable0 = (2 * cluster_size).to_bytes(8, "big").ljust(cluster_size, b"\0")
+            pwrite_all(fd, cluster0 + reftable0 + bytes(cluster_size), 0, path)
+        finally:
+            os.close(fd)
+        # The image as QEMU reopens it to grow it: no backing file yet (recorded at the very end).
+        chain = open_chain(path, writable=True, no_backing=True)
+        try:
+            img = chain.top
+            txn = Txn(img, WriteMode.EXECUTE, {}, 0)
+            alloc = Allocator(txn)
+            alloc.alloc_clusters(3)
+            l1_offset = 0
+            if l1_size:
+                l1_bytes = l1_size * 8
+                l1_offset = alloc.alloc_clusters(-(-(-(-l1_bytes // 512) * 512) // cluster_size))
+                txn.write_meta(l1_offset, bytes(l1_bytes), "L1")
+            if preallocation != "off":
+                txn.write_meta(0, header(l1_size, l1_offset, _reftable(alloc), False, size), "header")
+                img.reload_header()
+                geo = Geometry(img.header, size)
+                geo.slice_entries = geo.l2_entries  # opened at size 0: a cache of whole tables
+                trace = StepTrace(Command("write", 0, size), geo.ext, txn.writes, txn.file_size)
+                ctx = StepContext(chain, geo, False, txn, alloc, trace)
+                if preallocation == "metadata":
+                    _preallocate_metadata(ctx, size)
+                else:
+                    _preallocate_data(ctx, size, preallocation)
+            # (a big L1 or a preallocated refcount area may have moved the refcount table)
+            txn.write_meta(0, header(l1_size, l1_offset, _reftable(alloc), True, size), "header")
+        finally:
+            chain.close()
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        raise
     return [warning] if warning else []
 
 
