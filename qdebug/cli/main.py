@@ -47,6 +47,58 @@ def _raise_terminated(signum: int, _frame) -> None:
     raise Terminated(signum)
 
 
+class StepSignals:
+    """SIGINT, SIGTERM and SIGHUP that arrive while a replay step runs wait for the step's end.
+
+    A write-back step cut short in the middle keeps the host writes it made: QEMU's order
+    (a write-zeroes over [cow_start, cow_end), then the data) would leave zeros where the guest
+    had data. So the first signal is acted on between steps (`check`); a second one, or one that
+    comes between steps (a trace read from a pipe that blocks), is acted on at once.
+    """
+
+    def __init__(self) -> None:
+        self.busy = False
+        self.pending: int | None = None
+        self._old: dict = {}
+
+    def __enter__(self) -> "StepSignals":
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+                old = signal.getsignal(sig)
+                if old in (signal.default_int_handler, _raise_terminated):  # (ours, not a caller's)
+                    self._old[sig] = old
+                    signal.signal(sig, self._arrived)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import signal
+
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+    def _arrived(self, signum: int, _frame) -> None:
+        if self.busy and self.pending is None:
+            self.pending = signum
+            return
+        _raise_for(signum)
+
+    def check(self) -> None:
+        """After a step: the signal that waited for it, if any, ends the command now."""
+        if self.pending is not None:
+            _raise_for(self.pending)
+
+
+def _raise_for(signum: int) -> None:
+    import signal
+
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt
+    raise Terminated(signum)
+
+
 def install_signal_handlers() -> None:
     """SIGTERM and SIGHUP as SIGINT (only where qdebug runs as the program, in its main thread)."""
     import signal

@@ -222,6 +222,7 @@ def cmd_replay(args) -> int:
     from ..trace.commands import parse_line
     from ..trace.replay import Replay, ReplayMode, quiet_gc
     from ..trace.syntax import SyntaxProblem
+    from .main import StepSignals
 
     if args.commands:  # -c CMD, as qemu-io runs them (a trace too is refused: which would go first?)
         if args.trace is not None:
@@ -235,6 +236,7 @@ def cmd_replay(args) -> int:
     progress = None
     log = None
     failures = 0
+    signals = StepSignals()  # a signal waits for the end of the step under way
     mode = ReplayMode.DRY_RUN if args.dry_run else ReplayMode.JOURNALED if args.journal else ReplayMode.WRITE_BACK
 
     def fail(where: str, message: str) -> None:
@@ -263,7 +265,9 @@ def cmd_replay(args) -> int:
                 print(f"qdebug: note: {note}", file=sys.stderr)
             quiet_gc()
             step = replay.step
+            signals.__enter__()
             for lineno, line in enumerate(lines, 1):
+                signals.check()  # (a signal that came during the step before: its record is logged)
                 try:
                     cmd = parse_line(line, lineno)
                 except SyntaxProblem as e:
@@ -275,7 +279,9 @@ def cmd_replay(args) -> int:
                     continue
                 if cmd.op == "quit":  # qemu-io reads no further
                     break
+                signals.busy = True
                 rec = step(cmd)
+                signals.busy = False
                 assert rec is not None
                 if log:
                     log.write(json.dumps(rec.to_json(plan=args.log_plans, timing=args.log_timing,
@@ -289,8 +295,10 @@ def cmd_replay(args) -> int:
                 elif rec.error:
                     fail(f"{source}:{rec.command.lineno}", f"{rec.command.source_text}: {rec.error}")
                 progress.update(rec.index + 1)
+            signals.check()
             progress.update(replay.steps_run, force=True)
     finally:
+        signals.__exit__()
         if progress is not None:
             progress.done()
         if log is not None and log is not sys.stdout:
