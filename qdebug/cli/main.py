@@ -222,7 +222,8 @@ def main(argv: list[str] | None = None) -> int:
         return status
     except QcowError as e:
         hint = ""
-        if type(e).__name__ == "ImageInUse" and getattr(args, "force_share", None) is False:
+        if (type(e).__name__ == "ImageInUse" and getattr(args, "force_share", None) is False
+                and not getattr(args, "repair", None)):  # (check -r writes: no -U for it)
             hint = " (-U reads it anyway; the results may be transient)"
         print(f"qdebug: error: {one_line(_naming_the_file(e, getattr(args, 'image', None)))}{hint}",
               file=sys.stderr)
