@@ -270,13 +270,13 @@ def cmd_replay(args) -> int:
                 print(f"qdebug: note: {note}", file=sys.stderr)
             quiet_gc()
             step = replay.step
-            for lineno, line in numbered(lines, fgets):
+            for lineno, line, cut in numbered(lines, fgets):
                 try:
                     cmd = parse_line(line, lineno, strict)
                 except SyntaxProblem as e:
                     if log:  # the log is complete: a line that failed is a record too
-                        log.write(json.dumps(_syntax_record(lineno, line, e)) + "\n")
-                    fail(f"{source}:{lineno}", str(e))
+                        log.write(json.dumps(_syntax_record(lineno, line, f"{e}{cut}")) + "\n")
+                    fail(f"{source}:{lineno}", f"{e}{cut}")
                     continue
                 if cmd is None:
                     if not args.dry_run and "sleep" in line:  # waits as qemu-io does, the image held

@@ -355,19 +355,23 @@ def parse_line(text: str, lineno: int = 0, strict: bool = False) -> Command | No
 FGETS_MAX: Final = 1023  # qemu-io reads standard input with fgets() into a 1024-byte buffer
 
 
-def numbered(lines: Iterable[str], fgets: bool = False) -> Iterator[tuple[int, str]]:
-    """(line number, command text) as qemu-io reads a trace on standard input. qemu-io's commands
-    are C strings: a NUL byte ends one (the rest of its line is never seen). `fgets`: a line longer
-    than 1023 bytes is several commands, of 1023 bytes each and the rest, as qemu-io's fgets()
-    reads it (all carrying the line's number); otherwise it is one command, as with `qemu-io -c`."""
+def numbered(lines: Iterable[str], fgets: bool = False) -> Iterator[tuple[int, str, str]]:
+    """(line number, command text, what a message about it adds) as qemu-io reads a trace on
+    standard input. qemu-io's commands are C strings: a NUL byte ends one (the rest of its line is
+    never seen). `fgets`: a line longer than 1023 bytes is several commands, of 1023 bytes each and
+    the rest, as qemu-io's fgets() reads it (all carrying the line's number, each message saying
+    which bytes); otherwise it is one command, as with `qemu-io -c`."""
     for n, line in enumerate(lines, 1):
         if fgets and len(line) > FGETS_MAX // 4:  # (at most 4 bytes a character)
             raw = line.encode("utf-8", "surrogateescape")
             if len(raw) > FGETS_MAX:
                 for at in range(0, len(raw), FGETS_MAX):
-                    yield n, _c_string(raw[at:at + FGETS_MAX].decode("utf-8", "surrogateescape"))
+                    piece = raw[at:at + FGETS_MAX]
+                    yield n, _c_string(piece.decode("utf-8", "surrogateescape")), (
+                        f" (bytes {at + 1}-{at + len(piece)} of a {len(raw)}-byte line: qemu-io reads a trace "
+                        f"{FGETS_MAX} bytes at a time)")
                 continue
-        yield n, _c_string(line)
+        yield n, _c_string(line), ""
 
 
 def _c_string(text: str) -> str:
@@ -380,11 +384,11 @@ def parse_trace(lines: Iterable[str], source: str, strict: bool = False) -> list
     `strict`: the trace exactly as `qemu-io IMAGE < TRACE` reads it (no comments, no byte order
     mark, long lines cut as qemu-io cuts them)."""
     out: list[Command] = []
-    for n, line in numbered(lines, strict):
+    for n, line, cut in numbered(lines, strict):
         try:
             cmd = parse_line(line, n, strict)
         except SyntaxProblem as e:
-            raise type(e)(f"{source}:{n}: {e}") from None
+            raise type(e)(f"{source}:{n}: {e}{cut}") from None
         if cmd is not None:
             if cmd.op == "quit":
                 break
@@ -399,11 +403,11 @@ def check_trace(lines: Iterable[str], source: str, strict: bool = False, fgets: 
     (default: `strict`) reads long lines as qemu-io reads standard input (`numbered`)."""
     problems: list[tuple[int, SyntaxProblem]] = []
     count = 0
-    for n, line in numbered(lines, strict if fgets is None else fgets):
+    for n, line, cut in numbered(lines, strict if fgets is None else fgets):
         try:
             cmd = parse_line(line, n, strict)
         except SyntaxProblem as e:
-            problems.append((n, type(e)(f"{source}:{n}: {e}")))
+            problems.append((n, type(e)(f"{source}:{n}: {e}{cut}")))
             continue
         if cmd is not None:
             if cmd.op == "quit":

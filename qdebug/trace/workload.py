@@ -56,11 +56,11 @@ def trace_cost(image: str, lines: Iterable[str], source: str,
         if policy == MINIMAL_COW:
             replay.engine.use_minimal_cow()
         step = replay.step
-        for lineno, line in numbered(lines, strict):
+        for lineno, line, cut in numbered(lines, strict):
             try:
                 cmd = parse_line(line, lineno, strict)
             except SyntaxProblem as e:
-                raise QcowError(f"{source}:{lineno}: {e}") from None
+                raise QcowError(f"{source}:{lineno}: {e}{cut}") from None
             if cmd is None:
                 continue
             if cmd.op == "quit":

@@ -197,6 +197,7 @@ def test_long_lines_as_qemu_io_reads_them(base, tmp_path, capsys, qemu, line):
     assert len(mine_messages) == len(q_messages), (q_messages, mine_messages)
     for m in mine_messages:
         assert m.startswith(f"qdebug: error: {trace}:2: "), m
+        assert f"-byte line: qemu-io reads a trace 1023 bytes at a time)" in m, m
     same_images(mine, ref, f"{len(line)} bytes")
 
 
