@@ -27,8 +27,10 @@ def human_size(n: int) -> str:
 
 def one_line(text: str) -> str:
     """Messages quote names taken from the image (backing names may hold newlines or escapes):
-    keep the promise of one line per message, whatever the name."""
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    keep the promise of one line per message, whatever the name. A byte that was not UTF-8 (read
+    with surrogateescape) shows as the byte, \\xff."""
+    return "".join(c if c.isprintable() else f"\\x{ord(c) - 0xDC00:02x}" if 0xDC80 <= ord(c) <= 0xDCFF
+                   else repr(c)[1:-1] for c in text)
 
 
 def warn(warnings) -> None:

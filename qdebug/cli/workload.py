@@ -48,11 +48,12 @@ def _open_trace(path: str):
     return _trace_lines(path)
 
 
-def _checked(path: str):
+def _checked(path: str, strict: bool):
     """The trace's lines, every line parsed before anything is planned (as replay does)."""
     from .write import _checked_trace
 
-    lines, _count = _checked_trace(_open_trace(path), "<stdin>" if path == "-" else path, keep_going=False)
+    lines, _count = _checked_trace(_open_trace(path), "<stdin>" if path == "-" else path, keep_going=False,
+                                   strict=strict)
     return lines
 
 
@@ -67,9 +68,9 @@ def cmd_stats(args) -> int:
     from ..trace.workload import trace_cost
 
     source = "<stdin>" if args.trace == "-" else args.trace
-    lines = _checked(args.trace)
+    lines = _checked(args.trace, args.strict)
     try:
-        cost = trace_cost(args.image, lines, source, policy=args.policy)
+        cost = trace_cost(args.image, lines, source, policy=args.policy, strict=args.strict)
     finally:
         if hasattr(lines, "close"):
             lines.close()
@@ -145,7 +146,7 @@ def cmd_whatif(args) -> int:
 
     if args.trace == "-":
         raise QcowError("whatif: give the trace as a file (each geometry reads it again)")
-    _checked(args.trace).close()
+    _checked(args.trace, args.strict).close()
     if args.backing and not args.backing_format:
         raise QcowError("Backing file specified without backing format (give it with -F)")
     if args.backing and not os.path.exists(args.backing):
@@ -160,7 +161,8 @@ def cmd_whatif(args) -> int:
 
         check_chart_path(args.chart)
     policies = ("qemu",) if args.policy == "qemu" else ("qemu", "minimal-cow")
-    rows = whatif(args.trace, args.size, geos, args.backing, args.backing_format, jobs=args.jobs, policies=policies)
+    rows = whatif(args.trace, args.size, geos, args.backing, args.backing_format, jobs=args.jobs, policies=policies,
+                  strict=args.strict)
     _failures(rows[0].cost)
     best = recommend(rows)
     if args.output == "json":
@@ -203,6 +205,8 @@ def whatif_table(rows) -> str:
 
 
 def register(sub) -> None:
+    from .write import add_strict
+
     sp = sub.add_parser("stats", help="what a trace costs on an image, step by step as QEMU 7.2 spends it "
                                       "(dry run: the image is untouched)")
     sp.add_argument("image", metavar="IMAGE")
@@ -211,6 +215,7 @@ def register(sub) -> None:
     sp.add_argument("--policy", choices=("qemu", "minimal-cow"), default="qemu",
                     help="minimal-cow: plan a COW that copies only what must be preserved (NOT QEMU; what "
                          "QEMU's simpler policy costs)")
+    add_strict(sp)
     sp.set_defaults(func=cmd_stats)
 
     sp = sub.add_parser("whatif", help="what a trace would cost on fresh images of other geometries "
@@ -233,4 +238,5 @@ def register(sub) -> None:
     sp.add_argument("--output", choices=("text", "json"), default="text")
     sp.add_argument("--chart", metavar="FILE.svg|FILE.png", help="draw host bytes by kind and file size per geometry "
                                                                  "(also shown in the terminal)")
+    add_strict(sp)
     sp.set_defaults(func=cmd_whatif)

@@ -8,13 +8,14 @@ the middle of a command leaves the image as it was before that command.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import sys
 import time
 
 from ..engine.errors import QcowError
-from .common import size_arg
+from .common import one_line, size_arg
 
 
 # ---- create ---------------------------------------------------------------------------------------
@@ -113,12 +114,12 @@ def _drop_stale_journal(image: str) -> None:
 
 
 # ---- plan -------------------------------------------------------------------------------------------
-def _parse_command_arg(text: str, source: str):
+def _parse_command_arg(text: str, source: str, strict: bool = False):
     from ..trace.commands import parse_line
     from ..trace.syntax import SyntaxProblem
 
     try:
-        cmd = parse_line(text, 0)
+        cmd = parse_line(text, 0, strict)
     except SyntaxProblem as e:
         raise QcowError(f"{source}: {e}") from None
     if cmd is None:
@@ -131,7 +132,7 @@ def _parse_command_arg(text: str, source: str):
 def cmd_plan(args) -> int:
     from ..trace.replay import Replay, ReplayMode
 
-    cmd = _parse_command_arg(args.command, "plan")
+    cmd = _parse_command_arg(args.command, "plan", args.strict)
     if not cmd.changes_image:
         raise QcowError(f"plan: {cmd.op} does not change the image; plan a write or discard")
     with Replay(args.image, mode=ReplayMode.DRY_RUN) as replay:  # read-only, a reader's locks
@@ -180,16 +181,19 @@ def hazard_text(h) -> str:
 
 def _trace_lines(path: str):
     """The trace as lines exactly as qemu-io reads them: only "\n" ends a line (a "\r" stays
-    in the line, where qemu-io rejects it too)."""
+    in the line, where qemu-io rejects it too), bytes that are not UTF-8 kept (and refused where
+    qemu-io refuses them), standard input read as it comes."""
     if path == "-":
-        return sys.stdin
+        if sys.stdin is None:
+            raise QcowError("standard input is closed: no trace to read")
+        return io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8", errors="surrogateescape", newline="\n")
     try:
         return open(path, encoding="utf-8", errors="surrogateescape", newline="\n")
     except OSError as e:
         raise QcowError(f"{path}: cannot read the trace: {e.strerror}") from None
 
 
-def _checked_trace(lines, source: str, keep_going: bool):
+def _checked_trace(lines, source: str, keep_going: bool, strict: bool = False, fgets: bool | None = None):
     """Every line through the parser before anything is written: a line qdebug cannot run
     (Unsupported: qemu-io would run it) is always refused, a line qemu-io rejects too unless
     --keep-going (which reports it in its place and goes on, as qemu-io does). Returns the
@@ -197,13 +201,13 @@ def _checked_trace(lines, source: str, keep_going: bool):
     from ..trace.commands import check_trace
     from ..trace.syntax import Unsupported
 
-    if lines is sys.stdin:
+    if not isinstance(lines, list) and not lines.seekable():
         lines = list(lines)
-    count, problems = check_trace(lines, source)
+    count, problems = check_trace(lines, source, strict, fgets)
     refused = [str(e) for _n, e in problems if isinstance(e, Unsupported) or not keep_going]
     if refused:
         for message in refused[:-1]:
-            print(f"qdebug: error: {message}", file=sys.stderr)
+            print(f"qdebug: error: {one_line(message)}", file=sys.stderr)
         raise QcowError(f"{refused[-1]} (nothing was written: {len(refused)} line(s) refused)")
     if not isinstance(lines, list):
         lines.seek(0)
@@ -219,11 +223,14 @@ def _syntax_record(lineno: int, line: str, error) -> dict:
 
 
 def cmd_replay(args) -> int:
-    from ..trace.commands import parse_line
+    from ..trace.commands import numbered, parse_line, sleep_ms
     from ..trace.replay import Replay, ReplayMode, quiet_gc
     from ..trace.syntax import SyntaxProblem
     from .main import StepSignals
 
+    strict = args.strict
+    fgets = strict and not args.commands  # qemu-io reads a trace on stdin with fgets, -c whole
+    from_stdin = args.trace == "-" and not args.commands
     if args.commands:  # -c CMD, as qemu-io runs them (a trace too is refused: which would go first?)
         if args.trace is not None:
             raise QcowError("replay: give a trace or -c commands, not both")
@@ -244,7 +251,7 @@ def cmd_replay(args) -> int:
         failures += 1
         if not args.keep_going:
             raise QcowError(f"{where}: {message}")
-        print(f"qdebug: error: {where}: {message}", file=sys.stderr)
+        print(f"qdebug: error: {one_line(f'{where}: {message}')}", file=sys.stderr)
 
     try:
         if args.log == "-":
@@ -254,28 +261,30 @@ def cmd_replay(args) -> int:
                 log = open(args.log, "w", encoding="utf-8")
             except OSError as e:
                 raise QcowError(f"{args.log}: cannot write the step log: {e.strerror}") from None
-        if lines is not sys.stdin:  # refused before the image is even opened
-            lines, total = _checked_trace(lines, source, args.keep_going)
+        if not from_stdin:  # refused before the image is even opened
+            lines, total = _checked_trace(lines, source, args.keep_going, strict, fgets)
         with Replay(args.image, mode=mode, durable=args.journal, source=source, history=False,
                     timing=args.log_timing) as replay:
-            if lines is sys.stdin:  # after the locks: a trace piped in may be written while qdebug holds the image
-                lines, total = _checked_trace(lines, source, args.keep_going)
+            if from_stdin:  # after the locks: a trace piped in may be written while qdebug holds the image
+                lines, total = _checked_trace(lines, source, args.keep_going, strict, fgets)
             progress = _Progress(total)
             for note in replay.notes:
                 print(f"qdebug: note: {note}", file=sys.stderr)
             quiet_gc()
             step = replay.step
             signals.__enter__()
-            for lineno, line in enumerate(lines, 1):
+            for lineno, line, cut in numbered(lines, fgets):
                 signals.check()  # (a signal that came during the step before: its record is logged)
                 try:
-                    cmd = parse_line(line, lineno)
+                    cmd = parse_line(line, lineno, strict)
                 except SyntaxProblem as e:
                     if log:  # the log is complete: a line that failed is a record too
-                        log.write(json.dumps(_syntax_record(lineno, line, e)) + "\n")
-                    fail(f"{source}:{lineno}", str(e))
+                        log.write(json.dumps(_syntax_record(lineno, line, f"{e}{cut}")) + "\n")
+                    fail(f"{source}:{lineno}", f"{e}{cut}")
                     continue
                 if cmd is None:
+                    if not args.dry_run and "sleep" in line:  # waits as qemu-io does, the image held
+                        time.sleep(min(sleep_ms(line, strict) / 1000, 1 << 31))
                     continue
                 if cmd.op == "quit":  # qemu-io reads no further
                     break
@@ -305,7 +314,7 @@ def cmd_replay(args) -> int:
             log.close()
         elif log is not None:
             log.flush()
-        if lines is not sys.stdin and not isinstance(lines, list):
+        if not isinstance(lines, list) and not from_stdin:
             lines.close()
     if failures:
         print(f"qdebug: replay: {failures} command(s) failed", file=sys.stderr)
@@ -335,6 +344,14 @@ def cmd_undo(args) -> int:
 
 
 # ---- registration ------------------------------------------------------------------------------------
+STRICT_HELP = ("accept exactly what qemu-io 7.2 accepts (no '#' comments, no byte order mark, a line of more "
+               "than 1023 bytes read as qemu-io reads it from stdin) and refuse every other line, by line")
+
+
+def add_strict(sp) -> None:
+    sp.add_argument("--strict", action="store_true", help=STRICT_HELP)
+
+
 def _positive(text: str) -> int:
     try:
         n = int(text, 10)
@@ -362,6 +379,7 @@ def register(sub) -> None:
     sp.add_argument("image", metavar="IMAGE")
     sp.add_argument("command", metavar="COMMAND", help="qemu-io syntax, e.g. 'write -P 0x22 8k 4k'")
     sp.add_argument("--output", choices=("human", "json"), default="human")
+    add_strict(sp)
     sp.set_defaults(func=cmd_plan)
 
     sp = sub.add_parser("replay", help="apply a qemu-io trace exactly as QEMU 7.2 would")
@@ -387,6 +405,7 @@ def register(sub) -> None:
                          "crash rolls back to the last flush")
     sp.add_argument("--keep-going", action="store_true",
                     help="go on after failing commands like qemu-io does; exit non-zero at the end")
+    add_strict(sp)
     sp.set_defaults(func=cmd_replay)
 
     sp = sub.add_parser("undo", help="step an image back through its undo journal",

@@ -17,20 +17,21 @@ the check covers).
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Final, Iterable, Iterator
 
 from ..engine.write.ops import Command
 from .qemuio import BY_NAME, IGNORE, OPTSTRINGS, REFUSE, VMSTATE_REFUSAL, Spec
 from .syntax import SyntaxProblem, Unsupported, getopt, is_plain_decimal, parse_pattern, parse_size, strtol
 
-__all__ = ["Command", "SyntaxProblem", "Unsupported", "parse_line", "parse_pattern", "parse_trace"]
+__all__ = ["Command", "SyntaxProblem", "Unsupported", "parse_line", "parse_pattern", "parse_trace", "sleep_ms"]
 
 MAX_BYTES = 2147483136  # BDRV_REQUEST_MAX_BYTES: INT_MAX rounded down to whole sectors
 
 
-def _words(text: str) -> list[str]:
-    """qemu-io's breakline (single spaces), after qdebug's `#` comment and the line's newline go."""
-    body = text.split("#", 1)[0] if "#" in text else text
+def _words(text: str, strict: bool = False) -> list[str]:
+    """qemu-io's breakline (single spaces), after the line's newline and (unless strict) qdebug's
+    `#` comment go."""
+    body = text.split("#", 1)[0] if not strict and "#" in text else text
     if body.endswith("\n"):
         body = body[:-1]
     return [w for w in body.split(" ") if w]
@@ -251,8 +252,17 @@ def _ignored(spec: Spec, args: list[str]) -> None:
         raise SyntaxProblem(f"help: command {args[0]} not found")
 
 
-def _parse(text: str, lineno: int) -> Parsed:
-    words = _words(text)
+def sleep_ms(text: str, strict: bool = False) -> int:
+    """How long a line that parse_line found valid makes qemu-io wait: the milliseconds of a
+    `sleep` (qemu-io holds the image, locks and all, meanwhile), 0 for any other line."""
+    words = _words(_c_string(text), strict)
+    if len(words) != 2 or words[0] != "sleep":
+        return 0
+    return max(strtol(words[1]) or 0, 0)
+
+
+def _parse(text: str, lineno: int, strict: bool) -> Parsed:
+    words = _words(text, strict)
     if not words:
         return None, 0
     spec = BY_NAME.get(words[0])
@@ -283,16 +293,20 @@ def _parse(text: str, lineno: int) -> Parsed:
 
 def _parse_line(text: str, lineno: int) -> Command | None:
     """The full parser (what parse_line falls back to)."""
-    return _parse_checked(text, lineno)[0]
+    return _parse_checked(text, lineno, False)[0]
 
 
-def _parse_checked(text: str, lineno: int) -> Parsed:
+def _parse_checked(text: str, lineno: int, strict: bool) -> Parsed:
     try:
-        return _parse(text, lineno)
+        return _parse(text, lineno, strict)
     except SyntaxProblem as e:
         if "\r" in text:
             raise type(e)(f"{e} (the line has a carriage return: DOS line endings, which qemu-io "
                           f"rejects as well)") from None
+        if strict and "#" in text:
+            raise type(e)(f"{e} (qemu-io has no comments: '#' is a word to it)") from None
+        if strict and text[:1] == "\ufeff":
+            raise type(e)(f"{e} (a UTF-8 byte order mark, which qemu-io reads as part of the command)") from None
         raise
 
 
@@ -309,10 +323,13 @@ def _fits(known: Command, length: int) -> bool:
     return length <= MAX_BYTES
 
 
-def parse_line(text: str, lineno: int = 0) -> Command | None:
+def parse_line(text: str, lineno: int = 0, strict: bool = False) -> Command | None:
     """One trace line -> Command; None for blank, comment and print-only lines (`#` to end of line).
-    A UTF-8 byte order mark starting the first line (editors on Windows write one) is not part of it."""
-    if lineno <= 1 and text[:1] == "\ufeff":
+    A UTF-8 byte order mark starting the first line (editors on Windows write one) is not part of it.
+    `strict`: exactly qemu-io's reading, neither comments nor a byte order mark (qemu-io: `command
+    "#" not found`). (The remembered heads below come from lines without either, so both modes
+    share them.)"""
+    if not strict and lineno <= 1 and text[:1] == "\ufeff":
         text = text[1:]
     body = text[:-1] if text.endswith("\n") else text
     parts = body.rsplit(" ", 2)
@@ -326,7 +343,7 @@ def parse_line(text: str, lineno: int = 0) -> Command | None:
                 return Command(head_cmd.op, o, n, head_cmd.pattern, head_cmd.zero, head_cmd.unmap, head_cmd.compressed,
                                head_cmd.quiet, body, lineno, head_cmd.verb, (n,) if head_cmd.lengths else (),
                                head_cmd.fua, head_cmd.no_fallback)
-    cmd, align = _parse_checked(text, lineno)
+    cmd, align = _parse_checked(text, lineno, strict)
     if cmd is not None and align and len(parts) == 3 and "#" not in text:
         # the numbers were the command's two arguments: any others that pass its checks make the same command
         if len(_HEADS) > 1024:
@@ -335,15 +352,43 @@ def parse_line(text: str, lineno: int = 0) -> Command | None:
     return cmd
 
 
-def parse_trace(lines: Iterable[str], source: str) -> list[Command]:
-    """All commands of a trace up to a `quit` (qemu-io reads no further); a bad line raises
-    SyntaxProblem('SOURCE:LINE: reason') (Unsupported for a line qemu-io runs and qdebug cannot)."""
-    out: list[Command] = []
+FGETS_MAX: Final = 1023  # qemu-io reads standard input with fgets() into a 1024-byte buffer
+
+
+def numbered(lines: Iterable[str], fgets: bool = False) -> Iterator[tuple[int, str, str]]:
+    """(line number, command text, what a message about it adds) as qemu-io reads a trace on
+    standard input. qemu-io's commands are C strings: a NUL byte ends one (the rest of its line is
+    never seen). `fgets`: a line longer than 1023 bytes is several commands, of 1023 bytes each and
+    the rest, as qemu-io's fgets() reads it (all carrying the line's number, each message saying
+    which bytes); otherwise it is one command, as with `qemu-io -c`."""
     for n, line in enumerate(lines, 1):
+        if fgets and len(line) > FGETS_MAX // 4:  # (at most 4 bytes a character)
+            raw = line.encode("utf-8", "surrogateescape")
+            if len(raw) > FGETS_MAX:
+                for at in range(0, len(raw), FGETS_MAX):
+                    piece = raw[at:at + FGETS_MAX]
+                    yield n, _c_string(piece.decode("utf-8", "surrogateescape")), (
+                        f" (bytes {at + 1}-{at + len(piece)} of a {len(raw)}-byte line: qemu-io reads a trace "
+                        f"{FGETS_MAX} bytes at a time)")
+                continue
+        yield n, _c_string(line), ""
+
+
+def _c_string(text: str) -> str:
+    return text.split("\0", 1)[0] if "\0" in text else text
+
+
+def parse_trace(lines: Iterable[str], source: str, strict: bool = False) -> list[Command]:
+    """All commands of a trace up to a `quit` (qemu-io reads no further); a bad line raises
+    SyntaxProblem('SOURCE:LINE: reason') (Unsupported for a line qemu-io runs and qdebug cannot).
+    `strict`: the trace exactly as `qemu-io IMAGE < TRACE` reads it (no comments, no byte order
+    mark, long lines cut as qemu-io cuts them)."""
+    out: list[Command] = []
+    for n, line, cut in numbered(lines, strict):
         try:
-            cmd = parse_line(line, n)
+            cmd = parse_line(line, n, strict)
         except SyntaxProblem as e:
-            raise type(e)(f"{source}:{n}: {e}") from None
+            raise type(e)(f"{source}:{n}: {e}{cut}") from None
         if cmd is not None:
             if cmd.op == "quit":
                 break
@@ -351,16 +396,18 @@ def parse_trace(lines: Iterable[str], source: str) -> list[Command]:
     return out
 
 
-def check_trace(lines: Iterable[str], source: str) -> tuple[int, list[tuple[int, SyntaxProblem]]]:
+def check_trace(lines: Iterable[str], source: str, strict: bool = False, fgets: bool | None = None
+                ) -> tuple[int, list[tuple[int, SyntaxProblem]]]:
     """Every line up to a `quit` through the parser, before anything runs: (commands, problems)
-    where each problem is (line number, SyntaxProblem naming SOURCE:LINE) in line order."""
+    where each problem is (line number, SyntaxProblem naming SOURCE:LINE) in line order. `fgets`
+    (default: `strict`) reads long lines as qemu-io reads standard input (`numbered`)."""
     problems: list[tuple[int, SyntaxProblem]] = []
     count = 0
-    for n, line in enumerate(lines, 1):
+    for n, line, cut in numbered(lines, strict if fgets is None else fgets):
         try:
-            cmd = parse_line(line, n)
+            cmd = parse_line(line, n, strict)
         except SyntaxProblem as e:
-            problems.append((n, type(e)(f"{source}:{n}: {e}")))
+            problems.append((n, type(e)(f"{source}:{n}: {e}{cut}")))
             continue
         if cmd is not None:
             if cmd.op == "quit":

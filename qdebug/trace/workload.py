@@ -17,7 +17,7 @@ from typing import Callable, Final, Iterable
 from ..engine.errors import QcowError
 from ..engine.write.cost import Cost, StepCost, measure
 from ..engine.write.create import create_image
-from .commands import parse_line
+from .commands import numbered, parse_line
 from .replay import Replay, ReplayMode, quiet_gc
 from .syntax import SyntaxProblem
 
@@ -42,9 +42,10 @@ POLICIES: Final = (QEMU, MINIMAL_COW)
 
 
 def trace_cost(image: str, lines: Iterable[str], source: str,
-               progress: Callable[[int], None] | None = None, policy: str = QEMU) -> TraceCost:
+               progress: Callable[[int], None] | None = None, policy: str = QEMU, strict: bool = False) -> TraceCost:
     """Dry-run `lines` (qemu-io commands) on `image` and add up what every step costs, planned as
-    QEMU does or (policy MINIMAL_COW) with the minimal COW, which is not QEMU's."""
+    QEMU does or (policy MINIMAL_COW) with the minimal COW, which is not QEMU's. `strict`: read
+    as `qemu-io IMAGE < TRACE` reads it (`parse_trace`)."""
     total = Cost()
     total.file_size_before = total.file_size_after = os.path.getsize(image) if os.path.exists(image) else 0
     failed = commands = 0
@@ -55,11 +56,11 @@ def trace_cost(image: str, lines: Iterable[str], source: str,
         if policy == MINIMAL_COW:
             replay.engine.use_minimal_cow()
         step = replay.step
-        for lineno, line in enumerate(lines, 1):
+        for lineno, line, cut in numbered(lines, strict):
             try:
-                cmd = parse_line(line, lineno)
+                cmd = parse_line(line, lineno, strict)
             except SyntaxProblem as e:
-                raise QcowError(f"{source}:{lineno}: {e}") from None
+                raise QcowError(f"{source}:{lineno}: {e}{cut}") from None
             if cmd is None:
                 continue
             if cmd.op == "quit":
@@ -127,7 +128,7 @@ class WhatIfRow:
 
 
 def whatif_row(trace: str, size: int, geometry: Geometry, backing: str | None = None,
-               backing_format: str | None = None, policy: str = QEMU) -> WhatIfRow:
+               backing_format: str | None = None, policy: str = QEMU, strict: bool = False) -> WhatIfRow:
     """Plan `trace` (a file of qemu-io commands) against a fresh image of `geometry`."""
     folder = tempfile.mkdtemp(prefix="qdebug-whatif-")
     try:
@@ -138,7 +139,7 @@ def whatif_row(trace: str, size: int, geometry: Geometry, backing: str | None = 
                      refcount_bits=geometry.refcount_bits, backing=backing, backing_format=backing_format)
         fresh_metadata = os.path.getsize(image)  # a fresh image is only metadata
         with open(trace, encoding="utf-8", errors="surrogateescape", newline="\n") as lines:
-            cost = trace_cost(image, lines, trace, policy=policy)
+            cost = trace_cost(image, lines, trace, policy=policy, strict=strict)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     cs = geometry.cluster_size
@@ -162,11 +163,12 @@ def _row(plain: tuple) -> WhatIfRow:
 
 
 def whatif(trace: str, size: int, geometries: list[Geometry], backing: str | None = None,
-           backing_format: str | None = None, jobs: int = 1, policies: tuple[str, ...] = (QEMU,)) -> list[WhatIfRow]:
+           backing_format: str | None = None, jobs: int = 1, policies: tuple[str, ...] = (QEMU,),
+           strict: bool = False) -> list[WhatIfRow]:
     """One row per geometry and policy (each geometry's policies side by side), in the order given;
     `jobs` processes plan them side by side. The minimal-COW policy only changes anything with
     extended L2 (without subclusters it is QEMU's), so it gets rows only there."""
-    tasks = [(trace, size, g, backing, backing_format, p) for g in geometries for p in policies
+    tasks = [(trace, size, g, backing, backing_format, p, strict) for g in geometries for p in policies
              if p == QEMU or g.extended_l2]
     if jobs <= 1 or len(tasks) <= 1:
         return [whatif_row(*t) for t in tasks]

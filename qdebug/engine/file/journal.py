@@ -7,7 +7,8 @@ before it reaches the file: nothing can change the image without being journaled
 
 File `IMAGE.qdebug-journal`, append-only, truncated as steps are undone (removed when empty):
 
-    file header   b"QDBGJRNL" u32 version u32 block size
+    file header   b"QDBGJRNL" u32 version u32 block size, then (version 3) u32 length, u32 CRC32
+                  of the image's identity (`incarnation.py`, JSON): which file the steps belong to
     record        kind, step, offset, length, size, payload length, payload CRC32, header CRC32 | payload
 
     STEP  a step begins: offset = image mtime (ns), size = image length, payload = JSON meta
@@ -27,7 +28,10 @@ change it announces never started, and nothing after it is read.
 Undoing a committed step writes its before-images back and truncates to its starting length (only
 the first before-image of each byte is saved, and none past the starting length, so the order does
 not matter). Committed steps are protected by the image's length and mtime after the last commit: a
-different one means someone else wrote the image, and the journal is refused.
+different one means someone else wrote the image, and the journal is refused. A journal whose image
+was re-created or replaced since (another header, another file, a shorter one: see
+`incarnation.py`) is refused as stale, with the fix; a version 2 journal has no identity and gets
+the first message only.
 
 A step left unfinished by a crash is rolled back only when the image is provably as the step left
 it: every block the step touched, and every block with data past its starting length (the rollback
@@ -55,12 +59,15 @@ from ..errors import QcowError, StorageError
 from .blockcrc import BLOCK, after_crcs, block_crcs
 from .fileio import fsync, ftruncate, pwrite_all, reserve, signals_deferred, storage_error, zero_range
 from .filemap import data_extents
+from .incarnation import Incarnation, incarnation
 from .intervals import Intervals
 
 JOURNAL_SUFFIX = ".qdebug-journal"
 _MAGIC = b"QDBGJRNL"
-_VERSION = 2
+_VERSION = 3
+_READABLE = (2, 3)  # version 2: the same records, no identity
 _FILE_HEADER = struct.Struct(">8sII")
+_IDENTITY = struct.Struct(">II")  # length and CRC32 of the identity that follows the file header
 _BODY = struct.Struct(">4sIQQQQI")  # kind, step, offset, length, size, payload length, payload CRC
 _HDR = struct.Struct(">4sIQQQQII")  # ... and the CRC of everything before it
 _U64 = struct.Struct(">Q")
@@ -214,20 +221,45 @@ def _crcs(fd: int, rec: Record) -> np.ndarray:
 
 
 # ---- reading -------------------------------------------------------------------------------------
-def _scan(fd: int, path: str) -> tuple[list[StepInfo], int]:
-    """All steps in the journal and the offset where valid records end (a torn tail starts there)."""
-    file_end = os.fstat(fd).st_size
+def _file_header(fd: int, path: str) -> tuple[int, Incarnation | None]:
+    """(where the records start, the image identity recorded); (0, None) for a journal whose header
+    is not all there (a crash while it was made: it holds no step)."""
     head = _pread(fd, _FILE_HEADER.size, 0)
     if len(head) < _FILE_HEADER.size:
-        return [], 0
+        return 0, None
     magic, version, block = _FILE_HEADER.unpack(head)
     if magic != _MAGIC:
         raise JournalError(f"{path}: not a qdebug journal (bad magic)")
-    if version != _VERSION or block != BLOCK:
+    if version not in _READABLE or block != BLOCK:
         raise JournalError(f"{path}: journal version {version} (block {block}) is not supported "
                            f"(expected {_VERSION}, block {BLOCK}); undo it with the qdebug that wrote it")
+    if version == 2:
+        return _FILE_HEADER.size, None
+    ident = _pread(fd, _IDENTITY.size, _FILE_HEADER.size)
+    if len(ident) < _IDENTITY.size:
+        return 0, None
+    n, crc = _IDENTITY.unpack(ident)
+    if n > 1 << 16:  # (an identity is a few hundred bytes: this is damage, never read it)
+        return 0, None
+    raw = _pread(fd, n, _FILE_HEADER.size + _IDENTITY.size)
+    if len(raw) != n or zlib.crc32(raw) != crc:
+        return 0, None
+    return _FILE_HEADER.size + _IDENTITY.size + n, Incarnation.from_bytes(raw)
+
+
+def _header_bytes(img_fd: int) -> bytes:
+    """A new journal's file header: the image's identity as it is now."""
+    raw = incarnation(img_fd).to_bytes()
+    return _FILE_HEADER.pack(_MAGIC, _VERSION, BLOCK) + _IDENTITY.pack(len(raw), zlib.crc32(raw)) + raw
+
+
+def _scan(fd: int, path: str) -> tuple[list[StepInfo], int]:
+    """All steps in the journal and the offset where valid records end (a torn tail starts there)."""
+    file_end = os.fstat(fd).st_size
+    pos, _identity = _file_header(fd, path)
+    if not pos:
+        return [], 0
     steps: list[StepInfo] = []
-    pos = _FILE_HEADER.size
     while True:
         rec = _read_record(fd, pos, file_end)
         if rec is None:
@@ -313,16 +345,44 @@ def _touch(jfd: int) -> None:
         pass
 
 
-def _check_unchanged(steps: list[StepInfo], img_fd: int, image: str) -> None:
+def _stale(image: str, jpath: str, why: str) -> JournalError:
+    return JournalError(
+        f"{image}: its undo journal {jpath} belongs to another incarnation of the file: {why}. The image was "
+        f"re-created or replaced since qdebug journaled it (qemu-img create, or a copy or a move over it), so "
+        f"no step of that journal can be undone into it; the image was not touched. Fix: `qdebug undo "
+        f"--discard-journal {image}` drops the stale journal and keeps the image as it is")
+
+
+def _check_incarnation(steps: list[StepInfo], recorded: Incarnation | None, img_fd: int, image: str,
+                       jpath: str) -> None:
+    """Refuse, as stale, a journal with steps whose image has another header than the one it was
+    written for (see `incarnation.py`)."""
+    if not steps or recorded is None:
+        return
+    changes = recorded.header_changes(incarnation(img_fd))
+    if changes:
+        raise _stale(image, jpath, "its qcow2 header says " + ", ".join(changes))
+
+
+def _check_unchanged(steps: list[StepInfo], img_fd: int, image: str, recorded: Incarnation | None = None,
+                     jpath: str = "") -> None:
     """Refuse a journal whose image was written by someone else after its last step.
 
     Undoing then would write old bytes over the other writer's changes. The length and the mtime
-    recorded at the last commit must both still hold (undo puts the mtime back, so they do).
+    recorded at the last commit must both still hold (undo puts the mtime back, so they do). Where
+    they do not, another file (inode) or a shorter one is another incarnation: said so.
     """
     if not steps:
         return
     last, st = steps[-1], os.fstat(img_fd)
     if last.size_after != st.st_size or (last.mtime_after is not None and last.mtime_after != st.st_mtime_ns):
+        if recorded is not None and not recorded.same_file(incarnation(img_fd)):
+            raise _stale(image, jpath or journal_path(image),
+                         f"it is another file (inode {st.st_ino}, the journal's was inode {recorded.inode})")
+        if recorded is not None and last.size_after is not None and st.st_size < last.size_after:
+            raise _stale(image, jpath or journal_path(image),
+                         f"it is {st.st_size} bytes long, shorter than the {last.size_after} bytes qdebug's last "
+                         f"journaled step left (no QEMU write shrinks an image file)")
         raise JournalError(
             f"{image}: the image changed after its undo journal was written (length {st.st_size}, journal "
             f"expects {last.size_after}, or a newer modification time); refusing to use the journal: "
@@ -497,17 +557,20 @@ class Journal:
 
     def _load(self, created: bool) -> None:
         steps, end = _scan(self.fd, self.path)
+        recorded = _file_header(self.fd, self.path)[1] if steps else None
+        _check_incarnation(steps, recorded, self.img.fd, self.img.path, self.path)
         self.recovered = False
         if steps and not steps[-1].committed:
             _recover(self.fd, self.path, self.img.fd, self.img.path, steps[-1])
             end = steps.pop().start
             self._after_restore()
             self.recovered = True
-        _check_unchanged(steps, self.img.fd, self.img.path)
-        if end < _FILE_HEADER.size:
+        _check_unchanged(steps, self.img.fd, self.img.path, recorded, self.path)
+        if not steps:  # a journal without steps starts anew, with the image's identity as it is now
+            header = _header_bytes(self.img.fd)
             ftruncate(self.fd, 0, self.path)
-            pwrite_all(self.fd, _FILE_HEADER.pack(_MAGIC, _VERSION, BLOCK), 0, self.path, "write the journal header")
-            end = _FILE_HEADER.size
+            pwrite_all(self.fd, header, 0, self.path, "write the journal header")
+            end = len(header)
             if created and self.durable:
                 _fsync_dir(self.path)
         else:
@@ -890,6 +953,8 @@ def undo(image_path: str, steps: int | None = 1, *, lock: bool = True, discard: 
             raise storage_error(e, jpath, "cannot open the undo journal") from None
         try:
             all_steps, end = _scan(jfd, jpath)
+            recorded = _file_header(jfd, jpath)[1] if all_steps else None
+            _check_incarnation(all_steps, recorded, img_fd, image_path, jpath)
             interrupted = False
             left = len(all_steps) + 1 if steps is None else steps
             if all_steps and not all_steps[-1].committed:
@@ -901,7 +966,7 @@ def undo(image_path: str, steps: int | None = 1, *, lock: bool = True, discard: 
             n = max(0, min(left, len(all_steps)))
             undone = []
             if n:
-                _check_unchanged(all_steps, img_fd, image_path)
+                _check_unchanged(all_steps, img_fd, image_path, recorded, jpath)
             with signals_deferred():
                 for _ in range(n):
                     st = all_steps[-1]
