@@ -309,3 +309,13 @@ def test_plan_stats_whatif_undo_repair(images, tmp_path):
     fixed = json.loads(qd("check", "-r", "leaks", "--output=json", leaky))
     conforms("check", fixed)
     assert fixed["findings-before-repair"] and fixed.get("leaks-fixed")
+
+
+def test_schema_command_prints_the_installed_schemas():
+    listing = qd("schema").splitlines()
+    assert [ln.split()[0] for ln in listing] == list(SCHEMAS)
+    for name in SCHEMAS:
+        assert json.loads(qd("schema", name)) == load(name)
+    p = subprocess.run([*QDEBUG, "schema", "nope"], capture_output=True, text=True)
+    assert p.returncode == 1 and p.stdout == "" and p.stderr.count("\n") == 1
+    assert p.stderr.startswith("qdebug: error: schema: no schema named 'nope'")
