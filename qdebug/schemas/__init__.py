@@ -33,6 +33,8 @@ SCHEMAS = {
     "salvage-report": ("salvage --report FILE", "every guest range recovered, zero or lost, and totals"),
     "salvage-orphans": ("salvage --orphans DIR", "DIR/orphans.json: the unreferenced clusters saved"),
     "scan": ("scan --output=json", "one JSON line per file: check's record and known-bug signatures, or an error"),
+    "bundle-record": ("bundle -o OUT", "the record a metadata-only copy carries (a header extension, or "
+                                       "OUT.qdebug-bundle.json beside it)"),
 }
 
 

@@ -319,3 +319,17 @@ def test_schema_command_prints_the_installed_schemas():
     p = subprocess.run([*QDEBUG, "schema", "nope"], capture_output=True, text=True)
     assert p.returncode == 1 and p.stdout == "" and p.stderr.count("\n") == 1
     assert p.stderr.startswith("qdebug: error: schema: no schema named 'nope'")
+
+
+@pytest.mark.parametrize("name", ["chain", "v2-64k"])
+def test_bundle_record(images, name, tmp_path):
+    """In a header extension (info shows it, without data-holes) or, for a v2 image, in a side file."""
+    out = tmp_path / "b.qcow2"
+    qd("bundle", images[name], "-o", out)
+    side = tmp_path / "b.qcow2.qdebug-bundle.json"
+    assert side.exists() == (name == "v2-64k")
+    if side.exists():
+        conforms("bundle-record", json.loads(side.read_text()))
+    info = json.loads(qd("info", "--output=json", "--no-backing", out))
+    conforms("info", info)
+    conforms("bundle-record", info["qdebug"]["bundle"])
