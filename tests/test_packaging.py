@@ -50,6 +50,7 @@ def works(py: Path, tmp: Path) -> str:
     qdebug = py.parent / "qdebug"
     run(qdebug, "create", "-q", image, "4M", cwd="/")
     run(qdebug, "replay", image, trace, cwd="/")
+    assert '"$schema"' in run(qdebug, "schema", "step-log", cwd="/").stdout  # the schemas are package data
     return run(qdebug, "--version", cwd="/").stdout
 
 
@@ -58,6 +59,7 @@ def test_the_wheel_carries_the_compiled_engine_and_a_fresh_venv_runs_it(tmp_path
     assert "-cp3" in wheel.name and "linux" in wheel.name  # a platform wheel: it holds extensions
     names = zipfile.ZipFile(wheel).namelist()
     assert "qdebug/_native/manifest.json" in names and any(n.endswith(".so") for n in names)
+    assert "qdebug/schemas/step-log.schema.json" in names and "qdebug/tui/qdebug.tcss" in names
     py = venv_with(wheel, tmp_path / "venv")
     assert "compiled engine" in works(py, tmp_path)
     modules = run(py, "-c", "import qdebug.engine.write.datapath as d, qdebug.trace.commands as c; "

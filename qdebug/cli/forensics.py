@@ -73,15 +73,16 @@ def cmd_salvage(args) -> int:
     out.write(f"{res.image}: {human_size(size)} guest disk salvaged"
               + (f" to {res.output} ({res.output_format})" if res.output else " (analysis only: no -o)") + "\n")
     out.write(f"    recovered {t['recovered']:>16} bytes ({pct(t['recovered'])})\n")
-    for k, v in t["recovered-by-source"].items():
-        out.write(f"        {v:>20}  from {one_line(k)}\n")
+    for src in t["recovered-by-source"]:
+        layer = f" ({src['file']})" if src["depth"] else ""
+        out.write(f"        {src['bytes']:>20}  from {one_line(src['source'] + layer)}\n")
     out.write(f"    zero      {t['zero']:>16} bytes ({pct(t['zero'])}), by the image's own metadata\n")
-    for k, v in t["zero-by-why"].items():
-        out.write(f"        {v:>20}  {k}\n")
+    for z in t["zero-by-why"]:
+        out.write(f"        {z['bytes']:>20}  {z['why']}\n")
     out.write(f"    lost      {t['lost']:>16} bytes ({pct(t['lost'])})" + (" (zeros in the output)" if t["lost"] else "")
               + "\n")
-    for k, v in sorted(t["lost-by-reason"].items(), key=lambda kv: -kv[1]):
-        out.write(f"        {v:>20}  {one_line(k)}\n")
+    for lost in t["lost-by-reason"]:
+        out.write(f"        {lost['bytes']:>20}  {one_line(lost['reason'])}\n")
     if res.evidence:
         out.write(f"    orphaned guest data: {res.evidence} cluster(s) no table maps any more (their guest offsets are "
                   "unknown)" + (f": saved in {args.orphans}" if args.orphans else "; save them with --orphans DIR")

@@ -65,7 +65,7 @@ def cmd_info(args) -> int:
     feats = ", ".join(f"{f['name']} ({f['type']} bit {f['bit']})" for f in q["features"]) or "none"
     lines.append(f"    feature bits: {feats}")
     for e in q["extensions"]:
-        lines.append(f"    header extension {e['type']} {e['name']}: {e['length']} bytes at 0x{e['offset']:x}")
+        lines.append(f"    header extension 0x{e['type']:08x} {e['name']}: {e['length']} bytes at 0x{e['offset']:x}")
     lines.append(f"    subclusters: {g['subclusters-per-cluster']} per cluster of {g['subcluster-size']} bytes, "
                  f"{g['l2-entry-size'] * 8}-bit L2 entries, {g['l2-entries-per-table']} per L2 table")
     lines.append(f"    L1 table: {g['l1-size']} entries at 0x{g['l1-table-offset']:x}, {g['l2-tables']} L2 tables")
@@ -77,7 +77,7 @@ def cmd_info(args) -> int:
         lines.append(f"    chain depth {layer['depth']}: {layer['filename']} ({layer['format']}, "
                      f"{layer['virtual-size']} bytes)")
     counts = q["subclusters"]
-    lines.append("    subclusters by type: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    lines.append("    subclusters by type: " + ", ".join(f"{k.upper().replace('-', '_')} {v}" for k, v in counts.items()))
     print("\n".join(one_line(ln) for ln in lines))  # names from the image: no terminal escapes
     return 0
 
@@ -209,7 +209,10 @@ def _data_bytes(h, cluster: int, bitmap: int) -> int:
 
 
 def _map_subclusters(chain, out, output: str) -> int:
-    """Each allocated cluster's L2 entry and bitmap string, streamed."""
+    """Each allocated cluster's L2 entry and bitmap string, streamed. JSON: one array, as `map
+    --output=json` frames it (an element a line), written batch by batch (never built whole);
+    entry and bitmap as integers (bitmap null without extended L2), host-offset null where the
+    entry has none (compressed, or an unallocated cluster with only zero flags)."""
     import numpy as np
 
     from ..engine.format import constants as C
@@ -220,6 +223,7 @@ def _map_subclusters(chain, out, output: str) -> int:
     h = img.header
     cs = h.cluster_size
     _refuse_tables_past_eof(img)
+    sep = "["  # before the next JSON element: the array opens with the first one
     for gcs, w0, bm in iter_l2_batches(img):
         w0 = np.asarray(w0, dtype=np.uint64)
         bmu = np.asarray(bm, dtype=np.uint64) if bm is not None else np.zeros(len(w0), dtype=np.uint64)
@@ -237,17 +241,20 @@ def _map_subclusters(chain, out, output: str) -> int:
             past = host is not None and host != 0 and host + _data_bytes(h, g, int(bmu[i])) > img.file_size
             if output == "json":
                 row = {"cluster": g, "start": g * cs, "l1-index": g // h.l2_entries, "l2-index": g % h.l2_entries,
-                       "entry": f"0x{word0:016x}", "bitmap": f"0x{int(bmu[i]):016x}",
-                       "host-offset": host, "copied": bool(word0 >> 63), "subclusters": strings[k]}
+                       "entry": word0, "bitmap": int(bmu[i]) if h.extended_l2 else None, "host-offset": host or None,
+                       "copied": bool(word0 >> 63), "subclusters": strings[k]}
                 if past:
                     row["past-eof"] = True
-                rows.append(json.dumps(row) + "\n")
+                rows.append(sep + json.dumps(row))
+                sep = ",\n"
             else:
                 hs = f"{host:#x}" if host is not None else "compressed"
                 if past:
                     hs += _past_eof(img, host, _data_bytes(h, g, int(bmu[i])))
                 rows.append(f"{g * cs:<#16x}cluster {g:<10} {strings[k]}  {hs}\n")
         out.write("".join(rows))
+    if output == "json":
+        out.write("[]\n" if sep == "[" else "]\n")
     return 0
 
 

@@ -16,7 +16,7 @@ from .common import one_line
 
 from .conventions import EXIT_ERROR, EXIT_INTERNAL
 
-COMMAND_MODULES = ("inspect", "write", "check", "scan", "forensics", "trace_import", "workload", "tui")
+COMMAND_MODULES = ("inspect", "write", "check", "scan", "forensics", "trace_import", "workload", "tui", "schema")
 
 
 class _Version(argparse.Action):

@@ -214,12 +214,24 @@ def _checked_trace(lines, source: str, keep_going: bool, strict: bool = False, f
     return lines, count
 
 
-def _syntax_record(lineno: int, line: str, error) -> dict:
-    """A step-log record of a line the parser refused: no step ("index" null), nothing done."""
+def _syntax_record(lineno: int, line: str, error, args) -> dict:
+    """A step-log record of a line the parser refused: no step ("index" null), nothing done, and
+    the keys a step's record has under the same --log-* options (a plan of nothing, "cost" and
+    "seconds" null), so every record of a log has one shape."""
+    from ..engine.write.plan import WritePlan
     from ..engine.write.step import LOG_VERSION
 
-    return {"log-version": LOG_VERSION, "index": None, "line": lineno, "command": line.rstrip("\n"),
-            "error": str(error), "hazards": [], "host-writes": [], "clusters": []}
+    out: dict = {"log-version": LOG_VERSION, "index": None, "line": lineno, "command": line.rstrip("\n")}
+    if args.log_plans:
+        out.update(WritePlan(command="", line=0).to_json(), command=out["command"], line=lineno,
+                   error=str(error), **{"file-size-before": None, "file-size-after": None})
+    else:
+        out.update({"error": str(error), "hazards": [], "host-writes": [], "clusters": []})
+    if args.log_plans or args.log_costs:
+        out["cost"] = None
+    if args.log_timing:
+        out["seconds"] = None
+    return out
 
 
 def cmd_replay(args) -> int:
@@ -279,7 +291,7 @@ def cmd_replay(args) -> int:
                     cmd = parse_line(line, lineno, strict)
                 except SyntaxProblem as e:
                     if log:  # the log is complete: a line that failed is a record too
-                        log.write(json.dumps(_syntax_record(lineno, line, f"{e}{cut}")) + "\n")
+                        log.write(json.dumps(_syntax_record(lineno, line, f"{e}{cut}", args)) + "\n")
                     fail(f"{source}:{lineno}", f"{e}{cut}")
                     continue
                 if cmd is None:

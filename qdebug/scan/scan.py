@@ -21,7 +21,7 @@ from .discover import Candidate, Unusable
 from .runners import WorkerLost
 from .state import ScanState
 from .tally import ScanSummary, Tally
-from .task import ERROR, Outcome, check_chunk
+from .task import ERROR, Outcome, check_chunk, error_record
 
 CHUNK_FILES = 8  # images per task at most ...
 CHUNK_BYTES = 256 << 20  # ... and this much file (apparent size) at most: a big image goes alone
@@ -175,7 +175,7 @@ class Scan:
                     continue
             if isinstance(item, Unusable):
                 finished.append(self._account(Outcome(item.path, ERROR, 1, error=item.error,
-                                                      record={"filename": item.path, "error": item.error}), None))
+                                                      record=error_record(item.path, item.error)), None))
                 continue
             if self.state is not None:
                 old = self.state.finished(item.key)
@@ -200,7 +200,7 @@ class Scan:
             if attempt == 0:
                 self._suspects.extend(chunk)
                 return
-            outcomes = [Outcome(c.path, ERROR, 1, error=str(e), record={"filename": c.path, "error": str(e)})
+            outcomes = [Outcome(c.path, ERROR, 1, error=str(e), record=error_record(c.path, str(e)))
                         for c in chunk]
         for c, o in zip(chunk, outcomes):
             yield self._account(o, c)

@@ -74,7 +74,7 @@ def _worker() -> dict:
 
 def check_one(path: str, explicit: bool, force_share: bool, signatures: bool = True) -> Outcome:
     """One file: skipped (walked, not qcow2), an error record, or the check's record (with the
-    known-bug signatures it shows, under "signatures", when there are any)."""
+    known-bug signatures it shows under "signatures": a list, null when not looked for)."""
     try:
         if not _is_qcow2(path):
             if not explicit:
@@ -91,14 +91,18 @@ def check_one(path: str, explicit: bool, force_share: bool, signatures: bool = T
         return _error(path, f"internal error: {type(e).__name__}: {e}")
     record = report.to_json()
     record["check-exit-code"] = report.exit_code
-    if found:
-        record["signatures"] = [s.to_json() for s in found]
+    record["signatures"] = [s.to_json() for s in found] if signatures else None  # null: not looked for
     return Outcome(path, CHECKED, report.exit_code, report.corruptions, report.leaks, report.check_errors,
                    report.leaks * cluster, signatures=tuple(s.name for s in found), record=record, **_worker())
 
 
 def _error(path: str, message: str) -> Outcome:
-    return Outcome(path, ERROR, 1, error=message, record={"filename": path, "error": message}, **_worker())
+    return Outcome(path, ERROR, 1, error=message, record=error_record(path, message), **_worker())
+
+
+def error_record(path: str, message: str) -> dict:
+    """The JSON line of a file that could not be checked (qemu-img check's exit code then: 1)."""
+    return {"filename": path, "error": message, "check-exit-code": 1}
 
 
 def check_chunk(items: list[tuple[str, bool]], force_share: bool, signatures: bool = True) -> list[Outcome]:

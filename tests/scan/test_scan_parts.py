@@ -74,7 +74,7 @@ def test_discover_walks_in_name_order_without_following_directory_links(tree):
 def test_check_one_skips_walked_files_that_are_not_images(tree):
     assert check_one(str(tree / "a" / "notes"), False, False).status == SKIPPED
     o = check_one(str(tree / "a" / "notes"), True, False)
-    assert o.status == ERROR and o.record == {"filename": str(tree / "a" / "notes"), "error": o.error}
+    assert o.status == ERROR and o.record == {"filename": str(tree / "a" / "notes"), "error": o.error, "check-exit-code": 1}
     o = check_one(str(tree / "c.qcow2"), False, False)
     assert o.status == CHECKED and o.record["check-exit-code"] == 0 and o.worker and o.worker_peak_rss > 0
 

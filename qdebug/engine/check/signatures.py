@@ -64,7 +64,7 @@ class Signature:
 
     def to_json(self) -> dict:
         return {"name": self.name, "title": self.title, "produced-by": self.produced_by, "count": self.count,
-                "evidence": list(self.evidence), "guest-ranges": [list(r) for r in self.guest_ranges]}
+                "evidence": list(self.evidence), "guest-ranges": [{"start": a, "end": b} for a, b in self.guest_ranges]}
 
 
 def needs_layout(report: CheckReport) -> bool:

@@ -147,7 +147,18 @@ class UndoResult:
 
     def to_json(self) -> dict:
         return {"image": self.image, "undone": self.undone, "interrupted-step-rolled-back": self.interrupted,
-                "remaining": self.remaining, "steps": list(self.steps), "discarded": self.discarded}
+                "remaining": self.remaining, "steps": [undone_step(m) for m in self.steps],
+                "discarded": self.discarded}
+
+
+def undone_step(meta: dict) -> dict:
+    """An undone step in `undo --output=json`: one shape whoever wrote it (a replay's command, a
+    write-back run's commands up to a flush, a repair), absent values null."""
+    command = meta.get("command")
+    if command is None and meta.get("op") == "repair":
+        command = f"repair (policy {meta.get('policy')}, {meta.get('items')} item(s))"
+    return {"journal-step": meta.get("journal-step"), "index": meta.get("index"), "line": meta.get("line"),
+            "command": command}
 
 
 # ---- records --------------------------------------------------------------------------------------
@@ -974,7 +985,7 @@ def undo(image_path: str, steps: int | None = 1, *, lock: bool = True, discard: 
                     all_steps.pop()
                     _set_mtime(img_fd, st.mtime_before)
                     end = st.start
-                    undone.append(st.meta)
+                    undone.append({"journal-step": st.number, **st.meta})
                     ftruncate(jfd, end, jpath)  # each step undone leaves the journal without it
                 fsync(img_fd, image_path)
                 fsync(jfd, jpath)

@@ -65,24 +65,30 @@ class Salvage:
         return self.texts[code - _DYNAMIC] if code >= _DYNAMIC else REASON_TEXT.get(Reason(code), "unknown")
 
     def totals(self) -> dict:
+        """Bytes recovered, zero and lost; each broken down as a list of objects (a key per field,
+        never a file name or a sentence as a key): by source and layer, by why, by reason."""
         r = self.runs
         n = r.end - r.start
         rec = (r.status == S_DATA) | (r.status == S_COMPRESSED)
-        by_source: dict[str, int] = {}
+        by_source: dict[tuple[str, int], int] = {}
         for i in np.flatnonzero(rec).tolist():
-            key = self._source(i) + (f" ({self.layers[int(r.depth[i])]})" if r.depth[i] else "")
+            key = (self._source(i), int(r.depth[i]))
             by_source[key] = by_source.get(key, 0) + int(n[i])
         lost: dict[str, int] = {}
         for i in np.flatnonzero(r.status == S_LOST).tolist():
-            key = self.reason_text(int(r.reason[i]))
-            lost[key] = lost.get(key, 0) + int(n[i])
+            reason = self.reason_text(int(r.reason[i]))
+            lost[reason] = lost.get(reason, 0) + int(n[i])
         zero: dict[str, int] = {}
         for i in np.flatnonzero(r.status == S_ZERO).tolist():
-            key = ZERO_WHY[int(r.reason[i])]
-            zero[key] = zero.get(key, 0) + int(n[i])
+            why = ZERO_WHY[int(r.reason[i])]
+            zero[why] = zero.get(why, 0) + int(n[i])
         return {"recovered": int(n[rec].sum()), "zero": int(n[r.status == S_ZERO].sum()),
-                "lost": int(n[r.status == S_LOST].sum()), "recovered-by-source": by_source,
-                "zero-by-why": zero, "lost-by-reason": lost, "orphaned-data-clusters": self.evidence}
+                "lost": int(n[r.status == S_LOST].sum()),
+                "recovered-by-source": [{"source": src, "file": self.layers[d], "depth": d, "bytes": b}
+                                        for (src, d), b in by_source.items()],
+                "zero-by-why": [{"why": w, "bytes": b} for w, b in zero.items()],
+                "lost-by-reason": [{"reason": k, "bytes": b} for k, b in sorted(lost.items(), key=lambda kv: -kv[1])],
+                "orphaned-data-clusters": self.evidence}
 
     @property
     def exit_code(self) -> int:
@@ -106,10 +112,11 @@ class Salvage:
             else:
                 out["host-offset"] = descriptor_fields(int(r.host[i]) & ((1 << 64) - 1), self._cbits[d])[0]
         elif st == S_ZERO:
-            out.update({"status": "zero", "why": ZERO_WHY[int(r.reason[i])], "file": self.layers[d], "depth": d})
+            out.update({"status": "zero", "why": ZERO_WHY[int(r.reason[i])], "file": self.layers[d], "depth": d,
+                        "host-offset": None})
         else:
             out.update({"status": "lost", "reason": self.reason_text(int(r.reason[i])), "file": self.layers[d],
-                        "depth": d})
+                        "depth": d, "host-offset": None})
         return out
 
     def to_json(self) -> dict:
@@ -276,7 +283,7 @@ def _export_orphans(layers: list[_Layer], where: str | None) -> list[dict]:
         cs = layer.map.cluster_size
         for c, g, leak in zip(o.clusters.tolist(), o.guesses.tolist(), o.leaked.tolist()):
             rec = {"file": layer.path, "depth": d, "host-offset": c * cs, "guess": GUESS_NAMES[g],
-                   "leaked": bool(leak)}
+                   "leaked": bool(leak), "saved-as": None}
             if where is not None:
                 name = f"{'' if d == 0 else f'depth{d}-'}0x{c * cs:x}-{GUESS_NAMES[g]}.bin"
                 with open(os.path.join(where, name), "wb") as fh:

@@ -183,7 +183,7 @@ def info_record(chain, *, counts: bool = True) -> dict:
         "incompatible-features": h.incompatible_features,
         "compatible-features": h.compatible_features,
         "autoclear-features": h.autoclear_features,
-        "extensions": [{"type": f"0x{e.type:08x}", "name": e.name, "offset": e.offset, "length": len(e.data)}
+        "extensions": [{"type": e.type, "name": e.name, "offset": e.offset, "length": len(e.data)}
                        for e in h.extensions],
         # every field of the fixed header, by the spec's names (the field table's dump)
         "header-fields": [{"name": f.name, "offset": f.offset, "size": f.width, "value": v}
@@ -209,7 +209,8 @@ def info_record(chain, *, counts: bool = True) -> dict:
         "warnings": list(chain.warnings) + unreadable_tables(img),
     }
     if counts:
-        rec["qdebug"]["subclusters"] = subcluster_counts(img)
+        # kebab-case keys, as every key qdebug writes (ZERO_PLAIN: zero-plain)
+        rec["qdebug"]["subclusters"] = {k.lower().replace("_", "-"): v for k, v in subcluster_counts(img).items()}
     return rec
 
 

@@ -44,6 +44,12 @@ def source_label(kind: int, depth: int) -> str:
     return f"backing depth {depth}"
 
 
+def json_key(label: str) -> str:
+    """A source or metadata kind as a JSON key, kebab-case as every key qdebug writes:
+    "backing depth 1" -> "backing-depth-1", "this image (compressed)" -> "this-image-compressed", "L2" -> "l2"."""
+    return "-".join(label.lower().replace("(", " ").replace(")", " ").split())
+
+
 class Cost:
     """Counters of one step (or, added up, of many). Plain and mutable: made once per step."""
 
@@ -156,8 +162,9 @@ class StepCost:
         return {"guest-write-bytes": self.guest_write_bytes, "guest-zero-bytes": self.guest_zero_bytes,
                 "guest-discard-bytes": self.guest_discard_bytes, "host-data-bytes": self.host_data_bytes,
                 "cow-bytes": self.cow_bytes, "cow-avoidable-bytes": self.cow_avoidable_bytes,
-                "zero-fill-bytes": self.zero_fill_bytes, "cow-read-bytes": dict(self.cow_read_bytes),
-                "metadata-bytes": self.metadata_bytes, "metadata": dict(self.metadata),
+                "zero-fill-bytes": self.zero_fill_bytes,
+                "cow-read-bytes": {json_key(k): v for k, v in self.cow_read_bytes},
+                "metadata-bytes": self.metadata_bytes, "metadata": {json_key(k): v for k, v in self.metadata},
                 "host-write-requests": self.host_write_requests, "cow-read-requests": self.cow_read_requests,
                 "allocated-clusters": self.allocated_clusters, "l2-tables-allocated": self.l2_tables_allocated,
                 "refcount-blocks-allocated": self.refcount_blocks_allocated,
