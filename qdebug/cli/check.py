@@ -8,7 +8,7 @@ import sys
 
 from ..engine.errors import QcowError
 from .common import one_line
-from .conventions import EXIT_NOT_SUPPORTED
+from .conventions import EXIT_NOT_SUPPORTED, add_force_share
 
 # `check -r all` where qemu-img would rebuild the refcount structure (a referenced cluster with
 # refcount 0, a broken refcount block...; 271's unaligned data cluster is one): the same counts,
@@ -214,7 +214,8 @@ def cmd_repair(args) -> int:
         _note_unfinished(args.image)
     steps: list[int] = []
     with open_chain(args.image, writable=not args.dry_run, no_backing=args.no_backing) as chain:
-        locks = lock_chain(chain, write=not args.dry_run)  # nobody writes between the check and the repair
+        # nobody writes between the check and the repair (-U: a dry run takes no lock at all)
+        locks = [] if args.force_share else lock_chain(chain, write=not args.dry_run)
         try:
             before = check_image(chain.top)
             failed = [f for f in before.findings if f.kind.value == "check-failed"]
@@ -298,4 +299,5 @@ def register(sub) -> None:
     sp.add_argument("--no-backing", action="store_true",
                     help="do not open the backing file (previews then show unallocated ranges as zeros)")
     sp.add_argument("--output", choices=("human", "json"), default="human")
+    add_force_share(sp, dry_run_only=True)
     sp.set_defaults(func=cmd_repair)

@@ -93,6 +93,15 @@ def prepare_parser(parser: argparse.ArgumentParser, sub) -> None:
                                  "taken and the results may be transient (as qemu-img -U)")
 
 
+def add_force_share(sp, *, dry_run_only: bool = False) -> None:
+    """-U on a command that plans without writing: no reader's lock, as qemu-img -U (refused where
+    the command writes: it needs the write lock)."""
+    sp.add_argument("-U", "--force-share", action="store_true",
+                    help=("with --dry-run: " if dry_run_only else "")
+                    + "plan even if another process (a running QEMU) writes the image: no lock is taken and "
+                      "the results may be transient (as qemu-img -U)")
+
+
 class ImageLockHold:
     """The reader's lock `preflight` holds on an image for one command (released by `release`)."""
 
@@ -143,6 +152,8 @@ def preflight(args) -> ImageLockHold | None:
         if fmt is not None:
             _check_format(image, fmt)
     if getattr(args, "force_share", False):
+        if getattr(args, "dry_run", None) is False:  # replay, repair: they write (qemu-img: -U is read-only)
+            raise QcowError(f"force share (-U) only goes with --dry-run: {args.command} takes the write lock")
         where = f"{image}: " if image else ""
         print(f"qdebug: warning: {where}opened without the shared lock (-U): another process may be writing it, "
               "results may be transient", file=sys.stderr)

@@ -160,6 +160,13 @@ def _policy_env(args) -> dict:
     return old
 
 
+def _only_reads(args) -> bool:
+    """The command as called only reads (where -U applies): not check -r, a replay or a repair that write."""
+    if getattr(args, "repair", None):
+        return False
+    return getattr(args, "dry_run", True)
+
+
 def _naming_the_file(e: QcowError, image: str | None) -> str:
     """Every error names its file: an error about the image's content that does not ("not a qcow2
     image (bad magic at offset 0)", "header truncated...") gets the image's name in front."""
@@ -222,8 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         return status
     except QcowError as e:
         hint = ""
-        if (type(e).__name__ == "ImageInUse" and getattr(args, "force_share", None) is False
-                and not getattr(args, "repair", None)):  # (check -r writes: no -U for it)
+        if type(e).__name__ == "ImageInUse" and getattr(args, "force_share", None) is False and _only_reads(args):
             hint = " (-U reads it anyway; the results may be transient)"
         print(f"qdebug: error: {one_line(_naming_the_file(e, getattr(args, 'image', None)))}{hint}",
               file=sys.stderr)

@@ -70,7 +70,8 @@ def cmd_stats(args) -> int:
     source = "<stdin>" if args.trace == "-" else args.trace
     lines = _checked(args.trace, args.strict)
     try:
-        cost = trace_cost(args.image, lines, source, policy=args.policy, strict=args.strict)
+        cost = trace_cost(args.image, lines, source, policy=args.policy, strict=args.strict,
+                          force_share=args.force_share)
     finally:
         if hasattr(lines, "close"):
             lines.close()
@@ -205,6 +206,7 @@ def whatif_table(rows) -> str:
 
 
 def register(sub) -> None:
+    from .conventions import add_force_share
     from .write import add_strict
 
     sp = sub.add_parser("stats", help="what a trace costs on an image, step by step as QEMU 7.2 spends it "
@@ -216,6 +218,7 @@ def register(sub) -> None:
                     help="minimal-cow: plan a COW that copies only what must be preserved (NOT QEMU; what "
                          "QEMU's simpler policy costs)")
     add_strict(sp)
+    add_force_share(sp)
     sp.set_defaults(func=cmd_stats)
 
     sp = sub.add_parser("whatif", help="what a trace would cost on fresh images of other geometries "

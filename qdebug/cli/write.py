@@ -16,6 +16,7 @@ import time
 
 from ..engine.errors import QcowError
 from .common import one_line, size_arg
+from .conventions import add_force_share
 
 
 # ---- create ---------------------------------------------------------------------------------------
@@ -135,7 +136,7 @@ def cmd_plan(args) -> int:
     cmd = _parse_command_arg(args.command, "plan", args.strict)
     if not cmd.changes_image:
         raise QcowError(f"plan: {cmd.op} does not change the image; plan a write or discard")
-    with Replay(args.image, mode=ReplayMode.DRY_RUN) as replay:  # read-only, a reader's locks
+    with Replay(args.image, mode=ReplayMode.DRY_RUN, force_share=args.force_share) as replay:  # a reader's locks
         plan = replay.preview(cmd)
     assert plan is not None
     if args.output == "json":
@@ -276,7 +277,7 @@ def cmd_replay(args) -> int:
         if not from_stdin:  # refused before the image is even opened
             lines, total = _checked_trace(lines, source, args.keep_going, strict, fgets)
         with Replay(args.image, mode=mode, durable=args.journal, source=source, history=False,
-                    timing=args.log_timing) as replay:
+                    timing=args.log_timing, force_share=args.force_share) as replay:
             if from_stdin:  # after the locks: a trace piped in may be written while qdebug holds the image
                 lines, total = _checked_trace(lines, source, args.keep_going, strict, fgets)
             progress = _Progress(total)
@@ -392,6 +393,7 @@ def register(sub) -> None:
     sp.add_argument("command", metavar="COMMAND", help="qemu-io syntax, e.g. 'write -P 0x22 8k 4k'")
     sp.add_argument("--output", choices=("human", "json"), default="human")
     add_strict(sp)
+    add_force_share(sp)
     sp.set_defaults(func=cmd_plan)
 
     sp = sub.add_parser("replay", help="apply a qemu-io trace exactly as QEMU 7.2 would")
@@ -418,6 +420,7 @@ def register(sub) -> None:
     sp.add_argument("--keep-going", action="store_true",
                     help="go on after failing commands like qemu-io does; exit non-zero at the end")
     add_strict(sp)
+    add_force_share(sp, dry_run_only=True)
     sp.set_defaults(func=cmd_replay)
 
     sp = sub.add_parser("undo", help="step an image back through its undo journal",

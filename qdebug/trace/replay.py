@@ -62,12 +62,12 @@ class Replay:
     instead. `notes` collects what the user should be told (a rolled-back unfinished step...).
     `durable` (JOURNALED) defaults to: on the user's image yes, on a scratch copy no. Without
     `history` (a long command-line replay) no records are kept: undo is `qdebug undo`'s job;
-    without `timing` steps are not timed.
+    without `timing` steps are not timed. `force_share` (a dry run only) takes no lock, as qemu-img -U.
     """
 
     def __init__(self, image_path: str, commands: Sequence[Command] = (), *, mode: ReplayMode = ReplayMode.JOURNALED,
                  scratch: bool = False, durable: bool | None = None, source: str = "<trace>", history: bool = True,
-                 timing: bool = True):
+                 timing: bool = True, force_share: bool = False):
         self.image_path = image_path
         self.commands = list(commands)
         self.mode = mode
@@ -81,10 +81,13 @@ class Replay:
         self.chain: Chain | None = None
         self._locks: list[ImageLock] = []
         self.steps_run = 0
+        if force_share and mode is not ReplayMode.DRY_RUN:
+            raise QcowError("force share (-U) only goes with a dry run: a replay that writes takes the write lock")
         try:
             if mode is ReplayMode.DRY_RUN:
                 self.chain = open_chain(image_path)
-                self._locks = lock_chain(self.chain, write=False)
+                if not force_share:  # (-U: no reader's lock; the caller said the results may be transient)
+                    self._locks = lock_chain(self.chain, write=False)
             else:
                 self.chain = self._open_writable(image_path, scratch)
                 self._locks = lock_chain(self.chain, write=True)

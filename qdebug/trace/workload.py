@@ -42,7 +42,8 @@ POLICIES: Final = (QEMU, MINIMAL_COW)
 
 
 def trace_cost(image: str, lines: Iterable[str], source: str,
-               progress: Callable[[int], None] | None = None, policy: str = QEMU, strict: bool = False) -> TraceCost:
+               progress: Callable[[int], None] | None = None, policy: str = QEMU, strict: bool = False,
+               force_share: bool = False) -> TraceCost:
     """Dry-run `lines` (qemu-io commands) on `image` and add up what every step costs, planned as
     QEMU does or (policy MINIMAL_COW) with the minimal COW, which is not QEMU's. `strict`: read
     as `qemu-io IMAGE < TRACE` reads it (`parse_trace`)."""
@@ -50,7 +51,8 @@ def trace_cost(image: str, lines: Iterable[str], source: str,
     total.file_size_before = total.file_size_after = os.path.getsize(image) if os.path.exists(image) else 0
     failed = commands = 0
     errors: list[str] = []
-    with Replay(image, mode=ReplayMode.DRY_RUN, source=source, history=False, timing=False) as replay:
+    with Replay(image, mode=ReplayMode.DRY_RUN, source=source, history=False, timing=False,
+                force_share=force_share) as replay:
         quiet_gc()
         geo = replay.engine.geo
         if policy == MINIMAL_COW:

@@ -52,6 +52,27 @@ def test_other_readers_are_refused_while_a_writer_holds_the_image(held, tmp_path
     assert open(held, "rb").read() == before
 
 
+@pytest.mark.parametrize("argv", [a for a, _ in OTHER_READERS], ids=_ids(OTHER_READERS))
+def test_other_readers_with_force_share_read_anyway_and_say_so(held, tmp_path, argv):
+    r = qd(*_fill(argv, held, tmp_path), "-U")
+    assert r.returncode in (0, 2, 3), r.stderr  # (repair --dry-run: work to do)
+    warnings = [ln for ln in r.stderr.splitlines() if "-U" in ln]
+    assert len(warnings) == 1 and warnings[0].startswith("qdebug: warning: ") and "transient" in warnings[0]
+
+
+@pytest.mark.parametrize("argv", [["replay", "-U", "{img}", "{trace}"], ["repair", "-U", "{img}"],
+                                  ["check", "-U", "-r", "all", "{img}"]], ids=["replay", "repair", "check -r"])
+def test_force_share_is_refused_where_the_command_writes(image, tmp_path, argv):
+    path = str(tmp_path / "w.qcow2")
+    shutil.copy(image, path)
+    before = open(path, "rb").read()
+    r = qd(*_fill(argv, path, tmp_path))
+    assert r.returncode == 1 and "-U" in one_error_line(r.stderr)
+    assert open(path, "rb").read() == before
+    q = qemu_img("check", "-U", "-r", "all", path, check=False)  # qemu-img: -U only where it reads
+    assert q.returncode == 1 and b"force-share=on can only be used with read-only images" in q.stderr
+
+
 @pytest.mark.parametrize("argv", WRITERS, ids=_ids(WRITERS))
 def test_writers_are_refused_while_a_writer_holds_the_image_as_qemu_io_is(held, tmp_path, argv):
     before = open(held, "rb").read()
