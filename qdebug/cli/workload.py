@@ -48,11 +48,13 @@ def _open_trace(path: str):
     return _trace_lines(path)
 
 
-def _checked(path: str):
-    """The trace's lines, every line parsed before anything is planned (as replay does)."""
+def _checked(path: str, keep: list | None = None):
+    """The trace's lines, every line parsed before anything is planned (as replay does); with
+    `keep`, the commands parsed (see _checked_trace)."""
     from .write import _checked_trace
 
-    lines, _count = _checked_trace(_open_trace(path), "<stdin>" if path == "-" else path, keep_going=False)
+    lines, _count = _checked_trace(_open_trace(path), "<stdin>" if path == "-" else path, keep_going=False,
+                                   keep=keep)
     return lines
 
 
@@ -64,12 +66,14 @@ def _failures(cost) -> None:
 
 
 def cmd_stats(args) -> int:
-    from ..trace.workload import trace_cost
+    from ..trace.workload import commands_cost, trace_cost
 
     source = "<stdin>" if args.trace == "-" else args.trace
-    lines = _checked(args.trace)
-    try:
-        cost = trace_cost(args.image, lines, source, policy=args.policy)
+    commands: list = []
+    lines = _checked(args.trace, commands)
+    try:  # (a trace too long to keep parsed is parsed again as it runs)
+        cost = commands_cost(args.image, commands, source, policy=args.policy) if commands else \
+            trace_cost(args.image, lines, source, policy=args.policy)
     finally:
         if hasattr(lines, "close"):
             lines.close()

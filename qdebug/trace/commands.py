@@ -351,11 +351,15 @@ def parse_trace(lines: Iterable[str], source: str) -> list[Command]:
     return out
 
 
-def check_trace(lines: Iterable[str], source: str) -> tuple[int, list[tuple[int, SyntaxProblem]]]:
+def check_trace(lines: Iterable[str], source: str, keep: list[Command] | None = None,
+                keep_max: int = 0) -> tuple[int, list[tuple[int, SyntaxProblem]]]:
     """Every line up to a `quit` through the parser, before anything runs: (commands, problems)
-    where each problem is (line number, SyntaxProblem naming SOURCE:LINE) in line order."""
+    where each problem is (line number, SyntaxProblem naming SOURCE:LINE) in line order. With
+    `keep`, the commands are appended to it while there are at most `keep_max` (a caller that
+    runs them then parses nothing twice); past that it is emptied and keeps nothing."""
     problems: list[tuple[int, SyntaxProblem]] = []
     count = 0
+    keeping = keep is not None
     for n, line in enumerate(lines, 1):
         try:
             cmd = parse_line(line, n)
@@ -366,4 +370,10 @@ def check_trace(lines: Iterable[str], source: str) -> tuple[int, list[tuple[int,
             if cmd.op == "quit":
                 break
             count += 1
+            if keeping:
+                if count > keep_max:
+                    keep.clear()  # type: ignore[union-attr]
+                    keeping = False
+                else:
+                    keep.append(cmd)  # type: ignore[union-attr]
     return count, problems

@@ -12,11 +12,12 @@ import os
 import shutil
 import tempfile
 from dataclasses import astuple, dataclass
-from typing import Callable, Final, Iterable
+from typing import Callable, Final, Iterable, Iterator
 
 from ..engine.errors import QcowError
 from ..engine.write.cost import Cost, StepCost, measure
 from ..engine.write.create import create_image
+from ..engine.write.ops import Command
 from .commands import parse_line
 from .replay import Replay, ReplayMode, quiet_gc
 from .syntax import SyntaxProblem
@@ -45,9 +46,29 @@ def trace_cost(image: str, lines: Iterable[str], source: str,
                progress: Callable[[int], None] | None = None, policy: str = QEMU) -> TraceCost:
     """Dry-run `lines` (qemu-io commands) on `image` and add up what every step costs, planned as
     QEMU does or (policy MINIMAL_COW) with the minimal COW, which is not QEMU's."""
+    return commands_cost(image, _parsed(lines, source), source, progress, policy)
+
+
+def _parsed(lines: Iterable[str], source: str) -> Iterator[Command]:
+    """The commands of `lines` up to a `quit`; a bad line raises QcowError naming it."""
+    for lineno, line in enumerate(lines, 1):
+        try:
+            cmd = parse_line(line, lineno)
+        except SyntaxProblem as e:
+            raise QcowError(f"{source}:{lineno}: {e}") from None
+        if cmd is None:
+            continue
+        if cmd.op == "quit":
+            break
+        yield cmd
+
+
+def commands_cost(image: str, commands: Iterable[Command], source: str,
+                  progress: Callable[[int], None] | None = None, policy: str = QEMU) -> TraceCost:
+    """`trace_cost` of commands already parsed (`qdebug stats` keeps them from its check of the trace)."""
     total = Cost()
     total.file_size_before = total.file_size_after = os.path.getsize(image) if os.path.exists(image) else 0
-    failed = commands = 0
+    failed = count = 0
     errors: list[str] = []
     with Replay(image, mode=ReplayMode.DRY_RUN, source=source, history=False, timing=False) as replay:
         quiet_gc()
@@ -55,27 +76,19 @@ def trace_cost(image: str, lines: Iterable[str], source: str,
         if policy == MINIMAL_COW:
             replay.engine.use_minimal_cow()
         step = replay.step
-        for lineno, line in enumerate(lines, 1):
-            try:
-                cmd = parse_line(line, lineno)
-            except SyntaxProblem as e:
-                raise QcowError(f"{source}:{lineno}: {e}") from None
-            if cmd is None:
-                continue
-            if cmd.op == "quit":
-                break
+        for cmd in commands:
             rec = step(cmd)
             assert rec is not None
-            commands += 1
+            count += 1
             if rec.error and not cmd.asynchronous:
                 failed += 1
                 if len(errors) < 5:
-                    errors.append(f"{source}:{lineno}: {cmd.source_text}: {rec.error}")
+                    errors.append(f"{source}:{cmd.lineno}: {cmd.source_text}: {rec.error}")
             if cmd.changes_image:
                 measure(rec.trace, geo, total)
-            if progress is not None and not commands % 4096:
-                progress(commands)
-    return TraceCost(total.frozen(), commands, failed, tuple(errors))
+            if progress is not None and not count % 4096:
+                progress(count)
+    return TraceCost(total.frozen(), count, failed, tuple(errors))
 
 
 # ---- what-if geometry ------------------------------------------------------------------------------
