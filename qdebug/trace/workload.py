@@ -11,11 +11,12 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from itertools import islice
 from dataclasses import astuple, dataclass
 from typing import Callable, Final, Iterable, Iterator
 
 from ..engine.errors import QcowError
-from ..engine.write.cost import Cost, StepCost, measure
+from ..engine.write.cost import Cost, StepCost, add_trace
 from ..engine.write.create import create_image
 from ..engine.write.ops import Command
 from .commands import parse_line
@@ -68,27 +69,22 @@ def commands_cost(image: str, commands: Iterable[Command], source: str,
     """`trace_cost` of commands already parsed (`qdebug stats` keeps them from its check of the trace)."""
     total = Cost()
     total.file_size_before = total.file_size_after = os.path.getsize(image) if os.path.exists(image) else 0
-    failed = count = 0
-    errors: list[str] = []
+    failures: list[tuple[Command, str]] = []
+    count = 0
     with Replay(image, mode=ReplayMode.DRY_RUN, source=source, history=False, timing=False) as replay:
         quiet_gc()
-        geo = replay.engine.geo
         if policy == MINIMAL_COW:
             replay.engine.use_minimal_cow()
-        step = replay.step
-        for cmd in commands:
-            rec = step(cmd)
-            assert rec is not None
-            count += 1
-            if rec.error and not cmd.asynchronous:
-                failed += 1
-                if len(errors) < 5:
-                    errors.append(f"{source}:{cmd.lineno}: {cmd.source_text}: {rec.error}")
-            if cmd.changes_image:
-                measure(rec.trace, geo, total)
-            if progress is not None and not count % 4096:
-                progress(count)
-    return TraceCost(total.frozen(), count, failed, tuple(errors))
+        batch = 4096 if progress is not None else 1 << 62  # (steps between progress reports)
+        it = iter(commands)
+        while True:
+            n = add_trace(replay.engine, islice(it, batch), total, failures, count)
+            count += n
+            if n < batch:
+                break
+            progress(count)  # type: ignore[misc]
+    errors = tuple(f"{source}:{cmd.lineno}: {cmd.source_text}: {error}" for cmd, error in failures[:5])
+    return TraceCost(total.frozen(), count, len(failures), errors)
 
 
 # ---- what-if geometry ------------------------------------------------------------------------------

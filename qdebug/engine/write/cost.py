@@ -14,19 +14,23 @@ replaced, its host writes and metadata cache operations in order, its refcount t
   cache dependency makes it go out), then flushed as the command ends;
 * clusters whose refcount went from 0 to non-zero (data, L2 tables, refcount blocks), file sizes.
 
-`measure` returns a `Cost` (plain, addable: `qdebug stats` sums 100k of them); `Cost.frozen()` is the
+`measure` returns a `Cost` (plain, addable), or adds a step to one; `add_trace` runs a whole dry run
+into one (`qdebug stats`: 100k steps, the loop compiled with the rest); `Cost.frozen()` is the
 `StepCost` the step log and the TUI print.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, Iterable
 
+from ..errors import StorageError
 from ..format.geometry import Geometry
+from .ops import Command
 from .plan import CowSource
 from .step import StepTrace, cow_source
 from .txn import FLUSH_L2, FLUSH_REFCOUNT, L2_AFTER_REFCOUNT, REFCOUNT_AFTER_L2
+from .writer import WriteEngine
 
 METADATA_KINDS: Final = ("L1", "L2", "refblock", "reftable", "header")
 _CACHED: Final = frozenset({"L2", "refblock"})  # the rest is written directly (bdrv_pwrite_sync)
@@ -230,6 +234,27 @@ def measure(trace: StepTrace, geo: Geometry, into: Cost | None = None) -> Cost:
     c.cow_read_requests += rreq
     _allocations(c, trace, geo)
     return c
+
+
+def add_trace(engine: WriteEngine, commands: Iterable[Command], total: Cost, failures: list[tuple[Command, str]],
+              first: int = 0) -> int:
+    """Run `commands` on a dry-run (SIMULATE) `engine` from step index `first` and add each step's
+    cost to `total`; the commands QEMU fails too go to `failures` with their error (a storage error
+    reading the image fails the command, as qemu-io's does). Returns the number of commands run."""
+    geo = engine.geo
+    n = first
+    for cmd in commands:
+        try:
+            trace = engine.run(cmd, n).trace
+        except StorageError as e:
+            trace = StepTrace(cmd, geo.ext, [], engine.chain.top.file_size)
+            trace.error = f"{cmd.failure_name} failed: {e.strerror}"
+        n += 1
+        if trace.error and not cmd.asynchronous:
+            failures.append((cmd, trace.error))
+        if cmd.changes_image:
+            measure(trace, geo, total)
+    return n - first
 
 
 def _count_reads(reads: dict[str, int], segs: list) -> None:
