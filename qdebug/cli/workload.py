@@ -48,12 +48,13 @@ def _open_trace(path: str):
     return _trace_lines(path)
 
 
-def _checked(path: str, strict: bool):
-    """The trace's lines, every line parsed before anything is planned (as replay does)."""
+def _checked(path: str, strict: bool, keep: list | None = None):
+    """The trace's lines, every line parsed before anything is planned (as replay does); with
+    `keep`, the commands parsed (see _checked_trace)."""
     from .write import _checked_trace
 
     lines, _count = _checked_trace(_open_trace(path), "<stdin>" if path == "-" else path, keep_going=False,
-                                   strict=strict)
+                                   strict=strict, keep=keep)
     return lines
 
 
@@ -65,13 +66,15 @@ def _failures(cost) -> None:
 
 
 def cmd_stats(args) -> int:
-    from ..trace.workload import trace_cost
+    from ..trace.workload import commands_cost, trace_cost
 
     source = "<stdin>" if args.trace == "-" else args.trace
-    lines = _checked(args.trace, args.strict)
-    try:
-        cost = trace_cost(args.image, lines, source, policy=args.policy, strict=args.strict,
-                          force_share=args.force_share)
+    commands: list = []
+    lines = _checked(args.trace, args.strict, commands)
+    try:  # (a trace too long to keep parsed is parsed again as it runs)
+        cost = commands_cost(args.image, commands, source, policy=args.policy, force_share=args.force_share) \
+            if commands else trace_cost(args.image, lines, source, policy=args.policy, strict=args.strict,
+                                        force_share=args.force_share)
     finally:
         if hasattr(lines, "close"):
             lines.close()

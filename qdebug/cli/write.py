@@ -194,17 +194,24 @@ def _trace_lines(path: str):
         raise QcowError(f"{path}: cannot read the trace: {e.strerror}") from None
 
 
-def _checked_trace(lines, source: str, keep_going: bool, strict: bool = False, fgets: bool | None = None):
+# Commands a checked trace keeps parsed for its run (about 250 bytes each); a longer trace is read
+# and parsed again as it runs, in constant memory.
+KEEP_COMMANDS = 500_000
+
+
+def _checked_trace(lines, source: str, keep_going: bool, strict: bool = False, fgets: bool | None = None,
+                   keep: list | None = None):
     """Every line through the parser before anything is written: a line qdebug cannot run
     (Unsupported: qemu-io would run it) is always refused, a line qemu-io rejects too unless
     --keep-going (which reports it in its place and goes on, as qemu-io does). Returns the
-    lines to run (stdin is read whole) and the number of commands."""
+    lines to run (stdin is read whole) and the number of commands; with `keep`, the parsed
+    commands are appended to it (see check_trace; empty when the trace is too long to hold)."""
     from ..trace.commands import check_trace
     from ..trace.syntax import Unsupported
 
     if not isinstance(lines, list) and not lines.seekable():
         lines = list(lines)
-    count, problems = check_trace(lines, source, strict, fgets)
+    count, problems = check_trace(lines, source, strict, fgets, keep, KEEP_COMMANDS)
     refused = [str(e) for _n, e in problems if isinstance(e, Unsupported) or not keep_going]
     if refused:
         for message in refused[:-1]:

@@ -396,13 +396,16 @@ def parse_trace(lines: Iterable[str], source: str, strict: bool = False) -> list
     return out
 
 
-def check_trace(lines: Iterable[str], source: str, strict: bool = False, fgets: bool | None = None
-                ) -> tuple[int, list[tuple[int, SyntaxProblem]]]:
+def check_trace(lines: Iterable[str], source: str, strict: bool = False, fgets: bool | None = None,
+                keep: list[Command] | None = None, keep_max: int = 0) -> tuple[int, list[tuple[int, SyntaxProblem]]]:
     """Every line up to a `quit` through the parser, before anything runs: (commands, problems)
     where each problem is (line number, SyntaxProblem naming SOURCE:LINE) in line order. `fgets`
-    (default: `strict`) reads long lines as qemu-io reads standard input (`numbered`)."""
+    (default: `strict`) reads long lines as qemu-io reads standard input (`numbered`). With
+    `keep`, the commands are appended to it while there are at most `keep_max` (a caller that
+    runs them then parses nothing twice); past that it is emptied and keeps nothing."""
     problems: list[tuple[int, SyntaxProblem]] = []
     count = 0
+    keeping = keep is not None
     for n, line, cut in numbered(lines, strict if fgets is None else fgets):
         try:
             cmd = parse_line(line, n, strict)
@@ -413,4 +416,10 @@ def check_trace(lines: Iterable[str], source: str, strict: bool = False, fgets: 
             if cmd.op == "quit":
                 break
             count += 1
+            if keeping:
+                if count > keep_max:
+                    keep.clear()  # type: ignore[union-attr]
+                    keeping = False
+                else:
+                    keep.append(cmd)  # type: ignore[union-attr]
     return count, problems

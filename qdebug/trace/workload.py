@@ -11,12 +11,14 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from itertools import islice
 from dataclasses import astuple, dataclass
-from typing import Callable, Final, Iterable
+from typing import Callable, Final, Iterable, Iterator
 
 from ..engine.errors import QcowError
-from ..engine.write.cost import Cost, StepCost, measure
+from ..engine.write.cost import Cost, StepCost, add_trace
 from ..engine.write.create import create_image
+from ..engine.write.ops import Command
 from .commands import numbered, parse_line
 from .replay import Replay, ReplayMode, quiet_gc
 from .syntax import SyntaxProblem
@@ -47,38 +49,46 @@ def trace_cost(image: str, lines: Iterable[str], source: str,
     """Dry-run `lines` (qemu-io commands) on `image` and add up what every step costs, planned as
     QEMU does or (policy MINIMAL_COW) with the minimal COW, which is not QEMU's. `strict`: read
     as `qemu-io IMAGE < TRACE` reads it (`parse_trace`)."""
+    return commands_cost(image, _parsed(lines, source, strict), source, progress, policy, force_share)
+
+
+def _parsed(lines: Iterable[str], source: str, strict: bool) -> Iterator[Command]:
+    """The commands of `lines` up to a `quit`; a bad line raises QcowError naming it."""
+    for lineno, line, cut in numbered(lines, strict):
+        try:
+            cmd = parse_line(line, lineno, strict)
+        except SyntaxProblem as e:
+            raise QcowError(f"{source}:{lineno}: {e}{cut}") from None
+        if cmd is None:
+            continue
+        if cmd.op == "quit":
+            break
+        yield cmd
+
+
+def commands_cost(image: str, commands: Iterable[Command], source: str,
+                  progress: Callable[[int], None] | None = None, policy: str = QEMU,
+                  force_share: bool = False) -> TraceCost:
+    """`trace_cost` of commands already parsed (`qdebug stats` keeps them from its check of the trace)."""
     total = Cost()
     total.file_size_before = total.file_size_after = os.path.getsize(image) if os.path.exists(image) else 0
-    failed = commands = 0
-    errors: list[str] = []
+    failures: list[tuple[Command, str]] = []
+    count = 0
     with Replay(image, mode=ReplayMode.DRY_RUN, source=source, history=False, timing=False,
                 force_share=force_share) as replay:
         quiet_gc()
-        geo = replay.engine.geo
         if policy == MINIMAL_COW:
             replay.engine.use_minimal_cow()
-        step = replay.step
-        for lineno, line, cut in numbered(lines, strict):
-            try:
-                cmd = parse_line(line, lineno, strict)
-            except SyntaxProblem as e:
-                raise QcowError(f"{source}:{lineno}: {e}{cut}") from None
-            if cmd is None:
-                continue
-            if cmd.op == "quit":
+        batch = 4096 if progress is not None else 1 << 62  # (steps between progress reports)
+        it = iter(commands)
+        while True:
+            n = add_trace(replay.engine, islice(it, batch), total, failures, count)
+            count += n
+            if n < batch:
                 break
-            rec = step(cmd)
-            assert rec is not None
-            commands += 1
-            if rec.error and not cmd.asynchronous:
-                failed += 1
-                if len(errors) < 5:
-                    errors.append(f"{source}:{lineno}: {cmd.source_text}: {rec.error}")
-            if cmd.changes_image:
-                measure(rec.trace, geo, total)
-            if progress is not None and not commands % 4096:
-                progress(commands)
-    return TraceCost(total.frozen(), commands, failed, tuple(errors))
+            progress(count)  # type: ignore[misc]
+    errors = tuple(f"{source}:{cmd.lineno}: {cmd.source_text}: {error}" for cmd, error in failures[:5])
+    return TraceCost(total.frozen(), count, len(failures), errors)
 
 
 # ---- what-if geometry ------------------------------------------------------------------------------

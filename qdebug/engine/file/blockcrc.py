@@ -102,10 +102,47 @@ def _piece(data, i: int, j: int):
     return b"".join(out)
 
 
+def _data_byte(data) -> int:
+    """The one byte all of a write's `data` repeats (None: zeros), or -1."""
+    if data is None:
+        return 0
+    if not isinstance(data, list):
+        return _one_byte(data)
+    byte = _one_byte(data[0])
+    for part in data:
+        if part is not data[0] and _one_byte(part) != byte:
+            return -1
+    return byte
+
+
+def _run(byte: int, n: int) -> memoryview:
+    """n <= BLOCK bytes of `byte`."""
+    run = _BLOCKS.get(byte)
+    if run is None:
+        run = _BLOCKS[byte] = memoryview(bytes([byte]) * BLOCK)
+    return run[:n]
+
+
+_BLOCKS: dict[int, memoryview] = {}
+
+
 def after_crcs(read: Callable[[int, int], bytes], offset: int, length: int, data) -> array:
     """The CRC32 of each block [offset, offset+length) touches, as it will be once `data` (None:
     zeros) is written there: the blocks' other bytes as `read(offset, n)` gives them now."""
     end = offset + length
+    byte = _data_byte(data)
+    if byte >= 0:
+        # Guest data of one byte (a pattern, zeros): every whole block's CRC from the table; a
+        # partly written first or last block chained through zlib from its pieces, never joined.
+        lo, hi = offset - offset % BLOCK, -(-end // BLOCK) * BLOCK
+        out = array("I", [_byte_crc(byte)]) * ((hi - lo) // BLOCK)
+        if offset > lo or end < lo + BLOCK:
+            top = min(end, lo + BLOCK)
+            crc = zlib.crc32(_run(byte, top - offset), zlib.crc32(read(lo, offset - lo)) if offset > lo else 0)
+            out[0] = zlib.crc32(read(top, lo + BLOCK - top), crc) if top < lo + BLOCK else crc
+        if end < hi and hi - BLOCK > lo:
+            out[-1] = zlib.crc32(read(end, hi - end), zlib.crc32(_run(byte, end - (hi - BLOCK))))
+        return out
     lo = offset - offset % BLOCK
     mid_lo = -(-offset // BLOCK) * BLOCK  # the whole blocks inside the write
     mid_hi = max(mid_lo, end - end % BLOCK)

@@ -670,6 +670,19 @@ class Journal:
         self.end = at
         self._records.extend(starts)
 
+    def _append_one(self, record: bytes) -> None:
+        """`_append` of one whole record once the step's STEP record is made (a write-back window's
+        usual record: the WRIT of data written past the window's starting length)."""
+        pos = self.end
+        at = pos + len(record)
+        if self.reserving and at + self.reserved > self._room:
+            self._make_room(at)
+        self._write(record, pos)
+        if self.durable:
+            fsync(self.fd, self.path, data_only=True)
+        self.end = at
+        self._records.append(pos)
+
     # ---- room for what a step has yet to journal -------------------------------------------------
     def reserve_pages(self, pages: int) -> None:
         """Keep room for journaling the later write of `pages` more 4 KiB pages held back (at most
@@ -742,6 +755,9 @@ class Journal:
             if offset < end:
                 self._before_images(offset, end, parts, streams)
             crcs = self._after_crcs(offset, length, data)
+            if not parts and not self._pending:  # a write past the step's starting length: one record
+                self._append_one(_pack(WRIT, number, offset, length, size, crcs) + crcs)
+                return
             parts.append(_pack(WRIT, number, offset, length, size, crcs) + crcs)
         else:
             return

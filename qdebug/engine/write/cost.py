@@ -14,19 +14,23 @@ replaced, its host writes and metadata cache operations in order, its refcount t
   cache dependency makes it go out), then flushed as the command ends;
 * clusters whose refcount went from 0 to non-zero (data, L2 tables, refcount blocks), file sizes.
 
-`measure` returns a `Cost` (plain, addable: `qdebug stats` sums 100k of them); `Cost.frozen()` is the
+`measure` returns a `Cost` (plain, addable), or adds a step to one; `add_trace` runs a whole dry run
+into one (`qdebug stats`: 100k steps, the loop compiled with the rest); `Cost.frozen()` is the
 `StepCost` the step log and the TUI print.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, Iterable
 
+from ..errors import StorageError
 from ..format.geometry import Geometry
+from .ops import Command
 from .plan import CowSource
 from .step import StepTrace, cow_source
 from .txn import FLUSH_L2, FLUSH_REFCOUNT, L2_AFTER_REFCOUNT, REFCOUNT_AFTER_L2
+from .writer import WriteEngine
 
 METADATA_KINDS: Final = ("L1", "L2", "refblock", "reftable", "header")
 _CACHED: Final = frozenset({"L2", "refblock"})  # the rest is written directly (bdrv_pwrite_sync)
@@ -239,6 +243,27 @@ def measure(trace: StepTrace, geo: Geometry, into: Cost | None = None) -> Cost:
     return c
 
 
+def add_trace(engine: WriteEngine, commands: Iterable[Command], total: Cost, failures: list[tuple[Command, str]],
+              first: int = 0) -> int:
+    """Run `commands` on a dry-run (SIMULATE) `engine` from step index `first` and add each step's
+    cost to `total`; the commands QEMU fails too go to `failures` with their error (a storage error
+    reading the image fails the command, as qemu-io's does). Returns the number of commands run."""
+    geo = engine.geo
+    n = first
+    for cmd in commands:
+        try:
+            trace = engine.run(cmd, n).trace
+        except StorageError as e:
+            trace = StepTrace(cmd, geo.ext, [], engine.chain.top.file_size)
+            trace.error = f"{cmd.failure_name} failed: {e.strerror}"
+        n += 1
+        if trace.error and not cmd.asynchronous:
+            failures.append((cmd, trace.error))
+        if cmd.changes_image:
+            measure(trace, geo, total)
+    return n - first
+
+
 def _count_reads(reads: dict[str, int], segs: list) -> None:
     for s, e, kind, depth, _h in segs:
         label = source_label(kind, depth)
@@ -330,6 +355,13 @@ def writethrough_metadata(writes: list[tuple[int, int, str]], ops: list[tuple[in
     it falls in, the recorded cache operations flush and order them, and the command ends with
     qcow2_write_caches (L2, then refcounts). Assumes the caches hold every entry the step dirties
     (no eviction in a step)."""
+    kind = 0
+    for _i, op in ops:
+        if op == FLUSH_L2 or op == FLUSH_REFCOUNT or (kind and op != kind):
+            break
+        kind = op
+    else:  # no flush and no two-way dependency in the step (nearly every step): no entry goes out twice
+        return _written_once(writes, slice_bytes, cs, out)
     caches: _Caches | None = None
     j = 0
     nops = len(ops)
@@ -357,3 +389,43 @@ def writethrough_metadata(writes: list[tuple[int, int, str]], ops: list[tuple[in
     caches.flush_l2()
     caches.flush_rc()
     return caches.requests
+
+
+def _written_once(writes: list[tuple[int, int, str]], slice_bytes: int, cs: int, out: dict[str, int]) -> int:
+    """`writethrough_metadata` of a step whose cache operations never flush mid-step (dependencies
+    one way only): every L2 slice and refcount block it dirties is written once as the command
+    ends, and other metadata as it comes. Counted without the cache model (no set for the usual
+    one slice and one block)."""
+    requests = 0
+    l2_one = rc_one = -1
+    l2_more: set[int] | None = None
+    rc_more: set[int] | None = None
+    for off, n, what in writes:
+        if what == "data" or what == "cow" or what == "zero":
+            continue
+        if what == "L2":
+            for s in range(off // slice_bytes, (off + n - 1) // slice_bytes + 1):
+                if l2_one < 0:
+                    l2_one = s
+                elif s != l2_one:
+                    if l2_more is None:
+                        l2_more = {l2_one}
+                    l2_more.add(s)
+        elif what == "refblock":
+            for b in range(off // cs, (off + n - 1) // cs + 1):
+                if rc_one < 0:
+                    rc_one = b
+                elif b != rc_one:
+                    if rc_more is None:
+                        rc_more = {rc_one}
+                    rc_more.add(b)
+        else:
+            out[what] = out.get(what, 0) + n
+            requests += 1
+    l2_n = len(l2_more) if l2_more is not None else 1 if l2_one >= 0 else 0
+    rc_n = len(rc_more) if rc_more is not None else 1 if rc_one >= 0 else 0
+    if l2_n:
+        out["L2"] = out.get("L2", 0) + l2_n * slice_bytes
+    if rc_n:
+        out["refblock"] = out.get("refblock", 0) + rc_n * cs
+    return requests + l2_n + rc_n

@@ -1,5 +1,5 @@
 """Block checksums of a write's after-state, against the bytes themselves (every data shape a
-write hands down: bytes, a view of a pattern's run, a list of runs, zeros)."""
+write hands down: bytes, a view of a pattern's run, a list of runs of one byte or of several, zeros)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ def cases(draw):
                              st.integers(0, 2).map(lambda b: bytes([b]) * size)))
     offset = draw(st.integers(0, 6 * BLOCK))
     length = draw(st.integers(1, 4 * BLOCK))
-    kind = draw(st.sampled_from(["bytes", "view", "runs", "zeros"]))
+    kind = draw(st.sampled_from(["bytes", "view", "runs", "mixed runs", "zeros"]))
     byte = draw(st.integers(0, 255))
     if kind == "bytes":
         data = draw(st.binary(min_size=length, max_size=length))
@@ -28,6 +28,13 @@ def cases(draw):
         run = memoryview(bytes([byte]) * (2 * BLOCK))
         whole, rest = divmod(length, len(run))
         data = [run] * whole + ([run[:rest]] if rest else [])
+    elif kind == "mixed runs":  # one-byte runs of different bytes, and plain bytes among them
+        parts = [memoryview(bytes([byte]) * BLOCK), memoryview(bytes([byte ^ 1]) * BLOCK), bytes([byte]) * BLOCK]
+        data, left = [], length
+        while left:
+            part = parts[draw(st.integers(0, 2))][:min(left, draw(st.integers(1, BLOCK)))]
+            data.append(part)
+            left -= len(part)
     else:
         data = None
     return current, offset, length, data

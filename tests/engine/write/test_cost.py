@@ -89,3 +89,26 @@ def test_aligned_4k_writes_over_backing_data_cost_unit_minus_4k(tmp_path, cs, ex
         touched |= units
         assert (c.cow_bytes, c.host_data_bytes, c.cow_avoidable_bytes) == (cow, 4096 + cow, 0), (b, c)
     assert differences(img, cmds, [(base, "raw")]) == []
+
+
+@pytest.mark.parametrize("seed", range(300))
+def test_metadata_of_a_step_without_mid_step_flushes_counts_as_the_cache_model(seed):
+    """The shortcut for steps whose cache operations never flush (dependencies one way only) counts
+    the same bytes and requests as QEMU's cache model, which a flush after the last write forces
+    (it writes what the end of the command would, in the same order)."""
+    from qdebug.engine.write.cost import writethrough_metadata
+    from qdebug.engine.write.txn import FLUSH_L2, L2_AFTER_REFCOUNT, REFCOUNT_AFTER_L2
+
+    rng = random.Random(seed)
+    slice_bytes, cs = rng.choice([(4096, 65536), (32768, 65536), (2048, 4096)])
+    writes = []
+    for _ in range(rng.randrange(0, 12)):
+        what = rng.choice(["data", "cow", "zero", "L2", "L2", "refblock", "refblock", "L1", "header", "reftable"])
+        n = rng.choice([2, 8, 16, 4096, 3 * slice_bytes]) if what in ("L2", "refblock") else rng.randrange(1, 9000)
+        writes.append((rng.randrange(0, 8) * cs + rng.randrange(0, cs // 8) * 8, n, what))
+    kind = rng.choice([L2_AFTER_REFCOUNT, REFCOUNT_AFTER_L2])
+    ops = sorted((rng.randrange(0, len(writes) + 1), kind) for _ in range(rng.randrange(0, 4)))
+    fast, model = {}, {}
+    got = writethrough_metadata(writes, ops, slice_bytes, cs, fast)
+    want = writethrough_metadata(writes, ops + [(len(writes), FLUSH_L2)], slice_bytes, cs, model)
+    assert (got, fast) == (want, model)
