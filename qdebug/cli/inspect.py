@@ -11,33 +11,67 @@ from .common import warn as _warn
 
 
 def cmd_info(args) -> int:
-    from ..engine.file.chain import backing_warning, open_chain
-    from ..engine.read.summary import info_record
+    """qemu-img info: this image alone (a missing or refused backing file is a warning, as qemu-img
+    opens it without its backing file); with --backing-chain every image of the chain, or nothing
+    and exit 1 if a link cannot be opened (qemu-img collects them all before printing)."""
+    from ..engine.errors import BackingError
+    from ..engine.file.chain import open_chain
 
-    with open_chain(args.image, no_backing=args.no_backing) as chain:
-        rec = info_record(chain)
-        outside = backing_warning(args.image, chain.top.header.backing_file)
-    if outside:
-        rec["qdebug"]["warnings"].append(outside)
-    from ..engine.forensics.bundle import bundle_info
-
-    bundle = bundle_info(chain.top.header, args.image)
-    if bundle is not None:  # (the holes of the original's data clusters are for `map`, not for reading)
-        rec["qdebug"]["bundle"] = {k: v for k, v in bundle.items() if k != "data-holes"}
-    _warn(rec["qdebug"]["warnings"])
+    try:
+        chain = open_chain(args.image, no_backing=args.no_backing)
+        problem = None
+    except BackingError as e:
+        if args.backing_chain:
+            raise
+        chain, problem = open_chain(args.image, no_backing=True), str(e)
+    with chain:
+        records = _layer_records(chain, args.image, args.backing_chain)
+    if problem:
+        records[0]["qdebug"]["warnings"].insert(0, f"{problem}; qdebug's section describes this image alone")
+    for rec in records:
+        if "qdebug" in rec:
+            _warn(rec["qdebug"]["warnings"])
     if args.output == "json":
-        print(json.dumps(qdict_order(rec), indent=4))
+        doc = [qdict_order(r) for r in records] if args.backing_chain else qdict_order(records[0])
+        print(json.dumps(doc, indent=4))
         return 0
-    q = rec["qdebug"]
-    g = q["geometry"]
-    fs = rec["format-specific"]["data"]
+    print("\n\n".join("\n".join(one_line(ln) for ln in info_lines(r)) for r in records))
+    return 0
+
+
+def _layer_records(chain, image: str, every_layer: bool) -> list[dict]:
+    """The info records of the chain's top image (of each of its images: `every_layer`)."""
+    from ..engine.file.chain import Chain, backing_warning
+    from ..engine.forensics.bundle import bundle_info
+    from ..engine.read.summary import info_record, raw_info_record
+
+    out = []
+    for depth, layer in enumerate(chain.layers if every_layer else chain.layers[:1]):
+        if getattr(layer, "format", "qcow2") == "raw":
+            out.append(raw_info_record(layer))
+            continue
+        rec = info_record(Chain(chain.layers[depth:], list(chain.warnings) if depth == 0 else []))
+        outside = backing_warning(layer.path if depth else image, layer.header.backing_file)
+        if outside:
+            rec["qdebug"]["warnings"].append(outside)
+        bundle = bundle_info(layer.header, layer.path if depth else image)
+        if bundle is not None:  # (the holes of the original's data clusters are for `map`, not for reading)
+            rec["qdebug"]["bundle"] = {k: v for k, v in bundle.items() if k != "data-holes"}
+        out.append(rec)
+    return out
+
+
+def info_lines(rec: dict) -> list[str]:
+    """One image's `qemu-img info` text (then qdebug's own section, for a qcow2 image)."""
     lines = [
         f"image: {rec['filename']}",
-        "file format: qcow2",
+        f"file format: {rec['format']}",
         f"virtual size: {human_size(rec['virtual-size'])} ({rec['virtual-size']} bytes)",
         f"disk size: {human_size(rec['actual-size'])}",
-        f"cluster_size: {rec['cluster-size']}",
     ]
+    if rec["format"] != "qcow2":
+        return lines
+    lines.append(f"cluster_size: {rec['cluster-size']}")
     if rec["dirty-flag"]:
         lines.append("cleanly shut down: no")
     if "backing-filename" in rec:
@@ -49,6 +83,7 @@ def cmd_info(args) -> int:
     if "snapshots" in rec:
         lines.append("Snapshot list:")
         lines += snapshot_table(rec["snapshots"])
+    fs = rec["format-specific"]["data"]
     lines.append("Format specific information:")
     lines.append(f"    compat: {fs['compat']}")
     lines.append(f"    compression type: {fs['compression-type']}")
@@ -56,7 +91,13 @@ def cmd_info(args) -> int:
         if key in fs:
             val = fs[key]
             lines.append(f"    {key.replace('-', ' ')}: {str(val).lower() if isinstance(val, bool) else val}")
-    lines.append("qdebug:")
+    return lines + _qdebug_lines(rec["qdebug"])
+
+
+def _qdebug_lines(q: dict) -> list[str]:
+    """qdebug's own section of `info`: what qemu-img does not show."""
+    g = q["geometry"]
+    lines = ["qdebug:"]
     if "bundle" in q:
         b = q["bundle"]
         lines.append(f"    BUNDLE: a metadata-only copy of {b.get('source')!r} made by {b.get('made-by')} on "
@@ -78,8 +119,7 @@ def cmd_info(args) -> int:
                      f"{layer['virtual-size']} bytes)")
     counts = q["subclusters"]
     lines.append("    subclusters by type: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
-    print("\n".join(one_line(ln) for ln in lines))  # names from the image: no terminal escapes
-    return 0
+    return lines
 
 
 def snapshot_table(snapshots: list[dict]) -> list[str]:
@@ -298,6 +338,8 @@ def register(sub) -> None:
 
     sp = sub.add_parser("info", help="header, features, geometry and subcluster counts (qemu-img info and more)")
     common(sp)
+    sp.add_argument("--backing-chain", action="store_true",
+                    help="every image of the backing chain, top first (as qemu-img info --backing-chain)")
     sp.add_argument("--output", choices=("human", "json"), default="human")
     sp.set_defaults(func=cmd_info)
 

@@ -213,6 +213,12 @@ def info_record(chain, *, counts: bool = True) -> dict:
     return rec
 
 
+def raw_info_record(layer) -> dict:
+    """qemu-img info's record of a raw image (a raw backing file in --backing-chain)."""
+    return {"virtual-size": layer.size, "filename": layer.path, "format": "raw",
+            "actual-size": os.stat(layer.path).st_blocks * 512, "dirty-flag": False}
+
+
 def path_combine(base: str, name: str) -> str:
     """QEMU's path_combine: where a relative backing file name points from its image (the image's
     directory as written, up to its last '/'), as qemu-img info reports full-backing-filename."""
