@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 
 from ..engine.errors import QcowError
@@ -33,7 +34,7 @@ def cmd_info(args) -> int:
             _warn(rec["qdebug"]["warnings"])
     if args.output == "json":
         doc = [qdict_order(r) for r in records] if args.backing_chain else qdict_order(records[0])
-        print(json.dumps(doc, indent=4))
+        print(qemu_json(doc))
         return 0
     print("\n\n".join("\n".join(one_line(ln) for ln in info_lines(r)) for r in records))
     return 0
@@ -87,11 +88,45 @@ def info_lines(rec: dict) -> list[str]:
     lines.append("Format specific information:")
     lines.append(f"    compat: {fs['compat']}")
     lines.append(f"    compression type: {fs['compression-type']}")
-    for key in ("lazy-refcounts", "refcount-bits", "corrupt", "extended-l2"):
-        if key in fs:
+    for key in ("lazy-refcounts", "bitmaps", "refcount-bits", "corrupt", "extended-l2"):
+        if key == "bitmaps" and key in fs:
+            lines.append("    bitmaps:")
+            lines += _bitmap_lines(fs[key])
+        elif key in fs:
             val = fs[key]
             lines.append(f"    {key.replace('-', ' ')}: {str(val).lower() if isinstance(val, bool) else val}")
     return lines + _qdebug_lines(rec["qdebug"])
+
+
+def _bitmap_lines(bitmaps: list[dict]) -> list[str]:
+    """qemu-img info's "bitmaps:" block (QAPI's human dump: list items as [i], nested by 4)."""
+    lines = []
+    for i, b in enumerate(bitmaps):
+        lines.append(f"        [{i}]:")
+        lines.append("            flags:")
+        lines += [f"                [{k}]: {flag}" for k, flag in enumerate(b["flags"])]
+        lines.append(f"            name: {b['name']}")
+        lines.append(f"            granularity: {b['granularity']}")
+    return lines
+
+
+def qemu_json(value, level: int = 0) -> str:
+    """JSON laid out as QEMU's pretty printer does (an empty list or object still spans two lines);
+    qdebug's own `qdebug` value keeps Python's layout."""
+    pad, inner = " " * (4 * level), " " * (4 * (level + 1))
+    if isinstance(value, dict):
+        items = [f"\n{inner}{json.dumps(k)}: " + (json.dumps(v, indent=4).replace("\n", "\n" + inner)
+                                                  if k == "qdebug" else qemu_json(v, level + 1))
+                 for k, v in value.items()]
+        return "{" + ",".join(items) + f"\n{pad}}}"
+    if isinstance(value, list):
+        return "[" + ",".join(f"\n{inner}{qemu_json(v, level + 1)}" for v in value) + f"\n{pad}]"
+    if isinstance(value, str):  # QEMU escapes DEL too, and writes \u escapes in upper case
+        return _U_ESCAPE.sub(lambda m: m[1] + "\\u" + m[0][-4:].upper(), json.dumps(value)).replace("\x7f", "\\u007F")
+    return json.dumps(value)
+
+
+_U_ESCAPE = re.compile(r"(?<!\\)((?:\\\\)*)\\u[0-9a-f]{4}")
 
 
 def _qdebug_lines(q: dict) -> list[str]:
