@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 
 from ..engine.errors import QcowError
@@ -11,33 +12,67 @@ from .common import warn as _warn
 
 
 def cmd_info(args) -> int:
-    from ..engine.file.chain import backing_warning, open_chain
-    from ..engine.read.summary import info_record
+    """qemu-img info: this image alone (a missing or refused backing file is a warning, as qemu-img
+    opens it without its backing file); with --backing-chain every image of the chain, or nothing
+    and exit 1 if a link cannot be opened (qemu-img collects them all before printing)."""
+    from ..engine.errors import BackingError
+    from ..engine.file.chain import open_chain
 
-    with open_chain(args.image, no_backing=args.no_backing) as chain:
-        rec = info_record(chain)
-        outside = backing_warning(args.image, chain.top.header.backing_file)
-    if outside:
-        rec["qdebug"]["warnings"].append(outside)
-    from ..engine.forensics.bundle import bundle_info
-
-    bundle = bundle_info(chain.top.header, args.image)
-    if bundle is not None:  # (the holes of the original's data clusters are for `map`, not for reading)
-        rec["qdebug"]["bundle"] = {k: v for k, v in bundle.items() if k != "data-holes"}
-    _warn(rec["qdebug"]["warnings"])
+    try:
+        chain = open_chain(args.image, no_backing=args.no_backing)
+        problem = None
+    except BackingError as e:
+        if args.backing_chain:
+            raise
+        chain, problem = open_chain(args.image, no_backing=True), str(e)
+    with chain:
+        records = _layer_records(chain, args.image, args.backing_chain)
+    if problem:
+        records[0]["qdebug"]["warnings"].insert(0, f"{problem}; qdebug's section describes this image alone")
+    for rec in records:
+        if "qdebug" in rec:
+            _warn(rec["qdebug"]["warnings"])
     if args.output == "json":
-        print(json.dumps(qdict_order(rec), indent=4))
+        doc = [qdict_order(r) for r in records] if args.backing_chain else qdict_order(records[0])
+        print(qemu_json(doc))
         return 0
-    q = rec["qdebug"]
-    g = q["geometry"]
-    fs = rec["format-specific"]["data"]
+    print("\n\n".join("\n".join(one_line(ln) for ln in info_lines(r)) for r in records))
+    return 0
+
+
+def _layer_records(chain, image: str, every_layer: bool) -> list[dict]:
+    """The info records of the chain's top image (of each of its images: `every_layer`)."""
+    from ..engine.file.chain import Chain, backing_warning
+    from ..engine.forensics.bundle import bundle_info
+    from ..engine.read.summary import info_record, raw_info_record
+
+    out = []
+    for depth, layer in enumerate(chain.layers if every_layer else chain.layers[:1]):
+        if getattr(layer, "format", "qcow2") == "raw":
+            out.append(raw_info_record(layer))
+            continue
+        rec = info_record(Chain(chain.layers[depth:], list(chain.warnings) if depth == 0 else []))
+        outside = backing_warning(layer.path if depth else image, layer.header.backing_file)
+        if outside:
+            rec["qdebug"]["warnings"].append(outside)
+        bundle = bundle_info(layer.header, layer.path if depth else image)
+        if bundle is not None:  # (the holes of the original's data clusters are for `map`, not for reading)
+            rec["qdebug"]["bundle"] = {k: v for k, v in bundle.items() if k != "data-holes"}
+        out.append(rec)
+    return out
+
+
+def info_lines(rec: dict) -> list[str]:
+    """One image's `qemu-img info` text (then qdebug's own section, for a qcow2 image)."""
     lines = [
         f"image: {rec['filename']}",
-        "file format: qcow2",
+        f"file format: {rec['format']}",
         f"virtual size: {human_size(rec['virtual-size'])} ({rec['virtual-size']} bytes)",
         f"disk size: {human_size(rec['actual-size'])}",
-        f"cluster_size: {rec['cluster-size']}",
     ]
+    if rec["format"] != "qcow2":
+        return lines
+    lines.append(f"cluster_size: {rec['cluster-size']}")
     if rec["dirty-flag"]:
         lines.append("cleanly shut down: no")
     if "backing-filename" in rec:
@@ -49,14 +84,55 @@ def cmd_info(args) -> int:
     if "snapshots" in rec:
         lines.append("Snapshot list:")
         lines += snapshot_table(rec["snapshots"])
+    fs = rec["format-specific"]["data"]
     lines.append("Format specific information:")
     lines.append(f"    compat: {fs['compat']}")
     lines.append(f"    compression type: {fs['compression-type']}")
-    for key in ("lazy-refcounts", "refcount-bits", "corrupt", "extended-l2"):
-        if key in fs:
+    for key in ("lazy-refcounts", "bitmaps", "refcount-bits", "corrupt", "extended-l2"):
+        if key == "bitmaps" and key in fs:
+            lines.append("    bitmaps:")
+            lines += _bitmap_lines(fs[key])
+        elif key in fs:
             val = fs[key]
             lines.append(f"    {key.replace('-', ' ')}: {str(val).lower() if isinstance(val, bool) else val}")
-    lines.append("qdebug:")
+    return lines + _qdebug_lines(rec["qdebug"])
+
+
+def _bitmap_lines(bitmaps: list[dict]) -> list[str]:
+    """qemu-img info's "bitmaps:" block (QAPI's human dump: list items as [i], nested by 4)."""
+    lines = []
+    for i, b in enumerate(bitmaps):
+        lines.append(f"        [{i}]:")
+        lines.append("            flags:")
+        lines += [f"                [{k}]: {flag}" for k, flag in enumerate(b["flags"])]
+        lines.append(f"            name: {b['name']}")
+        lines.append(f"            granularity: {b['granularity']}")
+    return lines
+
+
+def qemu_json(value, level: int = 0) -> str:
+    """JSON laid out as QEMU's pretty printer does (an empty list or object still spans two lines);
+    qdebug's own `qdebug` value keeps Python's layout."""
+    pad, inner = " " * (4 * level), " " * (4 * (level + 1))
+    if isinstance(value, dict):
+        items = [f"\n{inner}{json.dumps(k)}: " + (json.dumps(v, indent=4).replace("\n", "\n" + inner)
+                                                  if k == "qdebug" else qemu_json(v, level + 1))
+                 for k, v in value.items()]
+        return "{" + ",".join(items) + f"\n{pad}}}"
+    if isinstance(value, list):
+        return "[" + ",".join(f"\n{inner}{qemu_json(v, level + 1)}" for v in value) + f"\n{pad}]"
+    if isinstance(value, str):  # QEMU escapes DEL too, and writes \u escapes in upper case
+        return _U_ESCAPE.sub(lambda m: m[1] + "\\u" + m[0][-4:].upper(), json.dumps(value)).replace("\x7f", "\\u007F")
+    return json.dumps(value)
+
+
+_U_ESCAPE = re.compile(r"(?<!\\)((?:\\\\)*)\\u[0-9a-f]{4}")
+
+
+def _qdebug_lines(q: dict) -> list[str]:
+    """qdebug's own section of `info`: what qemu-img does not show."""
+    g = q["geometry"]
+    lines = ["qdebug:"]
     if "bundle" in q:
         b = q["bundle"]
         lines.append(f"    BUNDLE: a metadata-only copy of {b.get('source')!r} made by {b.get('made-by')} on "
@@ -78,8 +154,7 @@ def cmd_info(args) -> int:
                      f"{layer['virtual-size']} bytes)")
     counts = q["subclusters"]
     lines.append("    subclusters by type: " + ", ".join(f"{k.upper().replace('-', '_')} {v}" for k, v in counts.items()))
-    print("\n".join(one_line(ln) for ln in lines))  # names from the image: no terminal escapes
-    return 0
+    return lines
 
 
 def snapshot_table(snapshots: list[dict]) -> list[str]:
@@ -305,6 +380,8 @@ def register(sub) -> None:
 
     sp = sub.add_parser("info", help="header, features, geometry and subcluster counts (qemu-img info and more)")
     common(sp)
+    sp.add_argument("--backing-chain", action="store_true",
+                    help="every image of the backing chain, top first (as qemu-img info --backing-chain)")
     sp.add_argument("--output", choices=("human", "json"), default="human")
     sp.set_defaults(func=cmd_info)
 

@@ -52,3 +52,11 @@ def directory_entries(raw: bytes, count: int) -> tuple[list[BitmapEntry], bool]:
         size = _ENTRY.size + extra + name_size
         p += size + (-size % 8)
     return out, False
+
+
+BME_FLAG_IN_USE, BME_FLAG_AUTO = 1, 2
+
+
+def info_flags(flags: int) -> list[str]:
+    """qemu-img info's names of a bitmap's flags, in its order (reserved bits are not shown)."""
+    return [name for bit, name in ((BME_FLAG_IN_USE, "in-use"), (BME_FLAG_AUTO, "auto")) if flags & bit]

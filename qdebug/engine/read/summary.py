@@ -12,6 +12,7 @@ import numpy as np
 from ..errors import CorruptImage
 from ..file.image import Image
 from ..format import constants as C
+from ..format.bitmaps import bitmaps_extension, directory_entries, info_flags
 from ..format.header import header_dump
 from ..format.subclusters import SubclusterType
 from .l2tables import l2_table_offsets, readahead
@@ -169,10 +170,16 @@ def info_record(chain, *, counts: bool = True) -> dict:
              "date-nsec": s.date_nsec, "vm-clock-sec": s.vm_clock_nsec // 10**9,
              "vm-clock-nsec": s.vm_clock_nsec % 10**9, **({"icount": s.icount} if s.icount >= 0 else {})}
             for s in snaps]
+    problems: list[str] = []
     data = {"compat": "1.1" if h.version >= 3 else "0.10", "compression-type": h.compression_name}
     if h.version >= 3:
-        data.update({"lazy-refcounts": bool(h.compatible_features & C.QCOW2_COMPAT_LAZY_REFCOUNTS),
-                     "refcount-bits": h.refcount_bits, "corrupt": h.is_corrupt, "extended-l2": h.extended_l2})
+        data["lazy-refcounts"] = bool(h.compatible_features & C.QCOW2_COMPAT_LAZY_REFCOUNTS)
+        bitmaps, problem = bitmap_infos(img)
+        if problem:
+            problems.append(problem)
+        if bitmaps:
+            data["bitmaps"] = bitmaps
+        data.update({"refcount-bits": h.refcount_bits, "corrupt": h.is_corrupt, "extended-l2": h.extended_l2})
     else:
         data["refcount-bits"] = h.refcount_bits
     rec["format-specific"] = {"type": "qcow2", "data": data}
@@ -206,12 +213,36 @@ def info_record(chain, *, counts: bool = True) -> dict:
         },
         "backing-chain": [{"depth": d, "filename": layer.path, "format": getattr(layer, "format", "qcow2"),
                            "virtual-size": layer.size} for d, layer in enumerate(chain.layers)],
-        "warnings": list(chain.warnings) + unreadable_tables(img),
+        "warnings": list(chain.warnings) + problems + unreadable_tables(img),
     }
     if counts:
         # kebab-case keys, as every key qdebug writes (ZERO_PLAIN: zero-plain)
         rec["qdebug"]["subclusters"] = {k.lower().replace("_", "-"): v for k, v in subcluster_counts(img).items()}
     return rec
+
+
+def bitmap_infos(img: Image) -> tuple[list[dict], str | None]:
+    """The persistent dirty bitmaps as qemu-img info lists them (none where QEMU ignores the
+    extension: its autoclear bit is cleared), and what keeps them from being listed (a damaged
+    directory: `check` says more)."""
+    ext = bitmaps_extension(img.header)
+    if ext is None or not ext[0]:
+        return [], None
+    nb, dir_size, dir_off = ext
+    if dir_off + dir_size > img.file_size:
+        return [], (f"{img.path}: the bitmap directory (0x{dir_off:x}, {dir_size} bytes) runs past the end of the "
+                    f"file (0x{img.file_size:x}); bitmaps not listed")
+    entries, truncated = directory_entries(img.pread(dir_off, dir_size), nb)
+    if truncated:
+        return [], (f"{img.path}: the bitmap directory at 0x{dir_off:x} ({dir_size} bytes) ends before its {nb} "
+                    "entries; bitmaps not listed")
+    return [{"flags": info_flags(e.flags), "name": e.name, "granularity": 1 << e.granularity_bits} for e in entries], None
+
+
+def raw_info_record(layer) -> dict:
+    """qemu-img info's record of a raw image (a raw backing file in --backing-chain)."""
+    return {"virtual-size": layer.size, "filename": layer.path, "format": "raw",
+            "actual-size": os.stat(layer.path).st_blocks * 512, "dirty-flag": False}
 
 
 def path_combine(base: str, name: str) -> str:
