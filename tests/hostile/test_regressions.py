@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import struct
 
-from tests.hostile.conftest import error_line, qd
+from tests.hostile.conftest import error_line, one_error, qd
 from tests.hostile.images import get_field, huge_virtual, layout_of, patch, put_field, put_u64
 from tests.qemu import create, qemu_io
 
@@ -18,8 +18,7 @@ def test_backing_name_with_nul_byte(tmp_path, qemu):
     bfo = get_field(top, "backing_file_offset")
     patch(top, bfo, b"x\0yz")
     put_field(top, "backing_file_size", 4)
-    line = error_line(qd("info", top))
-    assert "'" + str(tmp_path / "x") + "'" in line and "not found" in line
+    one_error(top, "'" + str(tmp_path / "x") + "'", "not found")
 
 
 def test_feature_table_read_as_backing_format(img64):
