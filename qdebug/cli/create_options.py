@@ -6,7 +6,8 @@ sizes as qemu_strtosz reads them (`64k`, `0x10000`, `1.5M`), numbers as strtoull
 8), booleans `on|yes|true|y` / `off|no|false|n` (a bare `key` is `key=on`, `nokey` is `key=off`),
 `,,` for a comma inside a value; a later `key=` wins. The line echoes booleans and strings as
 written and numbers as values, with the defaults qemu-img shows (qdebug's own default is
-extended_l2=on). Encryption and external data files are refused: qdebug reads neither.
+extended_l2=on). Encryption and external data files are refused: qdebug writes neither (it reads
+images with an external data file: info, map, check, read).
 """
 
 from __future__ import annotations
@@ -136,8 +137,8 @@ def refuse_unsupported(opts: CreateOptions) -> None:
     if opts.get("encryption") or any(k.startswith("encrypt.") for k in opts.values):
         raise QcowError("encryption: qdebug does not create (or read) encrypted qcow2 images; use qemu-img create")
     if "data_file" in opts.values or opts.get("data_file_raw"):
-        raise QcowError("data_file: qdebug does not create (or read) images with an external data file; "
-                        "use qemu-img create")
+        raise QcowError("data_file: qdebug does not create images with an external data file (it reads them: "
+                        "info, map, check, read); use qemu-img create")
 
 
 def formatting_line(path: str, opts: CreateOptions) -> str:

@@ -16,15 +16,16 @@ def cmd_info(args) -> int:
     opens it without its backing file); with --backing-chain every image of the chain, or nothing
     and exit 1 if a link cannot be opened (qemu-img collects them all before printing)."""
     from ..engine.errors import BackingError
-    from ..engine.file.chain import open_chain
+    from ..engine.file.chain import DataFiles, open_chain
 
+    # qemu-img info opens no data file (a missing one is no error there)
     try:
-        chain = open_chain(args.image, no_backing=args.no_backing)
+        chain = open_chain(args.image, no_backing=args.no_backing, data_files=DataFiles.SKIP)
         problem = None
     except BackingError as e:
         if args.backing_chain:
             raise
-        chain, problem = open_chain(args.image, no_backing=True), str(e)
+        chain, problem = open_chain(args.image, no_backing=True, data_files=DataFiles.SKIP), str(e)
     with chain:
         records = _layer_records(chain, args.image, args.backing_chain)
     if problem:
@@ -86,14 +87,11 @@ def info_lines(rec: dict) -> list[str]:
         lines += snapshot_table(rec["snapshots"])
     fs = rec["format-specific"]["data"]
     lines.append("Format specific information:")
-    lines.append(f"    compat: {fs['compat']}")
-    lines.append(f"    compression type: {fs['compression-type']}")
-    for key in ("lazy-refcounts", "bitmaps", "refcount-bits", "corrupt", "extended-l2"):
-        if key == "bitmaps" and key in fs:
+    for key, val in qdict_order(fs).items():  # (QEMU's human dump walks the same QDict)
+        if key == "bitmaps":
             lines.append("    bitmaps:")
-            lines += _bitmap_lines(fs[key])
-        elif key in fs:
-            val = fs[key]
+            lines += _bitmap_lines(val)
+        else:
             lines.append(f"    {key.replace('-', ' ')}: {str(val).lower() if isinstance(val, bool) else val}")
     return lines + _qdebug_lines(rec["qdebug"])
 
@@ -195,11 +193,11 @@ def qdict_order(value):
 
 # ---- map ------------------------------------------------------------------------------------------
 def cmd_map(args) -> int:
-    from ..engine.file.chain import open_chain
+    from ..engine.file.chain import DataFiles, open_chain
     from ..engine.read.mapping import map_extents, write_json
 
     out = sys.stdout
-    with open_chain(args.image, no_backing=args.no_backing) as chain:
+    with open_chain(args.image, no_backing=args.no_backing, data_files=DataFiles.OPEN) as chain:
         _warn(chain.warnings)
         if args.subclusters:
             if args.start_offset or args.max_length is not None:
@@ -227,7 +225,7 @@ def cmd_map(args) -> int:
                     batch.compressed.tolist()):
                 status = ("compressed" if comp else "data") if da else ("zero" if pr else "unallocated")
                 mapped = f"{off:#x}" if ho else "-"
-                fname = one_line(chain.layers[d].path) if ho else "-"
+                fname = one_line(_data_name(chain.layers[d])) if ho else "-"
                 if ho and da:
                     fname += _past_eof(chain.layers[d], off, ln)
                 rows.append(f"{s:<#16x}{ln:<#16x}{d:<6}{status:<12}{mapped:<16}{fname}\n")
@@ -257,15 +255,24 @@ def _map_human(chain, out, span: dict) -> int:
                 raise QcowError(f"{chain.top.path}: File contains external, encrypted or compressed clusters "
                                 "(qemu-img map's words; `qdebug map --wide` lists them)")
             if da and not z:
-                rows.append(f"{_hex0(s):<16}{_hex0(ln):<16}{_hex0(off):<16}{one_line(chain.layers[d].path)}\n")
+                rows.append(f"{_hex0(s):<16}{_hex0(ln):<16}{_hex0(off):<16}{one_line(_data_name(chain.layers[d]))}\n")
         out.write("".join(rows))
     return 0
 
 
+def _data_name(layer) -> str:
+    """The file a layer's data lives in, as qemu-img map's File column names it (the external
+    data file of an image that has one)."""
+    return getattr(layer, "data_name", layer.path)
+
+
 def _past_eof(layer, host: int, length: int) -> str:
-    """A note for data whose host bytes lie past the end of the image file (QEMU reads zeros)."""
-    size = layer.file_size
-    if host + length <= size or getattr(layer, "format", "qcow2") == "raw":
+    """A note for data whose host bytes lie past the end of the file that holds them (the image,
+    or its external data file): QEMU reads zeros there."""
+    if getattr(layer, "format", "qcow2") == "raw":
+        return ""
+    size = layer.data.file_size if layer.header.has_data_file and layer.data is not None else layer.file_size
+    if host + length <= size:
         return ""
     if host >= size:
         return f"  [past the end of the file (0x{size:x}): reads as zeros]"
@@ -297,6 +304,7 @@ def _map_subclusters(chain, out, output: str) -> int:
     img = chain.top
     h = img.header
     cs = h.cluster_size
+    data_size = img.data.file_size if h.has_data_file else img.file_size
     _refuse_tables_past_eof(img)
     sep = "["  # before the next JSON element: the array opens with the first one
     for gcs, w0, bm in iter_l2_batches(img):
@@ -306,24 +314,27 @@ def _map_subclusters(chain, out, output: str) -> int:
         if not nonempty.any():
             continue
         sel = np.flatnonzero(nonempty)
-        types = classify(w0[sel], bmu[sel] if h.extended_l2 else None, extended=h.extended_l2)
+        types = classify(w0[sel], bmu[sel] if h.extended_l2 else None, extended=h.extended_l2,
+                         data_file=h.has_data_file)
         strings = bitmap_strings(types)
         rows = []
         for k, i in enumerate(sel.tolist()):
             g = int(gcs[i])
             word0 = int(w0[i])
             host = word0 & C.L2E_OFFSET_MASK if not word0 & C.QCOW_OFLAG_COMPRESSED else None
-            past = host is not None and host != 0 and host + _data_bytes(h, g, int(bmu[i])) > img.file_size
+            if host == 0 and not (h.has_data_file and word0 & C.QCOW_OFLAG_COPIED):
+                host = None  # (offset 0 is a place only in an external data file, with COPIED)
+            past = host is not None and host + _data_bytes(h, g, int(bmu[i])) > data_size
             if output == "json":
                 row = {"cluster": g, "start": g * cs, "l1-index": g // h.l2_entries, "l2-index": g % h.l2_entries,
-                       "entry": word0, "bitmap": int(bmu[i]) if h.extended_l2 else None, "host-offset": host or None,
+                       "entry": word0, "bitmap": int(bmu[i]) if h.extended_l2 else None, "host-offset": host,
                        "copied": bool(word0 >> 63), "subclusters": strings[k]}
                 if past:
                     row["past-eof"] = True
                 rows.append(sep + json.dumps(row))
                 sep = ",\n"
             else:
-                hs = f"{host:#x}" if host is not None else "compressed"
+                hs = "compressed" if word0 & C.QCOW_OFLAG_COMPRESSED else f"{host or 0:#x}"
                 if past:
                     hs += _past_eof(img, host, _data_bytes(h, g, int(bmu[i])))
                 rows.append(f"{g * cs:<#16x}cluster {g:<10} {strings[k]}  {hs}\n")
@@ -348,11 +359,11 @@ def _refuse_tables_past_eof(img) -> None:
 
 # ---- read -------------------------------------------------------------------------------------------
 def cmd_read(args) -> int:
-    from ..engine.file.chain import open_chain
+    from ..engine.file.chain import DataFiles, open_chain
     from ..engine.read.guest import read_guest
 
     offset, length = args.offset, args.length
-    with open_chain(args.image, no_backing=args.no_backing) as chain:
+    with open_chain(args.image, no_backing=args.no_backing, data_files=DataFiles.OPEN) as chain:
         _warn(chain.warnings)
         if offset > chain.size or offset + length > chain.size:
             raise QcowError(f"read 0x{offset:x}+0x{length:x} is past the end of the image (size {chain.size})")

@@ -42,6 +42,10 @@ class BackingError(QcowError):
     """Backing chain problems: missing files, loops, refused names."""
 
 
+class DataFileError(QcowError):
+    """An external data file that cannot or may not be opened (QEMU fails the open too)."""
+
+
 class StorageError(QcowError):
     """The operating system refused a read or a write: the disk is full, the file system read-only,
     the device failing. Keeps `errno` and prints as what it is ("No space left on device"), with

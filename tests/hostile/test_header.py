@@ -8,7 +8,7 @@ import struct
 
 import pytest
 
-from tests.hostile.conftest import all_ok, one_error, qd
+from tests.hostile.conftest import READ_ONLY, all_ok, one_error, qd
 from tests.hostile.images import get_field, patch, put_field
 from tests.qemu import create, qemu_img
 
@@ -162,10 +162,16 @@ def test_bitmaps_extension_with_bad_length(img64):
     assert qemu_refuses(img64)
 
 
-def test_raw_external_data_bit_without_data_file_opens_as_in_qemu_7_2(img64):
+def test_raw_external_data_bit_without_data_file_is_refused_as_in_qemu_7_2(img64):
+    """qemu-img info shows such an image; map, check and reads refuse it ("data-file-raw
+    requires a data file"), and so does qdebug (info exit 0, the others one line, exit 1)."""
     put_field(img64, "autoclear_features", 2)
     assert not qemu_refuses(img64)
-    all_ok(img64)
+    for cmd in ("map", "check"):
+        q = qemu_img(cmd, "-f", "qcow2", img64, check=False)
+        assert q.returncode == 1 and b"data-file-raw requires a data file" in q.stderr
+    assert qd("info", img64)["rc"] == 0
+    assert "data-file-raw requires a data file" in one_error(img64, commands=[c for c in READ_ONLY if c[0] != "info"])
 
 
 @pytest.mark.parametrize("cut", [0, 3, 4, 71, 72, 103, 111, 200, 0x10000, 0x30004, 0x40000 + 100])

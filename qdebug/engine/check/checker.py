@@ -56,6 +56,7 @@ class FindingKind(str, Enum):
     CHECK_FAILED = "check-failed"
     COMPRESSED_BITMAP = "compressed-bitmap"
     COMPRESSED_COPIED = "compressed-copied"
+    COMPRESSED_DATA_FILE = "compressed-data-file"
     COPIED_DATA = "copied-data"
     COPIED_L1 = "copied-l1"
     CORRUPT_BIT = "corrupt-bit"
@@ -515,6 +516,8 @@ def _sparse_l2_batch(ctx: _Ctx, ent: np.ndarray, w0: np.ndarray, bm, l2_offsets:
     Same return values."""
     cs, cb = ctx.cs, ctx.cb
     n = ctx.h.l2_entries
+    if ctx.h.has_data_file:  # (an external data file: the full rules know its exceptions)
+        return False
     comp = (w0 & _U64(C.QCOW_OFLAG_COMPRESSED)) != 0
     nc = int(np.count_nonzero(comp))
     if nc:  # no COPIED flag, no bitmap, data inside the file: else the full rules
@@ -565,7 +568,7 @@ def _fast_l2_batch(ctx: _Ctx, w0: np.ndarray, bm, l2_offsets: np.ndarray, *, act
     Returns False (nothing counted) when the batch needs the full rules."""
     cs, cb = ctx.cs, ctx.cb
     odd = _U64(C.QCOW_OFLAG_COMPRESSED | C.L2E_STD_RESERVED_MASK | ((cs - 1) & C.L2E_OFFSET_MASK))
-    if (w0 & odd).any():
+    if ctx.h.has_data_file or (w0 & odd).any():
         return False
     off = w0 & _U64(C.L2E_OFFSET_MASK)
     has_off = off != 0
@@ -684,12 +687,19 @@ def _check_entries(ctx: _Ctx, loc: _Locator, *, counted: bool, active: bool) -> 
 
 
 def _full_l2_rules(ctx: _Ctx, loc: _Locator, off: np.ndarray, *, active: bool) -> None:
-    """Every rule of check_refcounts_l2, for entries the fast paths do not cover."""
+    """Every rule of check_refcounts_l2, for entries the fast paths do not cover.
+
+    With an external data file (QEMU's has_data_file) data clusters live in the data file: they
+    take no reference in the image's refcounts, offset 0 with COPIED is allocated, their refcount
+    counts as 1 for the COPIED rule, and a compressed entry is an error of its own."""
     h, cs, cb = ctx.h, ctx.cs, ctx.cb
     ext = h.extended_l2
+    external = h.has_data_file
     w0, bm = loc.w0, loc.bm
     comp = (w0 & _U64(C.QCOW_OFLAG_COMPRESSED)) != 0
     has_off = ~comp & (off != 0)
+    if external:
+        has_off |= ~comp & (w0 >= _U64(C.QCOW_OFLAG_COPIED))
     alloc = bm & _U64(0xFFFFFFFF)
     zero = bm >> _U64(32)
 
@@ -705,6 +715,16 @@ def _full_l2_rules(ctx: _Ctx, loc: _Locator, off: np.ndarray, *, active: bool) -
         ctx.add(loc.finding(k, FindingKind.COMPRESSED_COPIED,
                             f"ERROR: coffset=0x{co:x}: copied flag must never be set for compressed clusters",
                             host=co))
+    if external:
+        for k in loc.where(comp):
+            ctx.corruptions += 1
+            ctx.add(loc.finding(k, FindingKind.COMPRESSED_DATA_FILE, f"ERROR compressed cluster {int(loc.idx[k])} "
+                                f"with data file, entry=0x{loc.w(k) & ~C.QCOW_OFLAG_COPIED:x}",
+                                host=loc.w(k) & ((1 << x) - 1)))
+        dropped = comp  # (QEMU stops there: no other rule, not counted, no reference)
+        comp = np.zeros_like(comp)
+    else:
+        dropped = comp  # (compressed entries meet none of the rules of unallocated ones)
     comp_bad = comp & (bm != 0)
     for k in loc.where(comp_bad):
         ctx.corruptions += 1
@@ -734,9 +754,10 @@ def _full_l2_rules(ctx: _Ctx, loc: _Locator, off: np.ndarray, *, active: bool) -
             else:
                 ctx.add(loc.finding(k, FindingKind.PREALLOC_CLUSTER_UNALIGNED, f"ERROR offset={loc.off(k):x}: Preallocated "
                                     "cluster is not properly aligned; L2 entry corrupted.", repairable=True))
-    ctx.inc(off[has_off].astype(np.int64), cs, "data cluster")
+    if not external:
+        ctx.inc(off[has_off].astype(np.int64), cs, "data cluster")
     if ext:
-        for k in loc.where(~comp & (off == 0) & (alloc != 0)):
+        for k in loc.where(~dropped & ~has_off & (alloc != 0)):
             ctx.corruptions += 1
             ctx.add(loc.finding(k, FindingKind.INVALID_BITMAP_UNALLOCATED,
                                 "ERROR: Unallocated cluster has non-zero subcluster allocation map",
@@ -758,10 +779,14 @@ def _copied_data(ctx: _Ctx, loc: _Locator, off: np.ndarray, has_off: np.ndarray)
     ks = np.flatnonzero(has_off & usable[loc.tbl])
     if ks.size:
         clusters = (off[ks] >> _U64(cb)).astype(np.int64)
-        one, ok = ctx.is_one(clusters)
         copied = (loc.w0[ks] & _U64(C.QCOW_OFLAG_COPIED)) != 0
-        wrong = np.flatnonzero(ok & (one != copied))
-        rc, _ok = ctx.ondisk(clusters[wrong])
+        if ctx.h.has_data_file:  # data clusters in an external data file: refcount 1, always
+            wrong = np.flatnonzero(~copied)
+            rc = np.ones(len(wrong), dtype=np.int64)
+        else:
+            one, ok = ctx.is_one(clusters)
+            wrong = np.flatnonzero(ok & (one != copied))
+            rc, _ok = ctx.ondisk(clusters[wrong])
         for k, r in zip(ks[wrong].tolist(), rc.tolist()):
             ctx.corruptions += 1
             ctx.add(loc.finding(k, FindingKind.COPIED_DATA, f"ERROR OFLAG_COPIED data cluster: l2_entry={loc.w(k):x} "

@@ -13,7 +13,7 @@ from dataclasses import replace
 from typing import Iterator
 
 from ..errors import BackingError
-from ..file.chain import open_chain
+from ..file.chain import BackingPolicy, DataFiles, attach_data_file, open_chain
 from ..file.image import Image, open_image
 from ..file.locking import ImageLock
 from .checker import CheckReport, check_image
@@ -26,7 +26,9 @@ def checked_file(path: str, *, force_share: bool = False, progress=None,
     repair), the report named after `path` as given; the image stays open (and locked) inside the
     block, for whoever reads more of it. Raises QcowError when the file cannot be opened as qcow2,
     or `ImageInUse` when a writer holds it and `force_share` is off."""
-    with open_image(path) as img:
+    with open_image(path, external_data=True) as img:
+        # qemu-img check opens the data file (a missing one fails the check), reads none of it
+        attach_data_file(img, path, BackingPolicy.from_env())
         if img.header.backing_file:
             _chain_opens(path)
         lock = None if force_share else ImageLock(img, path, write=False).acquire()
@@ -42,7 +44,7 @@ def _chain_opens(path: str) -> None:
     """qemu-img check opens the whole backing chain before it checks anything, so a missing or
     refused backing file fails the check (exit 1) although the check reads one layer only."""
     try:
-        open_chain(path).close()
+        open_chain(path, data_files=DataFiles.OPEN).close()
     except BackingError as e:
         why = str(e).replace(" (use --no-backing to inspect this layer alone)", "")
         raise BackingError(f"{why}: cannot check the image without it (qemu-img check fails alike)") from None

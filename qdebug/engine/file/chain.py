@@ -21,7 +21,7 @@ import re
 import stat
 from dataclasses import dataclass, field
 
-from ..errors import BackingError, QcowError
+from ..errors import BackingError, DataFileError, QcowError
 from .filemap import FileMap
 from .image import Image, open_image
 
@@ -56,8 +56,9 @@ class BackingPolicy:
         return BackingPolicy(confine or env.get("QDEBUG_UNTRUSTED", "") not in ("", "0"),
                              split(env.get("QDEBUG_BACKING_DIR")), split(env.get("QDEBUG_ALLOW_BACKING")))
 
-    def check(self, top_path: str, path: str) -> str:
-        """The real path of backing file `path` of the chain of `top_path`, or BackingRefused."""
+    def check(self, top_path: str, path: str, role: str = "backing file") -> str:
+        """The real path of backing file (or data file: `role`) `path` of the chain of `top_path`,
+        or BackingRefused."""
         real = os.path.realpath(path)
         if real in {os.path.realpath(a) for a in self.allow}:
             return real
@@ -67,18 +68,18 @@ class BackingPolicy:
         except OSError:
             st = None
         if _under(real, _PSEUDO):
-            raise BackingRefused(f"backing file {show_name(path, 400)} is {show_name(real, 400)}, a kernel pseudo-file; "
+            raise BackingRefused(f"{role} {show_name(path, 400)} is {show_name(real, 400)}, a kernel pseudo-file; "
                                  f"refusing to read it {hint}", real)
         if st is not None and not stat.S_ISREG(st.st_mode):
             what = ("a block device" if stat.S_ISBLK(st.st_mode) else "a character device" if stat.S_ISCHR(st.st_mode)
                     else "a FIFO" if stat.S_ISFIFO(st.st_mode) else "a socket" if stat.S_ISSOCK(st.st_mode)
                     else "something else")
-            raise BackingRefused(f"backing file {show_name(path, 400)} is {what}, not a regular file ({show_name(real, 400)}); "
+            raise BackingRefused(f"{role} {show_name(path, 400)} is {what}, not a regular file ({show_name(real, 400)}); "
                                  f"refusing to read it {hint}", real)
         if self.confine:
             home = os.path.dirname(os.path.realpath(top_path))
             if not _under(real, (home, *map(os.path.realpath, self.dirs))):
-                raise BackingRefused(f"backing file {show_name(path, 400)} resolves to {show_name(real, 400)}, outside the "
+                raise BackingRefused(f"{role} {show_name(path, 400)} resolves to {show_name(real, 400)}, outside the "
                                      f"image's directory {show_name(home, 400)}; not followed for an untrusted image "
                                      f"(--backing-dir DIR or {hint[1:-1]})", real)
         return real
@@ -109,17 +110,18 @@ def backing_warning(top_path: str, name: str | None) -> str | None:
 
 
 class RawFile:
-    """A raw backing file: guest offset == file offset, zeros past its end."""
+    """A raw file under an image (a raw backing file, or an external data file): offset in the
+    file == offset asked for, zeros past its end."""
 
     format = "raw"
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, role: str = "backing file"):
         self.path = path
         try:
-            self.fd = os.open(path, os.O_RDONLY)
+            self.fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
         except OSError as e:
-            raise BackingError(f"cannot open backing file {show_name(path)}: {e.strerror}") from None
-        self.file_size = os.fstat(self.fd).st_size
+            raise BackingError(f"cannot open {role} {show_name(path)}: {e.strerror}") from None
+        self.file_size = os.lseek(self.fd, 0, os.SEEK_END)  # (fstat says 0 for a block device)
         # The block layer sees whole sectors: the tail of the last one reads as zeros (a hole).
         self.size = -(-self.file_size // 512) * 512
         try:
@@ -131,6 +133,8 @@ class RawFile:
     def pread(self, offset: int, length: int) -> bytes:
         data = bytes(self.mm[offset:offset + length]) if offset < self.file_size else b""
         return data + bytes(length - len(data))
+
+    data_pread = pread  # (a raw file's data is the file)
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -219,15 +223,66 @@ def probe_format(path: str) -> str:
     return "qcow2" if magic == b"QFI\xfb" else "raw"
 
 
+class DataFiles:
+    """What `open_chain` does with images that keep their data in an external data file."""
+
+    REFUSE = "refuse"  # refuse such an image (commands that write, plan or salvage)
+    OPEN = "open"  # open each image's data file, as QEMU does (map, read, check)
+    SKIP = "skip"  # the metadata only: qemu-img info opens no data file
+
+
+def check_data_file_header(img: Image) -> None:
+    """The refusals of QEMU 7.2's qcow2 open about data files, in its words."""
+    h = img.header
+    if h.has_data_file and h.data_file_path is None:
+        raise DataFileError(f"{img.path}: 'data-file' is required for this image (incompatible bit 2 is set "
+                           "but no data file name extension names it)")
+    if h.data_file_raw and not h.has_data_file:
+        raise DataFileError(f"{img.path}: data-file-raw requires a data file (autoclear bit 1 is set without "
+                           "incompatible bit 2)")
+
+
+def attach_data_file(img: Image, top_path: str, policy: BackingPolicy) -> None:
+    """Open `img`'s external data file into `img.data` (nothing for an image without one).
+
+    QEMU 7.2 (and 10.0) open a relative data file name from the current directory, not from the
+    image's: so does qdebug, and says so when the file is not there. The name comes from the
+    image, so the backing-file rules apply (`policy`): no device, FIFO or pseudo-file unless
+    --allow-backing names it, confined to the image's directory tree for an untrusted image."""
+    check_data_file_header(img)
+    if not img.header.has_data_file or img.data is not None:
+        return
+    name = img.header.data_file_path or ""
+    if name.startswith("json:") or _PROTOCOL.match(name):
+        raise DataFileError(f"{img.path}: data file name {show_name(name)} uses a protocol or json: prefix; "
+                           "refusing to follow it (header extension 0x44415441)")
+    problem = unreachable(name)
+    if problem:
+        where = "" if os.path.isabs(name) else f" (a relative name: QEMU opens it from the current directory, {show_name(os.getcwd(), 200)})"
+        raise DataFileError(f"{img.path}: data file {show_name(name)} {problem}{where}")
+    try:
+        policy.check(top_path, name, "data file")
+        img.data = RawFile(name, "data file")
+    except BackingError as e:
+        raise DataFileError(f"{img.path}: {e}") from None
+
+
 def open_chain(path: str, *, writable: bool = False, no_backing: bool = False,
-               max_depth: int = MAX_CHAIN_DEPTH, policy: BackingPolicy | None = None) -> Chain:
+               max_depth: int = MAX_CHAIN_DEPTH, policy: BackingPolicy | None = None,
+               data_files: str = DataFiles.REFUSE) -> Chain:
     """Open `path` and its backing chain (read-only below the top); `policy` (default: from the
-    environment, see BackingPolicy.from_env) says which backing files may be opened."""
+    environment, see BackingPolicy.from_env) says which backing files (and data files) may be
+    opened; `data_files` what to do with images that keep their data in an external data file."""
     policy = BackingPolicy.from_env() if policy is None else policy
-    top = open_image(path, writable=writable)
+    external = data_files != DataFiles.REFUSE
+    top = open_image(path, writable=writable, external_data=external)
     chain = Chain([top])
     seen = {os.path.realpath(path)}
     try:
+        if data_files == DataFiles.OPEN:
+            attach_data_file(top, path, policy)
+        elif data_files == DataFiles.REFUSE:
+            check_data_file_header(top)
         cur: Image = top
         while cur.header.backing_file and not no_backing:
             if len(chain.layers) > max_depth:
@@ -251,10 +306,12 @@ def open_chain(path: str, *, writable: bool = False, no_backing: bool = False,
                                       f"probed as {fmt} (as QEMU 7.2 does)")
             if fmt == "qcow2":
                 try:
-                    nxt = open_image(bpath)
+                    nxt = open_image(bpath, external_data=external)
                 except QcowError as e:
                     raise BackingError(f"backing file {bpath}: {e}") from None
                 chain.layers.append(nxt)
+                if data_files == DataFiles.OPEN:
+                    attach_data_file(nxt, path, policy)
                 cur = nxt
             elif fmt == "raw":
                 chain.layers.append(RawFile(bpath))

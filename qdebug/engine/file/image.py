@@ -55,9 +55,13 @@ class Image:
 
     format = "qcow2"
 
-    def __init__(self, path: str, *, writable: bool = False, allow_unsupported: bool = False):
+    def __init__(self, path: str, *, writable: bool = False, allow_unsupported: bool = False,
+                 external_data: bool = False):
         self.path = path
         self.writable = writable
+        self.external_data = external_data
+        # The external data file (a raw file: chain.attach_data_file opens it), where guest data lives.
+        self.data: Any = None
         self._fmap: FileMap | None = None
         self.mapping: Any = b""  # an mmap (or b""): typed loosely for the compiled engine's sake
         # O_NONBLOCK: a FIFO named as the image must not hang the open (refused just below).
@@ -121,6 +125,9 @@ class Image:
         self._reftable_cache = None
 
     def close(self) -> None:
+        if getattr(self, "data", None) is not None:
+            self.data.close()
+            self.data = None
         if getattr(self, "fd", -1) >= 0:
             os.close(self.fd)
             self.fd = -1
@@ -142,8 +149,25 @@ class Image:
             raise UnsupportedFeature(
                 f"{self.path}: encrypted images ({C.CRYPT_NAMES.get(h.crypt_method, h.crypt_method)}) are not supported"
             )
-        if h.incompatible_features & C.QCOW2_INCOMPAT_DATA_FILE or h.data_file is not None:
-            raise UnsupportedFeature(f"{self.path}: external data files are not supported")
+        if h.has_data_file and (self.writable or not self.external_data):
+            name = f" ({h.data_file_path!r})" if h.data_file_path is not None else ""
+            raise UnsupportedFeature(
+                f"{self.path}: the image keeps its data in an external data file{name}: qdebug reads such images "
+                "with info, map, check and read, and writes, replays, repairs or salvages none")
+
+    def data_pread(self, offset: int, length: int) -> bytes:
+        """Guest data at host offset `offset`: in the external data file where the image has one
+        (its L2 offsets point there), else in the image file itself."""
+        if not self.header.has_data_file:
+            return self.pread(offset, length)
+        if self.data is None:  # never the metadata file's bytes in its place
+            raise QcowError(f"{self.path}: its external data file is not open")
+        return self.data.pread(offset, length)
+
+    @property
+    def data_name(self) -> str:
+        """The file guest data is read from, as qemu-img map names it."""
+        return self.data.path if self.header.has_data_file and self.data is not None else self.path
 
     def pread(self, offset: int, length: int) -> bytes:
         """Bytes at `offset`; zeros past the end of the file (as the block layer pads)."""
@@ -392,5 +416,8 @@ def read_snapshot_table(pread, file_size: int, offset: int, count: int, *, toler
     return out
 
 
-def open_image(path: str, *, writable: bool = False, allow_unsupported: bool = False) -> Image:
-    return Image(path, writable=writable, allow_unsupported=allow_unsupported)
+def open_image(path: str, *, writable: bool = False, allow_unsupported: bool = False,
+               external_data: bool = False) -> Image:
+    """`external_data`: let an image with an external data file open (read-only); its data file is
+    opened separately (chain.attach_data_file), by the commands that read it."""
+    return Image(path, writable=writable, allow_unsupported=allow_unsupported, external_data=external_data)

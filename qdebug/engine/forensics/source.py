@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import CorruptImage, NotQcow2, QcowError
+from ..errors import CorruptImage, NotQcow2, QcowError, UnsupportedFeature
 from ..file.image import Image
 from ..format import constants as C
 from ..format.header import V2_HEADER_LENGTH, Header, parse_header, read_fields
@@ -92,6 +92,13 @@ class ImageFile:
         self.file_size = os.fstat(fd).st_size
         self.reading = read_header(self.pread(0, min(self.file_size, 1 << C.MAX_CLUSTER_BITS)), self.file_size)
         self.header = self.reading.header
+        if self.header.has_data_file:
+            # Its L2 entries point into another file: read from this one they would be
+            # "recovered" bytes that are not the guest's. Refused until the data file is followed.
+            name = f" ({self.header.data_file_path!r})" if self.header.data_file_path is not None else ""
+            raise UnsupportedFeature(
+                f"{path}: the image keeps its data in an external data file{name} (incompatible bit 2): salvage, "
+                "bundle and layout do not follow data files; `qdebug map` and `qdebug read` do")
 
     @classmethod
     def open(cls, path: str) -> "ImageFile":

@@ -9,6 +9,7 @@ refused here too, with the field named. Unknown extensions are kept byte for byt
 
 from __future__ import annotations
 
+import os
 import struct
 from dataclasses import dataclass, field, replace
 
@@ -205,6 +206,25 @@ class Header:
             if ext.type == C.QCOW2_EXT_MAGIC_DATA_FILE:
                 return ext.data.decode("utf-8", "replace")
         return None
+
+    @property
+    def data_file_path(self) -> str | None:
+        """The data file name as QEMU opens it: a C string (up to its first NUL), its bytes as they
+        are (os.fsdecode), relative names taken from the current directory as QEMU 7.2 takes them."""
+        for ext in self.extensions:
+            if ext.type == C.QCOW2_EXT_MAGIC_DATA_FILE:
+                return os.fsdecode(ext.data.split(b"\0", 1)[0])
+        return None
+
+    @property
+    def has_data_file(self) -> bool:
+        """Guest data lives in an external data file (incompatible bit 2: QEMU's has_data_file);
+        the extension alone, without the bit, changes nothing (QEMU ignores it)."""
+        return bool(self.incompatible_features & C.QCOW2_INCOMPAT_DATA_FILE)
+
+    @property
+    def data_file_raw(self) -> bool:
+        return bool(self.autoclear_features & C.QCOW2_AUTOCLEAR_DATA_FILE_RAW)
 
     @property
     def is_corrupt(self) -> bool:

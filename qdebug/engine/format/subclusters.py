@@ -64,16 +64,19 @@ def clz32(v: int) -> int:
 
 
 # ---- classification ------------------------------------------------------------------------------
-def cluster_flags(word0: np.ndarray, bitmap: np.ndarray | None, *, extended: bool):
+def cluster_flags(word0: np.ndarray, bitmap: np.ndarray | None, *, extended: bool, data_file: bool = False):
     """(compressed, allocated, invalid) boolean arrays for a set of L2 entries.
 
-    `allocated` means a host offset is present in word 0 (QEMU's "offset != 0" test).
+    `allocated` means a host offset is present in word 0 (QEMU's "offset != 0" test), or, in an
+    image with an external data file (`data_file`), offset 0 with COPIED (0 is a place there).
     `invalid` follows the whole-bitmap rule: any subcluster with both bits in an allocated
     cluster, or any allocation bit in an unallocated one, makes every subcluster INVALID.
     """
     w0 = np.asarray(word0, dtype=np.uint64)
     compressed = (w0 & _U64(C.QCOW_OFLAG_COMPRESSED)) != 0
     allocated = ((w0 & _U64(C.L2E_OFFSET_MASK)) != 0) & ~compressed
+    if data_file:
+        allocated |= (w0 >= _U64(C.QCOW_OFLAG_COPIED)) & ~compressed
     if not extended or bitmap is None:
         return compressed, allocated, np.zeros(w0.shape, dtype=bool)
     bm = np.asarray(bitmap, dtype=np.uint64)
@@ -83,10 +86,10 @@ def cluster_flags(word0: np.ndarray, bitmap: np.ndarray | None, *, extended: boo
     return compressed, allocated, invalid
 
 
-def classify(word0: np.ndarray, bitmap: np.ndarray | None, *, extended: bool) -> np.ndarray:
+def classify(word0: np.ndarray, bitmap: np.ndarray | None, *, extended: bool, data_file: bool = False) -> np.ndarray:
     """Per-subcluster types, shape (n, 32) for extended L2 or (n, 1) for standard L2, uint8."""
     w0 = np.asarray(word0, dtype=np.uint64)
-    compressed, allocated, invalid = cluster_flags(w0, bitmap, extended=extended)
+    compressed, allocated, invalid = cluster_flags(w0, bitmap, extended=extended, data_file=data_file)
     if not extended or bitmap is None:
         zero = (w0 & _U64(C.QCOW_OFLAG_ZERO)) != 0
         t = np.where(allocated, np.where(zero, T.ZERO_ALLOC, T.NORMAL),

@@ -32,7 +32,7 @@ def read_guest(chain: Chain, offset: int, length: int) -> bytes:
     for i in range(len(p.start)):
         s, e, kind, depth = int(p.start[i]), int(p.end[i]), int(p.kind[i]), int(p.depth[i])
         if kind == T.NORMAL or kind == RAW_DATA:
-            out[s - offset:e - offset] = chain.layers[depth].pread(int(p.host[i]), e - s)
+            out[s - offset:e - offset] = chain.layers[depth].data_pread(int(p.host[i]), e - s)
         elif kind == T.COMPRESSED:
             data = read_compressed(chain, depth, int(p.host[i]), s)
             cs = chain.layers[depth].cluster_size
@@ -76,14 +76,38 @@ def read_compressed(chain: Chain, depth: int, word0: int, guest_offset: int) -> 
     return decompress(img.pread(host, nbytes), img.cluster_size, img.header.compression_type, where)
 
 
+def fails_at_request_start(chain: Chain, depth: int, guest_offset: int) -> bool:
+    """True for an error QEMU meets only when a request starts in this cluster (a compressed
+    entry or a host offset other than the guest's, in an image with an external data file:
+    qcow2_get_host_offset); False for an invalid subcluster bitmap, which already fails the
+    request whose scan reaches it (count_contiguous_subclusters)."""
+    img: Image = chain.layers[depth]  # type: ignore[assignment]
+    if not img.header.has_data_file:
+        return False
+    w0, bm, _l2_off, _l2_index = img.l2_entry(guest_offset >> img.cluster_bits)
+    if w0 & C.QCOW_OFLAG_COMPRESSED:
+        return True
+    if not img.extended_l2:
+        return True
+    alloc, zero = bm & 0xFFFFFFFF, bm >> 32
+    return not alloc & zero
+
+
 def invalid_entry(chain: Chain, depth: int, guest_offset: int) -> InvalidEntry:
     """The error QEMU's read fails with on an invalid L2 entry, naming the table and index."""
     img: Image = chain.layers[depth]  # type: ignore[assignment]
     cluster = guest_offset >> img.cluster_bits
     w0, _bm, l2_off, l2_index = img.l2_entry(cluster)
     host = w0 & C.L2E_OFFSET_MASK
-    if not w0 & C.QCOW_OFLAG_COMPRESSED and host % img.cluster_size:
+    compressed = bool(w0 & C.QCOW_OFLAG_COMPRESSED)
+    allocated = host != 0 or (img.header.has_data_file and w0 & C.QCOW_OFLAG_COPIED)
+    if not compressed and host % img.cluster_size:
         what = f"cluster allocation offset 0x{host:x} unaligned"
+    elif img.header.has_data_file and compressed:
+        what = "compressed cluster entry found in image with external data file"
+    elif img.header.has_data_file and allocated and host != cluster << img.cluster_bits:
+        what = (f"external data file host cluster offset 0x{host:x} does not match guest cluster offset "
+                f"0x{cluster << img.cluster_bits:x}")
     else:
         what = "invalid cluster entry found"
     return InvalidEntry(

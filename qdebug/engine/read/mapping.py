@@ -13,8 +13,9 @@ from typing import Iterator
 
 import numpy as np
 
+from ..errors import QcowError
 from ..format.subclusters import SubclusterType as T
-from .guest import invalid_entry
+from .guest import fails_at_request_start, invalid_entry
 from .status import _HOST_KINDS, DECISIVE, IS_DATA, IS_ZERO, QuietMap, resolve_layers
 
 DEFAULT_CHUNK = 1 << 32  # guest bytes resolved per step, at least
@@ -81,18 +82,22 @@ def map_extents(chain, start: int = 0, end: int | None = None, chunk: int | None
             stop = min(end, busy)
         p = resolve_layers(chain.layers, pos, stop, seek_holes=True)
         bad = np.flatnonzero(p.kind == T.INVALID)
-        if len(bad):
-            raise invalid_entry(chain, int(p.depth[bad[0]]), int(p.start[bad[0]]))
-        k = p.kind
-        present = DECISIVE[k]
-        e = Extents(p.start, p.end - p.start, p.depth, present, IS_ZERO[k] | ~present, IS_DATA[k],
-                    _HOST_KINDS[k], p.host, k == T.COMPRESSED)
-        if pending is not None:
-            e = Extents.concat(pending, e)
-        e = _merge(e)
-        pending = e.take(slice(len(e) - 1, None))
-        if len(e) > 1:
-            yield e.take(slice(0, len(e) - 1))
+        upto = int(bad[0]) if len(bad) else len(p)
+        if upto and (upto == len(p) or fails_at_request_start(chain, int(p.depth[upto]), int(p.start[upto]))):
+            # (an error QEMU meets only where a request starts there: every extent before the
+            # one under way is printed first; an invalid bitmap fails the scan that reaches it)
+            k = p.kind[:upto]
+            present = DECISIVE[k]
+            e = Extents(p.start[:upto], p.end[:upto] - p.start[:upto], p.depth[:upto], present,
+                        IS_ZERO[k] | ~present, IS_DATA[k], _HOST_KINDS[k], p.host[:upto], k == T.COMPRESSED)
+            if pending is not None:
+                e = Extents.concat(pending, e)
+            e = _merge(e)
+            pending = e.take(slice(len(e) - 1, None))
+            if len(e) > 1:
+                yield e.take(slice(0, len(e) - 1))
+        if upto < len(p):
+            raise invalid_entry(chain, int(p.depth[upto]), int(p.start[upto]))
         pos = stop
     if pending is not None and len(pending):
         yield pending
@@ -132,11 +137,16 @@ def write_json(chain, stream, **kw) -> None:
     """Stream the JSON array exactly as qemu-img map --output=json prints it."""
     first = True
     stream.write("[")
-    for batch in map_extents(chain, **kw):
-        for a in range(0, len(batch), _LINES_PER_WRITE):  # bounded text per write, however dense the batch
-            lines = format_json_batch(batch.take(slice(a, a + _LINES_PER_WRITE)))
-            if not first:
-                stream.write(",\n")
-            stream.write(",\n".join(lines))
-            first = False
+    try:
+        for batch in map_extents(chain, **kw):
+            for a in range(0, len(batch), _LINES_PER_WRITE):  # bounded text per write, however dense the batch
+                lines = format_json_batch(batch.take(slice(a, a + _LINES_PER_WRITE)))
+                if not first:
+                    stream.write(",\n")
+                stream.write(",\n".join(lines))
+                first = False
+    except QcowError:
+        if not first:  # qemu-img ends every element it printed with ",\n": each one had a next
+            stream.write(",\n")
+        raise
     stream.write("]\n")

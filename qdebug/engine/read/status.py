@@ -73,14 +73,14 @@ _KIND_LUT = _kind_lut()
 
 
 def cluster_units(word0: np.ndarray, bitmap: np.ndarray | None, first_cluster: int, cluster_size: int,
-                  *, extended: bool, clusters: np.ndarray | None = None) -> Runs:
+                  *, extended: bool, clusters: np.ndarray | None = None, data_file: bool = False) -> Runs:
     """Runs of one type inside each cluster of a slice of L2 entries (a uniform cluster is one run).
 
     A subcluster type changes where the alloc or zero bit changes, so the run heads of a cluster are
     the set bits of (A ^ A<<1) | (Z ^ Z<<1): only those are expanded, never all 32 subclusters.
     Types come from one lookup table indexed by a small code per run (fewer numpy passes).
     `clusters` gives each entry's guest cluster when the entries are not consecutive from
-    `first_cluster`."""
+    `first_cluster`. `data_file`: the image keeps its data in an external data file (below)."""
     w0 = np.asarray(word0, dtype=np.uint64)
     n = len(w0)
     off = (w0 & _U64(C.L2E_OFFSET_MASK)).view(np.int64)
@@ -94,6 +94,13 @@ def cluster_units(word0: np.ndarray, bitmap: np.ndarray | None, first_cluster: i
     # QEMU's reads fail on an allocated cluster whose host offset is not cluster aligned, whatever
     # its subclusters say ("Cluster allocation offset ... unaligned"): such a cluster reads as INVALID
     misaligned = (al != 0) & ((off & (cluster_size - 1)) != 0)
+    if data_file:
+        # QEMU 7.2 with an external data file: offset 0 is a valid place there, so an entry with
+        # offset 0 and COPIED is allocated (qcow2_get_cluster_type); a host offset other than the
+        # guest offset, and any compressed entry, fail the read (qcow2_get_host_offset): INVALID.
+        al = ((off != 0).view(np.uint8) | (w0 >> _U64(63)).astype(np.uint8)) & (comp ^ 1)
+        misaligned = ((al != 0) & (off != cstart)) | (comp != 0)
+        comp = np.zeros_like(comp)
     if not extended or bitmap is None:
         # standard L2: the v3 zero flag plays the zero bit, "allocated" the alloc bit
         code = (comp << 3) | (al * 6) | (w0 & _U64(1)).astype(np.uint8) | (misaligned.view(np.uint8) << 4)
@@ -191,7 +198,7 @@ def qcow2_runs(img, start: int, end: int) -> Runs:
     for b0 in range(c0, c1, SCAN_ENTRIES):
         b1 = min(c1, b0 + SCAN_ENTRIES)
         w0, bm = gather_l2(img, b0, b1)
-        parts.append(coalesce(l2_runs(w0, bm, b0, b1, cs, h.extended_l2)))
+        parts.append(coalesce(l2_runs(w0, bm, b0, b1, cs, h.extended_l2, h.has_data_file)))
     runs = parts[0] if len(parts) == 1 else coalesce(Runs.concat(parts))
     return clip(runs, start, end)
 
@@ -200,12 +207,15 @@ _ZERO_HALF = _U64(0xFFFFFFFF00000000)
 _COMP_BIT = _U64(C.QCOW_OFLAG_COMPRESSED)
 
 
-def l2_runs(w0: np.ndarray, bm: np.ndarray | None, c0: int, c1: int, cs: int, extended: bool) -> Runs:
+def l2_runs(w0: np.ndarray, bm: np.ndarray | None, c0: int, c1: int, cs: int, extended: bool,
+            data_file: bool = False) -> Runs:
     """Runs of the consecutive L2 entries of clusters [c0, c1).
 
     An entry that merely continues the one before it (same uniform bitmap and the next host cluster,
     or the same unallocated entry) is not classified at all: only run heads go through
-    cluster_units. A preallocated or empty table is a handful of heads, not thousands of entries."""
+    cluster_units. A preallocated or empty table is a handful of heads, not thousands of entries.
+    With an external data file (`data_file`) an entry continues a run only at its own guest offset,
+    and an entry with offset 0 and COPIED (allocated there) never does."""
     off = w0 & _U64(C.L2E_OFFSET_MASK)
     flags = w0 ^ off
     plain = (w0 & _COMP_BIT) == 0
@@ -217,12 +227,16 @@ def l2_runs(w0: np.ndarray, bm: np.ndarray | None, c0: int, c1: int, cs: int, ex
     if bm is not None:
         b = bm[1:]
         same &= (b == bm[:-1]) & ((b == 0) | (b == _ZERO_HALF) | ((b == _FULL) & allocated_next))
+    if data_file:
+        guest = np.arange(c0 + 1, c0 + len(w0), dtype=np.uint64) * _U64(cs)
+        same &= ~allocated_next | (off[1:] == guest)
+        same &= ~((off[1:] == 0) & (w0[1:] >= _U64(C.QCOW_OFLAG_COPIED)))
     heads = np.flatnonzero(np.concatenate([[True], ~same]))
     if len(heads) == len(w0):
-        units = cluster_units(w0, bm, c0, cs, extended=extended)
+        units = cluster_units(w0, bm, c0, cs, extended=extended, data_file=data_file)
     else:
         units = cluster_units(w0[heads], None if bm is None else bm[heads], c0, cs, extended=extended,
-                              clusters=heads + c0)
+                              clusters=heads + c0, data_file=data_file)
         units.end = np.append(units.start[1:], c1 * cs)  # heads stretch over the entries they continue
     return units
 
@@ -370,7 +384,8 @@ def _split_normal_holes(img, runs: Runs) -> Runs:
     the holes are removed data: only the part past the end of the file counts."""
     sel = np.flatnonzero(runs.kind == T.NORMAL)
     cut: list[tuple[int, Runs]] = []
-    fd, lseek, seek_hole = img.fd, os.lseek, os.SEEK_HOLE
+    data = img.data if getattr(img, "data", None) is not None else img  # where the data lives
+    fd, lseek, seek_hole = data.fd, os.lseek, os.SEEK_HOLE
     hosts = runs.host[sel]
     rec = _bundle_record(img)
     holes = _bundle_holes(rec, img.file_size) if rec is not None else None
@@ -386,7 +401,7 @@ def _split_normal_holes(img, runs: Runs) -> Runs:
                 continue
         except OSError:
             pass  # ENXIO: at or past the end of the file, all hole
-        f = raw_runs(img, h, h_end, seek_holes=True)
+        f = raw_runs(data, h, h_end, seek_holes=True)
         kind = np.where(f.kind == RAW_HOLE, NORMAL_HOLE, T.NORMAL).astype(np.uint8)
         cut.append((i, Runs(f.start - h + s, f.end - h + s, kind, f.start.copy())))
     if not cut:

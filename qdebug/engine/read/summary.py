@@ -47,7 +47,7 @@ def subcluster_counts(img: Image) -> dict[str, int]:
     fill = 0
 
     def count(k: int) -> None:
-        _count_batch(buf[:k, 0], buf[:k, 1] if words == 2 else None, acc)
+        _count_batch(buf[:k, 0], buf[:k, 1] if words == 2 else None, acc, h.has_data_file)
 
     readahead(img, tables[:_WINDOW, 1].tolist(), cs)
     for w in range(0, len(tables), _WINDOW):
@@ -108,12 +108,18 @@ def _std_type_lut() -> np.ndarray:
 _STD_LUT = _std_type_lut()
 
 
-def _count_batch(w0: np.ndarray, bm: np.ndarray | None, acc: np.ndarray) -> None:
+_COPIED = _bswap(C.QCOW_OFLAG_COPIED)
+
+
+def _count_batch(w0: np.ndarray, bm: np.ndarray | None, acc: np.ndarray, data_file: bool = False) -> None:
     """Add raw L2 entries to acc = [plain, allocated, compressed, invalid entries, NORMAL, ZERO_ALLOC,
-    ZERO_PLAIN subclusters] (extended L2) or to the per-type counts (standard L2)."""
+    ZERO_PLAIN subclusters] (extended L2) or to the per-type counts (standard L2). `data_file`:
+    offset 0 with COPIED is allocated (an external data file, as QEMU's qcow2_get_cluster_type)."""
     n = len(w0)
     comp = (w0 & _COMPRESSED) != 0
     al = (w0 & _OFFSET) != 0
+    if data_file:
+        al |= (w0 & _COPIED) != 0
     ncomp = int(np.count_nonzero(comp))
     if ncomp:
         al &= ~comp
@@ -179,7 +185,12 @@ def info_record(chain, *, counts: bool = True) -> dict:
             problems.append(problem)
         if bitmaps:
             data["bitmaps"] = bitmaps
-        data.update({"refcount-bits": h.refcount_bits, "corrupt": h.is_corrupt, "extended-l2": h.extended_l2})
+        data["refcount-bits"] = h.refcount_bits
+        if h.data_file_path is not None:  # (QEMU shows the extension's name even without bit 2)
+            data["data-file"] = h.data_file_path
+        if h.has_data_file:
+            data["data-file-raw"] = h.data_file_raw
+        data.update({"corrupt": h.is_corrupt, "extended-l2": h.extended_l2})
     else:
         data["refcount-bits"] = h.refcount_bits
     rec["format-specific"] = {"type": "qcow2", "data": data}
