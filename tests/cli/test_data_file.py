@@ -154,6 +154,8 @@ def test_a_missing_data_file_fails_everything_but_info(tmp_path):
     make(tmp_path, writes=["write -P 1 0 64k"])
     os.rename(tmp_path / "d.raw", tmp_path / "gone.raw")
     assert_info_same(tmp_path, "a.qcow2")  # qemu-img info opens no data file
+    warning, = qd(tmp_path, "info", "a.qcow2").stderr.decode().splitlines()  # qdebug says what will fail
+    assert warning.startswith("qdebug: warning: a.qcow2: data file 'd.raw' not found from the current directory")
     assert_map_same(tmp_path, "a.qcow2")
     assert_check_same(tmp_path, "a.qcow2")
     d = qd(tmp_path, "read", "a.qcow2", "0", "512")

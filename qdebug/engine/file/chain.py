@@ -242,6 +242,19 @@ def check_data_file_header(img: Image) -> None:
                            "incompatible bit 2)")
 
 
+def data_file_warning(img: Image) -> str | None:
+    """Why map, check and read would not find `img`'s data file from here (info opens none, so
+    it only warns), or None."""
+    name = img.header.data_file_path if img.header.has_data_file else None
+    if not name or name.startswith("json:") or _PROTOCOL.match(name):
+        return None
+    problem = unreachable(name)
+    if problem is None:
+        return None
+    where = "" if os.path.isabs(name) else f" from the current directory ({show_name(os.getcwd(), 200)}, where QEMU opens it too)"
+    return f"{img.path}: data file {show_name(name)} {problem}{where}: map, check and read need it"
+
+
 def attach_data_file(img: Image, top_path: str, policy: BackingPolicy) -> None:
     """Open `img`'s external data file into `img.data` (nothing for an image without one).
 

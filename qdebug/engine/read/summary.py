@@ -10,6 +10,7 @@ import os
 import numpy as np
 
 from ..errors import CorruptImage
+from ..file.chain import data_file_warning
 from ..file.image import Image
 from ..format import constants as C
 from ..format.bitmaps import bitmaps_extension, directory_entries, info_flags
@@ -224,7 +225,8 @@ def info_record(chain, *, counts: bool = True) -> dict:
         },
         "backing-chain": [{"depth": d, "filename": layer.path, "format": getattr(layer, "format", "qcow2"),
                            "virtual-size": layer.size} for d, layer in enumerate(chain.layers)],
-        "warnings": list(chain.warnings) + problems + unreadable_tables(img),
+        "warnings": list(chain.warnings) + problems + unreadable_tables(img) + [
+            w for w in [data_file_warning(img)] if w],
     }
     if counts:
         # kebab-case keys, as every key qdebug writes (ZERO_PLAIN: zero-plain)

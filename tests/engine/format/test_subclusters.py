@@ -217,3 +217,68 @@ def test_cluster_units_against_reference(es, gap, first, extended, cs):
     sparse = coalesce(l2_runs(w0, bmx, first, first + n, cs, extended))
     assert [a.tolist() for a in (sparse.start, sparse.end, sparse.kind, sparse.host)] == \
            [a.tolist() for a in (merged.start, merged.end, merged.kind, merged.host)]
+
+
+# ---- external data file --------------------------------------------------------------------------
+def ref_types_data_file(word0: int, bitmap: int, extended: bool, guest: int) -> list[T]:
+    """QEMU 7.2 with an external data file: offset 0 with COPIED is allocated; a compressed entry,
+    or an allocated one whose host offset is not the guest offset, fails every read (INVALID)."""
+    n = 32 if extended else 1
+    if ref_bit(word0, 62):
+        return [T.INVALID] * n
+    host = word0 & OFFSET_MASK
+    allocated = host != 0 or ref_bit(word0, 63) == 1
+    if allocated and host != guest:
+        return [T.INVALID] * n
+    if not extended:
+        zero = ref_bit(word0, 0) == 1
+        return [(T.ZERO_ALLOC if zero else T.NORMAL) if allocated else (T.ZERO_PLAIN if zero else T.UNALLOCATED_PLAIN)]
+    a = [ref_bit(bitmap, i) for i in range(32)]
+    z = [ref_bit(bitmap, 32 + i) for i in range(32)]
+    if allocated:
+        if any(a[i] and z[i] for i in range(32)):
+            return [T.INVALID] * 32
+        return [T.ZERO_ALLOC if z[i] else T.NORMAL if a[i] else T.UNALLOCATED_ALLOC for i in range(32)]
+    if any(a):
+        return [T.INVALID] * 32
+    return [T.ZERO_PLAIN if z[i] else T.UNALLOCATED_PLAIN for i in range(32)]
+
+
+data_file_entries = st.lists(st.tuples(
+    st.sampled_from(["at-guest", "at-guest", "zero-copied", "elsewhere", "compressed", "unallocated", "unaligned"]),
+    st.integers(0, 1), st.integers(0, 1), bitmaps, st.integers(0, 3)), min_size=1, max_size=30)
+
+
+@settings(max_examples=150)
+@given(data_file_entries, st.integers(0, 300), st.booleans(), st.sampled_from([16384, 65536]))
+def test_cluster_units_with_an_external_data_file(es, first, extended, cs):
+    """Runs of an image with an external data file, expanded to subclusters, equal the reference;
+    skipping the entries that continue a run (l2_runs) changes nothing. Each entry is repeated
+    `reps` times as the next guest cluster would continue it (its next host cluster)."""
+    w0s, bms, ref = [], [], []
+    scs = cs // 32
+    for what, copied, zflag, bm, reps in es:
+        for _ in range(reps + 1):
+            guest = (first + len(w0s)) * cs
+            host = {"at-guest": guest, "zero-copied": 0, "elsewhere": guest + 7 * cs, "compressed": guest,
+                    "unallocated": 0, "unaligned": guest + 512}[what]
+            w = host | (copied << 63) | zflag
+            if what == "zero-copied":
+                w |= 1 << 63
+            if what == "compressed":
+                w = (1 << 62) | host
+            w0s.append(w)
+            bms.append(bm)
+            types = ref_types_data_file(w, bm, extended, guest) * (1 if extended else 32)
+            for sc, t in enumerate(types):
+                ref.append((int(t), host + sc * scs if t in (T.NORMAL, T.ZERO_ALLOC, T.UNALLOCATED_ALLOC) else -1))
+    w0, bm = np.array(w0s, dtype=np.uint64), np.array(bms, dtype=np.uint64)
+    n = len(w0s)
+    bmx = bm if extended else None
+    units = cluster_units(w0, bmx, first, cs, extended=extended, data_file=True)
+    assert expand(units, first, n, cs) == ref
+    merged = coalesce(units)
+    sparse = coalesce(l2_runs(w0, bmx, first, first + n, cs, extended, data_file=True))
+    assert expand(sparse, first, n, cs) == ref
+    assert [a.tolist() for a in (sparse.start, sparse.end, sparse.kind, sparse.host)] == \
+           [a.tolist() for a in (merged.start, merged.end, merged.kind, merged.host)]
