@@ -214,8 +214,8 @@ def cmd_repair(args) -> int:
         _note_unfinished(args.image)
     steps: list[int] = []
     with open_chain(args.image, writable=not args.dry_run, no_backing=args.no_backing) as chain:
-        # nobody writes between the check and the repair (-U: a dry run takes no lock at all)
-        locks = [] if args.force_share else lock_chain(chain, write=not args.dry_run)
+        # nobody writes between the check and the repair (-U: a dry run shares everything)
+        locks = lock_chain(chain, write=not args.dry_run, force_share=args.force_share)
         try:
             before = check_image(chain.top)
             failed = [f for f in before.findings if f.kind.value == "check-failed"]
