@@ -158,6 +158,25 @@ def test_force_share_skips_the_locks_as_qemu_img_U(chain, held, argv, qemu_argv,
     assert (got_status, got) == (0, "")
 
 
+# Commands that write the top: a writer's locks on it, a reader's on the backing files, as
+# `qemu-img check -r` and a writing qemu-io take them (no -U: writing needs the locks).
+WRITERS = [
+    (["check", "-r", "leaks", "top.qcow2"], [QEMU_IMG, "check", "-r", "leaks", "top.qcow2"]),
+    (["repair", "top.qcow2"], [QEMU_IMG, "check", "-r", "all", "top.qcow2"]),
+    (["repair", "--dry-run", "top.qcow2"], [QEMU_IMG, "check", "top.qcow2"]),
+    (["replay", "top.qcow2", "t.trace"], [QEMU_IO, "-c", "write 0 4k", "top.qcow2"]),
+]
+
+
+@pytest.mark.parametrize("argv,qemu_argv", WRITERS, ids=[" ".join(a[:-1]) for a, _ in WRITERS])
+def test_writers_of_the_top_are_refused_where_and_as_qemu_refuses(chain, held, argv, qemu_argv):
+    before = {n: (chain / n).read_bytes() for n in ("top.qcow2", "mid.qcow2", "base.qcow2")}
+    want = qemu_words(qemu_argv, chain)
+    assert want[0] == 1 and "lock" in want[1]
+    assert qdebug_words(argv, chain)[:2] == want
+    assert before == {n: (chain / n).read_bytes() for n in before}
+
+
 def test_the_name_is_the_backing_file_as_qemu_resolves_it(chain):
     """An overlay in a sub-directory naming ../mid.qcow2, called by a path: the bracket says
     sub/../mid.qcow2 (qemu joins the names, it does not normalize them)."""

@@ -195,12 +195,13 @@ class HeldFiles:
         self.fds.clear()
 
 
-def lock_files(path: str, *, perms=READER, backing: bool = True, each_alone: bool = False,
+def lock_files(path: str, *, perms=READER, backing: bool = True, each_alone: bool = False, top: bool = True,
                policy=None) -> HeldFiles:
     """The locks qemu-img takes opening `path` and (`backing`) its backing files, taken in its order
     (each file locked before its header is read, then its backing file), before the command opens
     anything. `each_alone`: every file opened as an image of its own (`info --backing-chain`), so a
-    refusal names the file, not the top. The walk stops quietly where the chain cannot be followed
+    refusal names the file, not the top. `top=False`: the backing files only (the caller locks the
+    image on its own file descriptor, e.g. as a writer). The walk stops quietly where the chain cannot be followed
     (a bad header, a missing or refused backing file...): the command says why, naming the file."""
     from .chain import BackingPolicy
 
@@ -209,12 +210,13 @@ def lock_files(path: str, *, perms=READER, backing: bool = True, each_alone: boo
     try:
         cur, depth, fmt, seen = path, 0, "qcow2", {os.path.realpath(path)}
         while True:
-            fd = _open_regular(cur)
+            fd = _open_regular(cur) if depth or top else -1
             if fd is None:
                 break
-            held.fds.append(fd)
-            where = opening(cur) if each_alone else opening(path, depth)
-            held.locks.append(ImageLock(fd, cur, perms=perms, where=where).acquire())
+            if fd >= 0:
+                held.fds.append(fd)
+                where = opening(cur) if each_alone else opening(path, depth)
+                held.locks.append(ImageLock(fd, cur, perms=perms, where=where).acquire())
             nxt = _backing_of(path, cur, policy, seen) if backing and fmt == "qcow2" and depth < 64 else None
             if nxt is None:
                 break
