@@ -177,6 +177,20 @@ def test_writers_of_the_top_are_refused_where_and_as_qemu_refuses(chain, held, a
     assert before == {n: (chain / n).read_bytes() for n in before}
 
 
+@pytest.mark.parametrize("argv", [["map", "--no-backing", "top.qcow2"], ["info", "--backing-chain", "--no-backing", "top.qcow2"],
+                                  ["read", "--no-backing", "top.qcow2", "0", "4k", "-o", "/dev/null"]],
+                         ids=["map", "info --backing-chain", "read"])
+def test_no_backing_locks_no_backing_file(chain, argv):
+    """--no-backing: the layer alone, as qemu-img opens json:{..., "backing": null}."""
+    w = Writer(chain, "mid.qcow2")
+    try:
+        alone = 'json:{"driver": "qcow2", "file": {"driver": "file", "filename": "top.qcow2"}, "backing": null}'
+        assert qemu_words([QEMU_IMG, "map", alone], chain) == (0, "")
+        assert qdebug_words(argv, chain)[:2] == (0, "")
+    finally:
+        w.close()
+
+
 def test_the_name_is_the_backing_file_as_qemu_resolves_it(chain):
     """An overlay in a sub-directory naming ../mid.qcow2, called by a path: the bracket says
     sub/../mid.qcow2 (qemu joins the names, it does not normalize them)."""
