@@ -90,12 +90,14 @@ def cmd_check(args) -> int:
     else:
         from ..engine.check.repair import check_repair
         from ..engine.file.chain import open_chain
-        from ..engine.file.locking import lock_chain, release_all
+        from ..engine.file.locking import HeldFiles, lock_chain, lock_files, release_all
 
         _recover_first(args.image)
         with open_chain(args.image, writable=True, no_backing=True) as chain:
             locks = lock_chain(chain, write=True)  # nobody writes between the check and the repair
+            below = HeldFiles()
             try:
+                below = lock_files(args.image, top=False)  # qemu-img check -r opens the backing chain too
                 report = replace(check_image(chain.top), filename=args.image)
                 _warn_guest_data(chain.top, report, args.image)
                 report, plan, final = check_repair(chain, args.repair, filename=args.image, before=report)
@@ -107,6 +109,7 @@ def cmd_check(args) -> int:
                 print("qdebug: error: Check failed: Input/output error", file=sys.stderr)
                 return 1
             finally:
+                below.release()
                 release_all(locks)
             if plan.leaks_fixed or plan.corruptions_fixed:
                 fixed = plan
@@ -214,8 +217,8 @@ def cmd_repair(args) -> int:
         _note_unfinished(args.image)
     steps: list[int] = []
     with open_chain(args.image, writable=not args.dry_run, no_backing=args.no_backing) as chain:
-        # nobody writes between the check and the repair (-U: a dry run takes no lock at all)
-        locks = [] if args.force_share else lock_chain(chain, write=not args.dry_run)
+        # nobody writes between the check and the repair (-U: a dry run shares everything)
+        locks = lock_chain(chain, write=not args.dry_run, force_share=args.force_share)
         try:
             before = check_image(chain.top)
             failed = [f for f in before.findings if f.kind.value == "check-failed"]

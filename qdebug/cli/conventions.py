@@ -1,5 +1,5 @@
 """qemu-img's conventions for scripts, for every command at once: exit codes (usage errors exit 1,
-each command's codes in its `--help`), the shared "write" lock a reader takes and `-U` to skip it,
+each command's codes in its `--help`), the reader's locks on the image and its backing files and `-U`,
 `-f FMT`, refusals of `--image-opts` / `json:` names, and standard streams that are closed,
 full or a pipe closed early.
 
@@ -45,9 +45,13 @@ USAGE_EXIT = {"salvage": 2}  # the exit status of a usage error where 1 means so
 
 # Commands that read an image without changing it. The ones marked True take the shared lock
 # themselves (check, scan and salvage through the engine, plan and the dry runs through Replay);
-# for the others `preflight` holds a reader's lock on the image for the whole command.
+# for the others `preflight` holds a reader's locks for the whole command, on the files the
+# qemu-img command each stands for locks: info the image alone (opened without I/O; with
+# --backing-chain each file of the chain, as an image of its own), map and read (qemu-io -r) the
+# image and its backing files, layout and bundle (which never read a backing file) the image.
 READ_ONLY = {"info": False, "map": False, "read": False, "layout": False, "bundle": False,
              "check": True, "salvage": True, "scan": True}
+FOLLOW_BACKING = ("map", "read")
 # Commands that name one image (positional `image`): -f, --image-opts, json: apply to them.
 FORMATS = ("qcow2",)
 
@@ -102,17 +106,6 @@ def add_force_share(sp, *, dry_run_only: bool = False) -> None:
                       "the results may be transient (as qemu-img -U)")
 
 
-class ImageLockHold:
-    """The reader's lock `preflight` holds on an image for one command (released by `release`)."""
-
-    def __init__(self, fd: int, lock):
-        self.fd, self.lock = fd, lock
-
-    def release(self) -> None:
-        self.lock.release()
-        os.close(self.fd)
-
-
 class _QuietStderr:
     """`-q`: standard error without qdebug's warning and note lines (errors pass)."""
 
@@ -135,9 +128,9 @@ class _QuietStderr:
         return getattr(self._stream, name)
 
 
-def preflight(args) -> ImageLockHold | None:
-    """Refusals every command shares, before the command opens anything; returns the lock to
-    release when the command is done (None where no lock is taken here)."""
+def preflight(args):
+    """Refusals every command shares, before the command opens anything; returns the locks to
+    release when the command is done (a HeldFiles; None where no lock is taken here)."""
     if getattr(args, "quiet", False) and not isinstance(sys.stderr, _QuietStderr):
         sys.stderr = _QuietStderr(sys.stderr)  # type: ignore[assignment]  (main puts it back)
     image = getattr(args, "image", None)
@@ -151,16 +144,16 @@ def preflight(args) -> ImageLockHold | None:
         fmt = getattr(args, "image_format", None)
         if fmt is not None:
             _check_format(image, fmt)
-    if getattr(args, "force_share", False):
+    force_share = getattr(args, "force_share", False)
+    if force_share:
         if getattr(args, "dry_run", None) is False:  # replay, repair: they write (qemu-img: -U is read-only)
             raise QcowError(f"force share (-U) only goes with --dry-run: {args.command} takes the write lock")
         where = f"{image}: " if image else ""
         print(f"qdebug: warning: {where}opened without the shared lock (-U): another process may be writing it, "
               "results may be transient", file=sys.stderr)
-        return None
     if image is None or READ_ONLY.get(args.command) is not False:
         return None
-    return _reader_lock(image)
+    return _reader_locks(args, image, force_share)
 
 
 def _check_format(image: str, fmt: str) -> None:
@@ -175,26 +168,19 @@ def _check_format(image: str, fmt: str) -> None:
         raise QcowError(f"{image}: Image is not in qcow2 format (-f {fmt})")
 
 
-def _reader_lock(image: str) -> ImageLockHold | None:
-    """QEMU's reader's locks on `image` (qemu-img info / map / qemu-io -r take them): refused with
-    qemu-img's "Failed to get shared "write" lock" while a writer holds the image."""
-    import stat
+def _reader_locks(args, image: str, force_share: bool):
+    """The locks the command's qemu-img takes (see READ_ONLY), refused in its words while a writer
+    holds one of the files: "Could not open 'top.qcow2': Could not open backing file: Failed to get
+    shared "write" lock: Is another process using the image [base.qcow2]?". -U holds "consistent
+    read" only (`info -U`: nothing)."""
+    from ..engine.file.locking import INFO, READER, SHARING, lock_files
 
-    from ..engine.file.locking import ImageLock
-
-    try:
-        fd = os.open(image, os.O_RDONLY | os.O_NONBLOCK)
-    except OSError:
-        return None  # the command reports it, naming the file
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            os.close(fd)
-            return None  # devices, FIFOs...: the command refuses or handles them
-        lock = ImageLock(fd, image, write=False).acquire()
-    except BaseException:
-        os.close(fd)
-        raise
-    return ImageLockHold(fd, lock)
+    info = args.command == "info"
+    if info and force_share:
+        return None
+    follow = args.command in FOLLOW_BACKING or (info and getattr(args, "backing_chain", False))
+    return lock_files(image, perms=INFO if info else SHARING if force_share else READER,
+                      backing=follow and not getattr(args, "no_backing", False), each_alone=info)
 
 
 # ---- standard streams ---------------------------------------------------------------------------

@@ -146,6 +146,7 @@ def geometries(cluster_sizes: list[int], extended: list[bool], refcount_bits: in
 def cmd_whatif(args) -> int:
     import os
 
+    from ..engine.file.locking import lock_files
     from ..trace.workload import recommend, whatif
 
     if args.trace == "-":
@@ -165,8 +166,15 @@ def cmd_whatif(args) -> int:
 
         check_chart_path(args.chart)
     policies = ("qemu",) if args.policy == "qemu" else ("qemu", "minimal-cow")
-    rows = whatif(args.trace, args.size, geos, args.backing, args.backing_format, jobs=args.jobs, policies=policies,
-                  strict=args.strict)
+    # the backing chain is read throughout: a reader's locks on it first, refused naming the file as
+    # given (the planned images are temporary files), as `qemu-io -r BACKING` refuses it
+    held = lock_files(args.backing) if args.backing else None
+    try:
+        rows = whatif(args.trace, args.size, geos, args.backing, args.backing_format, jobs=args.jobs,
+                      policies=policies, strict=args.strict)
+    finally:
+        if held is not None:
+            held.release()
     _failures(rows[0].cost)
     best = recommend(rows)
     if args.output == "json":

@@ -36,7 +36,7 @@ def _refuse_if_in_use(path: str) -> None:
     except OSError:
         return
     try:
-        ImageLock(fd, path, write=True).acquire().release()
+        ImageLock(fd, path, write=True, where=f"{path}: ").acquire().release()  # qemu-img create's words
     finally:
         os.close(fd)
 

@@ -62,7 +62,7 @@ class Replay:
     instead. `notes` collects what the user should be told (a rolled-back unfinished step...).
     `durable` (JOURNALED) defaults to: on the user's image yes, on a scratch copy no. Without
     `history` (a long command-line replay) no records are kept: undo is `qdebug undo`'s job;
-    without `timing` steps are not timed. `force_share` (a dry run only) takes no lock, as qemu-img -U.
+    without `timing` steps are not timed. `force_share` (a dry run only) shares everything, as qemu-img -U.
     """
 
     def __init__(self, image_path: str, commands: Sequence[Command] = (), *, mode: ReplayMode = ReplayMode.JOURNALED,
@@ -86,8 +86,8 @@ class Replay:
         try:
             if mode is ReplayMode.DRY_RUN:
                 self.chain = open_chain(image_path)
-                if not force_share:  # (-U: no reader's lock; the caller said the results may be transient)
-                    self._locks = lock_chain(self.chain, write=False)
+                # (-U: "consistent read" held only; the caller said the results may be transient)
+                self._locks = lock_chain(self.chain, write=False, force_share=force_share)
             else:
                 self.chain = self._open_writable(image_path, scratch)
                 self._locks = lock_chain(self.chain, write=True)

@@ -178,9 +178,9 @@ def test_repair_refuses_an_image_qemu_holds(shapes, tmp_path):
         holder.stdin.flush()
         holder.stdout.readline()  # qemu-io has the image open (and locked) once it answers
         o = qdebug("repair", path)
-        assert o.returncode == 1 and b"in use by another process" in o.stderr, o.stderr
+        assert o.returncode == 1 and b"Is another process using the image" in o.stderr, o.stderr
         o = qdebug("check", "-r", "leaks", path)
-        assert o.returncode == 1 and b"in use by another process" in o.stderr
+        assert o.returncode == 1 and b"Is another process using the image" in o.stderr
     finally:
         holder.communicate(b"quit\n", timeout=30)
     assert open(path, "rb").read() == before

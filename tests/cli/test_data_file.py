@@ -324,3 +324,30 @@ def test_commands_that_write_plan_or_salvage_refuse_in_one_line(tmp_path, argv):
     assert d.returncode != 0 and "external data file ('d.raw')" in line, line
     assert {f: (tmp_path / f).read_bytes() for f in before} == before
     assert sorted(os.listdir(tmp_path)) == ["a.qcow2", "d.raw", "t.trace"]
+
+
+@pytest.mark.parametrize("bytes_,exclusive", [((103,), False), ((200,), False), ((201,), False), ((101,), False)],
+                         ids=["resize-held", "consistent-read-unshared", "write-unshared", "write-held"])
+def test_the_data_file_is_locked_as_qemu_locks_it(tmp_path, bytes_, exclusive):
+    """A qcow2 reader locks its data file too (7.2: holds "consistent read", refuses to share only
+    "resize"): another process's bytes there refuse map, check and reads exactly where and as
+    qemu-img / qemu-io refuse them (the data file named in the question), never info."""
+    from tests.cli.test_backing_locks import QEMU_IMG as IMG
+    from tests.cli.test_backing_locks import READ_0, _hold_bytes, qdebug_words, qemu_words
+
+    make(tmp_path, "dtop.qcow2", "dd.raw", writes=["write -P 5 0 64k"])
+    fd = _hold_bytes(str(tmp_path / "dd.raw"), *bytes_, exclusive=exclusive)
+    try:
+        refused = 0
+        for argv, qemu_argv in ((["info", "dtop.qcow2"], [IMG, "info", "dtop.qcow2"]),
+                                (["map", "dtop.qcow2"], [IMG, "map", "dtop.qcow2"]),
+                                (["map", "-U", "dtop.qcow2"], [IMG, "map", "-U", "dtop.qcow2"]),
+                                (["check", "dtop.qcow2"], [IMG, "check", "dtop.qcow2"]),
+                                (["read", "dtop.qcow2", "0", "4k", "-o", "/dev/null"], [*READ_0, "dtop.qcow2"])):
+            status, words = qemu_words(qemu_argv, tmp_path)
+            assert qdebug_words(argv, tmp_path)[:2] == (status, words if status else ""), argv
+            refused += status != 0
+        # (resize held: all but -U and info; consistent read unshared: -U too; write: nobody)
+        assert refused == {(103,): 3, (200,): 4}.get(bytes_, 0)
+    finally:
+        os.close(fd)

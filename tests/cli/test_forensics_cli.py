@@ -134,7 +134,7 @@ def test_salvage_honours_locks_like_qemu_img_convert(qemu, tmp_path):
         holder.stdin.flush()
         holder.stdout.readline()
         r = qd("salvage", path, "-o", tmp_path / "o.raw")
-        assert r.returncode == 2 and "in use by another process" in r.stderr
+        assert r.returncode == 2 and "Is another process using the image" in r.stderr
         q = subprocess.run(["qemu-img", "convert", "-O", "raw", path, str(tmp_path / "q.raw")], capture_output=True)
         assert q.returncode != 0  # qemu-img convert refuses as well
         r = qd("salvage", path, "-o", tmp_path / "o.raw", "-U")

@@ -1,9 +1,10 @@
 """`qemu-img check FILE` from the outside: how a file is opened for a check, the one way
 `qdebug check` and `qdebug scan` both check an image file.
 
-QEMU opens the image read-only and takes its shared read lock (it holds "consistent read" and
-refuses to share "write" and "resize"), so an image a running QEMU writes to is refused with
-"Failed to get shared "write" lock"; `-U` (force share) checks it anyway, without any lock.
+QEMU opens the image and its backing chain read-only and takes a reader's locks on each file (it
+holds "consistent read" and refuses to share "write" and "resize"), so an image a running QEMU
+writes to, or a backing file one writes to, is refused with "Failed to get shared "write" lock";
+`-U` (force share) checks it anyway, holding "consistent read" only (as qemu-img check -U).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Iterator
 from ..errors import BackingError
 from ..file.chain import BackingPolicy, DataFiles, attach_data_file, open_chain
 from ..file.image import Image, open_image
-from ..file.locking import ImageLock
+from ..file.locking import READER, SHARING, lock_files
 from .checker import CheckReport, check_image
 
 
@@ -26,18 +27,17 @@ def checked_file(path: str, *, force_share: bool = False, progress=None,
     repair), the report named after `path` as given; the image stays open (and locked) inside the
     block, for whoever reads more of it. Raises QcowError when the file cannot be opened as qcow2,
     or `ImageInUse` when a writer holds it and `force_share` is off."""
-    with open_image(path, external_data=True) as img:
-        # qemu-img check opens the data file (a missing one fails the check), reads none of it
-        attach_data_file(img, path, BackingPolicy.from_env())
-        if img.header.backing_file:
-            _chain_opens(path)
-        lock = None if force_share else ImageLock(img, path, write=False).acquire()
-        try:
+    held = lock_files(path, perms=SHARING if force_share else READER)  # first, as QEMU: before the header
+    try:
+        with open_image(path, external_data=True) as img:
+            # qemu-img check opens the data file (a missing one fails the check), reads none of it
+            attach_data_file(img, path, BackingPolicy.from_env())
+            if img.header.backing_file:
+                _chain_opens(path)
             report = check_image(img, progress=progress)
             yield img, replace(report, filename=path, references=report.references if keep_references else None)
-        finally:
-            if lock is not None:
-                lock.release()
+    finally:
+        held.release()
 
 
 def _chain_opens(path: str) -> None:

@@ -6,6 +6,16 @@ QEMU (file-posix, 7.2) marks each permission with a shared OFD lock on one byte 
 takes exactly those locks, so a QEMU started while qdebug writes refuses the image, and it checks
 the opposite bytes of everybody else first, so qdebug refuses an image a running QEMU holds.
 Locks belong to the open file description (not the process): they vanish when that fd closes.
+
+Which bytes depend on how qemu-img opens the file (measured on 7.2 with /proc/locks and byte holders):
+a reader holds 100 and refuses 201, 203; `qemu-img info` opens without I/O (BDRV_O_NO_IO), so it holds
+nothing and only refuses 201, 203; `-U` holds 100 and refuses nothing (so even -U is refused where
+another process refuses to share "consistent read"; `info -U` takes no byte at all). Backing files
+are locked as readers whatever the top is opened for. A refusal says, on one line, what qemu-img says
+on two: `Could not open 'top.qcow2': Could not open backing file: Failed to get shared "write" lock:
+Is another process using the image [base.qcow2]?` (one "Could not open backing file: " per level
+below the top; the bracket names the layer as QEMU resolved it). tests/cli/test_backing_locks.py
+has the measured table.
 """
 
 from __future__ import annotations
@@ -28,6 +38,9 @@ LOCK_BASE_HELD, LOCK_BASE_UNSHARED = 100, 200
 # (held permissions, permissions not shared) as a QEMU writer / read-only user takes them.
 WRITER = ((PERM_CONSISTENT_READ, PERM_WRITE, PERM_RESIZE), (PERM_WRITE, PERM_RESIZE))
 READER = ((PERM_CONSISTENT_READ,), (PERM_WRITE, PERM_RESIZE))
+INFO = ((), (PERM_WRITE, PERM_RESIZE))  # qemu-img info: opened without I/O, no "consistent read"
+SHARING = ((PERM_CONSISTENT_READ,), ())  # -U (force share): reads, shares everything
+BACKING_PREFIX = "Could not open backing file: "
 
 
 # Locks of one open file description merge: a second ImageLock on the same fd (a repair inside a
@@ -44,6 +57,11 @@ class ImageInUse(QcowError):
     """Another process (normally a running QEMU) holds a conflicting lock on the image."""
 
 
+def opening(top: str, depth: int = 0) -> str:
+    """qemu-img's words before a lock refusal of the layer at `depth` below `top` (as given)."""
+    return f"Could not open '{top}': " + BACKING_PREFIX * depth
+
+
 def _fcntl_lock(fd: int, cmd: int, ltype: int, byte: int) -> tuple[int, int]:
     """One OFD lock call on a single byte; returns (l_type, l_pid) as the kernel reports them."""
     res = fcntl.fcntl(fd, cmd, _FLOCK.pack(ltype, os.SEEK_SET, byte, 1, 0))
@@ -58,19 +76,22 @@ def byte_locked_by_others(fd: int, byte: int) -> bool:
 
 
 class ImageLock:
-    """The locks a QEMU writer (`write=True`) or read-only user takes, on one open fd of the image.
+    """The locks a QEMU writer (`write=True`) or read-only user takes, on one open fd of the image
+    (`perms`: another (held, not shared) pair, e.g. INFO or SHARING).
 
     `acquire()` takes the bytes, then checks that nobody else holds the opposite ones; on a conflict it
-    releases what it took and raises `ImageInUse` with QEMU's own wording. Kernels without OFD locks
-    disable locking, as QEMU's locking=auto does.
+    releases what it took and raises `ImageInUse` with QEMU's own wording, after `where` (default:
+    `opening(path)`). Kernels without OFD locks disable locking, as QEMU's locking=auto does.
     """
 
-    def __init__(self, fd_or_image, path: str | None = None, *, write: bool = True):
+    def __init__(self, fd_or_image, path: str | None = None, *, write: bool = True,
+                 perms: tuple[tuple[int, ...], tuple[int, ...]] | None = None, where: str | None = None):
         if isinstance(fd_or_image, int):
             self.fd, self.path = fd_or_image, path or f"fd {fd_or_image}"
         else:
             self.fd, self.path = fd_or_image.fd, path or fd_or_image.path
-        self.held, self.unshared = WRITER if write else READER
+        self.held, self.unshared = perms or (WRITER if write else READER)
+        self.where = opening(self.path) if where is None else where
         self.write = write
         self.bytes: list[int] = []
         self.supported = True
@@ -79,6 +100,7 @@ class ImageLock:
         return [LOCK_BASE_HELD + p for p in self.held] + [LOCK_BASE_UNSHARED + p for p in self.unshared]
 
     def acquire(self) -> "ImageLock":
+        b = 0
         try:
             for b in self._bytes():
                 _fcntl_lock(self.fd, F_OFD_SETLK, fcntl.F_RDLCK, b)
@@ -90,8 +112,8 @@ class ImageLock:
             if e.errno == errno.EINVAL:
                 self.supported = False  # no OFD locks here: like QEMU's locking=auto, go on unlocked
                 return self
-            if e.errno in (errno.EAGAIN, errno.EACCES):
-                raise self._in_use("write" if self.write else "consistent read", shared=False) from None
+            if e.errno in (errno.EAGAIN, errno.EACCES):  # another holds it exclusively (QEMU never does)
+                raise ImageInUse(f"{self.where}Failed to lock byte {b}") from None
             raise QcowError(f"{self.path}: cannot lock the image: {e.strerror}") from None
         problem = self.conflict()
         if problem is not None:
@@ -111,7 +133,7 @@ class ImageLock:
 
     def _in_use(self, perm: str, shared: bool) -> ImageInUse:
         what = f'shared "{perm}"' if shared else f'"{perm}"'
-        return ImageInUse(f"{self.path} is in use by another process (a running QEMU?): Failed to get {what} lock")
+        return ImageInUse(f"{self.where}Failed to get {what} lock: Is another process using the image [{self.path}]?")
 
     def release(self) -> None:
         """Drop our bytes, except those another ImageLock on the same fd still holds."""
@@ -138,12 +160,15 @@ class ImageLock:
         self.release()
 
 
-def lock_chain(chain, *, write: bool = True) -> list[ImageLock]:
-    """Lock the top image as a writer (or reader) and every backing file as QEMU locks them (reader)."""
+def lock_chain(chain, *, write: bool = True, force_share: bool = False) -> list[ImageLock]:
+    """Lock the top image as a writer (or reader) and every backing file as QEMU locks them (reader;
+    `force_share`: as -U, every layer shared)."""
     locks: list[ImageLock] = []
+    top = chain.layers[0].path
     try:
         for depth, layer in enumerate(chain.layers):
-            locks.append(ImageLock(layer.fd, layer.path, write=write and depth == 0).acquire())
+            perms = SHARING if force_share else WRITER if write and depth == 0 else READER
+            locks.append(ImageLock(layer.fd, layer.path, perms=perms, where=opening(top, depth)).acquire())
     except BaseException:
         release_all(locks)
         raise
@@ -154,6 +179,114 @@ def release_all(locks: list[ImageLock]) -> None:
     for lock in reversed(locks):
         lock.release()
     locks.clear()
+
+
+class HeldFiles:
+    """The locks `lock_files` took, each on a file descriptor of its own; `release` drops them all."""
+
+    def __init__(self) -> None:
+        self.locks: list[ImageLock] = []
+        self.fds: list[int] = []
+
+    def release(self) -> None:
+        release_all(self.locks)
+        for fd in self.fds:
+            os.close(fd)
+        self.fds.clear()
+
+
+def lock_files(path: str, *, perms=READER, backing: bool = True, each_alone: bool = False, top: bool = True,
+               policy=None) -> HeldFiles:
+    """The locks qemu-img takes opening `path` and (`backing`) its backing files, taken in its order
+    (each file locked before its header is read, then its backing file), before the command opens
+    anything. `each_alone`: every file opened as an image of its own (`info --backing-chain`), so a
+    refusal names the file, not the top. `top=False`: the backing files only (the caller locks the
+    image on its own file descriptor, e.g. as a writer). The walk stops quietly where the chain cannot be followed
+    (a bad header, a missing or refused backing file...): the command says why, naming the file."""
+    from .chain import BackingPolicy
+
+    policy = BackingPolicy.from_env() if policy is None else policy
+    held = HeldFiles()
+    try:
+        cur, depth, fmt, seen = path, 0, "qcow2", {os.path.realpath(path)}
+        while True:
+            fd = _open_regular(cur) if depth or top else -1
+            if fd is None:
+                break
+            where = opening(cur) if each_alone else opening(path, depth)
+            if fd >= 0:
+                held.fds.append(fd)
+                held.locks.append(ImageLock(fd, cur, perms=perms, where=where).acquire())
+            if fmt == "qcow2" and perms != INFO:
+                _lock_data_file(held, cur, path, policy, perms, where)
+            nxt = _backing_of(path, cur, policy, seen) if backing and fmt == "qcow2" and depth < 64 else None
+            if nxt is None:
+                break
+            cur, fmt = nxt
+            depth += 1
+    except BaseException:
+        held.release()
+        raise
+    return held
+
+
+def _lock_data_file(held: HeldFiles, image: str, top: str, policy, perms, where: str) -> None:
+    """The lock a qcow2 reader takes on its external data file (measured on 7.2: it holds
+    "consistent read" and shares everything but "resize"; with -U, everything): refused, in
+    qemu-img's words naming the data file, while another process refuses to share those."""
+    from .chain import attach_data_file
+    from .image import open_image
+
+    try:
+        with open_image(image, external_data=True) as img:
+            if not img.header.has_data_file:
+                return
+            attach_data_file(img, top, policy)  # (the name as QEMU opens it, the rules it must pass)
+            name = img.data.path
+    except QcowError:
+        return  # the command says why, naming the file
+    fd = _open_regular(name)
+    if fd is None:
+        return
+    held.fds.append(fd)
+    data_perms = (perms[0], tuple(p for p in perms[1] if p == PERM_RESIZE))
+    held.locks.append(ImageLock(fd, name, perms=data_perms, where=where).acquire())
+
+
+def _open_regular(path: str) -> int | None:
+    """An fd of `path` to lock, or None: devices, FIFOs, files that do not open are the command's."""
+    import stat
+
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError:
+        return None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        return None
+    return fd
+
+
+def _backing_of(top: str, path: str, policy, seen: set[str]) -> tuple[str, str] | None:
+    """(file, format) of the backing file of qcow2 image `path` as open_chain follows it, or None."""
+    from .chain import probe_format, resolve_backing_path, unreachable
+    from .image import open_image
+
+    try:
+        with open_image(path, external_data=True) as img:
+            name, fmt = img.header.backing_file, img.header.backing_format
+        if not name:
+            return None
+        bpath = resolve_backing_path(path, name)
+        real = os.path.realpath(bpath)
+        if real in seen or unreachable(bpath):
+            return None
+        seen.add(real)
+        policy.check(top, bpath)
+        fmt = fmt or probe_format(bpath)
+    except QcowError:
+        return None
+    return (bpath, fmt) if fmt in ("qcow2", "raw") else None
 
 
 def check_writable(img) -> None:

@@ -22,7 +22,7 @@ import numpy as np
 
 from ..errors import BackingError, QcowError
 from ..file.chain import BackingPolicy, BackingRefused, RawFile, probe_format, resolve_backing_path, show_name
-from ..file.locking import ImageLock, release_all
+from ..file.locking import READER, SHARING, ImageLock, opening, release_all
 from ..format.compression import decompress, descriptor_fields
 from .guess import GUESS_NAMES
 from .salvage import S_COMPRESSED, S_DATA, S_FALL, S_LOST, S_ZERO, GuestRuns, LayerMap, analyse_layer
@@ -305,11 +305,9 @@ def salvage(image: str, output: str | None = None, *, out_format: str = "raw", o
     layers = _open_chain(image, policy, texts, notes)
     locks: list[ImageLock] = []
     try:
-        for layer in layers:
-            lock = ImageLock(layer.file.fd, layer.path, write=False)
-            if force_share:  # qemu-img -U: consistent read held, everything shared
-                lock.held, lock.unshared = (0,), ()
-            locks.append(lock.acquire())
+        for depth, layer in enumerate(layers):  # a reader's locks on every file read, as qemu-io -r [-U]
+            locks.append(ImageLock(layer.file.fd, layer.path, perms=SHARING if force_share else READER,
+                                   where=opening(image, depth)).acquire())
         top = layers[0].map
         assert top is not None
         for layer in layers:

@@ -77,7 +77,7 @@ def test_qdebug_refuses_while_qemu_io_writes(image, write, message):
         with open_image(image, writable=write) as img:
             with pytest.raises(ImageInUse) as e:
                 ImageLock(img, write=write).acquire()
-            assert str(e.value) == f"{image} is in use by another process (a running QEMU?): {message}"
+            assert str(e.value) == f"Could not open '{image}': {message}: Is another process using the image [{image}]?"
             assert holder.p.poll() is None
     finally:
         holder.close()

@@ -34,11 +34,12 @@ def ref_bit(v: int, i: int) -> int:
     return (v >> i) & 1
 
 
-def ref_types(word0: int, bitmap: int, extended: bool) -> list[T]:
-    """Types of every subcluster (one for standard L2), from the table in the doc."""
+def ref_types(word0: int, bitmap: int, extended: bool, allocated: bool | None = None) -> list[T]:
+    """Types of every subcluster (one for standard L2), from the table in the doc (`allocated`:
+    whether the entry counts as allocated, when not by its offset alone)."""
     if ref_bit(word0, 62):
         return [T.COMPRESSED] * (32 if extended else 1)
-    allocated = (word0 & OFFSET_MASK) != 0
+    allocated = (word0 & OFFSET_MASK) != 0 if allocated is None else allocated
     if not extended:
         zero = ref_bit(word0, 0) == 1
         if allocated:
@@ -230,18 +231,7 @@ def ref_types_data_file(word0: int, bitmap: int, extended: bool, guest: int) -> 
     allocated = host != 0 or ref_bit(word0, 63) == 1
     if allocated and host != guest:
         return [T.INVALID] * n
-    if not extended:
-        zero = ref_bit(word0, 0) == 1
-        return [(T.ZERO_ALLOC if zero else T.NORMAL) if allocated else (T.ZERO_PLAIN if zero else T.UNALLOCATED_PLAIN)]
-    a = [ref_bit(bitmap, i) for i in range(32)]
-    z = [ref_bit(bitmap, 32 + i) for i in range(32)]
-    if allocated:
-        if any(a[i] and z[i] for i in range(32)):
-            return [T.INVALID] * 32
-        return [T.ZERO_ALLOC if z[i] else T.NORMAL if a[i] else T.UNALLOCATED_ALLOC for i in range(32)]
-    if any(a):
-        return [T.INVALID] * 32
-    return [T.ZERO_PLAIN if z[i] else T.UNALLOCATED_PLAIN for i in range(32)]
+    return ref_types(word0, bitmap, extended, allocated)
 
 
 data_file_entries = st.lists(st.tuples(
