@@ -217,9 +217,9 @@ def lock_files(path: str, *, perms=READER, backing: bool = True, each_alone: boo
             if fd >= 0:
                 held.fds.append(fd)
                 held.locks.append(ImageLock(fd, cur, perms=perms, where=where).acquire())
-            if fmt == "qcow2" and perms != INFO:
-                _lock_data_file(held, cur, path, policy, perms, where)
-            nxt = _backing_of(path, cur, policy, seen) if backing and fmt == "qcow2" and depth < 64 else None
+            nxt = None
+            if fmt == "qcow2" and _may_name_files(fd, cur):
+                nxt = _follow(held, path, cur, policy, perms, where, seen, backing and depth < 64)
             if nxt is None:
                 break
             cur, fmt = nxt
@@ -230,21 +230,49 @@ def lock_files(path: str, *, perms=READER, backing: bool = True, each_alone: boo
     return held
 
 
-def _lock_data_file(held: HeldFiles, image: str, top: str, policy, perms, where: str) -> None:
+def _may_name_files(fd: int, path: str) -> bool:
+    """False when the header's first bytes show no backing file and no external data file (most
+    images of a fleet scan): the header need not be parsed for the walk. True when in doubt."""
+    try:
+        head = os.pread(fd, 80, 0) if fd >= 0 else b""
+    except OSError:
+        return True
+    if len(head) < 80 or head[:4] != b"QFI\xfb":
+        return True
+    version, backing_offset = struct.unpack_from(">IQ", head, 4)
+    incompatible = struct.unpack_from(">Q", head, 72)[0] if version >= 3 else 0
+    return bool(backing_offset or incompatible & C.QCOW2_INCOMPAT_DATA_FILE)
+
+
+def _follow(held: HeldFiles, top: str, path: str, policy, perms, where: str, seen: set[str],
+            backing: bool) -> tuple[str, str] | None:
+    """After qcow2 image `path` is locked: its data file's lock, then (`backing`) the backing file
+    to lock next, from one read of its header (a header that does not parse ends the walk)."""
+    from .image import open_image
+
+    try:
+        img = open_image(path, external_data=True)
+    except QcowError:
+        return None
+    with img:
+        if perms != INFO:
+            _lock_data_file(held, img, top, policy, perms, where)
+        return _backing_of(top, img, policy, seen) if backing else None
+
+
+def _lock_data_file(held: HeldFiles, img, top: str, policy, perms, where: str) -> None:
     """The lock a qcow2 reader takes on its external data file (measured on 7.2: it holds
     "consistent read" and shares everything but "resize"; with -U, everything): refused, in
     qemu-img's words naming the data file, while another process refuses to share those."""
     from .chain import attach_data_file
-    from .image import open_image
 
+    if not img.header.has_data_file:
+        return
     try:
-        with open_image(image, external_data=True) as img:
-            if not img.header.has_data_file:
-                return
-            attach_data_file(img, top, policy)  # (the name as QEMU opens it, the rules it must pass)
-            name = img.data.path
+        attach_data_file(img, top, policy)  # (the name as QEMU opens it, the rules it must pass)
     except QcowError:
         return  # the command says why, naming the file
+    name = img.data.path
     fd = _open_regular(name)
     if fd is None:
         return
@@ -267,14 +295,13 @@ def _open_regular(path: str) -> int | None:
     return fd
 
 
-def _backing_of(top: str, path: str, policy, seen: set[str]) -> tuple[str, str] | None:
-    """(file, format) of the backing file of qcow2 image `path` as open_chain follows it, or None."""
+def _backing_of(top: str, img, policy, seen: set[str]) -> tuple[str, str] | None:
+    """(file, format) of the backing file of qcow2 image `img` as open_chain follows it, or None."""
     from .chain import probe_format, resolve_backing_path, unreachable
-    from .image import open_image
 
+    path = img.path
     try:
-        with open_image(path, external_data=True) as img:
-            name, fmt = img.header.backing_file, img.header.backing_format
+        name, fmt = img.header.backing_file, img.header.backing_format
         if not name:
             return None
         bpath = resolve_backing_path(path, name)
