@@ -208,7 +208,7 @@ def lock_files(path: str, *, perms=READER, backing: bool = True, each_alone: boo
     policy = BackingPolicy.from_env() if policy is None else policy
     held = HeldFiles()
     try:
-        cur, depth, fmt, seen = path, 0, "qcow2", {os.path.realpath(path)}
+        cur, depth, fmt, seen = path, 0, "qcow2", set()  # (real paths: filled where a backing file is followed)
         while True:
             fd = _open_regular(cur) if depth or top else -1
             if fd is None:
@@ -305,6 +305,8 @@ def _backing_of(top: str, img, policy, seen: set[str]) -> tuple[str, str] | None
         if not name:
             return None
         bpath = resolve_backing_path(path, name)
+        if not seen:
+            seen.add(os.path.realpath(top))
         real = os.path.realpath(bpath)
         if real in seen or unreachable(bpath):
             return None
