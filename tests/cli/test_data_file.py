@@ -351,3 +351,16 @@ def test_the_data_file_is_locked_as_qemu_locks_it(tmp_path, bytes_, exclusive):
         assert refused == {(103,): 3, (200,): 4}.get(bytes_, 0)
     finally:
         os.close(fd)
+
+
+def test_json_outputs_of_a_data_file_image_match_their_schemas(tmp_path):
+    from tests.cli.test_json_schemas import conforms
+
+    make(tmp_path, raw=True, writes=["write -P 0xaa 0 64k", "write -P 0xbb 1M 4k"])
+    conforms("info", json.loads(qd(tmp_path, "info", "--output=json", "a.qcow2").stdout))
+    conforms("map", json.loads(qd(tmp_path, "map", "--output=json", "a.qcow2").stdout))
+    conforms("map-subclusters", json.loads(qd(tmp_path, "map", "--subclusters", "--output=json", "a.qcow2").stdout))
+    set_entry(tmp_path / "a.qcow2", 16, COMPRESSED | 0x100000, 0)
+    report = json.loads(qd(tmp_path, "check", "--output=json", "a.qcow2").stdout)
+    assert [f["kind"] for f in report["findings"]] == ["compressed-data-file"]
+    conforms("check", report)

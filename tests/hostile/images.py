@@ -64,7 +64,7 @@ def layout_of(path: str, backing: list[str] | None = None) -> Layout:
     from qdebug.engine.format import constants as C
     from qdebug.engine.format.compression import descriptor_fields
 
-    with open_image(path) as img:
+    with open_image(path, external_data=True) as img:
         h = img.header
         l1 = np.asarray(img.l1, dtype=np.uint64)
         l2s = sorted({int(x) & C.L1E_OFFSET_MASK for x in l1.tolist() if int(x) & C.L1E_OFFSET_MASK})
@@ -152,6 +152,11 @@ def build_bases(directory: str) -> dict[str, Layout]:
     create(rover, "256k", cluster_size="16k", backing="back.raw", backing_fmt="raw")
     qemu_io(rover, "write -P 0x41 2k 1k")
     out["rawover"] = layout_of(rover, ["back.raw"])
+    # An external data file (named absolutely: QEMU opens a relative name from the current directory).
+    dimg = os.path.join(directory, "datafile.qcow2")
+    create(dimg, "1M", cluster_size="16k", data_file=os.path.join(directory, "datafile.raw"))
+    qemu_io(dimg, "write -P 0x51 0 64k", "write -z 128k 16k", "write -P 0x52 300k 3k", "discard 0 16k")
+    out["datafile"] = layout_of(dimg)
     out.update(_qdebug_made(directory))
     return out
 

@@ -51,6 +51,8 @@ def op_header_field(rng, lay, path):
 
 def op_header_bytes(rng, lay, path):
     end = min(lay.file_size, lay.cluster_size, 1 << 12)
+    if end <= 0:  # (an earlier mutation truncated the file to nothing)
+        return "header bytes: none (empty file)"
     out = []
     for _ in range(rng.randint(1, 4)):
         off = rng.randrange(0, end)

@@ -105,3 +105,22 @@ def test_ignored_bitmaps_extension_with_a_huge_directory(img64):
                         "memory_limit": 1 << 30}, 120)
     assert all(not r["problems"] for r in records), records
     assert [r["rc"] for r in records] == [0, 0, 0]  # QEMU ignores the extension: a clean image
+
+
+def test_repair_plan_never_takes_a_reference_below_zero(tmp_path, qemu):
+    """rc1 seed 1954 (QDEBUG_FUZZ_SEED=777): with 1-bit refcounts, a preallocated entry inside the
+    refcount table's cluster and a compressed descriptor far past the end overflow the refcounts
+    of the table and of its block; rebuilding that block took away a reference the check had not
+    counted, and packing the -1 was an internal error (ValueError, exit 70)."""
+    from tests.hostile.images import _script
+
+    img = str(tmp_path / "rc1.qcow2")
+    create(img, "1M", cluster_size="16k", refcount_bits=1)
+    qemu_io(img, *_script(16384, False))
+    l2 = layout_of(img).l2_offsets[0]
+    put_u64(img, l2 + 16 * 8, 0x41FFFFFFFFFFFFFF)
+    put_u64(img, l2 + 16 * 11, 0x4200)
+    patch(img, 0xDE9, b"\x8f")
+    patch(img, 0xF63, b"\x79")
+    res = qd("repair", "--dry-run", img)
+    assert res["rc"] in (0, 2, 3) and "internal error" not in res["stderr"], res["stderr"]

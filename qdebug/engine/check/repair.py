@@ -466,7 +466,9 @@ def _plan_refcounts(p: _Planner, mode: str) -> tuple[int, int, int | None]:
             # the slot's old block is no longer referenced through it
             if offs[b] > 0 and not ((rt[b] & _U64(C.REFT_RESERVED_MASK)) or offs[b] % cs or
                                     (offs[b] >> p.cb) >= len(p.report.references)):  # HX: bit 63 is < 0
-                refs[offs[b] >> p.cb] -= 1
+                old = offs[b] >> p.cb
+                if refs[old] > 0:  # (a reference the check never counted is not taken away: no -1)
+                    refs[old] -= 1
             if next_cl >= len(refs):
                 refs = np.concatenate([refs, np.zeros(next_cl + 1 - len(refs), np.int64)])
             refs[next_cl] += 1
