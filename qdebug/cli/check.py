@@ -206,6 +206,17 @@ def _repair_rounds(chain, plan, before, args, steps: list) -> object:
 
 
 def cmd_repair(args) -> int:
+    steps: list[int] = []
+    try:
+        return _repair(args, steps)
+    except KeyboardInterrupt:  # (SIGINT, SIGTERM, SIGHUP) whenever it comes
+        if steps:  # what was committed stays committed: say so, not just "interrupted"
+            print(f"repaired ({_steps_text(steps, args.image)}); interrupted before the result was checked and reported: "
+                  f"`qdebug check {args.image}` tells what is left", file=sys.stderr)
+        raise
+
+
+def _repair(args, steps: list[int]) -> int:
     from ..engine.check.checker import MAX_FINDINGS_PER_KIND, check_image
     from ..engine.check.repair import plan_repair
     from ..engine.file.chain import open_chain
@@ -215,7 +226,6 @@ def cmd_repair(args) -> int:
         _recover_first(args.image)
     else:
         _note_unfinished(args.image)
-    steps: list[int] = []
     with open_chain(args.image, writable=not args.dry_run, no_backing=args.no_backing) as chain:
         # nobody writes between the check and the repair (-U: a dry run shares everything)
         locks = lock_chain(chain, write=not args.dry_run, force_share=args.force_share)
@@ -248,13 +258,7 @@ def cmd_repair(args) -> int:
                 if plan.items:  # a dry run with work to do: `if qdebug repair --dry-run IMG` means "nothing to do"
                     return before.exit_code if before.exit_code in (2, 3) else 2  # 1 means an error
                 return 0
-            try:
-                after = _repair_rounds(chain, plan, before, args, steps)
-            except KeyboardInterrupt:
-                if steps:  # what was committed stays committed: say so, not just "interrupted"
-                    print(f"repaired ({_steps_text(steps, args.image)}); interrupted before checking the "
-                          f"result: `qdebug check {args.image}` tells what is left", file=sys.stderr)
-                raise
+            after = _repair_rounds(chain, plan, before, args, steps)
         finally:
             release_all(locks)
     if args.output == "json":

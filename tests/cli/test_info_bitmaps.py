@@ -36,9 +36,15 @@ def killed_writer(path: str) -> None:
                          stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 20
+        seen = -1
         while time.monotonic() < deadline:
-            if qemu_img("info", "--output=json", "-U", path).stdout.count(b'"in-use"'):
+            # QEMU rewrites the bitmap directory with the autoclear bit cleared first: killed in
+            # that window the image shows no bitmaps at all. Wait until the count holds still.
+            n = qemu_img("info", "--output=json", "-U", path).stdout.count(b'"in-use"')
+            if n and n == seen:
+                time.sleep(0.3)  # (qemu-io is past its open and sleeping)
                 break
+            seen = n
             time.sleep(0.05)
         else:
             raise AssertionError("qemu-io did not mark the bitmaps in use")

@@ -139,7 +139,7 @@ def test_an_interrupt_after_the_repair_committed_says_what_was_done(tmp_path, qe
     monkeypatch.setattr(checker, "check_image", check_then_interrupt)
     assert main(["repair", img]) == 130
     err = capsys.readouterr().err
-    assert "repaired (journal step 1" in err and "interrupted before checking the result" in err
+    assert "repaired (journal step 1" in err and "interrupted before the result was checked and reported" in err
     assert qemu_check(img)[0] == 0  # the repair was done
     assert [s.committed for s in journal_steps(img)] == [True]
 

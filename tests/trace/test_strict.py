@@ -245,9 +245,15 @@ def test_a_failure_before_quit_is_the_exit_status(base, tmp_path, capsys, qemu):
 def holds_the_image(image: str, argv: list[str], ms: int) -> tuple[float, bool]:
     """Run `argv` (a trace ending in `sleep ms`): how long it took, and whether qemu-img was
     refused the image (its write lock held) while it slept."""
+    from tests.engine.file.test_locking import locked_bytes
+
     t0 = time.monotonic()
     p = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     refused = False
+    # qemu-img info takes (and refuses to share) locks of its own: asked before the writer holds
+    # its write lock, it could refuse the writer instead. Ask once the write lock is held.
+    while p.poll() is None and 101 not in locked_bytes(image):
+        time.sleep(0.005)
     while p.poll() is None:
         info = subprocess.run([QEMU_IMG, "info", image], capture_output=True)
         if b'Failed to get shared "write" lock' in info.stderr:
