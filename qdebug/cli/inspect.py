@@ -271,7 +271,7 @@ def _past_eof(layer, host: int, length: int) -> str:
     or its external data file): QEMU reads zeros there."""
     if getattr(layer, "format", "qcow2") == "raw":
         return ""
-    size = layer.data.file_size if layer.header.has_data_file and layer.data is not None else layer.file_size
+    size = layer.data_size
     if host + length <= size:
         return ""
     if host >= size:
@@ -304,8 +304,8 @@ def _map_subclusters(chain, out, output: str) -> int:
     img = chain.top
     h = img.header
     cs = h.cluster_size
-    data_size = img.data.file_size if h.has_data_file else img.file_size
     _refuse_tables_past_eof(img)
+    data_size = img.data_size
     sep = "["  # before the next JSON element: the array opens with the first one
     for gcs, w0, bm in iter_l2_batches(img):
         w0 = np.asarray(w0, dtype=np.uint64)

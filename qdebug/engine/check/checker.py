@@ -715,16 +715,14 @@ def _full_l2_rules(ctx: _Ctx, loc: _Locator, off: np.ndarray, *, active: bool) -
         ctx.add(loc.finding(k, FindingKind.COMPRESSED_COPIED,
                             f"ERROR: coffset=0x{co:x}: copied flag must never be set for compressed clusters",
                             host=co))
+    dropped = comp  # (compressed entries meet none of the rules of unallocated ones)
     if external:
         for k in loc.where(comp):
             ctx.corruptions += 1
             ctx.add(loc.finding(k, FindingKind.COMPRESSED_DATA_FILE, f"ERROR compressed cluster {int(loc.idx[k])} "
                                 f"with data file, entry=0x{loc.w(k) & ~C.QCOW_OFLAG_COPIED:x}",
                                 host=loc.w(k) & ((1 << x) - 1)))
-        dropped = comp  # (QEMU stops there: no other rule, not counted, no reference)
-        comp = np.zeros_like(comp)
-    else:
-        dropped = comp  # (compressed entries meet none of the rules of unallocated ones)
+        comp = np.zeros_like(comp)  # (QEMU stops there: no other rule, not counted, no reference)
     comp_bad = comp & (bm != 0)
     for k in loc.where(comp_bad):
         ctx.corruptions += 1

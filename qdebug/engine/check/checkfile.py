@@ -30,10 +30,12 @@ def checked_file(path: str, *, force_share: bool = False, progress=None,
     held = lock_files(path, perms=SHARING if force_share else READER)  # first, as QEMU: before the header
     try:
         with open_image(path, external_data=True) as img:
-            # qemu-img check opens the data file (a missing one fails the check), reads none of it
-            attach_data_file(img, path, BackingPolicy.from_env())
+            # qemu-img check opens the chain and each data file (a missing one fails the check),
+            # though it reads one layer's metadata only
             if img.header.backing_file:
                 _chain_opens(path)
+            else:
+                attach_data_file(img, path, BackingPolicy.from_env())
             report = check_image(img, progress=progress)
             yield img, replace(report, filename=path, references=report.references if keep_references else None)
     finally:

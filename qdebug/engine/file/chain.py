@@ -242,39 +242,58 @@ def check_data_file_header(img: Image) -> None:
                            "incompatible bit 2)")
 
 
+def _missing_data_file(img: Image, name: str) -> str | None:
+    """"IMG: data file NAME not found from the current directory (...)" when `name` cannot be
+    reached (QEMU 7.2 and 10.0 open a relative name from the current directory, not from the
+    image's), else None."""
+    problem = unreachable(name)
+    if problem is None:
+        return None
+    where = "" if os.path.isabs(name) else f" from the current directory ({show_name(os.getcwd(), 200)}, where QEMU opens it too)"
+    return f"{img.path}: data file {show_name(name)} {problem}{where}"
+
+
 def data_file_warning(img: Image) -> str | None:
     """Why map, check and read would not find `img`'s data file from here (info opens none, so
     it only warns), or None."""
     name = img.header.data_file_path if img.header.has_data_file else None
     if not name or name.startswith("json:") or _PROTOCOL.match(name):
         return None
-    problem = unreachable(name)
-    if problem is None:
-        return None
-    where = "" if os.path.isabs(name) else f" from the current directory ({show_name(os.getcwd(), 200)}, where QEMU opens it too)"
-    return f"{img.path}: data file {show_name(name)} {problem}{where}: map, check and read need it"
+    missing = _missing_data_file(img, name)
+    return None if missing is None else f"{missing}: map, check and read need it"
 
 
-def attach_data_file(img: Image, top_path: str, policy: BackingPolicy) -> None:
-    """Open `img`'s external data file into `img.data` (nothing for an image without one).
-
-    QEMU 7.2 (and 10.0) open a relative data file name from the current directory, not from the
-    image's: so does qdebug, and says so when the file is not there. The name comes from the
-    image, so the backing-file rules apply (`policy`): no device, FIFO or pseudo-file unless
-    --allow-backing names it, confined to the image's directory tree for an untrusted image."""
+def data_file_name(img: Image, top_path: str, policy: BackingPolicy) -> str | None:
+    """The name `img`'s external data file is opened by (None: the image has none), once it has
+    passed QEMU's refusals and the backing-file rules (`policy`: the name comes from the image, so
+    no device, FIFO or pseudo-file unless --allow-backing names it, confined to the image's
+    directory tree for an untrusted image); DataFileError otherwise."""
     check_data_file_header(img)
-    if not img.header.has_data_file or img.data is not None:
-        return
+    if not img.header.has_data_file:
+        return None
     name = img.header.data_file_path or ""
     if name.startswith("json:") or _PROTOCOL.match(name):
         raise DataFileError(f"{img.path}: data file name {show_name(name)} uses a protocol or json: prefix; "
-                           "refusing to follow it (header extension 0x44415441)")
-    problem = unreachable(name)
-    if problem:
-        where = "" if os.path.isabs(name) else f" (a relative name: QEMU opens it from the current directory, {show_name(os.getcwd(), 200)})"
-        raise DataFileError(f"{img.path}: data file {show_name(name)} {problem}{where}")
+                            "refusing to follow it (header extension 0x44415441)")
+    missing = _missing_data_file(img, name)
+    if missing is not None:
+        raise DataFileError(missing)
     try:
         policy.check(top_path, name, "data file")
+    except BackingError as e:
+        raise DataFileError(f"{img.path}: {e}") from None
+    return name
+
+
+def attach_data_file(img: Image, top_path: str, policy: BackingPolicy) -> None:
+    """Open `img`'s external data file into `img.data` (nothing for an image without one), as
+    QEMU opens it (see data_file_name)."""
+    if img.data is not None:
+        return
+    name = data_file_name(img, top_path, policy)
+    if name is None:
+        return
+    try:
         img.data = RawFile(name, "data file")
     except BackingError as e:
         raise DataFileError(f"{img.path}: {e}") from None

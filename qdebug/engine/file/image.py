@@ -59,7 +59,6 @@ class Image:
                  external_data: bool = False):
         self.path = path
         self.writable = writable
-        self.external_data = external_data
         # The external data file (a raw file: chain.attach_data_file opens it), where guest data lives.
         self.data: Any = None
         self._fmap: FileMap | None = None
@@ -85,7 +84,7 @@ class Image:
                 raise QcowError(f"{path}: empty file, not a qcow2 image")
             head = self._head()
             self.header: Header = parse_header(head, self.file_size)
-            self._validate_supported(allow_unsupported)
+            self._validate_supported(allow_unsupported, external_data)
             self._l1_cache: np.ndarray | None = None
             self._reftable_cache: np.ndarray | None = None
             # the header's layout constants (an attribute: the write path reads it per COW region)
@@ -141,7 +140,7 @@ class Image:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _validate_supported(self, allow_unsupported: bool) -> None:
+    def _validate_supported(self, allow_unsupported: bool, external_data: bool) -> None:
         h = self.header
         if allow_unsupported:
             return
@@ -149,7 +148,7 @@ class Image:
             raise UnsupportedFeature(
                 f"{self.path}: encrypted images ({C.CRYPT_NAMES.get(h.crypt_method, h.crypt_method)}) are not supported"
             )
-        if h.has_data_file and (self.writable or not self.external_data):
+        if h.has_data_file and (self.writable or not external_data):
             name = f" ({h.data_file_path!r})" if h.data_file_path is not None else ""
             raise UnsupportedFeature(
                 f"{self.path}: the image keeps its data in an external data file{name}: qdebug reads such images "
@@ -168,6 +167,11 @@ class Image:
     def data_name(self) -> str:
         """The file guest data is read from, as qemu-img map names it."""
         return self.data.path if self.header.has_data_file and self.data is not None else self.path
+
+    @property
+    def data_size(self) -> int:
+        """The length of the file guest data is read from (past it, data reads as zeros)."""
+        return self.data.file_size if self.header.has_data_file and self.data is not None else self.file_size
 
     def pread(self, offset: int, length: int) -> bytes:
         """Bytes at `offset`; zeros past the end of the file (as the block layer pads)."""

@@ -264,15 +264,14 @@ def _lock_data_file(held: HeldFiles, img, top: str, policy, perms, where: str) -
     """The lock a qcow2 reader takes on its external data file (measured on 7.2: it holds
     "consistent read" and shares everything but "resize"; with -U, everything): refused, in
     qemu-img's words naming the data file, while another process refuses to share those."""
-    from .chain import attach_data_file
+    from .chain import data_file_name
 
-    if not img.header.has_data_file:
-        return
     try:
-        attach_data_file(img, top, policy)  # (the name as QEMU opens it, the rules it must pass)
+        name = data_file_name(img, top, policy)  # (the name as QEMU opens it, the rules it must pass)
     except QcowError:
         return  # the command says why, naming the file
-    name = img.data.path
+    if name is None:
+        return
     fd = _open_regular(name)
     if fd is None:
         return
